@@ -1,0 +1,1 @@
+//! Shared helpers for qnbd's benches (none yet).

@@ -1,0 +1,456 @@
+//! Images with their backing chains: format probing, relative backing names, loop and depth guards, and the
+//! chain-wide read and block status.
+
+use crate::device::{BlockDevice, Status};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Mapping, Qcow2, Qcow2Options};
+use crate::storage::{FileStorage, Storage};
+use crate::{format::header, limits};
+use std::path::Path;
+use std::sync::Arc;
+
+/// An image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A raw file.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl Format {
+    /// Parses a qemu format name.
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(Error::new(ErrorKind::Unsupported, format!("Unknown driver '{s}'"))),
+        }
+    }
+
+    /// The qemu format name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// How to open an image and its chain.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Format of the top image; probed when `None`.
+    pub format: Option<Format>,
+    /// Open the top image read-write (backing files are always read-only).
+    pub writable: bool,
+    /// Open the backing chain (qemu-img info does not).
+    pub open_backing: bool,
+    /// Deepest chain accepted.
+    pub max_chain_depth: usize,
+    /// L2 cache size per qcow2 image, in bytes.
+    pub l2_cache_bytes: Option<u64>,
+    /// Internal snapshot to open (read-only).
+    pub snapshot: Option<String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            writable: false,
+            open_backing: true,
+            max_chain_depth: limits::DEFAULT_MAX_CHAIN_DEPTH,
+            l2_cache_bytes: None,
+            snapshot: None,
+        }
+    }
+}
+
+/// The format-specific part of an image.
+pub enum Layer {
+    /// A raw file.
+    Raw(Arc<dyn Storage>),
+    /// A qcow2 image.
+    Qcow2(Qcow2),
+}
+
+/// One image of a chain, holding its backing image.
+pub struct Image {
+    layer: Layer,
+    backing: Option<Arc<Image>>,
+    filename: Arc<str>,
+    size: u64,
+    writable: bool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("filename", &self.filename).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+/// qemu's `path_combine`: a relative `name` is taken relative to the folder of `base`.
+pub fn resolve_relative(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{}", &base[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+/// Guesses the format of a file from its first bytes, as qemu's probe does for the formats qnbd knows.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    if storage.len()? >= 4 {
+        storage.read_at(&mut magic, 0)?;
+    }
+    Ok(if u32::from_be_bytes(magic) == header::MAGIC { Format::Qcow2 } else { Format::Raw })
+}
+
+fn file_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn refuse_protocol(name: &str) -> Result<()> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(Error::unsupported(format!("backing file '{name}' uses a protocol qnbd cannot open")));
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Opens the image at `path` and, unless told not to, its whole backing chain.
+    pub fn open(path: &str, opts: &OpenOptions) -> Result<Arc<Image>> {
+        let mut seen = Vec::new();
+        Self::open_at(path, opts.format, opts.writable, opts, 0, &mut seen)
+    }
+
+    fn open_at(
+        path: &str,
+        format: Option<Format>,
+        writable: bool,
+        opts: &OpenOptions,
+        depth: usize,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<Arc<Image>> {
+        if depth > opts.max_chain_depth {
+            return Err(Error::new(
+                ErrorKind::BackingChain,
+                format!("backing chain is deeper than {} images (at '{path}')", opts.max_chain_depth),
+            ));
+        }
+        if let Some(id) = file_id(path) {
+            if seen.contains(&id) {
+                return Err(Error::new(ErrorKind::BackingChain, format!("backing chain loops back to '{path}'")));
+            }
+            seen.push(id);
+        }
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
+        let format = match format {
+            Some(f) => f,
+            None => probe(storage.as_ref())?,
+        };
+        let filename: Arc<str> = Arc::from(path);
+        match format {
+            Format::Raw => {
+                let size = storage.len()?;
+                Ok(Arc::new(Image { layer: Layer::Raw(storage), backing: None, filename, size, writable }))
+            }
+            Format::Qcow2 => {
+                let hdr_opts = Qcow2Options {
+                    l2_cache_bytes: opts.l2_cache_bytes,
+                    snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
+                };
+                let q = Self::open_qcow2(path, storage, writable, &hdr_opts)
+                    .map_err(|e| e.context(format!("Could not open '{path}'")))?;
+                let h = q.header();
+                if writable && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+                    return Err(Error::corrupt(format!(
+                        "Could not open '{path}': the image is marked corrupt; it can only be opened read-only"
+                    )));
+                }
+                let backing = match (&h.backing_file, opts.open_backing) {
+                    (Some(name), true) => {
+                        refuse_protocol(name)?;
+                        let full = resolve_relative(path, name);
+                        let fmt = h.backing_format.as_deref().map(Format::parse).transpose()?;
+                        Some(Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(|e| {
+                            if e.kind() == ErrorKind::BackingChain {
+                                e
+                            } else {
+                                e.context(format!("Could not open backing file of '{path}'"))
+                            }
+                        })?)
+                    }
+                    _ => None,
+                };
+                let size = q.size();
+                Ok(Arc::new(Image { layer: Layer::Qcow2(q), backing, filename, size, writable }))
+            }
+        }
+    }
+
+    fn open_qcow2(path: &str, storage: Arc<dyn Storage>, writable: bool, o: &Qcow2Options) -> Result<Qcow2> {
+        // The external data file name comes from the header; read it first.
+        let mut first = vec![0u8; storage.len()?.min(limits::MAX_HEADER_BYTES) as usize];
+        storage.read_at(&mut first, 0)?;
+        let data = match header::Header::parse(&first) {
+            Ok(h) => match &h.data_file {
+                Some(name) => {
+                    refuse_protocol(name)?;
+                    let full = resolve_relative(path, name);
+                    Some(Arc::new(FileStorage::open(&full, writable)?) as Arc<dyn Storage>)
+                }
+                None => None,
+            },
+            Err(e) => return Err(e),
+        };
+        Qcow2::open(storage, data, o)
+    }
+
+    /// Builds an image from an already open layer (tests, fuzzing, in-memory images).
+    pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
+        let size = match &layer {
+            Layer::Raw(s) => s.len()?,
+            Layer::Qcow2(q) => q.size(),
+        };
+        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable: false }))
+    }
+
+    /// The file name as opened (backing names resolved against the overlay's folder).
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    /// The format of this image.
+    pub fn format(&self) -> Format {
+        match self.layer {
+            Layer::Raw(_) => Format::Raw,
+            Layer::Qcow2(_) => Format::Qcow2,
+        }
+    }
+
+    /// The format-specific layer.
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+
+    /// The qcow2 layer, if this is a qcow2 image.
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        match &self.layer {
+            Layer::Qcow2(q) => Some(q),
+            Layer::Raw(_) => None,
+        }
+    }
+
+    /// The backing image.
+    pub fn backing(&self) -> Option<&Arc<Image>> {
+        self.backing.as_ref()
+    }
+
+    /// The storage of the image file itself.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        match &self.layer {
+            Layer::Raw(s) => s,
+            Layer::Qcow2(q) => q.file_storage(),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfBounds,
+                format!("range {offset}+{len} is outside the image ({} bytes)", self.size),
+            )),
+        }
+    }
+
+    /// Reads from the backing image, or zeros where there is none (including past a shorter backing file).
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) if offset < b.size => {
+                let n = (buf.len() as u64).min(b.size - offset) as usize;
+                b.read_at(&mut buf[..n], offset)?;
+                buf[n..].fill(0);
+                Ok(())
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The status of this layer alone (no backing) for the run at `offset`: (data, zero, compressed,
+    /// offset, len). Neither data nor zero means "ask the backing file".
+    fn layer_status(&self, offset: u64, len: u64) -> Result<(bool, bool, bool, Option<u64>, u64)> {
+        match &self.layer {
+            Layer::Raw(s) => {
+                let (data, n) = s.extent(offset, len)?;
+                Ok((data, !data, false, Some(offset), n))
+            }
+            Layer::Qcow2(q) => {
+                let (m, n) = q.mapping(offset, len)?;
+                Ok(match m {
+                    Mapping::Data { host } => {
+                        if q.metadata_preallocated() {
+                            // qemu recurses into the host file for data clusters of metadata-preallocated
+                            // images: a hole there reads as zeros.
+                            let (data, hn) = q.data_storage().extent(host, n)?;
+                            (true, !data, false, Some(host), hn.clamp(1, n))
+                        } else {
+                            (true, false, false, Some(host), n)
+                        }
+                    }
+                    Mapping::Zero { host } => (false, true, false, host, n),
+                    Mapping::Unallocated { host } => (false, false, false, host, n),
+                    Mapping::Compressed { .. } => (true, false, true, None, n),
+                })
+            }
+        }
+    }
+
+    /// The file that holds this layer's host offsets (the external data file for qcow2 with one).
+    fn data_filename(&self) -> Arc<str> {
+        if let Layer::Qcow2(q) = &self.layer {
+            if let Some(df) = &q.header().data_file {
+                return Arc::from(resolve_relative(&self.filename, df).as_str());
+            }
+        }
+        self.filename.clone()
+    }
+}
+
+impl BlockDevice for Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let q = match &self.layer {
+            Layer::Raw(s) => return s.read_at(buf, offset),
+            Layer::Qcow2(q) => q,
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (m, n) = q.mapping(pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + n as usize];
+            match m {
+                Mapping::Data { host } => q.data_storage().read_at(chunk, host)?,
+                Mapping::Zero { .. } => chunk.fill(0),
+                Mapping::Compressed { desc, in_cluster } => q.read_compressed(desc, in_cluster, chunk)?,
+                Mapping::Unallocated { .. } => self.read_backing(chunk, pos)?,
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Status> {
+        self.check_range(offset, len.min(1))?;
+        let mut img = self;
+        let mut depth = 0u32;
+        let mut n = len.min(self.size - offset).max(1);
+        loop {
+            let (data, zero, compressed, host, run) = img.layer_status(offset, n)?;
+            n = run;
+            let file = host.map(|_| img.data_filename());
+            if data || zero {
+                return Ok(Status { len: n, depth, present: true, zero, data, compressed, offset: host, file });
+            }
+            match &img.backing {
+                Some(b) if offset < b.size => {
+                    img = b;
+                    depth += 1;
+                }
+                // qemu: unallocated with no backing data (none at all, or past its end) reads as zeros.
+                _ => {
+                    return Ok(Status {
+                        len: n,
+                        depth,
+                        present: false,
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        offset: host,
+                        file,
+                    })
+                }
+            }
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        !self.writable
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check_writable(offset, buf.len() as u64)?;
+        let s = self.raw_storage()?;
+        s.write_at(buf, offset)?;
+        if fua {
+            s.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
+        self.check_writable(offset, len)?;
+        let s = self.raw_storage()?;
+        s.write_zeroes(offset, len, may_unmap)?;
+        if fua {
+            s.flush()?;
+        }
+        Ok(())
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        matches!(self.layer, Layer::Raw(_))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(offset, len)?;
+        self.raw_storage()?.write_zeroes(offset, len, true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.storage().flush()?;
+            if let Layer::Qcow2(q) = &self.layer {
+                q.data_storage().flush()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(ErrorKind::NoSpace, format!("write at {offset}+{len} past the end"))),
+        }
+    }
+
+    fn raw_storage(&self) -> Result<&Arc<dyn Storage>> {
+        match &self.layer {
+            Layer::Raw(s) => Ok(s),
+            Layer::Qcow2(_) => Err(Error::unsupported("writing to qcow2 images is not implemented yet")),
+        }
+    }
+}
+
+/// Whether `path` names an existing file.
+pub fn exists(path: &str) -> bool {
+    Path::new(path).exists()
+}

@@ -1,0 +1,41 @@
+//! Refcount block entries of any width from 1 to 64 bits (qcow2.rst, "Reference counts").
+
+/// Reads entry `index` of a refcount block of `order` (width = 2^order bits) from `block`.
+/// Returns `None` when the index lies outside the block.
+pub fn get(block: &[u8], order: u32, index: u64) -> Option<u64> {
+    let bits = 1u64 << order;
+    let bit_off = index.checked_mul(bits)?;
+    let byte = usize::try_from(bit_off / 8).ok()?;
+    if order >= 3 {
+        let n = (bits / 8) as usize;
+        let s = block.get(byte..byte + n)?;
+        Some(s.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    } else {
+        // Sub-byte entries: qemu stores entry 0 in the least significant bits of byte 0.
+        let b = *block.get(byte)?;
+        let shift = (bit_off % 8) as u32;
+        Some(u64::from(b >> shift) & ((1u64 << bits) - 1))
+    }
+}
+
+/// Number of entries in one refcount block.
+pub fn entries_per_block(cluster_bits: u32, order: u32) -> u64 {
+    (1u64 << (cluster_bits + 3)) >> order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widths() {
+        let b = [0x00, 0x05, 0xff, 0xee];
+        assert_eq!(get(&b, 4, 0), Some(5));
+        assert_eq!(get(&b, 4, 1), Some(0xffee));
+        assert_eq!(get(&b, 4, 2), None);
+        assert_eq!(get(&[0b1101_0010], 0, 1), Some(1));
+        assert_eq!(get(&[0b1101_0010], 0, 0), Some(0));
+        assert_eq!(get(&[0b1101_0010], 1, 0), Some(2));
+        assert_eq!(get(&[0b1101_0010], 2, 1), Some(0b1101));
+    }
+}

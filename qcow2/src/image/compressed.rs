@@ -1,0 +1,106 @@
+//! Decompression of compressed clusters (qcow2.rst, "Compressed Clusters Descriptor" and the compression
+//! type header field): raw deflate with a 4 KiB window (zlib window bits -12) or zstd.
+
+use crate::error::{Error, Result};
+use crate::format::header::CompressionType;
+
+/// Decompresses `input` into exactly `out.len()` bytes (one cluster). Extra input past the cluster is
+/// ignored (the last sector may hold the start of another cluster's data).
+pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<()> {
+    match kind {
+        CompressionType::Deflate => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
+    let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+    let r = d.decompress(input, out, flate2::FlushDecompress::Finish);
+    let produced = d.total_out() as usize;
+    match r {
+        Ok(_) if produced == out.len() => Ok(()),
+        Ok(_) => Err(Error::corrupt(format!(
+            "compressed cluster inflates to {produced} bytes, expected {}",
+            out.len()
+        ))),
+        Err(e) => Err(Error::corrupt(format!("compressed cluster is not valid deflate data: {e}"))),
+    }
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    // qemu writes one or more zstd frames and stops once the cluster is full; read frame by frame.
+    let mut src = input;
+    let mut done = 0usize;
+    while done < out.len() {
+        let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
+            .map_err(|e| Error::corrupt(format!("compressed cluster is not valid zstd data: {e}")))?;
+        let mut frame_bytes = 0usize;
+        loop {
+            if done == out.len() {
+                break;
+            }
+            match dec.read(&mut out[done..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    done += n;
+                    frame_bytes += n;
+                }
+                Err(e) => return Err(Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))),
+            }
+        }
+        if frame_bytes == 0 && done < out.len() {
+            return Err(Error::corrupt(format!(
+                "compressed cluster decompresses to {done} bytes, expected {}",
+                out.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Compresses one cluster for qemu to read: raw deflate with window bits -12 (zlib-rs backend) or zstd.
+/// Returns `None` if the result would not be smaller than the input.
+pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    match kind {
+        CompressionType::Deflate => {
+            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(input.len());
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if out.len() < input.len() => Some(out),
+                _ => None,
+            }
+        }
+        CompressionType::Zstd => {
+            let out = ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest);
+            (out.len() < input.len()).then_some(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_codecs_round_trip_one_cluster() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let c = compress(kind, &data).expect("compressible");
+            let mut padded = c.clone();
+            padded.extend_from_slice(&[0xaa; 300]);
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &padded, &mut out).unwrap();
+            assert_eq!(out, data, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut out = vec![0u8; 4096];
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            assert!(decompress(kind, &[0xff; 100], &mut out).is_err());
+            assert!(decompress(kind, &[], &mut out).is_err());
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Guest range → host range, through the L1 table and the L2 cache (qcow2.rst, "Cluster mapping").
+
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::header;
+use crate::format::table::{self, CompressedDesc, L2Kind};
+
+/// Where a run of guest bytes lives in this layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Plain data at `host` (the host offset of the run's first byte).
+    Data {
+        /// Host offset of the first byte.
+        host: u64,
+    },
+    /// Reads as zeros; `host` is set for preallocated zero clusters.
+    Zero {
+        /// Host offset of the first byte, if preallocated.
+        host: Option<u64>,
+    },
+    /// Not allocated in this layer: the backing file (or zeros) supplies the data.
+    Unallocated {
+        /// Host offset of the first byte, if the cluster has one (extended L2, raw external data file).
+        host: Option<u64>,
+    },
+    /// Inside a compressed cluster (one cluster at most).
+    Compressed {
+        /// The cluster's descriptor.
+        desc: CompressedDesc,
+        /// Offset of the run's first byte inside the cluster.
+        in_cluster: u64,
+    },
+}
+
+impl Mapping {
+    /// The host offset this mapping gives the byte `delta` bytes into the run, if any.
+    fn host_at(&self, delta: u64) -> Option<u64> {
+        match *self {
+            Mapping::Data { host } => Some(host + delta),
+            Mapping::Zero { host } | Mapping::Unallocated { host } => host.map(|h| h + delta),
+            Mapping::Compressed { .. } => None,
+        }
+    }
+
+    /// Whether `next`, found `delta` bytes after the start of `self`, continues the same run.
+    fn continued_by(&self, next: &Mapping, delta: u64) -> bool {
+        let same_kind = matches!(
+            (self, next),
+            (Mapping::Data { .. }, Mapping::Data { .. })
+                | (Mapping::Zero { .. }, Mapping::Zero { .. })
+                | (Mapping::Unallocated { .. }, Mapping::Unallocated { .. })
+        );
+        same_kind && self.host_at(delta) == next.host_at(0)
+    }
+}
+
+impl Qcow2 {
+    /// Maps the guest range starting at `guest`, at most `max_len` bytes long, and returns the mapping of its
+    /// first run and that run's length (> 0). `guest` must be below the virtual size.
+    pub fn mapping(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        if guest >= self.size || max_len == 0 {
+            return Err(Error::new(crate::ErrorKind::OutOfBounds, format!("mapping at {guest} is past the end")));
+        }
+        let cb = self.cluster_bits;
+        let cs = 1u64 << cb;
+        let end = guest + max_len.min(self.size - guest);
+        let cluster = guest >> cb;
+        let l1_idx = cluster / self.l2_entries;
+        let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
+        let lim = end.min(cover_end);
+        let l2_off = match self.l1.get(l1_idx as usize) {
+            Some(&e) => table::l1_l2_offset(e),
+            None => 0,
+        };
+        if l2_off == 0 {
+            let m = self.unallocated_at(guest);
+            return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
+        }
+        let t = self.l2_table(l2_off)?;
+        let first = self.classify(&t, guest)?;
+        if let Mapping::Compressed { .. } = first {
+            let cluster_end = ((guest >> cb) + 1) << cb;
+            return Ok((first, cluster_end.min(lim) - guest));
+        }
+        let _ = cs;
+        Ok((first, self.extend(first, guest, lim, |p| self.classify(&t, p))?))
+    }
+
+    /// Extends the run that starts at `guest` with mapping `first` over following units up to `lim`.
+    fn extend(&self, first: Mapping, guest: u64, lim: u64, mut at: impl FnMut(u64) -> Result<Mapping>) -> Result<u64> {
+        let unit = 1u64 << self.sc_bits;
+        let mut pos = ((guest >> self.sc_bits) + 1) << self.sc_bits;
+        while pos < lim {
+            let next = at(pos)?;
+            if !first.continued_by(&next, pos - guest) {
+                break;
+            }
+            pos += unit;
+        }
+        Ok(pos.min(lim) - guest)
+    }
+
+    fn unallocated_at(&self, guest: u64) -> Mapping {
+        // With a raw external data file, every guest offset has the same host offset (qcow2.rst, autoclear
+        // bit 1).
+        Mapping::Unallocated { host: self.data_file_raw.then_some(guest) }
+    }
+
+    /// What the L2 table `t` says about the byte at `guest`.
+    fn classify(&self, t: &[u64], guest: u64) -> Result<Mapping> {
+        let cb = self.cluster_bits;
+        let cs = 1u64 << cb;
+        let idx = ((guest >> cb) % self.l2_entries) as usize;
+        let has_data_file = self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
+        let in_cluster = guest & (cs - 1);
+        let kind = if self.header.extended_l2() {
+            let (e, bm) = (t[2 * idx], t[2 * idx + 1]);
+            if e & table::OFLAG_COMPRESSED != 0 && bm != 0 {
+                return Err(Error::corrupt(format!(
+                    "compressed cluster at guest offset {guest:#x} has a non-zero subcluster bitmap"
+                )));
+            }
+            let sc = (in_cluster >> self.sc_bits) as u32;
+            table::decode_l2_ext(e, bm, sc, cb, has_data_file).ok_or_else(|| {
+                Error::corrupt(format!("invalid subcluster bitmap {bm:#018x} at guest offset {guest:#x}"))
+            })?
+        } else {
+            table::decode_l2(t[idx], cb, self.header.version >= 3, has_data_file)
+        };
+        let check_host = |h: u64| -> Result<u64> {
+            if h & (cs - 1) != 0 {
+                return Err(Error::corrupt(format!(
+                    "cluster offset {h:#x} for guest offset {guest:#x} is not aligned to the cluster size"
+                )));
+            }
+            if !has_data_file && h >= self.file_len {
+                return Err(Error::corrupt(format!(
+                    "data cluster for guest offset {guest:#x} at host offset {h:#x} lies past the end of the \
+                     file ({} bytes)",
+                    self.file_len
+                )));
+            }
+            if !has_data_file && h == 0 {
+                return Err(Error::corrupt(format!("data cluster for guest offset {guest:#x} points at the header")));
+            }
+            Ok(h + in_cluster)
+        };
+        Ok(match kind {
+            L2Kind::Data { host } => Mapping::Data { host: check_host(host)? },
+            L2Kind::Zero { host } => Mapping::Zero { host: host.map(check_host).transpose()? },
+            L2Kind::Unallocated { host: Some(h) } => Mapping::Unallocated { host: Some(check_host(h)?) },
+            L2Kind::Unallocated { host: None } => self.unallocated_at(guest),
+            L2Kind::Compressed(desc) => {
+                if has_data_file {
+                    return Err(Error::corrupt("compressed cluster in an image with an external data file"));
+                }
+                if desc.offset >= self.file_len || desc.offset < cs {
+                    return Err(Error::corrupt(format!(
+                        "compressed cluster for guest offset {guest:#x} at host offset {:#x} lies outside the file",
+                        desc.offset
+                    )));
+                }
+                Mapping::Compressed { desc, in_cluster }
+            }
+        })
+    }
+}

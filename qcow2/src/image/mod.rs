@@ -1,0 +1,112 @@
+//! A qcow2 image: open and validate, map guest ranges to host ranges through the L2 cache, read data.
+//!
+//! Locking: the L1 table is immutable for a reader; the L2 cache has its own short lock. The data path
+//! reads guest data outside any lock, from the mapping the metadata layer returned.
+
+pub mod cache;
+pub mod compressed;
+mod mapping;
+mod open;
+
+pub use mapping::Mapping;
+pub use open::Qcow2Options;
+
+use crate::error::{Error, Result};
+use crate::format::header::Header;
+use crate::format::snapshot::Snapshot;
+use crate::storage::Storage;
+use cache::L2Cache;
+use std::sync::Arc;
+
+/// An open qcow2 image (one layer; its backing file is held by [`crate::Image`]).
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    /// The external data file, or the image file itself.
+    data: Arc<dyn Storage>,
+    header: Header,
+    cluster_bits: u32,
+    /// Entries per L2 table.
+    l2_entries: u64,
+    /// log2 of the subcluster size (equal to cluster_bits without extended L2).
+    sc_bits: u32,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    snapshots: Vec<Snapshot>,
+    /// Virtual size (the snapshot's when one is loaded).
+    size: u64,
+    /// Length of the image file at open, to refuse metadata past its end.
+    file_len: u64,
+    data_file_raw: bool,
+    /// Whether sparse data clusters exist (qemu's metadata preallocation detection; block status recurses).
+    metadata_prealloc: std::sync::OnceLock<bool>,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2").field("header", &self.header).finish_non_exhaustive()
+    }
+}
+
+impl Qcow2 {
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Number of L2 tables the cache can hold.
+    pub fn l2_cache_tables(&self) -> usize {
+        self.l2_cache.capacity()
+    }
+
+    /// The storage holding guest data (external data file or the image itself).
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        &self.data
+    }
+
+    /// The image file storage.
+    pub fn file_storage(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    /// Whether block status should ask the host file about data clusters (metadata preallocation).
+    pub fn metadata_preallocated(&self) -> bool {
+        *self.metadata_prealloc.get_or_init(|| self.detect_metadata_prealloc())
+    }
+
+    /// Whether the external data file is raw (guest offset = host offset).
+    pub fn data_file_raw(&self) -> bool {
+        self.data_file_raw
+    }
+
+    /// Reads the compressed cluster `desc` and copies `buf.len()` bytes starting `in_cluster` bytes into it.
+    pub fn read_compressed(&self, desc: crate::format::table::CompressedDesc, in_cluster: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size() as usize;
+        let in_cluster = in_cluster as usize;
+        if in_cluster + buf.len() > cs {
+            return Err(Error::corrupt("read crosses a compressed cluster"));
+        }
+        // desc.len is bounded by the descriptor's width: at most two clusters.
+        let mut input = vec![0u8; desc.len as usize];
+        self.file.read_at(&mut input, desc.offset)?;
+        let mut out = vec![0u8; cs];
+        compressed::decompress(self.header.compression_type, &input, &mut out)
+            .map_err(|e| e.context(format!("compressed cluster at host offset {:#x}", desc.offset)))?;
+        buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
+        Ok(())
+    }
+}

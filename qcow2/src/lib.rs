@@ -1,0 +1,17 @@
+//! qcow2 and raw disk images for qnbd: on-disk formats (pure codecs), image opening and validation, guest
+//! range mapping through a bounded L2 cache, backing chains, and the [`BlockDevice`] trait the NBD server
+//! serves.
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod chain;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod limits;
+pub mod storage;
+
+pub use chain::{Format, Image, Layer, OpenOptions};
+pub use device::{BlockDevice, Status};
+pub use error::{Error, ErrorKind, Result};
