@@ -157,7 +157,8 @@ impl Image {
         let filename: Arc<str> = Arc::from(path);
         match format {
             Format::Raw => {
-                let size = storage.len()?;
+                // qemu sizes block nodes in 512-byte sectors: a raw file's size rounds up to a sector.
+                let size = storage.len()?.div_ceil(512) * 512;
                 Ok(Arc::new(Image { layer: Layer::Raw(storage), backing: None, filename, size, writable }))
             }
             Format::Qcow2 => {
@@ -367,6 +368,7 @@ impl BlockDevice for Image {
             }
             match &img.backing {
                 Some(b) if offset < b.size => {
+                    n = n.min(b.size - offset);
                     img = b;
                     depth += 1;
                 }

@@ -1,1 +1,203 @@
-fn main() {}
+//! `qimg`: a qemu-img-compatible subset (info, map, convert, compare) built on the qcow2 crate.
+
+mod compare;
+mod convert;
+mod info;
+mod json;
+mod map;
+mod size;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qcow2::{Format, Image, OpenOptions};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "qimg", version, about = "qemu-img compatible image tool (qcow2 and raw)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show information about an image (qemu-img info).
+    Info {
+        /// Image format (raw, qcow2); probed when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Show every image of the backing chain.
+        #[arg(long)]
+        backing_chain: bool,
+        /// Open even if in use (accepted for compatibility; qimg takes no locks).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The image.
+        filename: String,
+    },
+    /// Show how the image's guest ranges are stored (qemu-img map).
+    Map {
+        /// Image format.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// First guest offset to map.
+        #[arg(long = "start-offset", default_value = "0")]
+        start_offset: String,
+        /// Bytes to map.
+        #[arg(long = "max-length")]
+        max_length: Option<String>,
+        /// Accepted for compatibility.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The image.
+        filename: String,
+    },
+    /// Convert an image to a raw file (qemu-img convert -O raw).
+    Convert {
+        /// Input format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format (raw).
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Sparse granularity (bytes of zeros before a hole is made; 0 writes everything).
+        #[arg(short = 'S')]
+        sparse: Option<String>,
+        /// Accepted for compatibility.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Input image.
+        input: String,
+        /// Output file.
+        output: String,
+    },
+    /// Compare the contents of two images (qemu-img compare).
+    Compare {
+        /// Format of the first image.
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        /// Format of the second image.
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Show progress (accepted).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Strict mode: sizes and allocation status must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Accepted for compatibility.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// First image.
+        a: String,
+        /// Second image.
+        b: String,
+    },
+}
+
+fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, String> {
+    let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
+    let o = OpenOptions { format, open_backing: backing, ..OpenOptions::default() };
+    Image::open(path, &o).map_err(|e| {
+        let s = e.to_string();
+        if s.starts_with("Could not open") {
+            s
+        } else {
+            format!("Could not open '{path}': {s}")
+        }
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.cmd {
+        Cmd::Info { format, output, backing_chain, filename, .. } => {
+            let img = open(&filename, format.as_deref(), backing_chain)?;
+            let mut chain = vec![img.clone()];
+            if backing_chain {
+                let mut cur = img;
+                while let Some(b) = cur.backing().cloned() {
+                    chain.push(b.clone());
+                    cur = b;
+                }
+            }
+            match output {
+                Output::Json => {
+                    let v: Vec<_> = chain.iter().map(|i| info::info_json(i)).collect();
+                    let v = if backing_chain { serde_json::Value::Array(v) } else { v[0].clone() };
+                    println!("{}", json::pretty(&v));
+                }
+                Output::Human => {
+                    let parts: Vec<_> = chain.iter().map(|i| info::info_human(i)).collect();
+                    print!("{}", parts.join("\n"));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Map { format, output, start_offset, max_length, filename, .. } => {
+            let start = size::parse_size(&start_offset)?;
+            let len = max_length.as_deref().map(size::parse_size).transpose()?;
+            let img = open(&filename, format.as_deref(), true)?;
+            map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, .. } => {
+            if out_format != "raw" {
+                return Err(format!("convert -O {out_format} is not supported (qimg converts to raw only)"));
+            }
+            let min_sparse = match sparse {
+                Some(s) => size::parse_size(&s)? as usize,
+                None => convert::default_sparse(),
+            };
+            let img = open(&input, format.as_deref(), true)?;
+            let min_sparse = min_sparse.min(1 << 20);
+            convert::to_raw(&img, &output, progress && !quiet, min_sparse)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Compare { format1, format2, quiet, strict, a, b, .. } => {
+            let ia = open(&a, format1.as_deref(), true)?;
+            let ib = open(&b, format2.as_deref(), true)?;
+            match compare::run(&ia, &ib, quiet, strict) {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => Ok(ExitCode::from(1)),
+                Err(e) => {
+                    eprintln!("qimg: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_compare = matches!(cli.cmd, Cmd::Compare { .. });
+    match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qimg: {e}");
+            // qemu-img compare uses 2 for errors; everything else 1.
+            ExitCode::from(if is_compare { 2 } else { 1 })
+        }
+    }
+}

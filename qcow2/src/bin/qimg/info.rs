@@ -1,0 +1,185 @@
+//! `qimg info`: qemu-img info's JSON keys, values and human layout.
+
+use crate::size::size_to_str;
+use qcow2::chain::resolve_relative;
+use qcow2::format::header::{self, Header};
+use qcow2::format::snapshot::Snapshot;
+use qcow2::{Image, Layer};
+use serde_json::{json, Map, Value};
+
+fn file_child(img: &Image) -> Value {
+    let st = img.storage();
+    json!({
+        "children": [],
+        "virtual-size": st.len().unwrap_or(0).div_ceil(512) * 512,
+        "filename": img.filename(),
+        "format": "file",
+        "actual-size": st.allocated_bytes().unwrap_or(0),
+        "format-specific": {"type": "file", "data": {}},
+        "dirty-flag": false
+    })
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    let mut m = Map::new();
+    if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
+        m.insert("icount".into(), json!(ic));
+    }
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+fn qcow2_specific(h: &Header) -> Value {
+    let mut d = Map::new();
+    if h.version == 2 {
+        d.insert("compat".into(), json!("0.10"));
+        d.insert("compression-type".into(), json!(h.compression_type.qemu_name()));
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+    } else {
+        d.insert("compat".into(), json!("1.1"));
+        d.insert("compression-type".into(), json!(h.compression_type.qemu_name()));
+        d.insert("lazy-refcounts".into(), json!(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0));
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(df) = &h.data_file {
+            d.insert("data-file".into(), json!(df));
+            d.insert(
+                "data-file-raw".into(),
+                json!(h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0),
+            );
+        }
+        d.insert("corrupt".into(), json!(h.incompatible_features & header::INCOMPAT_CORRUPT != 0));
+        d.insert("extended-l2".into(), json!(h.extended_l2()));
+    }
+    json!({"type": "qcow2", "data": Value::Object(d)})
+}
+
+/// The info object of one image, keys in qemu-img's order.
+pub fn info_json(img: &Image) -> Value {
+    let mut m = Map::new();
+    m.insert("children".into(), json!([{"name": "file", "info": file_child(img)}]));
+    let q = img.qcow2();
+    let h = q.map(|q| q.header());
+    if let Some(f) = h.and_then(|h| h.backing_format.as_ref()) {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    if let Some(q) = q {
+        if !q.snapshots().is_empty() {
+            m.insert("snapshots".into(), Value::Array(q.snapshots().iter().map(snapshot_json).collect()));
+        }
+    }
+    m.insert("virtual-size".into(), json!(qcow2::BlockDevice::size(img)));
+    m.insert("filename".into(), json!(img.filename()));
+    if let Some(q) = q {
+        m.insert("cluster-size".into(), json!(q.cluster_size()));
+    }
+    m.insert("format".into(), json!(img.format().name()));
+    m.insert("actual-size".into(), json!(img.storage().allocated_bytes().unwrap_or(0)));
+    if let Some(h) = h {
+        m.insert("format-specific".into(), qcow2_specific(h));
+        if let Some(b) = &h.backing_file {
+            m.insert("full-backing-filename".into(), json!(resolve_relative(img.filename(), b)));
+            m.insert("backing-filename".into(), json!(b));
+        }
+    }
+    let dirty = h.map(|h| h.incompatible_features & header::INCOMPAT_DIRTY != 0).unwrap_or(false);
+    m.insert("dirty-flag".into(), json!(dirty));
+    Value::Object(m)
+}
+
+fn local_date(secs: u32) -> String {
+    let t = libc::time_t::from(secs);
+    // SAFETY: localtime_r writes into the tm we pass and reads the time_t we own.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return String::from("?");
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// One row of qemu's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
+pub fn snapshot_row(id: &str, tag: &str, vm: &str, date: &str, clock: &str, icount: &str) -> String {
+    format!("{id:<7} {tag:<16} {vm:>8} {date:>19} {clock:>15} {icount:>10}")
+}
+
+/// The human layout of one image's info.
+pub fn info_human(img: &Image) -> String {
+    let mut s = String::new();
+    let size = qcow2::BlockDevice::size(img);
+    let disk = img.storage().allocated_bytes().unwrap_or(0);
+    s += &format!("image: {}\n", img.filename());
+    s += &format!("file format: {}\n", img.format().name());
+    s += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
+    s += &format!("disk size: {}\n", size_to_str(disk));
+    if let Layer::Qcow2(q) = img.layer() {
+        let h = q.header();
+        s += &format!("cluster_size: {}\n", q.cluster_size());
+        if let Some(b) = &h.backing_file {
+            let full = resolve_relative(img.filename(), b);
+            if &full == b {
+                s += &format!("backing file: {b}\n");
+            } else {
+                s += &format!("backing file: {b} (actual path: {full})\n");
+            }
+        }
+        if let Some(f) = &h.backing_format {
+            s += &format!("backing file format: {f}\n");
+        }
+        if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            s += "cleanly shut down: no\n";
+        }
+        if !q.snapshots().is_empty() {
+            s += "Snapshot list:\n";
+            s += &snapshot_row("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+            s += "\n";
+            for sn in q.snapshots() {
+                let secs = sn.vm_clock_nsec / 1_000_000_000;
+                let clock = format!(
+                    "{:04}:{:02}:{:02}.{:03}",
+                    secs / 3600,
+                    (secs / 60) % 60,
+                    secs % 60,
+                    (sn.vm_clock_nsec / 1_000_000) % 1000
+                );
+                let icount = match sn.icount {
+                    Some(i) if i != u64::MAX => i.to_string(),
+                    _ => String::new(),
+                };
+                s += &snapshot_row(&sn.id, &sn.name, &size_to_str(sn.vm_state_size), &local_date(sn.date_sec), &clock, &icount);
+                s += "\n";
+            }
+        }
+        s += "Format specific information:\n";
+        if let Value::Object(d) = &qcow2_specific(h)["data"] {
+            for (k, v) in d {
+                let key = k.replace('-', " ");
+                let val = match v {
+                    Value::String(x) => x.clone(),
+                    other => other.to_string(),
+                };
+                s += &format!("    {key}: {val}\n");
+            }
+        }
+    }
+    let flen = img.storage().len().unwrap_or(0).div_ceil(512) * 512;
+    s += "Child node '/file':\n";
+    s += &format!("    filename: {}\n", img.filename());
+    s += "    protocol type: file\n";
+    s += &format!("    file length: {} ({flen} bytes)\n", size_to_str(flen));
+    s += &format!("    disk size: {}\n", size_to_str(disk));
+    s
+}
