@@ -203,8 +203,9 @@ impl Image {
             Ok(h) => match &h.data_file {
                 Some(name) => {
                     refuse_protocol(name)?;
-                    let full = resolve_relative(path, name);
-                    Some(Arc::new(FileStorage::open(&full, writable)?) as Arc<dyn Storage>)
+                    // qemu opens the data file name as written (relative to the working directory), unlike
+                    // backing file names.
+                    Some(Arc::new(FileStorage::open(name, writable)?) as Arc<dyn Storage>)
                 }
                 None => None,
             },
@@ -320,7 +321,7 @@ impl Image {
     fn data_filename(&self) -> Arc<str> {
         if let Layer::Qcow2(q) = &self.layer {
             if let Some(df) = &q.header().data_file {
-                return Arc::from(resolve_relative(&self.filename, df).as_str());
+                return Arc::from(df.as_str());
             }
         }
         self.filename.clone()
