@@ -72,7 +72,7 @@ pub enum Layer {
     /// A raw file.
     Raw(Arc<dyn Storage>),
     /// A qcow2 image.
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
 }
 
 /// One image of a chain, holding its backing image.
@@ -166,7 +166,7 @@ impl Image {
                     l2_cache_bytes: opts.l2_cache_bytes,
                     snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
                 };
-                let q = Self::open_qcow2(path, storage, writable, &hdr_opts)
+                let q = Self::open_qcow2(storage, writable, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
                 let h = q.header();
                 if writable && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
@@ -190,12 +190,12 @@ impl Image {
                     _ => None,
                 };
                 let size = q.size();
-                Ok(Arc::new(Image { layer: Layer::Qcow2(q), backing, filename, size, writable }))
+                Ok(Arc::new(Image { layer: Layer::Qcow2(Box::new(q)), backing, filename, size, writable }))
             }
         }
     }
 
-    fn open_qcow2(path: &str, storage: Arc<dyn Storage>, writable: bool, o: &Qcow2Options) -> Result<Qcow2> {
+    fn open_qcow2(storage: Arc<dyn Storage>, writable: bool, o: &Qcow2Options) -> Result<Qcow2> {
         // The external data file name comes from the header; read it first.
         let mut first = vec![0u8; storage.len()?.min(limits::MAX_HEADER_BYTES) as usize];
         storage.read_at(&mut first, 0)?;

@@ -238,7 +238,7 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < V3_HEADER_LEN || h.header_length % 8 != 0 {
+            if h.header_length < V3_HEADER_LEN || !h.header_length.is_multiple_of(8) {
                 return Err(Error::invalid(format!(
                     "header_length {} is invalid (must be a multiple of 8 and at least 104)",
                     h.header_length

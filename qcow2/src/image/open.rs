@@ -33,7 +33,7 @@ struct Region {
 }
 
 fn check_table(name: &str, off: u64, bytes: u64, cluster_size: u64, file_len: u64) -> Result<()> {
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(format!("{name} offset {off:#x} is not aligned to the cluster size")));
     }
     let end = off.checked_add(bytes).ok_or_else(|| Error::corrupt(format!("{name} offset {off:#x} overflows")))?;
@@ -114,7 +114,7 @@ impl Qcow2 {
             Region { name: "refcount table", start: header.refcount_table_offset, len: rt_bytes },
         ];
         let snapshots = if header.nb_snapshots > 0 {
-            if header.snapshots_offset % cs != 0 {
+            if !header.snapshots_offset.is_multiple_of(cs) {
                 return Err(Error::corrupt(format!(
                     "snapshots_offset {:#x} is not aligned to the cluster size",
                     header.snapshots_offset
@@ -234,7 +234,7 @@ impl Qcow2 {
             return Ok(t);
         }
         let cs = self.cluster_size();
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             return Err(Error::corrupt(format!("L2 table offset {off:#x} is not aligned to the cluster size")));
         }
         if off == 0 {

@@ -9,14 +9,14 @@ const CHUNK: u64 = 2 << 20;
 /// qemu-img's default sparse detection granularity (-S 4k).
 const SPARSE: usize = 4096;
 
-/// Writes the non-zero `SPARSE`-sized blocks of `buf` (taken at guest `offset`) to `out`, coalesced.
-fn write_sparse(out: &File, buf: &[u8], offset: u64, min_sparse: usize) -> std::io::Result<()> {
+/// The non-zero `min_sparse`-sized blocks of `buf`, coalesced, as ranges of `buf`.
+fn nonzero_ranges(buf: &[u8], min_sparse: usize) -> Vec<(usize, usize)> {
     if min_sparse == 0 {
-        return out.write_all_at(buf, offset);
+        return vec![(0, buf.len())];
     }
+    let mut out = Vec::new();
     let mut i = 0usize;
     while i < buf.len() {
-        // Skip zero blocks.
         while i < buf.len() && is_zero(&buf[i..(i + min_sparse).min(buf.len())]) {
             i += min_sparse;
         }
@@ -26,10 +26,10 @@ fn write_sparse(out: &File, buf: &[u8], offset: u64, min_sparse: usize) -> std::
         }
         let end = i.min(buf.len());
         if end > start {
-            out.write_all_at(&buf[start..end], offset + start as u64)?;
+            out.push((start, end));
         }
     }
-    Ok(())
+    out
 }
 
 /// Whether every byte is zero (sixteen bytes at a time; the compiler vectorises this).
@@ -44,8 +44,18 @@ pub fn is_zero(b: &[u8]) -> bool {
         && rest.iter().all(|&x| x == 0)
 }
 
-/// Copies `img` to `out_path` as a sparse raw file.
+/// A filled buffer on its way to the writer: guest offset, data, and the ranges of it to write.
+struct Filled {
+    offset: u64,
+    buf: Vec<u8>,
+    ranges: Vec<(usize, usize)>,
+}
+
+/// Copies `img` to `out_path` as a sparse raw file. A reader thread maps and reads while the writer writes in
+/// order, as qemu-img convert overlaps its reads with in-order writes (concurrent writers to one file only
+/// contend on the inode lock).
 pub fn to_raw(img: &Image, out_path: &str, progress: bool, min_sparse: usize) -> Result<(), String> {
+    use std::sync::mpsc::sync_channel;
     let out = File::create(out_path).map_err(|e| format!("Could not create '{out_path}': {e}"))?;
     let size = img.size();
     out.set_len(size).map_err(|e| format!("Could not resize '{out_path}': {e}"))?;
@@ -57,33 +67,65 @@ pub fn to_raw(img: &Image, out_path: &str, progress: bool, min_sparse: usize) ->
         );
         b
     });
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
-        let run_end = pos + st.len;
-        if !st.zero {
-            let mut p = pos;
-            while p < run_end {
-                let n = (run_end - p).min(CHUNK) as usize;
-                img.read_at(&mut buf[..n], p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
-                write_sparse(&out, &buf[..n], p, min_sparse)
-                    .map_err(|e| format!("error while writing at byte {p}: {e}"))?;
-                p += n as u64;
-                if let Some(b) = &bar {
-                    b.set_position(p);
+    const DEPTH: usize = 4;
+    let (tx, rx) = sync_channel::<Filled>(DEPTH);
+    let (back_tx, back_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
+    for _ in 0..DEPTH + 2 {
+        let _ = back_tx.send(vec![0u8; CHUNK as usize]);
+    }
+    let result = std::thread::scope(|s| {
+        let reader = s.spawn(move || -> Result<(), String> {
+            let mut pos = 0u64;
+            while pos < size {
+                let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
+                let run_end = pos + st.len;
+                if !st.zero {
+                    let mut p = pos;
+                    while p < run_end {
+                        let Ok(mut buf) = back_rx.recv() else { return Ok(()) };
+                        let n = (run_end - p).min(CHUNK) as usize;
+                        buf.resize(n, 0);
+                        img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
+                        let ranges = nonzero_ranges(&buf, min_sparse);
+                        if tx.send(Filled { offset: p, buf, ranges }).is_err() {
+                            return Ok(());
+                        }
+                        p += n as u64;
+                    }
+                }
+                pos = run_end;
+            }
+            Ok(())
+        });
+        let mut werr = None;
+        for f in rx.iter() {
+            for &(a, b) in &f.ranges {
+                if let Err(e) = out.write_all_at(&f.buf[a..b], f.offset + a as u64) {
+                    werr = Some(format!("error while writing at byte {}: {e}", f.offset + a as u64));
+                    break;
                 }
             }
+            if werr.is_some() {
+                break;
+            }
+            if let Some(b) = &bar {
+                b.set_position(f.offset + f.buf.len() as u64);
+            }
+            let _ = back_tx.send(f.buf);
         }
-        pos = run_end;
-        if let Some(b) = &bar {
-            b.set_position(pos);
+        drop(rx);
+        drop(back_tx);
+        let r = reader.join().unwrap_or_else(|_| Err("reader thread failed".into()));
+        match werr {
+            Some(e) => Err(e),
+            None => r,
         }
-    }
+    });
+    result?;
     if let Some(b) = bar {
         b.finish();
     }
-    out.sync_all().map_err(|e| format!("Could not flush '{out_path}': {e}"))?;
+    // qemu-img convert does not flush its output either (its default cache mode for the target).
     Ok(())
 }
 

@@ -80,7 +80,7 @@ pub fn run(img: &Image, json: bool, start: u64, len: Option<u64>) -> std::result
     if json {
         let _ = out.write_all(b"[");
     } else {
-        let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
+        let _ = writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
     }
     let r = walk(img, start.min(end), end, |e| {
         if json {
