@@ -24,7 +24,10 @@ impl Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            _ => Err(Error::new(ErrorKind::Unsupported, format!("Unknown driver '{s}'"))),
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("Unknown driver '{s}'"),
+            )),
         }
     }
 
@@ -86,7 +89,10 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").field("filename", &self.filename).field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("Image")
+            .field("filename", &self.filename)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,7 +113,11 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     if storage.len()? >= 4 {
         storage.read_at(&mut magic, 0)?;
     }
-    Ok(if u32::from_be_bytes(magic) == header::MAGIC { Format::Qcow2 } else { Format::Raw })
+    Ok(if u32::from_be_bytes(magic) == header::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 fn file_id(path: &str) -> Option<(u64, u64)> {
@@ -117,7 +127,9 @@ fn file_id(path: &str) -> Option<(u64, u64)> {
 
 fn refuse_protocol(name: &str) -> Result<()> {
     if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::unsupported(format!("backing file '{name}' uses a protocol qnbd cannot open")));
+        return Err(Error::unsupported(format!(
+            "backing file '{name}' uses a protocol qnbd cannot open"
+        )));
     }
     Ok(())
 }
@@ -140,12 +152,18 @@ impl Image {
         if depth > opts.max_chain_depth {
             return Err(Error::new(
                 ErrorKind::BackingChain,
-                format!("backing chain is deeper than {} images (at '{path}')", opts.max_chain_depth),
+                format!(
+                    "backing chain is deeper than {} images (at '{path}')",
+                    opts.max_chain_depth
+                ),
             ));
         }
         if let Some(id) = file_id(path) {
             if seen.contains(&id) {
-                return Err(Error::new(ErrorKind::BackingChain, format!("backing chain loops back to '{path}'")));
+                return Err(Error::new(
+                    ErrorKind::BackingChain,
+                    format!("backing chain loops back to '{path}'"),
+                ));
             }
             seen.push(id);
         }
@@ -159,12 +177,22 @@ impl Image {
             Format::Raw => {
                 // qemu sizes block nodes in 512-byte sectors: a raw file's size rounds up to a sector.
                 let size = storage.len()?.div_ceil(512) * 512;
-                Ok(Arc::new(Image { layer: Layer::Raw(storage), backing: None, filename, size, writable }))
+                Ok(Arc::new(Image {
+                    layer: Layer::Raw(storage),
+                    backing: None,
+                    filename,
+                    size,
+                    writable,
+                }))
             }
             Format::Qcow2 => {
                 let hdr_opts = Qcow2Options {
                     l2_cache_bytes: opts.l2_cache_bytes,
-                    snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
+                    snapshot: if depth == 0 {
+                        opts.snapshot.clone()
+                    } else {
+                        None
+                    },
                 };
                 let q = Self::open_qcow2(storage, writable, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
@@ -179,18 +207,30 @@ impl Image {
                         refuse_protocol(name)?;
                         let full = resolve_relative(path, name);
                         let fmt = h.backing_format.as_deref().map(Format::parse).transpose()?;
-                        Some(Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(|e| {
-                            if e.kind() == ErrorKind::BackingChain {
-                                e
-                            } else {
-                                e.context(format!("Could not open backing file of '{path}'"))
-                            }
-                        })?)
+                        Some(
+                            Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(
+                                |e| {
+                                    if e.kind() == ErrorKind::BackingChain {
+                                        e
+                                    } else {
+                                        e.context(format!(
+                                            "Could not open backing file of '{path}'"
+                                        ))
+                                    }
+                                },
+                            )?,
+                        )
                     }
                     _ => None,
                 };
                 let size = q.size();
-                Ok(Arc::new(Image { layer: Layer::Qcow2(Box::new(q)), backing, filename, size, writable }))
+                Ok(Arc::new(Image {
+                    layer: Layer::Qcow2(Box::new(q)),
+                    backing,
+                    filename,
+                    size,
+                    writable,
+                }))
             }
         }
     }
@@ -215,12 +255,22 @@ impl Image {
     }
 
     /// Builds an image from an already open layer (tests, fuzzing, in-memory images).
-    pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
+    pub fn from_layer(
+        layer: Layer,
+        backing: Option<Arc<Image>>,
+        filename: &str,
+    ) -> Result<Arc<Image>> {
         let size = match &layer {
             Layer::Raw(s) => s.len()?,
             Layer::Qcow2(q) => q.size(),
         };
-        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable: false }))
+        Ok(Arc::new(Image {
+            layer,
+            backing,
+            filename: Arc::from(filename),
+            size,
+            writable: false,
+        }))
     }
 
     /// The file name as opened (backing names resolved against the overlay's folder).
@@ -267,7 +317,10 @@ impl Image {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::OutOfBounds,
-                format!("range {offset}+{len} is outside the image ({} bytes)", self.size),
+                format!(
+                    "range {offset}+{len} is outside the image ({} bytes)",
+                    self.size
+                ),
             )),
         }
     }
@@ -347,7 +400,9 @@ impl BlockDevice for Image {
             match m {
                 Mapping::Data { host } => q.data_storage().read_at(chunk, host)?,
                 Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Compressed { desc, in_cluster } => q.read_compressed(desc, in_cluster, chunk)?,
+                Mapping::Compressed { desc, in_cluster } => {
+                    q.read_compressed(desc, in_cluster, chunk)?
+                }
                 Mapping::Unallocated { .. } => self.read_backing(chunk, pos)?,
             }
             done += n as usize;
@@ -365,7 +420,16 @@ impl BlockDevice for Image {
             n = run;
             let file = host.map(|_| img.data_filename());
             if data || zero {
-                return Ok(Status { len: n, depth, present: true, zero, data, compressed, offset: host, file });
+                return Ok(Status {
+                    len: n,
+                    depth,
+                    present: true,
+                    zero,
+                    data,
+                    compressed,
+                    offset: host,
+                    file,
+                });
             }
             match &img.backing {
                 Some(b) if offset < b.size => {
@@ -441,14 +505,19 @@ impl Image {
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(ErrorKind::NoSpace, format!("write at {offset}+{len} past the end"))),
+            _ => Err(Error::new(
+                ErrorKind::NoSpace,
+                format!("write at {offset}+{len} past the end"),
+            )),
         }
     }
 
     fn raw_storage(&self) -> Result<&Arc<dyn Storage>> {
         match &self.layer {
             Layer::Raw(s) => Ok(s),
-            Layer::Qcow2(_) => Err(Error::unsupported("writing to qcow2 images is not implemented yet")),
+            Layer::Qcow2(_) => Err(Error::unsupported(
+                "writing to qcow2 images is not implemented yet",
+            )),
         }
     }
 }

@@ -20,7 +20,9 @@ impl L2Cache {
     /// A cache holding at most `tables` tables (at least one).
     pub fn new(tables: usize) -> Self {
         let cap = NonZeroUsize::new(tables.max(1)).unwrap_or(NonZeroUsize::MIN);
-        L2Cache { lru: Mutex::new(LruCache::new(cap)) }
+        L2Cache {
+            lru: Mutex::new(LruCache::new(cap)),
+        }
     }
 
     /// The table at host offset `off`, if cached.

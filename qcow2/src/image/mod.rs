@@ -43,7 +43,9 @@ pub struct Qcow2 {
 
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2").field("header", &self.header).finish_non_exhaustive()
+        f.debug_struct("Qcow2")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,7 +87,9 @@ impl Qcow2 {
 
     /// Whether block status should ask the host file about data clusters (metadata preallocation).
     pub fn metadata_preallocated(&self) -> bool {
-        *self.metadata_prealloc.get_or_init(|| self.detect_metadata_prealloc())
+        *self
+            .metadata_prealloc
+            .get_or_init(|| self.detect_metadata_prealloc())
     }
 
     /// Whether the external data file is raw (guest offset = host offset).
@@ -94,7 +98,12 @@ impl Qcow2 {
     }
 
     /// Reads the compressed cluster `desc` and copies `buf.len()` bytes starting `in_cluster` bytes into it.
-    pub fn read_compressed(&self, desc: crate::format::table::CompressedDesc, in_cluster: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read_compressed(
+        &self,
+        desc: crate::format::table::CompressedDesc,
+        in_cluster: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let cs = self.cluster_size() as usize;
         let in_cluster = in_cluster as usize;
         if in_cluster + buf.len() > cs {
@@ -104,8 +113,12 @@ impl Qcow2 {
         let mut input = vec![0u8; desc.len as usize];
         self.file.read_at(&mut input, desc.offset)?;
         let mut out = vec![0u8; cs];
-        compressed::decompress(self.header.compression_type, &input, &mut out)
-            .map_err(|e| e.context(format!("compressed cluster at host offset {:#x}", desc.offset)))?;
+        compressed::decompress(self.header.compression_type, &input, &mut out).map_err(|e| {
+            e.context(format!(
+                "compressed cluster at host offset {:#x}",
+                desc.offset
+            ))
+        })?;
         buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
         Ok(())
     }

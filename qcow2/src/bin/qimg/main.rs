@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "qimg", version, about = "qemu-img compatible image tool (qcow2 and raw)")]
+#[command(
+    name = "qimg",
+    version,
+    about = "qemu-img compatible image tool (qcow2 and raw)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,8 +121,15 @@ enum Cmd {
 }
 
 fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, String> {
-    let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
-    let o = OpenOptions { format, open_backing: backing, ..OpenOptions::default() };
+    let format = fmt
+        .map(Format::parse)
+        .transpose()
+        .map_err(|e| format!("Could not open '{path}': {e}"))?;
+    let o = OpenOptions {
+        format,
+        open_backing: backing,
+        ..OpenOptions::default()
+    };
     Image::open(path, &o).map_err(|e| {
         let s = e.to_string();
         if s.starts_with("Could not open") {
@@ -131,7 +142,13 @@ fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, Stri
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
-        Cmd::Info { format, output, backing_chain, filename, .. } => {
+        Cmd::Info {
+            format,
+            output,
+            backing_chain,
+            filename,
+            ..
+        } => {
             let img = open(&filename, format.as_deref(), backing_chain)?;
             let mut chain = vec![img.clone()];
             if backing_chain {
@@ -144,7 +161,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             match output {
                 Output::Json => {
                     let v: Vec<_> = chain.iter().map(|i| info::info_json(i)).collect();
-                    let v = if backing_chain { serde_json::Value::Array(v) } else { v[0].clone() };
+                    let v = if backing_chain {
+                        serde_json::Value::Array(v)
+                    } else {
+                        v[0].clone()
+                    };
                     println!("{}", json::pretty(&v));
                 }
                 Output::Human => {
@@ -154,16 +175,34 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Map { format, output, start_offset, max_length, filename, .. } => {
+        Cmd::Map {
+            format,
+            output,
+            start_offset,
+            max_length,
+            filename,
+            ..
+        } => {
             let start = size::parse_size(&start_offset)?;
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true)?;
             map::run(&img, output == Output::Json, start, len)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, .. } => {
+        Cmd::Convert {
+            format,
+            out_format,
+            progress,
+            quiet,
+            sparse,
+            input,
+            output,
+            ..
+        } => {
             if out_format != "raw" {
-                return Err(format!("convert -O {out_format} is not supported (qimg converts to raw only)"));
+                return Err(format!(
+                    "convert -O {out_format} is not supported (qimg converts to raw only)"
+                ));
             }
             let min_sparse = match sparse {
                 Some(s) => size::parse_size(&s)? as usize,
@@ -174,7 +213,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             convert::to_raw(&img, &output, progress && !quiet, min_sparse)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Compare { format1, format2, quiet, strict, a, b, .. } => {
+        Cmd::Compare {
+            format1,
+            format2,
+            quiet,
+            strict,
+            a,
+            b,
+            ..
+        } => {
             let ia = open(&a, format1.as_deref(), true)?;
             let ib = open(&b, format2.as_deref(), true)?;
             match compare::run(&ia, &ib, quiet, strict) {

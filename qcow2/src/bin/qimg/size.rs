@@ -37,7 +37,9 @@ fn g3(v: f64) -> String {
 /// Parses a qemu size argument: bytes, or a number with a k/K/M/G/T/P/E suffix (binary units), or "b".
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let bad = || format!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')");
+    let bad = || {
+        format!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')")
+    };
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_lowercase() {

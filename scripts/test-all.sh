@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs every test of qnbd on a fresh Debian machine with Rust: installs what the tests use (only when missing),
+# then formatting, lints, unit and integration tests against the real qemu-img / qemu-io / libnbd / fio,
+# a quick criterion run and a fuzz smoke of every target.
+# Env: FUZZ_SECONDS (default 20) per fuzz target; SKIP_FUZZ=1 and SKIP_BENCH=1 to skip those parts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=/usr/bin:$PATH   # Debian's python3 (for nbdsh) before any pyenv shim
+step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
+
+step "packages"
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+command -v fio >/dev/null || need+=(fio)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+qemu-img --version | head -1
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+step "cargo test (release)"
+cargo test --workspace --release -q 2>&1 | grep -Ev '^$|^running 0 tests|^test result: ok. 0 passed'
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "criterion benches (quick)"
+  cargo bench --workspace -q -- --quick --noplot 2>&1 | grep -E 'time:|error' || true
+fi
+
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+  step "fuzz smoke"
+  command -v cargo-fuzz >/dev/null || cargo install --locked -q cargo-fuzz
+  (
+    cd fuzz
+    cargo fuzz build -s none
+    for t in $(cargo fuzz list); do
+      mkdir -p "corpus/$t"
+      seeds=()
+      [ -d "corpus_seed/$t" ] && seeds=("corpus_seed/$t")
+      echo "fuzz $t for ${FUZZ_SECONDS:-20}s"
+      cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- \
+        -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
+        grep -E 'Done|ERROR|panicked|crash-' || true
+      # A crash leaves an artifact; fail on it.
+      if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
+        echo "fuzz target $t found a failure: fuzz/artifacts/$t"; exit 1
+      fi
+    done
+  )
+fi
+step "all tests passed"
