@@ -1,1 +1,10 @@
-//! NBD server for qnbd.
+//! qnbd's NBD server: the wire codec (pure), the handshake state machine (pure), the transmission phase,
+//! listeners and exports. `bin/qnbd.rs` maps qemu-nbd's command line onto it.
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod export;
+pub mod negotiate;
+pub mod proto;
+pub mod server;
+pub mod transmission;

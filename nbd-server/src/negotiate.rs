@@ -1,0 +1,552 @@
+//! The handshake as a state machine over decoded options (proto.md, "Option haggling"). Pure: the connection
+//! reads each option, calls [`Negotiation::option`], writes the bytes it produced and acts on the [`Step`].
+
+use crate::proto::option::{reply, Reader};
+use crate::proto::reply::Style;
+use crate::proto::*;
+
+/// What the handshake needs to know about an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportMeta {
+    /// Export name.
+    pub name: String,
+    /// Description (may be empty).
+    pub description: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Whether `qemu:allocation-depth` is offered (qemu-nbd's `-A`).
+    pub allocation_depth: bool,
+    /// Block size constraints: minimum, preferred, maximum.
+    pub block_size: (u32, u32, u32),
+}
+
+/// The exports a server offers.
+pub trait Catalog {
+    /// The export called `name` ("" names the default export).
+    fn lookup(&self, name: &str) -> Option<ExportMeta>;
+    /// Every export, for NBD_OPT_LIST.
+    fn list(&self) -> Vec<ExportMeta>;
+}
+
+/// A metadata context a client can select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// `base:allocation`.
+    BaseAllocation,
+    /// `qemu:allocation-depth`.
+    AllocationDepth,
+}
+
+impl Context {
+    /// The context's ID in this server (stable for the life of the connection).
+    pub fn id(self) -> u32 {
+        match self {
+            Context::BaseAllocation => 0,
+            Context::AllocationDepth => 1,
+        }
+    }
+
+    /// The context's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Context::BaseAllocation => BASE_ALLOCATION,
+            Context::AllocationDepth => QEMU_ALLOCATION_DEPTH,
+        }
+    }
+}
+
+/// The result of the handshake: what the transmission phase serves and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The export.
+    pub export: ExportMeta,
+    /// Reply style.
+    pub style: Style,
+    /// Selected metadata contexts.
+    pub contexts: Vec<Context>,
+}
+
+/// What the connection does after an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Read the next option.
+    Continue,
+    /// Close the connection (after writing what was produced).
+    Close,
+    /// Enter the transmission phase.
+    Transmit(Transmit),
+}
+
+/// Handshake state of one connection.
+#[derive(Debug, Clone)]
+pub struct Negotiation {
+    /// The client set NBD_FLAG_C_NO_ZEROES.
+    pub no_zeroes: bool,
+    style: Style,
+    /// Contexts selected by SET_META_CONTEXT and the export name they were selected for.
+    meta: Option<(String, Vec<Context>)>,
+}
+
+impl Negotiation {
+    /// Starts from the client flags; `None` means the flags are unacceptable and the connection must close
+    /// (proto.md: a server that does not understand a client flag MUST drop the connection).
+    pub fn new(client_flags: u32) -> Option<Negotiation> {
+        if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+            return None;
+        }
+        Some(Negotiation {
+            no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+            style: Style::Simple,
+            meta: None,
+        })
+    }
+
+    /// The reply style negotiated so far.
+    pub fn style(&self) -> Style {
+        self.style
+    }
+
+    fn err(out: &mut Vec<u8>, opt: u32, kind: u32, msg: &str) -> Step {
+        reply(out, opt, kind, msg.as_bytes());
+        Step::Continue
+    }
+
+    /// Handles one option. `data` is its payload; `too_long` says the payload exceeded
+    /// [`MAX_OPTION_LEN`] and was discarded unread.
+    pub fn option(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        too_long: bool,
+        cat: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        if too_long {
+            if opt == NBD_OPT_EXPORT_NAME {
+                return Step::Close;
+            }
+            return Self::err(out, opt, NBD_REP_ERR_TOO_BIG, "option too long");
+        }
+        match opt {
+            NBD_OPT_EXPORT_NAME => self.export_name(data, cat, out),
+            NBD_OPT_ABORT => {
+                reply(out, opt, NBD_REP_ACK, &[]);
+                Step::Close
+            }
+            NBD_OPT_LIST => {
+                if !data.is_empty() {
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                }
+                for e in cat.list() {
+                    let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
+                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(e.name.as_bytes());
+                    d.extend_from_slice(e.description.as_bytes());
+                    reply(out, opt, NBD_REP_SERVER, &d);
+                }
+                reply(out, opt, NBD_REP_ACK, &[]);
+                Step::Continue
+            }
+            NBD_OPT_STARTTLS => {
+                if !data.is_empty() {
+                    return Self::err(
+                        out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                }
+                Self::err(
+                    out,
+                    opt,
+                    NBD_REP_ERR_POLICY,
+                    "TLS is not configured on this server",
+                )
+            }
+            NBD_OPT_INFO | NBD_OPT_GO => self.info_go(opt, data, cat, out),
+            NBD_OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    return Self::err(
+                        out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                }
+                match self.style {
+                    Style::Extended => {
+                        return Self::err(
+                            out,
+                            opt,
+                            NBD_REP_ERR_EXT_HEADER_REQD,
+                            "extended headers already negotiated",
+                        )
+                    }
+                    Style::Structured => {
+                        return Self::err(
+                            out,
+                            opt,
+                            NBD_REP_ERR_INVALID,
+                            "structured replies already negotiated",
+                        )
+                    }
+                    Style::Simple => {}
+                }
+                self.style = Style::Structured;
+                reply(out, opt, NBD_REP_ACK, &[]);
+                Step::Continue
+            }
+            NBD_OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    return Self::err(
+                        out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                }
+                if self.style == Style::Extended {
+                    return Self::err(
+                        out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    );
+                }
+                self.style = Style::Extended;
+                reply(out, opt, NBD_REP_ACK, &[]);
+                Step::Continue
+            }
+            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
+                self.meta_context(opt, data, cat, out)
+            }
+            _ => Self::err(out, opt, NBD_REP_ERR_UNSUP, "option not supported"),
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8], cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
+        if self.style == Style::Extended {
+            // proto.md: a client MUST NOT use EXPORT_NAME once extended headers are negotiated.
+            return Step::Close;
+        }
+        let Some(mut e) = std::str::from_utf8(data)
+            .ok()
+            .filter(|n| n.len() <= MAX_STRING)
+            .and_then(|n| cat.lookup(n))
+        else {
+            // EXPORT_NAME has no error reply: the server closes the connection.
+            return Step::Close;
+        };
+        e.flags = self.flags_for(e.flags);
+        out.extend_from_slice(&e.size.to_be_bytes());
+        out.extend_from_slice(&e.flags.to_be_bytes());
+        if !self.no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        let contexts = self.contexts_for(&e.name);
+        Step::Transmit(Transmit {
+            export: e,
+            style: self.style,
+            contexts,
+        })
+    }
+
+    /// Transmission flags as this connection may see them: DF only with structured replies, the block status
+    /// payload only with extended headers (proto.md, "Transmission flags").
+    fn flags_for(&self, flags: u16) -> u16 {
+        let mut f = flags;
+        if self.style == Style::Simple {
+            f &= !NBD_FLAG_SEND_DF;
+        }
+        if self.style != Style::Extended {
+            f &= !NBD_FLAG_BLOCK_STATUS_PAYLOAD;
+        }
+        f
+    }
+
+    /// Contexts selected for `name`; a selection made for another export does not carry over.
+    fn contexts_for(&self, name: &str) -> Vec<Context> {
+        match &self.meta {
+            Some((n, c)) if n == name => c.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn info_go(&mut self, opt: u32, data: &[u8], cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
+        let mut r = Reader::new(data);
+        let Some(name) = r.string() else {
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "malformed export name");
+        };
+        let Some(n) = r.u16() else {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_INVALID,
+                "missing information request count",
+            );
+        };
+        if r.remaining() != 2 * n as usize {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_INVALID,
+                "information request list has the wrong length",
+            );
+        }
+        let Some(mut e) = cat.lookup(name) else {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            );
+        };
+        e.flags = self.flags_for(e.flags);
+        // NBD_INFO_EXPORT always; NAME, DESCRIPTION and BLOCK_SIZE always too (clients may ignore them).
+        let mut d = Vec::with_capacity(12);
+        d.extend_from_slice(&NBD_INFO_EXPORT.to_be_bytes());
+        d.extend_from_slice(&e.size.to_be_bytes());
+        d.extend_from_slice(&e.flags.to_be_bytes());
+        reply(out, opt, NBD_REP_INFO, &d);
+        let mut d = NBD_INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(e.name.as_bytes());
+        reply(out, opt, NBD_REP_INFO, &d);
+        if !e.description.is_empty() {
+            let mut d = NBD_INFO_DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(e.description.as_bytes());
+            reply(out, opt, NBD_REP_INFO, &d);
+        }
+        let mut d = NBD_INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        d.extend_from_slice(&e.block_size.0.to_be_bytes());
+        d.extend_from_slice(&e.block_size.1.to_be_bytes());
+        d.extend_from_slice(&e.block_size.2.to_be_bytes());
+        reply(out, opt, NBD_REP_INFO, &d);
+        reply(out, opt, NBD_REP_ACK, &[]);
+        if opt == NBD_OPT_INFO {
+            return Step::Continue;
+        }
+        let contexts = self
+            .contexts_for(&e.name)
+            .into_iter()
+            .chain(self.contexts_for(name))
+            .fold(Vec::new(), |mut v, c| {
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+                v
+            });
+        Step::Transmit(Transmit {
+            export: e,
+            style: self.style,
+            contexts,
+        })
+    }
+
+    fn meta_context(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        cat: &dyn Catalog,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let set = opt == NBD_OPT_SET_META_CONTEXT;
+        if set && self.style == Style::Simple {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_INVALID,
+                "structured replies must be negotiated first",
+            );
+        }
+        let mut r = Reader::new(data);
+        let Some(name) = r.string() else {
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "malformed export name");
+        };
+        let Some(nq) = r.u32() else {
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "missing query count");
+        };
+        let mut queries = Vec::new();
+        for _ in 0..nq {
+            match r.string() {
+                Some(q) => queries.push(q),
+                None => return Self::err(out, opt, NBD_REP_ERR_INVALID, "malformed query"),
+            }
+        }
+        if r.remaining() != 0 {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_INVALID,
+                "trailing bytes after the queries",
+            );
+        }
+        let Some(e) = cat.lookup(name) else {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            );
+        };
+        let mut offered = vec![Context::BaseAllocation];
+        if e.allocation_depth {
+            offered.push(Context::AllocationDepth);
+        }
+        let mut chosen: Vec<Context> = Vec::new();
+        let add = |c: Context, chosen: &mut Vec<Context>| {
+            if !chosen.contains(&c) {
+                chosen.push(c);
+            }
+        };
+        if queries.is_empty() && !set {
+            for &c in &offered {
+                add(c, &mut chosen);
+            }
+        }
+        for q in &queries {
+            for &c in &offered {
+                let ns = c.name().split(':').next().unwrap_or("");
+                // LIST accepts a bare namespace ("base:", "qemu:") as "every context in it".
+                let matches = q == &c.name() || (!set && (*q == format!("{ns}:")));
+                if matches {
+                    add(c, &mut chosen);
+                }
+            }
+        }
+        for c in &chosen {
+            // In LIST replies the ID is reserved and SHOULD be zero.
+            let id = if set { c.id() } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(c.name().as_bytes());
+            reply(out, opt, NBD_REP_META_CONTEXT, &d);
+        }
+        if set {
+            self.meta = Some((name.to_string(), chosen));
+        }
+        reply(out, opt, NBD_REP_ACK, &[]);
+        Step::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct One;
+    impl Catalog for One {
+        fn lookup(&self, name: &str) -> Option<ExportMeta> {
+            (name.is_empty() || name == "disk").then(|| ExportMeta {
+                name: "disk".into(),
+                description: String::new(),
+                size: 1 << 20,
+                flags: NBD_FLAG_HAS_FLAGS,
+                allocation_depth: true,
+                block_size: (1, 4096, 32 << 20),
+            })
+        }
+        fn list(&self) -> Vec<ExportMeta> {
+            self.lookup("").into_iter().collect()
+        }
+    }
+
+    fn meta_query(name: &str, qs: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(qs.len() as u32).to_be_bytes());
+        for q in qs {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn unknown_client_flags_close() {
+        assert!(Negotiation::new(4).is_none());
+        assert!(Negotiation::new(3).is_some());
+    }
+
+    #[test]
+    fn unknown_option_is_unsupported_and_continues() {
+        let mut n = Negotiation::new(1).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(n.option(99, b"xyz", false, &One, &mut out), Step::Continue);
+        assert_eq!(&out[12..16], &NBD_REP_ERR_UNSUP.to_be_bytes());
+    }
+
+    #[test]
+    fn set_meta_context_needs_structured_replies() {
+        let mut n = Negotiation::new(1).unwrap();
+        let mut out = Vec::new();
+        n.option(
+            NBD_OPT_SET_META_CONTEXT,
+            &meta_query("disk", &[BASE_ALLOCATION]),
+            false,
+            &One,
+            &mut out,
+        );
+        assert_eq!(&out[12..16], &NBD_REP_ERR_INVALID.to_be_bytes());
+    }
+
+    #[test]
+    fn go_carries_contexts_selected_for_the_same_export() {
+        let mut n = Negotiation::new(1).unwrap();
+        let mut out = Vec::new();
+        n.option(NBD_OPT_STRUCTURED_REPLY, &[], false, &One, &mut out);
+        n.option(
+            NBD_OPT_SET_META_CONTEXT,
+            &meta_query("disk", &[BASE_ALLOCATION, "x:y"]),
+            false,
+            &One,
+            &mut out,
+        );
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        match n.option(NBD_OPT_GO, &go, false, &One, &mut out) {
+            Step::Transmit(t) => assert_eq!(t.contexts, vec![Context::BaseAllocation]),
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn list_meta_context_with_namespace_query() {
+        let mut n = Negotiation::new(1).unwrap();
+        let mut out = Vec::new();
+        n.option(
+            NBD_OPT_LIST_META_CONTEXT,
+            &meta_query("disk", &["qemu:"]),
+            false,
+            &One,
+            &mut out,
+        );
+        assert_eq!(&out[12..16], &NBD_REP_META_CONTEXT.to_be_bytes());
+        let n = QEMU_ALLOCATION_DEPTH.len();
+        assert_eq!(&out[24..24 + n], QEMU_ALLOCATION_DEPTH.as_bytes());
+        // Then the ACK, and nothing from the base: namespace.
+        assert_eq!(&out[24 + n + 12..24 + n + 16], &NBD_REP_ACK.to_be_bytes());
+        assert_eq!(out.len(), 24 + n + 20);
+    }
+
+    #[test]
+    fn go_with_unknown_export_and_bad_lengths() {
+        let mut n = Negotiation::new(1).unwrap();
+        let mut out = Vec::new();
+        let mut go = 3u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"nop");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(
+            n.option(NBD_OPT_GO, &go, false, &One, &mut out),
+            Step::Continue
+        );
+        assert_eq!(&out[12..16], &NBD_REP_ERR_UNKNOWN.to_be_bytes());
+        out.clear();
+        assert_eq!(
+            n.option(NBD_OPT_GO, &[0, 0, 0, 9], false, &One, &mut out),
+            Step::Continue
+        );
+        assert_eq!(&out[12..16], &NBD_REP_ERR_INVALID.to_be_bytes());
+    }
+}

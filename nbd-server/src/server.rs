@@ -1,0 +1,222 @@
+//! Listeners (unix, TCP, systemd socket activation), the connection limit, the handshake timer, and
+//! shutdown with a drain.
+
+use crate::export::Exports;
+use crate::negotiate::{Negotiation, Step};
+use crate::proto::option::{self, OPTION_HEADER_LEN};
+use crate::proto::MAX_OPTION_LEN;
+use crate::transmission;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The exports.
+    pub exports: Exports,
+    /// Most clients served at once (qemu-nbd `-e`); extra clients are closed at once, not left waiting.
+    pub max_connections: usize,
+    /// Keep serving after the last client leaves (qemu-nbd `-t`).
+    pub persistent: bool,
+    /// Time a client has to finish the handshake (qemu 10: 10 s).
+    pub handshake_timeout: Duration,
+}
+
+/// A listening socket.
+pub enum Listener {
+    /// A unix socket (its path is removed at exit).
+    Unix(tokio::net::UnixListener, Option<std::path::PathBuf>),
+    /// A TCP socket.
+    Tcp(tokio::net::TcpListener),
+}
+
+/// The shared state of a running server.
+pub struct Server {
+    config: ServerConfig,
+    active: AtomicUsize,
+    /// Connections ever accepted (for the "exit after the last client" rule).
+    served: AtomicUsize,
+    idle: Notify,
+}
+
+impl Server {
+    /// A server for `config`.
+    pub fn new(config: ServerConfig) -> Arc<Server> {
+        Arc::new(Server {
+            config,
+            active: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Runs the whole connection: handshake, then transmission.
+    pub async fn serve_connection<S>(self: &Arc<Self>, stream: S) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let hs = tokio::time::timeout(
+            self.config.handshake_timeout,
+            handshake(&mut rd, &mut wr, &self.config.exports),
+        );
+        let t = match hs.await {
+            Ok(Ok(Some(t))) => t,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::info!("client did not finish the handshake in time");
+                return Ok(());
+            }
+        };
+        let Some(export) = self.config.exports.find(&t.export.name).cloned() else {
+            return Ok(());
+        };
+        transmission::run(rd, wr, t, export).await
+    }
+
+    /// Accepts clients on every listener until shutdown (or, unless persistent, until the last client leaves).
+    pub async fn run(self: Arc<Self>, listeners: Vec<Listener>, shutdown: Arc<Notify>) {
+        let mut tasks = Vec::new();
+        let done = Arc::new(Notify::new());
+        for l in listeners {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move { me.accept_loop(l).await }));
+        }
+        let me = self.clone();
+        let finished = done.clone();
+        tokio::spawn(async move {
+            if me.config.persistent {
+                return;
+            }
+            // Exit when the first client has come and every client has left.
+            loop {
+                me.idle.notified().await;
+                if me.served.load(Ordering::SeqCst) > 0 && me.active.load(Ordering::SeqCst) == 0 {
+                    finished.notify_one();
+                    return;
+                }
+            }
+        });
+        tokio::select! {
+            _ = shutdown.notified() => {}
+            _ = done.notified() => {}
+        }
+        for t in &tasks {
+            t.abort();
+        }
+        for e in &self.config.exports.list {
+            if !e.is_read_only() {
+                let _ = e.device.flush();
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, l: Listener) {
+        loop {
+            let r: std::io::Result<()> = match &l {
+                Listener::Unix(u, _) => match u.accept().await {
+                    Ok((s, _)) => {
+                        self.clone().spawn_client(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Listener::Tcp(t) => match t.accept().await {
+                    Ok((s, _)) => {
+                        let _ = s.set_nodelay(true);
+                        self.clone().spawn_client(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = r {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn spawn_client<S>(self: Arc<Self>, s: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let n = self.active.fetch_add(1, Ordering::SeqCst);
+        if n >= self.config.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            // Refuse cleanly: close at once, so the client fails fast instead of hanging.
+            tracing::info!(
+                "connection limit ({}) reached: refusing a client",
+                self.config.max_connections
+            );
+            drop(s);
+            return;
+        }
+        self.served.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            if let Err(e) = self.serve_connection(s).await {
+                tracing::debug!("connection ended: {e}");
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            self.idle.notify_one();
+        });
+    }
+}
+
+/// The handshake: greeting, client flags, options. Returns what to serve, or `None` if the client left.
+pub async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &Exports,
+) -> std::io::Result<Option<crate::negotiate::Transmit>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&option::greeting()).await?;
+    wr.flush().await?;
+    let flags = match rd.read_u32().await {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    let Some(mut neg) = Negotiation::new(flags) else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let mut h = [0u8; OPTION_HEADER_LEN];
+        if rd.read_exact(&mut h).await.is_err() {
+            return Ok(None);
+        }
+        let Some(hdr) = option::decode_header(&h) else {
+            return Ok(None);
+        };
+        let too_long = hdr.length > MAX_OPTION_LEN;
+        let mut data = Vec::new();
+        if too_long {
+            let mut left = u64::from(hdr.length);
+            let mut sink = vec![0u8; 64 << 10];
+            while left > 0 {
+                let k = left.min(sink.len() as u64) as usize;
+                rd.read_exact(&mut sink[..k]).await?;
+                left -= k as u64;
+            }
+        } else {
+            data.resize(hdr.length as usize, 0);
+            rd.read_exact(&mut data).await?;
+        }
+        out.clear();
+        let step = neg.option(hdr.option, &data, too_long, exports, &mut out);
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+        match step {
+            Step::Continue => {}
+            Step::Close => return Ok(None),
+            Step::Transmit(t) => return Ok(Some(t)),
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The transmission phase: decode requests, run many at once, write replies in any order, drain on DISC.
+//!
+//! Per connection one task reads and decodes requests and one writes replies; each request runs on the
+//! blocking pool (device calls are positioned file I/O). Memory is bounded whatever the client sends: at
+//! most [`MAX_IN_FLIGHT`] requests and [`MAX_BUFFERED`] payload bytes are held at once, and payloads over
+//! [`MAX_PAYLOAD`] are never buffered.
+
+use crate::export::{DetectZeroes, Export};
+use crate::negotiate::{Context, Transmit};
+use crate::proto::reply::{self, Style};
+use crate::proto::request::{self, Request};
+use crate::proto::*;
+use qcow2::ErrorKind;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Most requests of one connection in flight at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Most payload and reply bytes of one connection held at once.
+pub const MAX_BUFFERED: usize = 128 << 20;
+/// Most extents in one block status reply.
+pub const MAX_EXTENTS: usize = 16384;
+/// Largest payload the server discards to stay in sync after refusing an oversized write; beyond this the
+/// connection is closed (proto.md allows either).
+pub const MAX_DISCARD: u64 = 1 << 32;
+
+/// The errno for a device error (proto.md "Error values").
+pub fn errno(e: &qcow2::Error) -> u32 {
+    match e.kind() {
+        ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => NBD_EINVAL,
+        ErrorKind::NoSpace => NBD_ENOSPC,
+        ErrorKind::ReadOnly => NBD_EPERM,
+        ErrorKind::Unsupported => NBD_ENOTSUP,
+        _ => match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
+            Some(libc::EPERM) | Some(libc::EROFS) => NBD_EPERM,
+            Some(libc::ENOMEM) => NBD_ENOMEM,
+            _ => NBD_EIO,
+        },
+    }
+}
+
+/// Flags each command accepts (anything else is EINVAL).
+fn allowed_flags(kind: u16, style: Style) -> u16 {
+    let df = if style == Style::Simple {
+        0
+    } else {
+        NBD_CMD_FLAG_DF
+    };
+    let payload = if style == Style::Extended {
+        NBD_CMD_FLAG_PAYLOAD_LEN
+    } else {
+        0
+    };
+    match kind {
+        NBD_CMD_READ => NBD_CMD_FLAG_FUA | df,
+        NBD_CMD_WRITE => NBD_CMD_FLAG_FUA | payload,
+        NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
+        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE | payload,
+        _ => 0,
+    }
+}
+
+/// Everything a request handler needs from the connection.
+struct Conn {
+    export: Arc<Export>,
+    style: Style,
+    contexts: Vec<Context>,
+}
+
+/// Serves the transmission phase on `rd` / `wr` until DISC, EOF or a protocol violation.
+pub async fn run<R, W>(mut rd: R, wr: W, t: Transmit, export: Arc<Export>) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        export,
+        style: t.style,
+        contexts: t.contexts,
+    });
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+        while let Some(b) = rx.recv().await {
+            w.write_all(&b).await?;
+            while let Ok(b) = rx.try_recv() {
+                w.write_all(&b).await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await.ok();
+        Ok::<(), std::io::Error>(())
+    });
+    let inflight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let memory = Arc::new(Semaphore::new(MAX_BUFFERED >> 10));
+    let ext = conn.style == Style::Extended;
+    let hlen = request::header_len(ext);
+    let mut hdr = [0u8; 32];
+    let result: std::io::Result<()> = loop {
+        match rd.read_exact(&mut hdr[..hlen]).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let Ok(req) = request::decode(&hdr[..hlen], ext) else {
+            tracing::debug!("bad request magic: closing");
+            break Ok(());
+        };
+        if req.kind == NBD_CMD_DISC {
+            break Ok(());
+        }
+        // Payload: WRITE carries `length` bytes; with extended headers PAYLOAD_LEN says the same for others.
+        let has_payload =
+            req.kind == NBD_CMD_WRITE || (ext && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0);
+        let mut payload = Vec::new();
+        let mut early: Option<(u32, &str)> = None;
+        if has_payload {
+            let limit = if req.kind == NBD_CMD_WRITE {
+                MAX_PAYLOAD
+            } else {
+                MAX_OPTION_LEN as u64
+            };
+            if req.length > limit {
+                // proto.md: with extended headers an oversized PAYLOAD_LEN SHOULD end the connection.
+                if req.length > MAX_DISCARD || ext {
+                    tracing::debug!("payload of {} bytes is too large: closing", req.length);
+                    break Ok(());
+                }
+                if let Err(e) = discard(&mut rd, req.length).await {
+                    break Err(e);
+                }
+                early = Some((NBD_EINVAL, "payload larger than the maximum block size"));
+            } else {
+                let units = (req.length as usize).div_ceil(1024) as u32;
+                let Ok(permit) = memory.clone().acquire_many_owned(units).await else {
+                    break Ok(());
+                };
+                payload = vec![0u8; req.length as usize];
+                if let Err(e) = rd.read_exact(&mut payload).await {
+                    break Err(e);
+                }
+                drop(permit);
+            }
+        }
+        if req.flags & !allowed_flags(req.kind, conn.style) != 0 && early.is_none() {
+            early = Some((NBD_EINVAL, "unsupported flags for this command"));
+        }
+        if let Some((e, msg)) = early {
+            if tx
+                .send(reply::done(conn.style, req.cookie, req.offset, e, msg))
+                .await
+                .is_err()
+            {
+                break Ok(());
+            }
+            continue;
+        }
+        let Ok(slot) = inflight.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let reply_bytes = if req.kind == NBD_CMD_READ {
+            req.length.min(MAX_PAYLOAD) as usize
+        } else {
+            0
+        };
+        let units = (reply_bytes + payload.len()).div_ceil(1024) as u32;
+        let Ok(mem) = memory.clone().acquire_many_owned(units).await else {
+            break Ok(());
+        };
+        let conn = conn.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
+            if let Ok(bytes) = r {
+                let _ = tx.send(bytes).await;
+            }
+            drop(mem);
+            drop(slot);
+        });
+    };
+    // DISC or EOF: let every request in flight finish and its reply go out (proto.md, NBD_CMD_DISC).
+    let _ = inflight.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(tx);
+    let w = writer.await.unwrap_or(Ok(()));
+    if !conn.export.is_read_only() {
+        let dev = conn.export.device.clone();
+        let _ = tokio::task::spawn_blocking(move || dev.flush()).await;
+    }
+    result.and(w)
+}
+
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        rd.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let chunks = b.chunks_exact(16);
+    let rest = chunks.remainder();
+    chunks.fold(0u128, |acc, c| {
+        let mut w = [0u8; 16];
+        w.copy_from_slice(c);
+        acc | u128::from_ne_bytes(w)
+    }) == 0
+        && rest.iter().all(|&x| x == 0)
+}
+
+/// Runs one request and returns its whole reply.
+fn handle(c: &Conn, req: Request, payload: Vec<u8>) -> Vec<u8> {
+    let style = c.style;
+    let ex = &c.export;
+    let dev = &ex.device;
+    let size = dev.size();
+    let fail = |e: u32, msg: &str| reply::done(style, req.cookie, req.offset, e, msg);
+    let ok = || reply::done(style, req.cookie, req.offset, 0, "");
+    let end = req.offset.checked_add(req.length);
+    let in_range = end.is_some_and(|e| e <= size);
+    let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+    let writable = !ex.is_read_only();
+    match req.kind {
+        NBD_CMD_READ => {
+            if !in_range {
+                return fail(NBD_EINVAL, "read beyond the end of the export");
+            }
+            if req.length > MAX_PAYLOAD {
+                return fail(NBD_EINVAL, "read larger than the maximum block size");
+            }
+            read(c, &req)
+        }
+        NBD_CMD_WRITE => {
+            if !writable {
+                return fail(NBD_EPERM, "export is read-only");
+            }
+            if !in_range {
+                return fail(NBD_ENOSPC, "write beyond the end of the export");
+            }
+            let r = if ex.detect_zeroes != DetectZeroes::Off && is_zero(&payload) {
+                let unmap = ex.detect_zeroes == DetectZeroes::Unmap && ex.unmap;
+                dev.write_zeroes(req.offset, req.length, unmap, fua)
+            } else {
+                dev.write_at(&payload, req.offset, fua)
+            };
+            match r {
+                Ok(()) => ok(),
+                Err(e) => fail(errno(&e), &e.to_string()),
+            }
+        }
+        NBD_CMD_FLUSH => match dev.flush() {
+            Ok(()) => ok(),
+            Err(e) => fail(errno(&e), &e.to_string()),
+        },
+        NBD_CMD_TRIM => {
+            if !writable {
+                return fail(NBD_EPERM, "export is read-only");
+            }
+            if !in_range {
+                return fail(NBD_EINVAL, "trim beyond the end of the export");
+            }
+            let r = if ex.unmap && req.length > 0 {
+                dev.discard(req.offset, req.length)
+            } else {
+                Ok(())
+            };
+            match r.and_then(|_| if fua { dev.flush() } else { Ok(()) }) {
+                Ok(()) => ok(),
+                Err(e) => fail(errno(&e), &e.to_string()),
+            }
+        }
+        NBD_CMD_WRITE_ZEROES => {
+            if !writable {
+                return fail(NBD_EPERM, "export is read-only");
+            }
+            if !in_range {
+                return fail(NBD_ENOSPC, "write beyond the end of the export");
+            }
+            if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !dev.can_fast_zero() {
+                return fail(NBD_ENOTSUP, "fast zeroing is not possible on this export");
+            }
+            let may_unmap = ex.unmap && req.flags & NBD_CMD_FLAG_NO_HOLE == 0;
+            match dev.write_zeroes(req.offset, req.length, may_unmap, fua) {
+                Ok(()) => ok(),
+                Err(e) => fail(errno(&e), &e.to_string()),
+            }
+        }
+        NBD_CMD_CACHE => {
+            if !in_range {
+                return fail(NBD_EINVAL, "cache beyond the end of the export");
+            }
+            ok()
+        }
+        NBD_CMD_BLOCK_STATUS => block_status(c, &req, &payload),
+        _ => fail(NBD_EINVAL, "unknown command"),
+    }
+}
+
+fn read(c: &Conn, req: &Request) -> Vec<u8> {
+    let style = c.style;
+    let dev = &c.export.device;
+    let len = req.length as usize;
+    if style == Style::Simple {
+        let mut v = Vec::with_capacity(16 + len);
+        v.extend_from_slice(&reply::simple(req.cookie, 0));
+        v.resize(16 + len, 0);
+        return match dev.read_at(&mut v[16..], req.offset) {
+            Ok(()) => v,
+            Err(e) => reply::simple(req.cookie, errno(&e)).to_vec(),
+        };
+    }
+    let df = req.flags & NBD_CMD_FLAG_DF != 0;
+    let ext = style == Style::Extended;
+    let hdr = if ext { 40 } else { 28 };
+    let mut v = Vec::with_capacity(hdr + len);
+    let fail =
+        |e: qcow2::Error| reply::done(style, req.cookie, req.offset, errno(&e), &e.to_string());
+    if df || len <= 4096 {
+        reply::data_header(
+            &mut v,
+            style,
+            NBD_REPLY_FLAG_DONE,
+            req.cookie,
+            req.offset,
+            req.offset,
+            req.length,
+        );
+        let at = v.len();
+        v.resize(at + len, 0);
+        return match dev.read_at(&mut v[at..], req.offset) {
+            Ok(()) => v,
+            Err(e) => fail(e),
+        };
+    }
+    // Larger reads: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks; the last chunk carries DONE.
+    let end = req.offset + req.length;
+    let mut pos = req.offset;
+    while pos < end {
+        let st = match dev.block_status(pos, end - pos) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let n = st.len.min(end - pos);
+        let last = pos + n >= end;
+        let flags = if last { NBD_REPLY_FLAG_DONE } else { 0 };
+        if st.zero {
+            reply::hole(&mut v, style, flags, req.cookie, req.offset, pos, n as u32);
+        } else {
+            reply::data_header(&mut v, style, flags, req.cookie, req.offset, pos, n);
+            let at = v.len();
+            v.resize(at + n as usize, 0);
+            if let Err(e) = dev.read_at(&mut v[at..], pos) {
+                return fail(e);
+            }
+        }
+        pos += n;
+    }
+    v
+}
+
+fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
+    let style = c.style;
+    let fail = |e: u32, msg: &str| reply::done(style, req.cookie, req.offset, e, msg);
+    if c.contexts.is_empty() {
+        return fail(NBD_EINVAL, "no metadata context was negotiated");
+    }
+    // With PAYLOAD_LEN (extended headers) the payload holds the effect length and the context IDs wanted.
+    let (length, wanted): (u64, Vec<Context>) = if req.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0 {
+        if payload.len() < 8 || (payload.len() - 8) % 4 != 0 {
+            return fail(NBD_EINVAL, "malformed block status payload");
+        }
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&payload[..8]);
+        let ids: Vec<u32> = payload[8..]
+            .chunks_exact(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut w = Vec::new();
+        for id in ids {
+            match c.contexts.iter().find(|x| x.id() == id) {
+                Some(&ctx) if !w.contains(&ctx) => w.push(ctx),
+                Some(_) => {}
+                None => return fail(NBD_EINVAL, "unknown metadata context ID"),
+            }
+        }
+        if w.is_empty() {
+            return fail(NBD_EINVAL, "no metadata context selected");
+        }
+        (u64::from_be_bytes(a), w)
+    } else {
+        (req.length, c.contexts.clone())
+    };
+    let dev = &c.export.device;
+    let size = dev.size();
+    if length == 0 {
+        return fail(NBD_EINVAL, "zero-length block status");
+    }
+    match req.offset.checked_add(length) {
+        Some(e) if e <= size => {}
+        _ => return fail(NBD_EINVAL, "block status beyond the end of the export"),
+    }
+    let end = req.offset + length;
+    let one = req.flags & NBD_CMD_FLAG_REQ_ONE != 0;
+    // Extents per context, merged where the context's value does not change.
+    let mut lists: Vec<Vec<(u64, u32)>> = vec![Vec::new(); wanted.len()];
+    let mut pos = req.offset;
+    let max_len = if style == Style::Extended {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX) & !4095
+    };
+    let mut steps = 0usize;
+    while pos < end && steps < MAX_EXTENTS {
+        let st = match dev.block_status(pos, end - pos) {
+            Ok(s) => s,
+            Err(e) => return fail(errno(&e), &e.to_string()),
+        };
+        let n = st.len.min(end - pos);
+        for (i, ctx) in wanted.iter().enumerate() {
+            let val = match ctx {
+                Context::BaseAllocation => {
+                    (if st.data { 0 } else { NBD_STATE_HOLE })
+                        | (if st.zero { NBD_STATE_ZERO } else { 0 })
+                }
+                Context::AllocationDepth => {
+                    if st.present {
+                        st.depth + 1
+                    } else {
+                        0
+                    }
+                }
+            };
+            let l = &mut lists[i];
+            match l.last_mut() {
+                Some((len, v)) if *v == val && *len + n <= max_len => *len += n,
+                _ => l.push((n.min(max_len), val)),
+            }
+        }
+        pos += n;
+        steps += 1;
+        if one {
+            break;
+        }
+    }
+    let mut v = Vec::new();
+    let count = wanted.len();
+    for (i, (ctx, mut l)) in wanted.iter().zip(lists).enumerate() {
+        if one {
+            l.truncate(1);
+        }
+        let flags = if i + 1 == count {
+            NBD_REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        reply::block_status(&mut v, style, flags, req.cookie, req.offset, ctx.id(), &l);
+    }
+    v
+}
