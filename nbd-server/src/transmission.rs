@@ -427,13 +427,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
                     (if st.data { 0 } else { NBD_STATE_HOLE })
                         | (if st.zero { NBD_STATE_ZERO } else { 0 })
                 }
-                Context::AllocationDepth => {
-                    if st.present {
-                        st.depth + 1
-                    } else {
-                        0
-                    }
-                }
+                Context::AllocationDepth => st.alloc_depth,
             };
             let l = &mut lists[i];
             match l.last_mut() {

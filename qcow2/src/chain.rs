@@ -429,6 +429,7 @@ impl BlockDevice for Image {
                     compressed,
                     offset: host,
                     file,
+                    alloc_depth: depth + 1,
                 });
             }
             match &img.backing {
@@ -438,8 +439,9 @@ impl BlockDevice for Image {
                     depth += 1;
                 }
                 // qemu: unallocated with no backing data (none at all, or past its end) reads as zeros.
-                _ => {
+                other => {
                     return Ok(Status {
+                        alloc_depth: if other.is_some() { depth + 2 } else { 0 },
                         len: n,
                         depth,
                         present: false,

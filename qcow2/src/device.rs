@@ -22,6 +22,10 @@ pub struct Status {
     pub offset: Option<u64>,
     /// The file that holds `offset`.
     pub file: Option<std::sync::Arc<str>>,
+    /// qemu's allocation depth (`qemu:allocation-depth`): 0 when no layer has the range, else the 1-based
+    /// layer that answers. Past the end of a short backing file, that backing layer answers (qemu
+    /// synthesizes its zeros there).
+    pub alloc_depth: u32,
 }
 
 /// A virtual disk: what an NBD export serves.

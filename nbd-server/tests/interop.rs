@@ -1,0 +1,464 @@
+//! qnbd with the real clients: qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh and fio, over unix sockets and
+//! 127.0.0.1. Where a client's view can differ by server, qnbd's answers are compared with qemu-nbd's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+
+struct Srv {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `bin` (qnbd or qemu-nbd) with `args` on a unix socket in `dir` (or TCP when `tcp`).
+fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
+    let sock = dir.join(format!("{tag}.sock"));
+    let mut cmd = Command::new(bin);
+    let uri;
+    if tcp {
+        let port = free_port();
+        cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
+        uri = format!("nbd://127.0.0.1:{port}");
+    } else {
+        cmd.args(["-k", sock.to_str().unwrap()]);
+        uri = format!("nbd+unix:///?socket={}", sock.display());
+    }
+    cmd.args(args).stdout(Stdio::null());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let srv = Srv { child, uri };
+    let t = Instant::now();
+    loop {
+        let up = if tcp {
+            std::net::TcpStream::connect(srv.uri.trim_start_matches("nbd://")).is_ok()
+        } else {
+            sock.exists()
+        };
+        if up {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{bin} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    srv
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (the README's test command installs it): {e}"))
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A qcow2 chain (raw base <- qcow2 overlay) with data, zeros and holes.
+fn chain(dir: &Path) -> PathBuf {
+    let base = dir.join("base.raw");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x12 5M 64k",
+            base.to_str().unwrap(),
+        ],
+    );
+    let ov = dir.join("ov.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            ov.to_str().unwrap(),
+            "12M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x21 512k 1M",
+            "-c",
+            "write -z 3M 128k",
+            "-c",
+            "write -P 0x22 9M 4k",
+            ov.to_str().unwrap(),
+        ],
+    );
+    ov
+}
+
+#[test]
+fn qemu_img_reads_qcow2_chain_over_unix_and_tcp() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = chain(d.path());
+    for tcp in [false, true] {
+        let s = serve(
+            QNBD,
+            d.path(),
+            "q",
+            &["-r", "-t", "-e", "4", ov.to_str().unwrap()],
+            tcp,
+        );
+        let info = ok("qemu-img", &["info", "--output=json", &s.uri]);
+        assert!(info.contains("\"virtual-size\": 12582912"), "{info}");
+        let cmp = ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]);
+        assert_eq!(cmp, "Images are identical.\n");
+        let out = d.path().join("out.raw");
+        ok(
+            "qemu-img",
+            &["convert", "-O", "raw", &s.uri, out.to_str().unwrap()],
+        );
+        ok(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                out.to_str().unwrap(),
+                ov.to_str().unwrap(),
+            ],
+        );
+    }
+}
+
+#[test]
+fn block_status_seen_by_qemu_img_and_nbdinfo_matches_qemu_nbd() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = chain(d.path());
+    let ours = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()],
+        false,
+    );
+    let theirs = serve(
+        "qemu-nbd",
+        d.path(),
+        "r",
+        &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()],
+        false,
+    );
+    let a = ok("qemu-img", &["map", "--output=json", &ours.uri]);
+    let b = ok("qemu-img", &["map", "--output=json", &theirs.uri]);
+    assert_eq!(a, b, "qemu-img map over NBD");
+    for ctx in ["base:allocation", "qemu:allocation-depth"] {
+        let a = ok("nbdinfo", &[&format!("--map={ctx}"), "--json", &ours.uri]);
+        let b = ok("nbdinfo", &[&format!("--map={ctx}"), "--json", &theirs.uri]);
+        assert_eq!(a, b, "nbdinfo --map={ctx}");
+    }
+}
+
+#[test]
+fn nbdinfo_list_and_can() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &[
+            "-t",
+            "-e",
+            "2",
+            "-x",
+            "disk1",
+            "-D",
+            "the first disk",
+            img.to_str().unwrap(),
+        ],
+        false,
+    );
+    let list = ok("nbdinfo", &["--list", "--json", &s.uri]);
+    assert!(list.contains("\"export-name\": \"disk1\""), "{list}");
+    assert!(
+        list.contains("\"description\": \"the first disk\""),
+        "{list}"
+    );
+    let uri = s.uri.replace("nbd+unix:///", "nbd+unix:///disk1");
+    for can in [
+        "write",
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "fast-zero",
+        "df",
+        "multi-conn",
+        "cache",
+        "structured-reply",
+    ] {
+        let o = run("nbdinfo", &[&format!("--can={can}"), &uri]);
+        assert_eq!(o.status.code(), Some(0), "--can={can}");
+    }
+    let ro = serve(
+        QNBD,
+        d.path(),
+        "r",
+        &["-r", "-t", img.to_str().unwrap()],
+        false,
+    );
+    assert_eq!(
+        run("nbdinfo", &["--can=write", &ro.uri]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn nbdcopy_one_and_four_connections() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = chain(d.path());
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-r", "-t", "-e", "4", ov.to_str().unwrap()],
+        false,
+    );
+    let want = d.path().join("want.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            ov.to_str().unwrap(),
+            want.to_str().unwrap(),
+        ],
+    );
+    for c in ["1", "4"] {
+        let out = d.path().join(format!("c{c}.raw"));
+        ok("nbdcopy", &["-C", c, &s.uri, out.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap(),
+            "nbdcopy -C {c}"
+        );
+    }
+}
+
+#[test]
+fn writes_from_qemu_io_and_nbdcopy_reach_a_raw_file() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("w.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()],
+        false,
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 4096 64k",
+            "-c",
+            "write -z 8192 4096",
+            "-c",
+            "flush",
+            &s.uri,
+        ],
+    );
+    let src = d.path().join("src.raw");
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    ok(
+        "nbdcopy",
+        &["--destination-is-zero", src.to_str().unwrap(), &s.uri],
+    );
+    let back = std::fs::read(&img).unwrap();
+    assert_eq!(&back[..1 << 20], &data[..]);
+    drop(s);
+    // And through qemu-io on a fresh server: zeroes and writes at the end.
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q2",
+        &["-t", "-f", "raw", img.to_str().unwrap()],
+        false,
+    );
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x62 7M 1M", &s.uri],
+    );
+    let back = std::fs::read(&img).unwrap();
+    assert!(back[7 << 20..].iter().all(|&b| b == 0x62));
+}
+
+#[test]
+fn nbdsh_script_sees_the_protocol_features() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = chain(d.path());
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-r", "-t", "-A", ov.to_str().unwrap()],
+        false,
+    );
+    let script = format!(
+        r#"
+h.set_export_name("")
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:allocation-depth")
+h.connect_uri("{}")
+assert h.get_size() == 12 << 20
+assert h.can_meta_context("base:allocation")
+assert h.can_meta_context("qemu:allocation-depth")
+assert h.is_read_only()
+assert h.pread(4096, 512 * 1024) == b"\x21" * 4096
+assert h.pread(4096, 0) == b"\x11" * 4096
+seen = {{}}
+def f(ctx, off, entries, err):
+    seen[ctx] = list(entries)
+h.block_status(2 << 20, 0, f)
+assert seen["qemu:allocation-depth"][:2] == [512 * 1024, 2], seen
+try:
+    h.pwrite(b"x" * 512, 0)
+    raise SystemExit("write on a read-only export succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EPERM, e
+print("ok")
+"#,
+        s.uri
+    );
+    let out = ok(
+        "/usr/bin/python3",
+        &["-c", &format!("import nbd, errno\nh = nbd.NBD()\n{script}")],
+    );
+    assert_eq!(out.trim(), "ok");
+}
+
+#[test]
+fn fio_nbd_engine_random_read_write() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("f.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()],
+        false,
+    );
+    let out = ok(
+        "fio",
+        &[
+            "--name=t",
+            "--ioengine=nbd",
+            &format!("--uri={}", s.uri),
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=16M",
+            "--io_size=8M",
+            "--verify=crc32c",
+            "--output-format=terse",
+            "--minimal",
+        ],
+    );
+    assert!(out.contains(";"), "{out}");
+}
+
+fn qemu_version() -> (u32, u32) {
+    let v = ok("qemu-img", &["--version"]);
+    let num = v.split_whitespace().nth(2).unwrap_or("0.0");
+    let mut it = num.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+#[test]
+fn qemu_client_with_extended_headers() {
+    // qemu 8.2 and later negotiate NBD extended headers by default.
+    if qemu_version() < (8, 2) {
+        eprintln!(
+            "SKIPPED: qemu-img {:?} predates NBD extended headers (8.2)",
+            qemu_version()
+        );
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let ov = chain(d.path());
+    let s = serve(
+        QNBD,
+        d.path(),
+        "q",
+        &["-r", "-t", "-v", ov.to_str().unwrap()],
+        false,
+    );
+    assert_eq!(
+        ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]),
+        "Images are identical.\n"
+    );
+    let theirs = serve(
+        "qemu-nbd",
+        d.path(),
+        "r",
+        &["-r", "-t", ov.to_str().unwrap()],
+        false,
+    );
+    assert_eq!(
+        ok("qemu-img", &["map", "--output=json", &s.uri]),
+        ok("qemu-img", &["map", "--output=json", &theirs.uri])
+    );
+}
