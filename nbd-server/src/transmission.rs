@@ -371,7 +371,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
     }
     // With PAYLOAD_LEN (extended headers) the payload holds the effect length and the context IDs wanted.
     let (length, wanted): (u64, Vec<Context>) = if req.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0 {
-        if payload.len() < 8 || (payload.len() - 8) % 4 != 0 {
+        if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4) {
             return fail(NBD_EINVAL, "malformed block status payload");
         }
         let mut a = [0u8; 8];

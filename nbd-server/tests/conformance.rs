@@ -161,6 +161,7 @@ impl Client {
         self.replies()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn request(
         &mut self,
         ext: bool,

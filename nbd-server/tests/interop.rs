@@ -31,15 +31,14 @@ fn free_port() -> u16 {
 fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
     let sock = dir.join(format!("{tag}.sock"));
     let mut cmd = Command::new(bin);
-    let uri;
-    if tcp {
+    let uri = if tcp {
         let port = free_port();
         cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
-        uri = format!("nbd://127.0.0.1:{port}");
+        format!("nbd://127.0.0.1:{port}")
     } else {
         cmd.args(["-k", sock.to_str().unwrap()]);
-        uri = format!("nbd+unix:///?socket={}", sock.display());
-    }
+        format!("nbd+unix:///?socket={}", sock.display())
+    };
     cmd.args(args).stdout(Stdio::null());
     let child = cmd
         .spawn()
