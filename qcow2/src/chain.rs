@@ -193,6 +193,7 @@ impl Image {
                     } else {
                         None
                     },
+                    writable,
                 };
                 let q = Self::open_qcow2(storage, writable, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
@@ -462,38 +463,55 @@ impl BlockDevice for Image {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
-        let s = self.raw_storage()?;
-        s.write_at(buf, offset)?;
+        match &self.layer {
+            Layer::Raw(s) => s.write_at(buf, offset)?,
+            Layer::Qcow2(q) => q.write(buf, offset, &|b, o| self.read_backing(b, o))?,
+        }
         if fua {
-            s.flush()?;
+            self.flush()?;
         }
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
         self.check_writable(offset, len)?;
-        let s = self.raw_storage()?;
-        s.write_zeroes(offset, len, may_unmap)?;
+        match &self.layer {
+            Layer::Raw(s) => s.write_zeroes(offset, len, may_unmap)?,
+            Layer::Qcow2(q) => q.write_zeroes(
+                offset,
+                len,
+                may_unmap,
+                &|b, o| self.read_backing(b, o),
+                self.backing.is_some(),
+            )?,
+        }
         if fua {
-            s.flush()?;
+            self.flush()?;
         }
         Ok(())
     }
 
     fn can_fast_zero(&self) -> bool {
-        matches!(self.layer, Layer::Raw(_))
+        match &self.layer {
+            Layer::Raw(_) => true,
+            // Zero clusters are a metadata update on v3 (qcow2.rst, Standard Cluster Descriptor bit 0).
+            Layer::Qcow2(q) => q.header().version >= 3,
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
-        self.raw_storage()?.write_zeroes(offset, len, true)
+        match &self.layer {
+            Layer::Raw(s) => s.write_zeroes(offset, len, true),
+            Layer::Qcow2(q) => q.discard(offset, len, self.backing.is_some()),
+        }
     }
 
     fn flush(&self) -> Result<()> {
         if self.writable {
-            self.storage().flush()?;
-            if let Layer::Qcow2(q) = &self.layer {
-                q.data_storage().flush()?;
+            match &self.layer {
+                Layer::Raw(s) => s.flush()?,
+                Layer::Qcow2(q) => q.flush()?,
             }
         }
         Ok(())
@@ -510,15 +528,6 @@ impl Image {
             _ => Err(Error::new(
                 ErrorKind::NoSpace,
                 format!("write at {offset}+{len} past the end"),
-            )),
-        }
-    }
-
-    fn raw_storage(&self) -> Result<&Arc<dyn Storage>> {
-        match &self.layer {
-            Layer::Raw(s) => Ok(s),
-            Layer::Qcow2(_) => Err(Error::unsupported(
-                "writing to qcow2 images is not implemented yet",
             )),
         }
     }

@@ -140,21 +140,7 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
     let mut list = Vec::new();
     for (i, f) in cli.files.iter().enumerate() {
         let snapshot = cli.load_snapshot.as_deref().map(snapshot_name);
-        let mut read_only = cli.read_only || snapshot.is_some();
-        let probe = Image::open(
-            f,
-            &OpenOptions {
-                format,
-                open_backing: false,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        if probe.format() == Format::Qcow2 && !read_only {
-            eprintln!("qnbd: warning: writing to qcow2 images is not implemented yet: serving '{f}' read-only");
-            read_only = true;
-        }
-        drop(probe);
+        let read_only = cli.read_only || snapshot.is_some();
         let opts = OpenOptions {
             format,
             writable: !read_only,

@@ -39,3 +39,34 @@ mod tests {
         assert_eq!(get(&[0b1101_0010], 2, 1), Some(0b1101));
     }
 }
+
+/// Writes entry `index` of a refcount block of `order`; returns false if the index or value does not fit.
+pub fn set(block: &mut [u8], order: u32, index: u64, value: u64) -> bool {
+    let bits = 1u64 << order;
+    if bits < 64 && value >> bits != 0 {
+        return false;
+    }
+    let Some(bit_off) = index.checked_mul(bits) else {
+        return false;
+    };
+    let Ok(byte) = usize::try_from(bit_off / 8) else {
+        return false;
+    };
+    if order >= 3 {
+        let n = (bits / 8) as usize;
+        let Some(s) = block.get_mut(byte..byte + n) else {
+            return false;
+        };
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = (value >> (8 * (n - 1 - i))) as u8;
+        }
+    } else {
+        let Some(b) = block.get_mut(byte) else {
+            return false;
+        };
+        let shift = (bit_off % 8) as u32;
+        let mask = (((1u16 << bits) - 1) as u8) << shift;
+        *b = (*b & !mask) | ((value as u8) << shift);
+    }
+    true
+}

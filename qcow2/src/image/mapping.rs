@@ -58,7 +58,8 @@ impl Qcow2 {
     /// Maps the guest range starting at `guest`, at most `max_len` bytes long, and returns the mapping of its
     /// first run and that run's length (> 0). `guest` must be below the virtual size.
     pub fn mapping(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
-        if guest >= self.size || max_len == 0 {
+        let size = self.size();
+        if guest >= size || max_len == 0 {
             return Err(Error::new(
                 crate::ErrorKind::OutOfBounds,
                 format!("mapping at {guest} is past the end"),
@@ -66,13 +67,18 @@ impl Qcow2 {
         }
         let cb = self.cluster_bits;
         let cs = 1u64 << cb;
-        let end = guest + max_len.min(self.size - guest);
+        let end = guest + max_len.min(size - guest);
         let cluster = guest >> cb;
         let l1_idx = cluster / self.l2_entries;
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
-        let l2_off = match self.l1.get(l1_idx as usize) {
-            Some(&e) => table::l1_l2_offset(e),
+        let l2_off = match self
+            .l1
+            .read()
+            .ok()
+            .and_then(|l1| l1.get(l1_idx as usize).copied())
+        {
+            Some(e) => table::l1_l2_offset(e),
             None => 0,
         };
         if l2_off == 0 {
@@ -152,11 +158,11 @@ impl Qcow2 {
                     "cluster offset {h:#x} for guest offset {guest:#x} is not aligned to the cluster size"
                 )));
             }
-            if !has_data_file && h >= self.file_len {
+            if !has_data_file && h >= self.file_len() {
                 return Err(Error::corrupt(format!(
                     "data cluster for guest offset {guest:#x} at host offset {h:#x} lies past the end of the \
                      file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 )));
             }
             if !has_data_file && h == 0 {
@@ -183,7 +189,7 @@ impl Qcow2 {
                         "compressed cluster in an image with an external data file",
                     ));
                 }
-                if desc.offset >= self.file_len || desc.offset < cs {
+                if desc.offset >= self.file_len() || desc.offset < cs {
                     return Err(Error::corrupt(format!(
                         "compressed cluster for guest offset {guest:#x} at host offset {:#x} lies outside the file",
                         desc.offset

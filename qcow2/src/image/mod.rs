@@ -3,10 +3,14 @@
 //! Locking: the L1 table is immutable for a reader; the L2 cache has its own short lock. The data path
 //! reads guest data outside any lock, from the mapping the metadata layer returned.
 
+pub mod alloc;
 pub mod cache;
+pub mod check;
 pub mod compressed;
+pub mod create;
 mod mapping;
 mod open;
+mod write;
 
 pub use mapping::Mapping;
 pub use open::Qcow2Options;
@@ -16,7 +20,8 @@ use crate::format::header::Header;
 use crate::format::snapshot::Snapshot;
 use crate::storage::Storage;
 use cache::L2Cache;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// An open qcow2 image (one layer; its backing file is held by [`crate::Image`]).
 pub struct Qcow2 {
@@ -29,13 +34,15 @@ pub struct Qcow2 {
     l2_entries: u64,
     /// log2 of the subcluster size (equal to cluster_bits without extended L2).
     sc_bits: u32,
-    l1: Vec<u64>,
+    l1: RwLock<Vec<u64>>,
     l2_cache: L2Cache,
+    /// Write state (refcounts, dirty flags); `None` for a read-only image.
+    writer: Option<Mutex<write::WriteState>>,
     snapshots: Vec<Snapshot>,
-    /// Virtual size (the snapshot's when one is loaded).
-    size: u64,
-    /// Length of the image file at open, to refuse metadata past its end.
-    file_len: u64,
+    /// Virtual size (the snapshot's when one is loaded); grows with resize.
+    size: AtomicU64,
+    /// Length of the image file (grows as clusters are allocated), to refuse metadata past its end.
+    file_len: AtomicU64,
     data_file_raw: bool,
     /// Whether sparse data clusters exist (qemu's metadata preallocation detection; block status recurses).
     metadata_prealloc: std::sync::OnceLock<bool>,
@@ -57,7 +64,11 @@ impl Qcow2 {
 
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -121,5 +132,14 @@ impl Qcow2 {
         })?;
         buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
         Ok(())
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // A clean close writes every dirty table, in the safe order.
+        if self.writer.is_some() {
+            let _ = self.flush();
+        }
     }
 }

@@ -17,9 +17,11 @@ pub struct Qcow2Options {
     pub l2_cache_bytes: Option<u64>,
     /// Open as of this internal snapshot (by ID or name).
     pub snapshot: Option<String>,
+    /// Open for writing.
+    pub writable: bool,
 }
 
-fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
+pub(crate) fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
     let mut raw = vec![0u8; (entries * 8) as usize];
     s.read_at(&mut raw, off)?;
     Ok(raw
@@ -223,21 +225,50 @@ impl Qcow2 {
         let tables = (cache_bytes / cs).clamp(1, needed_tables) as usize;
         let data_file_raw =
             has_data_file && header.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let writer = if opts.writable {
+            if opts.snapshot.is_some() {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    "an internal snapshot can only be opened read-only",
+                ));
+            }
+            if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+                return Err(Error::corrupt(
+                    "the image is marked corrupt; it can only be opened read-only",
+                ));
+            }
+            let rt = read_table(file.as_ref(), header.refcount_table_offset, rt_bytes / 8)?;
+            let refs = super::alloc::Refcounts::new(
+                cluster_bits,
+                header.refcount_order,
+                rt,
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters),
+                file_len,
+            );
+            Some(std::sync::Mutex::new(super::write::WriteState::new(refs)))
+        } else {
+            None
+        };
         let img = Qcow2 {
             file,
             data,
             cluster_bits,
             l2_entries,
             sc_bits: if ext { cluster_bits - 5 } else { cluster_bits },
-            l1,
+            l1: std::sync::RwLock::new(l1),
             l2_cache: L2Cache::new(tables),
+            writer,
             snapshots,
-            size,
-            file_len,
+            size: std::sync::atomic::AtomicU64::new(size),
+            file_len: std::sync::atomic::AtomicU64::new(file_len),
             data_file_raw,
             metadata_prealloc: std::sync::OnceLock::new(),
             header,
         };
+        if img.writer.is_some() {
+            img.open_for_writing()?;
+        }
         Ok(img)
     }
 
@@ -254,7 +285,7 @@ impl Qcow2 {
         let cs = self.cluster_size();
         let real_clusters = on_disk / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let end_cluster = self.file_len.div_ceil(cs);
+        let end_cluster = self.file_len().div_ceil(cs);
         let Ok(rt) = self.refcount_table() else {
             return false;
         };
@@ -317,14 +348,15 @@ impl Qcow2 {
                 "L2 table offset points at the header (cluster 0)",
             ));
         }
-        if off.saturating_add(cs) > self.file_len {
+        if off.saturating_add(cs) > self.file_len() {
             return Err(Error::corrupt(format!(
                 "L2 table at offset {off:#x} lies past the end of the file ({} bytes)",
-                self.file_len
+                self.file_len()
             )));
         }
         let words = cs / 8;
-        let t: super::cache::L2Table = read_table(self.file.as_ref(), off, words)?.into();
+        let t: super::cache::L2Table =
+            std::sync::Arc::new(read_table(self.file.as_ref(), off, words)?);
         self.l2_cache.put(off, t.clone());
         Ok(t)
     }

@@ -1,0 +1,1 @@
+//! Consistency check (qemu-img check): placeholder module, filled in below.

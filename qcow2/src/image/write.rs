@@ -1,0 +1,647 @@
+//! The write path: in-place writes, allocation with copy-on-write merged into one write, zero clusters,
+//! discard, the metadata flush, and resize. The ordering rules are in `alloc.rs`.
+//!
+//! Locking: writes to clusters that are already allocated to this image alone (`QCOW_OFLAG_COPIED`) go
+//! straight to the file without any lock. Everything that changes metadata (allocation, COW, zeroing,
+//! discard, flush) holds the one writer mutex.
+
+use super::alloc::Refcounts;
+use super::Qcow2;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::header;
+use crate::format::table::{
+    self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Most dirty L2 tables kept before a metadata flush is forced.
+const MAX_DIRTY_L2: usize = 1024;
+
+/// Mutable state of a writable image.
+pub struct WriteState {
+    refs: Refcounts,
+    l1_dirty: bool,
+    /// Set once an inconsistency was found: no more writes.
+    corrupt: bool,
+}
+
+impl WriteState {
+    /// Write state over the loaded refcounts.
+    pub fn new(refs: Refcounts) -> Self {
+        WriteState {
+            refs,
+            l1_dirty: false,
+            corrupt: false,
+        }
+    }
+}
+
+/// Reads guest data from the backing chain (or zeros) for copy-on-write.
+pub type BackingReader<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
+
+/// What one cluster's L2 entry says, in the terms the writer needs.
+struct ClusterState {
+    host: Option<u64>,
+    copied: bool,
+    compressed: Option<CompressedDesc>,
+    alloc: u32,
+    zero: u32,
+}
+
+impl Qcow2 {
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn has_data_file(&self) -> bool {
+        self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0
+    }
+
+    fn subclusters(&self) -> u32 {
+        if self.header.extended_l2() {
+            32
+        } else {
+            1
+        }
+    }
+
+    fn all_bits(&self) -> u32 {
+        if self.header.extended_l2() {
+            u32::MAX
+        } else {
+            1
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is read-only"))?;
+        let g = w
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        if g.corrupt {
+            return Err(Error::corrupt(
+                "the image was found corrupt: writes are refused",
+            ));
+        }
+        Ok(g)
+    }
+
+    /// Called once when opened read-write: unknown autoclear bits are cleared (qcow2.rst: a program that
+    /// does not understand them must clear them when it writes), including the bitmaps bit, since qnbd does
+    /// not keep bitmaps up to date.
+    pub(super) fn open_for_writing(&self) -> Result<()> {
+        let h = &self.header;
+        if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "the image is dirty (lazy refcounts after a crash): repair it with 'qimg check -r all' first",
+            ));
+        }
+        if h.version >= 3 {
+            let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
+            if keep != h.autoclear_features {
+                self.file.write_at(&keep.to_be_bytes(), 88)?;
+                self.file.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn state_of(&self, t: &[u64], idx: usize) -> ClusterState {
+        let ext = self.header.extended_l2();
+        let (e, bm) = if ext {
+            (t[2 * idx], t[2 * idx + 1])
+        } else {
+            (t[idx], 0)
+        };
+        let cb = self.cluster_bits;
+        if e & OFLAG_COMPRESSED != 0 {
+            return ClusterState {
+                host: None,
+                copied: false,
+                compressed: Some(table::decode_compressed(e, cb)),
+                alloc: 0,
+                zero: 0,
+            };
+        }
+        let off = e & OFFSET_MASK;
+        let copied = e & OFLAG_COPIED != 0;
+        let host = if off != 0 || (self.has_data_file() && copied) {
+            Some(off)
+        } else {
+            None
+        };
+        let (alloc, zero) = if ext {
+            (bm as u32, (bm >> 32) as u32)
+        } else if self.header.version >= 3 && e & OFLAG_ZERO != 0 {
+            (0, 1)
+        } else if host.is_some() {
+            (1, 0)
+        } else {
+            (0, 0)
+        };
+        ClusterState {
+            host,
+            copied,
+            compressed: None,
+            alloc,
+            zero,
+        }
+    }
+
+    /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
+    fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
+        let mut t = match self.l2_cache.take(l2) {
+            Some(t) => t,
+            None => self.l2_table(l2).map(|t| {
+                self.l2_cache.take(l2);
+                t
+            })?,
+        };
+        let v = Arc::make_mut(&mut t);
+        if self.header.extended_l2() {
+            v[2 * idx] = entry;
+            v[2 * idx + 1] = bitmap;
+        } else {
+            v[idx] = entry;
+        }
+        self.l2_cache.pin(l2, t);
+        Ok(())
+    }
+
+    /// The L2 table for L1 index `l1_idx`, allocated (or copied, if shared with a snapshot) if needed.
+    fn l2_for_write(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
+        let e = {
+            let l1 = self
+                .l1
+                .read()
+                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+            *l1.get(l1_idx)
+                .ok_or_else(|| Error::new(ErrorKind::OutOfBounds, "write past the L1 table"))?
+        };
+        let off = e & OFFSET_MASK;
+        if off != 0 && e & OFLAG_COPIED != 0 {
+            self.l2_table(off)?;
+            return Ok(off);
+        }
+        let words = (self.cluster_size() / 8) as usize;
+        let new_table: Vec<u64> = if off == 0 {
+            vec![0; words]
+        } else {
+            self.l2_table(off)?.as_ref().clone()
+        };
+        let new = st.refs.alloc(self.file.as_ref(), 1)?;
+        self.grow_file_len(&st.refs);
+        self.l2_cache.pin(new, Arc::new(new_table));
+        if off != 0 {
+            // The shared table keeps serving the snapshot; this L1 drops its reference.
+            st.refs.free_later(off >> self.cluster_bits);
+        }
+        let mut l1 = self
+            .l1
+            .write()
+            .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+        l1[l1_idx] = new | OFLAG_COPIED;
+        st.l1_dirty = true;
+        Ok(new)
+    }
+
+    fn grow_file_len(&self, refs: &Refcounts) {
+        self.file_len
+            .fetch_max(refs.end_cluster << self.cluster_bits, Ordering::AcqRel);
+    }
+
+    /// Where the L2 entry of guest offset `pos` lives: (L1 index, index in the table).
+    fn indices(&self, pos: u64) -> (usize, usize) {
+        let c = pos >> self.cluster_bits;
+        (
+            (c / self.l2_entries) as usize,
+            (c % self.l2_entries) as usize,
+        )
+    }
+
+    /// The current L2 entry state of `pos` without allocating, for the lock-free fast path.
+    fn peek(&self, pos: u64) -> Result<Option<ClusterState>> {
+        let (l1_idx, idx) = self.indices(pos);
+        let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
+            Some(e) => e,
+            None => return Ok(None),
+        };
+        let off = e & OFFSET_MASK;
+        if off == 0 || e & OFLAG_COPIED == 0 {
+            return Ok(None);
+        }
+        let t = self.l2_table(off)?;
+        Ok(Some(self.state_of(&t, idx)))
+    }
+
+    fn touched(&self, a: u64, b: u64) -> u32 {
+        let sb = self.sc_bits;
+        let (s0, s1) = ((a >> sb) as u32, ((b - 1) >> sb) as u32);
+        let n = s1 - s0 + 1;
+        if n >= 32 {
+            u32::MAX
+        } else {
+            ((1u32 << n) - 1) << s0
+        }
+    }
+
+    /// Writes `buf` at guest `offset` (inside the image). `backing` supplies copy-on-write data.
+    pub fn write(&self, buf: &[u8], offset: u64, backing: BackingReader<'_>) -> Result<()> {
+        if self.writer.is_none() {
+            return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));
+        }
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_cluster = pos & (cs - 1);
+            let n = ((cs - in_cluster) as usize).min(buf.len() - done);
+            let chunk = &buf[done..done + n];
+            // Fast path: a cluster this image owns alone, with every touched subcluster allocated.
+            let touched = self.touched(in_cluster, in_cluster + n as u64);
+            match self.peek(pos)? {
+                Some(s)
+                    if s.copied
+                        && s.compressed.is_none()
+                        && s.host.is_some()
+                        && s.alloc & touched == touched =>
+                {
+                    let host = s.host.unwrap_or(0) + in_cluster;
+                    self.data.write_at(chunk, host)?;
+                }
+                _ => {
+                    let mut st = self.lock()?;
+                    let r = self.write_cluster(&mut st, chunk, pos, backing);
+                    self.note_corruption(&mut st, &r);
+                    r?;
+                    if self.l2_cache.pinned() > MAX_DIRTY_L2 {
+                        self.flush_locked(&mut st)?;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt on disk when the writer met an inconsistency (qcow2.rst, incompatible bit 1).
+    fn note_corruption<T>(&self, st: &mut WriteState, r: &Result<T>) {
+        if let Err(e) = r {
+            if e.kind() == ErrorKind::Corrupt && !st.corrupt {
+                st.corrupt = true;
+                let bits = self.header.incompatible_features | header::INCOMPAT_CORRUPT;
+                if self.header.version >= 3 {
+                    let _ = self.file.write_at(&bits.to_be_bytes(), 72);
+                    let _ = self.file.flush();
+                }
+            }
+        }
+    }
+
+    /// A new data cluster for guest cluster `pos` (host = guest offset with an external data file).
+    fn alloc_data(&self, st: &mut WriteState, pos: u64) -> Result<u64> {
+        if self.has_data_file() {
+            return Ok(pos & !(self.cluster_size() - 1));
+        }
+        let h = st.refs.alloc(self.file.as_ref(), 1)?;
+        self.grow_file_len(&st.refs);
+        Ok(h)
+    }
+
+    /// Drops this image's reference to the cluster(s) a state points at (after the new entry is durable).
+    fn release(&self, st: &mut WriteState, s: &ClusterState) {
+        let cb = self.cluster_bits;
+        if let Some(d) = s.compressed {
+            let first = d.offset >> cb;
+            let last = (d.offset + d.len.max(1) - 1) >> cb;
+            for c in first..=last {
+                st.refs.free_later(c);
+            }
+        } else if let Some(h) = s.host {
+            if !self.has_data_file() {
+                st.refs.free_later(h >> cb);
+            }
+        }
+    }
+
+    /// Slow path for one cluster: allocate or copy as needed, merging COW data with the guest's data.
+    fn write_cluster(
+        &self,
+        st: &mut WriteState,
+        chunk: &[u8],
+        pos: u64,
+        backing: BackingReader<'_>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let cluster_start = pos & !(cs - 1);
+        let a = pos - cluster_start;
+        let b = a + chunk.len() as u64;
+        let (l1_idx, idx) = self.indices(pos);
+        let l2 = self.l2_for_write(st, l1_idx)?;
+        let t = self.l2_table(l2)?;
+        let s = self.state_of(&t, idx);
+        drop(t);
+        let touched = self.touched(a, b);
+        let in_place = s.copied && s.compressed.is_none() && s.host.is_some();
+        let target = if in_place {
+            s.host.unwrap_or(0)
+        } else {
+            self.alloc_data(st, pos)?
+        };
+        let ss = 1u64 << self.sc_bits;
+        let nsub = self.subclusters();
+        // The range rebuilt: touched subclusters in place; the whole cluster when moving.
+        let (r0, r1) = if in_place {
+            let s0 = u64::from(touched.trailing_zeros());
+            let s1 = 32 - u64::from(touched.leading_zeros());
+            let s1 = if nsub == 1 { 1 } else { s1 };
+            (s0 * ss, s1 * ss)
+        } else {
+            (0, cs)
+        };
+        let mut out = vec![0u8; (r1 - r0) as usize];
+        let mut decompressed: Option<Vec<u8>> = None;
+        for sc in (r0 / ss)..(r1 / ss) {
+            let bit = 1u32 << sc;
+            let seg = &mut out[(sc * ss - r0) as usize..((sc + 1) * ss - r0) as usize];
+            let seg_start = sc * ss;
+            // Skip bytes the guest overwrites entirely.
+            if a <= seg_start && b >= seg_start + ss {
+                continue;
+            }
+            if let Some(d) = s.compressed {
+                if decompressed.is_none() {
+                    let mut full = vec![0u8; cs as usize];
+                    self.read_compressed(d, 0, &mut full)?;
+                    decompressed = Some(full);
+                }
+                if let Some(full) = &decompressed {
+                    seg.copy_from_slice(&full[seg_start as usize..(seg_start + ss) as usize]);
+                }
+            } else if s.alloc & bit != 0 {
+                self.data.read_at(seg, s.host.unwrap_or(0) + seg_start)?;
+            } else if s.zero & bit != 0 {
+                // Already zeros.
+            } else if touched & bit != 0 {
+                backing(seg, cluster_start + seg_start)?;
+            }
+        }
+        out[(a - r0) as usize..(b - r0) as usize].copy_from_slice(chunk);
+        // Data first; the mapping that publishes it changes only after the write completed.
+        self.data.write_at(&out, target + r0)?;
+        let (alloc, zero) = if s.compressed.is_some() {
+            (self.all_bits(), 0)
+        } else {
+            (s.alloc | touched, s.zero & !touched)
+        };
+        let entry = target | OFLAG_COPIED;
+        let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
+        self.set_entry(l2, idx, entry, bitmap)?;
+        if !in_place {
+            self.release(st, &s);
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. Whole clusters become zero clusters (v3) or zero
+    /// subclusters; with `may_unmap` their host clusters are released. Partial clusters get zeros written.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        backing: BackingReader<'_>,
+        has_backing: bool,
+    ) -> Result<()> {
+        self.zero_or_discard(offset, len, may_unmap, false, backing, has_backing)
+    }
+
+    /// Discards whole clusters in the range as qemu does (`--discard=unmap`): they become zero clusters
+    /// (unallocated on v2 without a backing file) and their host clusters are released. Partial clusters are
+    /// left alone, as the NBD spec allows.
+    pub fn discard(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        let nop: BackingReader<'_> = &|b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        };
+        self.zero_or_discard(offset, len, true, true, nop, has_backing)
+    }
+
+    fn zero_or_discard(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        discard: bool,
+        backing: BackingReader<'_>,
+        has_backing: bool,
+    ) -> Result<()> {
+        if self.writer.is_none() {
+            return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));
+        }
+        let gran = 1u64 << self.sc_bits;
+        let end = offset + len;
+        let mut pos = offset;
+        let zeros = vec![0u8; gran.min(1 << 20) as usize];
+        while pos < end {
+            let unit_end = ((pos / gran) + 1) * gran;
+            let n = unit_end.min(end) - pos;
+            if n < gran {
+                // Partial unit: zeros as data (discard leaves it alone).
+                if !discard {
+                    self.write(&zeros[..n as usize], pos, backing)?;
+                }
+                pos += n;
+                continue;
+            }
+            // Whole units up to the end of this cluster.
+            let cs = self.cluster_size();
+            let cluster_end = ((pos / cs) + 1) * cs;
+            let span_end = cluster_end.min(end / gran * gran);
+            let mut st = self.lock()?;
+            let r = self.zero_units(&mut st, pos, span_end, may_unmap, has_backing, backing);
+            self.note_corruption(&mut st, &r);
+            r?;
+            if self.l2_cache.pinned() > MAX_DIRTY_L2 {
+                self.flush_locked(&mut st)?;
+            }
+            drop(st);
+            pos = span_end;
+        }
+        Ok(())
+    }
+
+    /// Zeroes whole units (subclusters or clusters) `[a, b)` within one cluster.
+    fn zero_units(
+        &self,
+        st: &mut WriteState,
+        a: u64,
+        b: u64,
+        may_unmap: bool,
+        has_backing: bool,
+        backing: BackingReader<'_>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let cluster_start = a & !(cs - 1);
+        let (l1_idx, idx) = self.indices(a);
+        let whole = a == cluster_start && b == cluster_start + cs;
+        // v2 has no zero flag: write zeros unless the cluster already reads as zeros.
+        if self.header.version < 3 {
+            let st_now = self.peek_any(a)?;
+            let reads_zero = st_now
+                .as_ref()
+                .is_none_or(|s| s.host.is_none() && s.compressed.is_none())
+                && !has_backing;
+            if reads_zero {
+                return Ok(());
+            }
+            if whole && may_unmap && !has_backing {
+                let l2 = self.l2_for_write(st, l1_idx)?;
+                let t = self.l2_table(l2)?;
+                let s = self.state_of(&t, idx);
+                drop(t);
+                self.set_entry(l2, idx, 0, 0)?;
+                self.release(st, &s);
+                return Ok(());
+            }
+            let zeros = vec![0u8; (b - a) as usize];
+            return self.write_cluster(st, &zeros, a, backing);
+        }
+        let l2 = self.l2_for_write(st, l1_idx)?;
+        let t = self.l2_table(l2)?;
+        let s = self.state_of(&t, idx);
+        drop(t);
+        let touched = self.touched(a - cluster_start, b - cluster_start);
+        if self.header.extended_l2() {
+            if s.compressed.is_some() && !whole {
+                // A compressed cluster has no subclusters: decompress it into a new cluster first.
+                let mut buf = vec![0u8; (b - a) as usize];
+                buf.fill(0);
+                return self.write_cluster(st, &buf, a, backing);
+            }
+            let keep_host = !whole || !may_unmap;
+            let (entry, alloc, release) =
+                match (s.host, s.copied, keep_host && s.compressed.is_none()) {
+                    (Some(h), true, true) => (h | OFLAG_COPIED, s.alloc & !touched, false),
+                    _ => (0, 0, true),
+                };
+            let zero = if entry == 0 {
+                s.zero | touched
+            } else {
+                (s.zero | touched) & !alloc
+            };
+            // Dropping the host when other subclusters still hold data would lose them.
+            if entry == 0 && s.alloc & !touched != 0 {
+                let zeros = vec![0u8; (b - a) as usize];
+                return self.write_cluster(st, &zeros, a, backing);
+            }
+            let zero = if entry == 0 {
+                zero | (!s.alloc & !s.zero & if has_backing { 0 } else { u32::MAX })
+            } else {
+                zero
+            };
+            self.set_entry(l2, idx, entry, u64::from(alloc) | (u64::from(zero) << 32))?;
+            if release {
+                self.release(st, &s);
+            }
+            return Ok(());
+        }
+        // Standard L2, whole cluster: the zero flag, keeping a cluster this image owns unless unmapping.
+        let (entry, release) = match (s.host, s.copied, may_unmap, s.compressed) {
+            (Some(h), true, false, None) => (h | OFLAG_COPIED | OFLAG_ZERO, false),
+            _ => (OFLAG_ZERO, true),
+        };
+        self.set_entry(l2, idx, entry, 0)?;
+        if release {
+            self.release(st, &s);
+        }
+        Ok(())
+    }
+
+    /// The L2 state of `pos` even when the L2 table is shared (no allocation).
+    fn peek_any(&self, pos: u64) -> Result<Option<ClusterState>> {
+        let (l1_idx, idx) = self.indices(pos);
+        let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
+            Some(e) => e,
+            None => return Ok(None),
+        };
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        let t = self.l2_table(off)?;
+        Ok(Some(self.state_of(&t, idx)))
+    }
+
+    /// Makes every completed write durable, metadata in the order `alloc.rs` describes.
+    pub fn flush(&self) -> Result<()> {
+        let Some(w) = &self.writer else { return Ok(()) };
+        let mut st = w
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        self.flush_locked(&mut st)
+    }
+
+    fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        let dirty_l2 = self.l2_cache.dirty();
+        let nothing = dirty_l2.is_empty()
+            && !st.l1_dirty
+            && !st.refs.is_dirty()
+            && st.refs.pending_free.is_empty();
+        // 1. Refcounts (and a moved refcount table) first, with the guest data, durable.
+        let moved = st.refs.write_back(self.file.as_ref())?;
+        if !Arc::ptr_eq(&self.data, &self.file) {
+            self.data.flush()?;
+        }
+        self.file.flush()?;
+        if nothing {
+            return Ok(());
+        }
+        if moved {
+            let mut hdr = [0u8; 12];
+            hdr[0..8].copy_from_slice(&st.refs.table_offset.to_be_bytes());
+            hdr[8..12].copy_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
+            self.file.write_at(&hdr, 48)?;
+            self.file.flush()?;
+        }
+        // 2. L2 tables, then the L1 table that points at new ones.
+        let mut raw = Vec::with_capacity(self.cluster_size() as usize);
+        let mut offs = Vec::with_capacity(dirty_l2.len());
+        for (off, t) in &dirty_l2 {
+            raw.clear();
+            for w in t.iter() {
+                raw.extend_from_slice(&w.to_be_bytes());
+            }
+            self.file.write_at(&raw, *off)?;
+            offs.push(*off);
+        }
+        if st.l1_dirty {
+            let l1 = self
+                .l1
+                .read()
+                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?
+                .clone();
+            let mut raw = Vec::with_capacity(l1.len() * 8);
+            for e in &l1 {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            self.file.write_at(&raw, self.header.l1_table_offset)?;
+            st.l1_dirty = false;
+        }
+        self.file.flush()?;
+        self.l2_cache.mark_clean(&offs);
+        // 3. Only now that no entry points at them may freed clusters lose their references.
+        if !st.refs.pending_free.is_empty() {
+            st.refs.apply_frees(self.file.as_ref())?;
+            st.refs.write_back(self.file.as_ref())?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+}
