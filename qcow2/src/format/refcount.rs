@@ -23,23 +23,6 @@ pub fn entries_per_block(cluster_bits: u32, order: u32) -> u64 {
     (1u64 << (cluster_bits + 3)) >> order
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn widths() {
-        let b = [0x00, 0x05, 0xff, 0xee];
-        assert_eq!(get(&b, 4, 0), Some(5));
-        assert_eq!(get(&b, 4, 1), Some(0xffee));
-        assert_eq!(get(&b, 4, 2), None);
-        assert_eq!(get(&[0b1101_0010], 0, 1), Some(1));
-        assert_eq!(get(&[0b1101_0010], 0, 0), Some(0));
-        assert_eq!(get(&[0b1101_0010], 1, 0), Some(2));
-        assert_eq!(get(&[0b1101_0010], 2, 1), Some(0b1101));
-    }
-}
-
 /// Writes entry `index` of a refcount block of `order`; returns false if the index or value does not fit.
 pub fn set(block: &mut [u8], order: u32, index: u64, value: u64) -> bool {
     let bits = 1u64 << order;
@@ -69,4 +52,21 @@ pub fn set(block: &mut [u8], order: u32, index: u64, value: u64) -> bool {
         *b = (*b & !mask) | ((value as u8) << shift);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widths() {
+        let b = [0x00, 0x05, 0xff, 0xee];
+        assert_eq!(get(&b, 4, 0), Some(5));
+        assert_eq!(get(&b, 4, 1), Some(0xffee));
+        assert_eq!(get(&b, 4, 2), None);
+        assert_eq!(get(&[0b1101_0010], 0, 1), Some(1));
+        assert_eq!(get(&[0b1101_0010], 0, 0), Some(0));
+        assert_eq!(get(&[0b1101_0010], 1, 0), Some(2));
+        assert_eq!(get(&[0b1101_0010], 2, 1), Some(0b1101));
+    }
 }

@@ -85,7 +85,7 @@ impl Refcounts {
             let off = self.table.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
             let mut b = vec![0u8; self.cs() as usize];
             if off != 0 {
-                if off % self.cs() != 0 {
+                if !off.is_multiple_of(self.cs()) {
                     return Err(Error::corrupt(format!(
                         "refcount block offset {off:#x} is not aligned"
                     )));

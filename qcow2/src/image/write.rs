@@ -158,10 +158,11 @@ impl Qcow2 {
     fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
         let mut t = match self.l2_cache.take(l2) {
             Some(t) => t,
-            None => self.l2_table(l2).map(|t| {
+            None => {
+                let t = self.l2_table(l2)?;
                 self.l2_cache.take(l2);
                 t
-            })?,
+            }
         };
         let v = Arc::make_mut(&mut t);
         if self.header.extended_l2() {
