@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// icount (-1 when disabled), if the extra data has it.
     pub icount: Option<u64>,
+    /// Size of the entry's extra data.
+    pub extra_len: u64,
 }
 
 /// Parses `count` entries from `buf`, the bytes of the snapshot table.
@@ -70,6 +72,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             vm_state_size,
             disk_size,
             icount,
+            extra_len: extra as u64,
         });
         off += total.div_ceil(8) * 8;
     }

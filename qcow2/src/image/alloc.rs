@@ -132,6 +132,17 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Sets the refcount of cluster `c` to `v` (repair), creating its refcount block if needed.
+    pub fn set_value(&mut self, file: &dyn Storage, c: u64, v: u64) -> Result<()> {
+        let bi = c / self.per_block();
+        self.ensure_block(file, bi)?;
+        let (order, idx, max) = (self.order, c % self.per_block(), self.max_refcount());
+        let (b, dirty) = self.load(file, bi)?;
+        refcount::set(b, order, idx, v.min(max));
+        *dirty = true;
+        Ok(())
+    }
+
     /// Makes sure refcount block `bi` exists, growing the table and placing the block at the end if needed.
     fn ensure_block(&mut self, file: &dyn Storage, bi: u64) -> Result<()> {
         if (bi as usize) < self.table.len() && self.table[bi as usize] & OFFSET_MASK != 0 {

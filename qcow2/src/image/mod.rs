@@ -35,6 +35,8 @@ pub struct Qcow2 {
     /// log2 of the subcluster size (equal to cluster_bits without extended L2).
     sc_bits: u32,
     l1: RwLock<Vec<u64>>,
+    /// Where the active L1 table lives (moves when resize grows it).
+    l1_offset: AtomicU64,
     l2_cache: L2Cache,
     /// Write state (refcounts, dirty flags); `None` for a read-only image.
     writer: Option<Mutex<write::WriteState>>,

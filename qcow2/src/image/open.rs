@@ -257,6 +257,7 @@ impl Qcow2 {
             l2_entries,
             sc_bits: if ext { cluster_bits - 5 } else { cluster_bits },
             l1: std::sync::RwLock::new(l1),
+            l1_offset: std::sync::atomic::AtomicU64::new(l1_off),
             l2_cache: L2Cache::new(tables),
             writer,
             snapshots,

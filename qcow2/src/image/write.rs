@@ -35,6 +35,21 @@ impl WriteState {
             corrupt: false,
         }
     }
+
+    /// Sets a cluster's refcount (repair).
+    pub fn set_refcount(
+        &mut self,
+        file: &dyn crate::storage::Storage,
+        c: u64,
+        v: u64,
+    ) -> Result<()> {
+        self.refs.set_value(file, c, v)
+    }
+
+    /// The L1 table changed (repair).
+    pub fn mark_l1_dirty(&mut self) {
+        self.l1_dirty = true;
+    }
 }
 
 /// Reads guest data from the backing chain (or zeros) for copy-on-write.
@@ -97,10 +112,12 @@ impl Qcow2 {
     pub(super) fn open_for_writing(&self) -> Result<()> {
         let h = &self.header;
         if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "the image is dirty (lazy refcounts after a crash): repair it with 'qimg check -r all' first",
-            ));
+            // qcow2.rst: a dirty image's refcounts may be wrong (lazy refcounts); repair before writing.
+            let report = self.check()?;
+            self.repair(&report, true)?;
+            let bits = h.incompatible_features & !header::INCOMPAT_DIRTY;
+            self.file.write_at(&bits.to_be_bytes(), 72)?;
+            self.file.flush()?;
         }
         if h.version >= 3 {
             let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
@@ -155,7 +172,7 @@ impl Qcow2 {
     }
 
     /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
-    fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
+    pub(super) fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
         let mut t = match self.l2_cache.take(l2) {
             Some(t) => t,
             None => {
@@ -589,7 +606,7 @@ impl Qcow2 {
         self.flush_locked(&mut st)
     }
 
-    fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         let dirty_l2 = self.l2_cache.dirty();
         let nothing = dirty_l2.is_empty()
             && !st.l1_dirty
@@ -632,7 +649,7 @@ impl Qcow2 {
             for e in &l1 {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
-            self.file.write_at(&raw, self.header.l1_table_offset)?;
+            self.file.write_at(&raw, self.l1_offset())?;
             st.l1_dirty = false;
         }
         self.file.flush()?;
@@ -644,5 +661,91 @@ impl Qcow2 {
             self.file.flush()?;
         }
         Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// Grows the virtual size to `new_size` (shrinking is refused). The L1 table moves to new clusters at
+    /// the end of the file if it must grow; the header changes only after the new table is durable.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        let mut st = self.lock()?;
+        let old = self.size();
+        if new_size < old {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "shrinking qcow2 images is not supported",
+            ));
+        }
+        if new_size > crate::limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the new size is too large",
+            ));
+        }
+        if !self.snapshots.is_empty() && self.header.version < 3 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "cannot resize a v2 image with snapshots",
+            ));
+        }
+        self.flush_locked(&mut st)?;
+        let cs = self.cluster_size();
+        let need = new_size.div_ceil(cs * self.l2_entries);
+        let cur = self.l1.read().map(|l| l.len() as u64).unwrap_or(0);
+        let mut hdr_l1 = None;
+        if need > cur {
+            if need * 8 > crate::limits::MAX_L1_BYTES {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "the new size needs an L1 table over 32 MiB",
+                ));
+            }
+            let clusters = (need * 8).div_ceil(cs);
+            let off = st.refs.alloc(self.file.as_ref(), clusters)?;
+            self.grow_file_len(&st.refs);
+            let mut l1 = self
+                .l1
+                .read()
+                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?
+                .clone();
+            l1.resize(need as usize, 0);
+            let mut raw = Vec::with_capacity((clusters * cs) as usize);
+            for e in &l1 {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            raw.resize((clusters * cs) as usize, 0);
+            st.refs.write_back(self.file.as_ref())?;
+            self.file.write_at(&raw, off)?;
+            self.file.flush()?;
+            let old_off = self.l1_offset();
+            let old_clusters = (cur * 8).div_ceil(cs);
+            for c in 0..old_clusters {
+                st.refs.free_later((old_off >> self.cluster_bits) + c);
+            }
+            *self
+                .l1
+                .write()
+                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
+            hdr_l1 = Some((off, need as u32));
+        }
+        // Header: size, and the L1 table if it moved (qcow2.rst Header bytes 24-31, 36-47).
+        self.file.write_at(&new_size.to_be_bytes(), 24)?;
+        if let Some((off, n)) = hdr_l1 {
+            self.file.write_at(&n.to_be_bytes(), 36)?;
+            self.file.write_at(&off.to_be_bytes(), 40)?;
+            self.l1_offset.store(off, Ordering::Release);
+        }
+        self.file.flush()?;
+        self.size.store(new_size, Ordering::Release);
+        if !st.refs.pending_free.is_empty() {
+            st.refs.apply_frees(self.file.as_ref())?;
+            st.refs.write_back(self.file.as_ref())?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    fn l1_offset(&self) -> u64 {
+        self.l1_offset.load(Ordering::Acquire)
     }
 }

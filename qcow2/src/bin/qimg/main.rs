@@ -1,10 +1,13 @@
 //! `qimg`: a qemu-img-compatible subset (info, map, convert, compare) built on the qcow2 crate.
 
+mod check;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod json;
 mod map;
+mod resize;
 mod size;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,6 +34,69 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create a new image (qemu-img create).
+    Create {
+        /// Format (qcow2 or raw).
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Backing file.
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format.
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
+        /// Do not open the backing file (its size must then be given).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Options: cluster_size, compat, lazy_refcounts, extended_l2, refcount_bits, compression_type,
+        /// preallocation, data_file, data_file_raw, backing_file, backing_fmt, size.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The new image.
+        filename: String,
+        /// Virtual size (defaults to the backing file's).
+        size: Option<String>,
+    },
+    /// Check an image's consistency (qemu-img check).
+    Check {
+        /// Format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Repair: leaks or all.
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Accepted for compatibility.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The image.
+        filename: String,
+    },
+    /// Change an image's virtual size (qemu-img resize).
+    Resize {
+        /// Format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Allow shrinking (raw only).
+        #[arg(long)]
+        shrink: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        filename: String,
+        /// New size, or +SIZE / -SIZE.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// Show information about an image (qemu-img info).
     Info {
         /// Image format (raw, qcow2); probed when absent.
@@ -142,6 +208,55 @@ fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, Stri
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
+        Cmd::Create {
+            format,
+            backing,
+            backing_fmt,
+            unsafe_backing,
+            options,
+            quiet,
+            filename,
+            size,
+        } => {
+            create::run(
+                &format,
+                &filename,
+                size.as_deref(),
+                backing.as_deref(),
+                backing_fmt.as_deref(),
+                unsafe_backing,
+                &options,
+                quiet,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check {
+            format,
+            repair,
+            output,
+            quiet,
+            filename,
+            ..
+        } => {
+            let c = check::run(
+                &filename,
+                format.as_deref(),
+                repair.as_deref(),
+                output == Output::Json,
+                quiet,
+            )?;
+            Ok(ExitCode::from(c))
+        }
+        Cmd::Resize {
+            format,
+            shrink,
+            quiet,
+            filename,
+            size,
+        } => {
+            resize::run(&filename, format.as_deref(), &size, shrink, quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Info {
             format,
             output,

@@ -1,0 +1,187 @@
+//! `qimg create`: qemu-img create for qcow2 and raw, with qemu-img's options and its "Formatting" line.
+
+use crate::size::parse_size;
+use qcow2::format::header::CompressionType;
+use qcow2::image::create::{build, CreateOptions};
+use qcow2::{BlockDevice, Format, Image, OpenOptions};
+
+fn on_off(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    }
+}
+
+/// Runs `create`; prints qemu-img's "Formatting ..." line unless quiet.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    fmt: &str,
+    file: &str,
+    size: Option<&str>,
+    backing: Option<&str>,
+    backing_fmt: Option<&str>,
+    unsafe_backing: bool,
+    opts: &[String],
+    quiet: bool,
+) -> Result<(), String> {
+    let mut o = CreateOptions::default();
+    let mut prealloc = "off".to_string();
+    let mut backing = backing.map(str::to_string);
+    let mut backing_fmt = backing_fmt.map(str::to_string);
+    let mut size_opt: Option<u64> = None;
+    let mut compat_given = false;
+    for kv in opts
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+        match k {
+            "size" => size_opt = Some(parse_size(v)?),
+            "cluster_size" => o.cluster_size = parse_size(v)?,
+            "compat" => {
+                compat_given = true;
+                o.version = match v {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(format!("Invalid parameter '{v}' for 'compat'")),
+                }
+            }
+            "lazy_refcounts" => o.lazy_refcounts = on_off(k, v)?,
+            "extended_l2" => o.extended_l2 = on_off(k, v)?,
+            "refcount_bits" => {
+                o.refcount_bits = v
+                    .parse()
+                    .map_err(|_| format!("Invalid refcount_bits '{v}'"))?
+            }
+            "compression_type" => {
+                o.compression = match v {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(format!("Invalid parameter '{v}' for 'compression_type'")),
+                }
+            }
+            "backing_file" => backing = Some(v.to_string()),
+            "backing_fmt" => backing_fmt = Some(v.to_string()),
+            "data_file" => o.data_file = Some(v.to_string()),
+            "data_file_raw" => o.data_file_raw = on_off(k, v)?,
+            "preallocation" => match v {
+                "off" | "metadata" | "falloc" | "full" => prealloc = v.to_string(),
+                _ => return Err(format!("Invalid parameter '{v}' for 'preallocation'")),
+            },
+            _ => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    let _ = compat_given;
+    let format = Format::parse(fmt).map_err(|e| e.to_string())?;
+    let mut size = match size.map(parse_size).transpose()? {
+        Some(s) => Some(s),
+        None => size_opt,
+    };
+    if let Some(b) = &backing {
+        if format == Format::Raw {
+            return Err("'raw' does not support backing files".into());
+        }
+        let full = qcow2::chain::resolve_relative(file, b);
+        let bf = backing_fmt
+            .as_deref()
+            .map(Format::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        match Image::open(
+            &full,
+            &OpenOptions {
+                format: bf,
+                ..Default::default()
+            },
+        ) {
+            Ok(img) => {
+                if backing_fmt.is_none() {
+                    backing_fmt = Some(img.format().name().to_string());
+                }
+                if size.is_none() {
+                    size = Some(img.size());
+                }
+            }
+            Err(e) if !unsafe_backing => {
+                return Err(format!("{file}: {e}\nCould not open backing image."))
+            }
+            Err(_) => {}
+        }
+    }
+    let Some(size) = size else {
+        return Err(format!("{file}: Image creation needs a size parameter"));
+    };
+    match format {
+        Format::Raw => {
+            if !quiet {
+                println!("Formatting '{file}', fmt=raw size={size}");
+            }
+            let f = std::fs::File::create(file)
+                .map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
+            f.set_len(size)
+                .map_err(|e| format!("{file}: Could not resize file: {e}"))?;
+            if prealloc == "full" {
+                use std::os::unix::fs::FileExt;
+                let zeros = vec![0u8; 1 << 20];
+                let mut p = 0;
+                while p < size {
+                    let n = (size - p).min(zeros.len() as u64) as usize;
+                    f.write_all_at(&zeros[..n], p).map_err(|e| e.to_string())?;
+                    p += n as u64;
+                }
+            }
+            Ok(())
+        }
+        Format::Qcow2 => {
+            if prealloc != "off" {
+                return Err(format!(
+                    "preallocation={prealloc} is not supported for qcow2 yet"
+                ));
+            }
+            o.size = size;
+            o.backing_file = backing.clone();
+            o.backing_format = backing_fmt.clone();
+            if !quiet {
+                let mut line = format!(
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+                    o.cluster_size,
+                    if o.extended_l2 { "on" } else { "off" },
+                    o.compression.qemu_name()
+                );
+                if let Some(b) = &backing {
+                    line += &format!(" backing_file={b}");
+                }
+                if let Some(f) = &backing_fmt {
+                    line += &format!(" backing_fmt={f}");
+                }
+                if let Some(d) = &o.data_file {
+                    line += &format!(" data_file={d}");
+                }
+                if o.version == 2 {
+                    line += " compat=0.10";
+                }
+                line += &format!(
+                    " lazy_refcounts={} refcount_bits={}",
+                    if o.lazy_refcounts { "on" } else { "off" },
+                    o.refcount_bits
+                );
+                println!("{line}");
+            }
+            let bytes = build(&o).map_err(|e| format!("{file}: {e}"))?;
+            if let Some(d) = &o.data_file {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(d)
+                    .map_err(|e| format!("{file}: Could not create '{d}': {e}"))?;
+                f.set_len(0).map_err(|e| e.to_string())?;
+                f.set_len(size).map_err(|e| e.to_string())?;
+            }
+            std::fs::write(file, bytes)
+                .map_err(|e| format!("{file}: Could not create '{file}': {e}"))
+        }
+    }
+}
