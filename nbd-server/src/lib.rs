@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod negotiate;
+pub mod overlay;
 pub mod proto;
 pub mod server;
 pub mod transmission;

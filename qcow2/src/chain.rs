@@ -55,7 +55,13 @@ pub struct OpenOptions {
     pub l2_cache_bytes: Option<u64>,
     /// Internal snapshot to open (read-only).
     pub snapshot: Option<String>,
+    /// Backing images already open, shared between the chains opened with the same set: one copy of a
+    /// common base (its L2 cache included) serves every overlay on it.
+    pub shared: Option<SharedImages>,
 }
+
+/// Open read-only backing images by file identity (device, inode).
+pub type SharedImages = Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Image>>>>;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -66,6 +72,7 @@ impl Default for OpenOptions {
             max_chain_depth: limits::DEFAULT_MAX_CHAIN_DEPTH,
             l2_cache_bytes: None,
             snapshot: None,
+            shared: None,
         }
     }
 }
@@ -149,6 +156,24 @@ impl Image {
         depth: usize,
         seen: &mut Vec<(u64, u64)>,
     ) -> Result<Arc<Image>> {
+        let img = Self::open_one(path, format, writable, opts, depth, seen)?;
+        if let (Some(shared), Some(id), false) = (&opts.shared, file_id(path), writable) {
+            if let Ok(mut m) = shared.lock() {
+                m.retain(|_, w| w.strong_count() > 0);
+                m.entry(id).or_insert_with(|| Arc::downgrade(&img));
+            }
+        }
+        Ok(img)
+    }
+
+    fn open_one(
+        path: &str,
+        format: Option<Format>,
+        writable: bool,
+        opts: &OpenOptions,
+        depth: usize,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<Arc<Image>> {
         if depth > opts.max_chain_depth {
             return Err(Error::new(
                 ErrorKind::BackingChain,
@@ -166,6 +191,14 @@ impl Image {
                 ));
             }
             seen.push(id);
+            if depth > 0 && !writable {
+                if let Some(shared) = &opts.shared {
+                    let hit = shared.lock().ok().and_then(|m| m.get(&id).and_then(|w| w.upgrade()));
+                    if let Some(img) = hit {
+                        return Ok(img);
+                    }
+                }
+            }
         }
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
         let format = match format {

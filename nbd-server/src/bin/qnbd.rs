@@ -128,9 +128,6 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
     if cli.detect_zeroes == "unmap" && !unmap {
         return Err("--detect-zeroes=unmap requires --discard=unmap".into());
     }
-    if cli.snapshot {
-        return Err("-s/--snapshot is not implemented yet (it needs the qcow2 writer)".into());
-    }
     if cli.offset != 0 {
         return Err("-o/--offset is not supported".into());
     }
@@ -138,17 +135,24 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
         return Err("more export names (-x) than files".into());
     }
     let mut list = Vec::new();
+    let shared: qcow2::chain::SharedImages = Default::default();
     for (i, f) in cli.files.iter().enumerate() {
         let snapshot = cli.load_snapshot.as_deref().map(snapshot_name);
         let read_only = cli.read_only || snapshot.is_some();
         let opts = OpenOptions {
             format,
-            writable: !read_only,
+            writable: !read_only && !cli.snapshot,
             snapshot,
             max_chain_depth: cli.max_chain_depth,
+            shared: Some(shared.clone()),
             ..Default::default()
         };
         let img = Image::open(f, &opts).map_err(|e| e.to_string())?;
+        let (img, read_only) = if cli.snapshot && !read_only {
+            (nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?, false)
+        } else {
+            (img, read_only)
+        };
         let name = match cli.export_name.get(i) {
             Some(n) => n.clone(),
             None if cli.files.len() == 1 => String::new(),
@@ -262,6 +266,14 @@ fn main() -> ExitCode {
             0 => {
                 // SAFETY: setsid has no memory-safety preconditions.
                 unsafe { libc::setsid() };
+                // A daemon lets go of the caller's terminal and pipes (the caller may be waiting for EOF).
+                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                    use std::os::unix::io::AsRawFd;
+                    for fd in 0..3 {
+                        // SAFETY: dup2 onto the standard descriptors with a descriptor we own.
+                        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                    }
+                }
             }
             _ => return ExitCode::SUCCESS,
         }

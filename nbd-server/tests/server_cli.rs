@@ -1,0 +1,249 @@
+//! qnbd as users run it: qcow2 images written through NBD and checked by qemu-img, kill -9 in the middle of
+//! writes, -s snapshots, --fork and --pid-file, socket activation, several exports sharing one base,
+//! exit after the last client, and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(o.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(args: &[&str], sock: &Path) -> Child {
+    let c = Command::new(QNBD).args(args).arg("-k").arg(sock).stdout(Stdio::null()).spawn().unwrap();
+    wait_for(sock);
+    c
+}
+
+fn uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+/// A qcow2 overlay on a raw base with data, as nova makes them.
+fn overlay(dir: &Path) -> PathBuf {
+    let base = dir.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64M", s(&base)]);
+    let ov = dir.join("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
+    ov
+}
+
+#[test]
+fn qcow2_written_through_nbd_checks_clean_and_reads_back() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    let sock = d.path().join("s.sock");
+    let mut srv = spawn(&["-t", "-e", "4", "--discard=unmap", s(&ov)], &sock);
+    let u = uri(&sock);
+    ok(
+        "fio",
+        &[
+            "--name=w", "--ioengine=nbd", &format!("--uri={u}"), "--rw=randwrite", "--bs=4k", "--iodepth=16",
+            "--size=32M", "--io_size=8M", "--verify=crc32c", "--do_verify=1", "--numjobs=1",
+        ],
+    );
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 40M 1M", "-c", "write -z 48M 1M", "-c", "discard 50M 1M", &u]);
+    let out = d.path().join("out.raw");
+    ok("nbdcopy", &[&u, s(&out)]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let chk = run("qemu-img", &["check", s(&ov)]);
+    assert_eq!(chk.status.code(), Some(0), "{}", String::from_utf8_lossy(&chk.stdout));
+    // What qemu reads from the image is what the clients read through qnbd.
+    ok("qemu-img", &["compare", "-F", "raw", s(&ov), s(&out)]);
+    ok("qemu-io", &["-c", "read -P 0x77 40M 1M", "-c", "read -P 0 48M 1M", "-c", "read -P 0x11 60M 1M", s(&ov)]);
+}
+
+#[test]
+fn kill_9_in_the_middle_of_writes_leaves_a_clean_image() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    for (round, ms) in [300u64, 700, 1100].into_iter().enumerate() {
+        let sock = d.path().join(format!("k{round}.sock"));
+        let mut srv = spawn(&["-t", "-e", "4", s(&ov)], &sock);
+        let u = uri(&sock);
+        let mut fio = Command::new("fio")
+            .args([
+                "--name=w", "--ioengine=nbd", &format!("--uri={u}"), "--rw=randwrite", "--bs=4k", "--iodepth=32",
+                "--size=64M", "--time_based", "--runtime=5", "--fsync=64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        // SIGKILL: no chance to flush anything.
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let _ = fio.wait();
+        let chk = run("qemu-img", &["check", s(&ov)]);
+        assert_eq!(
+            chk.status.code(),
+            Some(0),
+            "round {round}: {}{}",
+            String::from_utf8_lossy(&chk.stdout),
+            String::from_utf8_lossy(&chk.stderr)
+        );
+    }
+}
+
+#[test]
+fn snapshot_mode_discards_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    let before = std::fs::read(&ov).unwrap();
+    let sock = d.path().join("s.sock");
+    let mut srv = spawn(&["-s", "-t", s(&ov)], &sock);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x99 0 1M", "-c", "read -P 0x99 0 1M", &uri(&sock)]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(std::fs::read(&ov).unwrap() == before, "-s changed the image");
+    let leftovers: Vec<_> = std::fs::read_dir("/var/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("qnbd-snapshot-{}-", srv.id())))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary overlay left behind");
+}
+
+#[test]
+fn fork_and_pid_file() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("f.raw");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let sock = d.path().join("f.sock");
+    let pidf = d.path().join("q.pid");
+    let t = Instant::now();
+    let out = run(QNBD, &["--fork", "-t", "--pid-file", s(&pidf), "-k", s(&sock), "-f", "raw", s(&img)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // --fork returns once clients can connect.
+    assert!(sock.exists());
+    wait_for(&pidf);
+    let pid: i32 = std::fs::read_to_string(&pidf).unwrap().trim().parse().unwrap();
+    ok("nbdinfo", &["--size", &uri(&sock)]);
+    ok("kill", &[&pid.to_string()]);
+    let t = Instant::now();
+    while sock.exists() || pidf.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "socket or pid file left after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn systemd_socket_activation() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.raw");
+    std::fs::File::create(&img).unwrap().set_len(2 << 20).unwrap();
+    let sock = d.path().join("a.sock");
+    let script = format!(
+        "import socket, os\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(8)\nos.dup2(s.fileno(), 3)\nos.set_inheritable(3, True)\n\
+         os.environ['LISTEN_FDS'] = '1'\nos.environ['LISTEN_PID'] = str(os.getpid())\n\
+         os.execv({:?}, ['qnbd', '-t', '-f', 'raw', {:?}])\n",
+        s(&sock),
+        QNBD,
+        s(&img)
+    );
+    let mut c = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    wait_for(&sock);
+    let size = ok("nbdinfo", &["--size", &uri(&sock)]);
+    assert_eq!(size.trim(), "2097152");
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+#[test]
+fn several_exports_share_one_base() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let f = d.path().join(format!("vm{i}.qcow2"));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&f)]);
+        ok("qemu-io", &["-c", &format!("write -P {} 0 64k", 0x40 + i), s(&f)]);
+        files.push(f);
+    }
+    let _ = ov;
+    let sock = d.path().join("m.sock");
+    let mut args = vec!["-r", "-t", "-e", "8"];
+    for n in ["vm0", "vm1", "vm2"] {
+        args.extend(["-x", n]);
+    }
+    for f in &files {
+        args.push(s(f));
+    }
+    let mut srv = spawn(&args, &sock);
+    let list = ok("nbdinfo", &["--list", "--json", &uri(&sock)]);
+    for n in ["vm0", "vm1", "vm2"] {
+        assert!(list.contains(&format!("\"export-name\": \"{n}\"")), "{list}");
+    }
+    for i in 0..3 {
+        let u = format!("nbd+unix:///vm{i}?socket={}", sock.display());
+        ok("qemu-io", &["-r", "-f", "raw", "-c", &format!("read -P {} 0 64k", 0x40 + i), "-c", "read -P 0x11 1M 64k", &u]);
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+}
+
+#[test]
+fn exits_after_the_last_client_unless_persistent() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("e.raw");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let sock = d.path().join("e.sock");
+    let mut srv = spawn(&["-f", "raw", s(&img)], &sock);
+    ok("nbdinfo", &["--size", &uri(&sock)]);
+    let t = Instant::now();
+    loop {
+        if let Some(st) = srv.try_wait().unwrap() {
+            assert!(st.success());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "qnbd kept running after its only client left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn errors_are_clear_and_exit_non_zero() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("x.sock");
+    let out = run(QNBD, &["-k", s(&sock), "/nonexistent/disk.qcow2"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk.qcow2"));
+    let img = d.path().join("x.raw");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let out = run(QNBD, &["--discard=sometimes", "-k", s(&sock), s(&img)]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("discard"));
+    let out = run(QNBD, &["-f", "vmdk", "-k", s(&sock), s(&img)]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown driver 'vmdk'"));
+    assert!(!sock.exists());
+}
