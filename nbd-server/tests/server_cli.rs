@@ -11,14 +11,22 @@ const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
 fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
         .args(args)
-        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
     let o = run(cmd, args);
-    assert!(o.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -29,13 +37,23 @@ fn s(p: &Path) -> &str {
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn spawn(args: &[&str], sock: &Path) -> Child {
-    let c = Command::new(QNBD).args(args).arg("-k").arg(sock).stdout(Stdio::null()).spawn().unwrap();
+    let c = Command::new(QNBD)
+        .args(args)
+        .arg("-k")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for(sock);
     c
 }
@@ -48,9 +66,25 @@ fn uri(sock: &Path) -> String {
 fn overlay(dir: &Path) -> PathBuf {
     let base = dir.join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64M", s(&base)]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 64M", s(&base)],
+    );
     let ov = dir.join("disk.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&ov),
+        ],
+    );
     ov
 }
 
@@ -64,20 +98,58 @@ fn qcow2_written_through_nbd_checks_clean_and_reads_back() {
     ok(
         "fio",
         &[
-            "--name=w", "--ioengine=nbd", &format!("--uri={u}"), "--rw=randwrite", "--bs=4k", "--iodepth=16",
-            "--size=32M", "--io_size=8M", "--verify=crc32c", "--do_verify=1", "--numjobs=1",
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={u}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--io_size=8M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--numjobs=1",
         ],
     );
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 40M 1M", "-c", "write -z 48M 1M", "-c", "discard 50M 1M", &u]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 40M 1M",
+            "-c",
+            "write -z 48M 1M",
+            "-c",
+            "discard 50M 1M",
+            &u,
+        ],
+    );
     let out = d.path().join("out.raw");
     ok("nbdcopy", &[&u, s(&out)]);
     let _ = srv.kill();
     let _ = srv.wait();
     let chk = run("qemu-img", &["check", s(&ov)]);
-    assert_eq!(chk.status.code(), Some(0), "{}", String::from_utf8_lossy(&chk.stdout));
+    assert_eq!(
+        chk.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&chk.stdout)
+    );
     // What qemu reads from the image is what the clients read through qnbd.
     ok("qemu-img", &["compare", "-F", "raw", s(&ov), s(&out)]);
-    ok("qemu-io", &["-c", "read -P 0x77 40M 1M", "-c", "read -P 0 48M 1M", "-c", "read -P 0x11 60M 1M", s(&ov)]);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0x77 40M 1M",
+            "-c",
+            "read -P 0 48M 1M",
+            "-c",
+            "read -P 0x11 60M 1M",
+            s(&ov),
+        ],
+    );
 }
 
 #[test]
@@ -90,8 +162,16 @@ fn kill_9_in_the_middle_of_writes_leaves_a_clean_image() {
         let u = uri(&sock);
         let mut fio = Command::new("fio")
             .args([
-                "--name=w", "--ioengine=nbd", &format!("--uri={u}"), "--rw=randwrite", "--bs=4k", "--iodepth=32",
-                "--size=64M", "--time_based", "--runtime=5", "--fsync=64",
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={u}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=64M",
+                "--time_based",
+                "--runtime=5",
+                "--fsync=64",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -120,14 +200,32 @@ fn snapshot_mode_discards_writes() {
     let before = std::fs::read(&ov).unwrap();
     let sock = d.path().join("s.sock");
     let mut srv = spawn(&["-s", "-t", s(&ov)], &sock);
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x99 0 1M", "-c", "read -P 0x99 0 1M", &uri(&sock)]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x99 0 1M",
+            "-c",
+            "read -P 0x99 0 1M",
+            &uri(&sock),
+        ],
+    );
     let _ = srv.kill();
     let _ = srv.wait();
-    assert!(std::fs::read(&ov).unwrap() == before, "-s changed the image");
+    assert!(
+        std::fs::read(&ov).unwrap() == before,
+        "-s changed the image"
+    );
     let leftovers: Vec<_> = std::fs::read_dir("/var/tmp")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("qnbd-snapshot-{}-", srv.id())))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("qnbd-snapshot-{}-", srv.id()))
+        })
         .collect();
     assert!(leftovers.is_empty(), "temporary overlay left behind");
 }
@@ -136,22 +234,49 @@ fn snapshot_mode_discards_writes() {
 fn fork_and_pid_file() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("f.raw");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let sock = d.path().join("f.sock");
     let pidf = d.path().join("q.pid");
     let t = Instant::now();
-    let out = run(QNBD, &["--fork", "-t", "--pid-file", s(&pidf), "-k", s(&sock), "-f", "raw", s(&img)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        QNBD,
+        &[
+            "--fork",
+            "-t",
+            "--pid-file",
+            s(&pidf),
+            "-k",
+            s(&sock),
+            "-f",
+            "raw",
+            s(&img),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
     // --fork returns once clients can connect.
     assert!(sock.exists());
     wait_for(&pidf);
-    let pid: i32 = std::fs::read_to_string(&pidf).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     ok("nbdinfo", &["--size", &uri(&sock)]);
     ok("kill", &[&pid.to_string()]);
     let t = Instant::now();
     while sock.exists() || pidf.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "socket or pid file left after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "socket or pid file left after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -160,7 +285,10 @@ fn fork_and_pid_file() {
 fn systemd_socket_activation() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("a.raw");
-    std::fs::File::create(&img).unwrap().set_len(2 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
     let sock = d.path().join("a.sock");
     let script = format!(
         "import socket, os\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(8)\nos.dup2(s.fileno(), 3)\nos.set_inheritable(3, True)\n\
@@ -170,7 +298,10 @@ fn systemd_socket_activation() {
         QNBD,
         s(&img)
     );
-    let mut c = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    let mut c = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
     wait_for(&sock);
     let size = ok("nbdinfo", &["--size", &uri(&sock)]);
     assert_eq!(size.trim(), "2097152");
@@ -185,8 +316,24 @@ fn several_exports_share_one_base() {
     let mut files = Vec::new();
     for i in 0..3 {
         let f = d.path().join(format!("vm{i}.qcow2"));
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&f)]);
-        ok("qemu-io", &["-c", &format!("write -P {} 0 64k", 0x40 + i), s(&f)]);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                s(&f),
+            ],
+        );
+        ok(
+            "qemu-io",
+            &["-c", &format!("write -P {} 0 64k", 0x40 + i), s(&f)],
+        );
         files.push(f);
     }
     let _ = ov;
@@ -201,11 +348,26 @@ fn several_exports_share_one_base() {
     let mut srv = spawn(&args, &sock);
     let list = ok("nbdinfo", &["--list", "--json", &uri(&sock)]);
     for n in ["vm0", "vm1", "vm2"] {
-        assert!(list.contains(&format!("\"export-name\": \"{n}\"")), "{list}");
+        assert!(
+            list.contains(&format!("\"export-name\": \"{n}\"")),
+            "{list}"
+        );
     }
     for i in 0..3 {
         let u = format!("nbd+unix:///vm{i}?socket={}", sock.display());
-        ok("qemu-io", &["-r", "-f", "raw", "-c", &format!("read -P {} 0 64k", 0x40 + i), "-c", "read -P 0x11 1M 64k", &u]);
+        ok(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {} 0 64k", 0x40 + i),
+                "-c",
+                "read -P 0x11 1M 64k",
+                &u,
+            ],
+        );
     }
     let _ = srv.kill();
     let _ = srv.wait();
@@ -215,7 +377,10 @@ fn several_exports_share_one_base() {
 fn exits_after_the_last_client_unless_persistent() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("e.raw");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let sock = d.path().join("e.sock");
     let mut srv = spawn(&["-f", "raw", s(&img)], &sock);
     ok("nbdinfo", &["--size", &uri(&sock)]);
@@ -225,7 +390,10 @@ fn exits_after_the_last_client_unless_persistent() {
             assert!(st.success());
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "qnbd kept running after its only client left");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qnbd kept running after its only client left"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -238,7 +406,10 @@ fn errors_are_clear_and_exit_non_zero() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk.qcow2"));
     let img = d.path().join("x.raw");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let out = run(QNBD, &["--discard=sometimes", "-k", s(&sock), s(&img)]);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("discard"));

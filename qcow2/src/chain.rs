@@ -61,7 +61,8 @@ pub struct OpenOptions {
 }
 
 /// Open read-only backing images by file identity (device, inode).
-pub type SharedImages = Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Image>>>>;
+pub type SharedImages =
+    Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Image>>>>;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -193,7 +194,10 @@ impl Image {
             seen.push(id);
             if depth > 0 && !writable {
                 if let Some(shared) = &opts.shared {
-                    let hit = shared.lock().ok().and_then(|m| m.get(&id).and_then(|w| w.upgrade()));
+                    let hit = shared
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(&id).and_then(|w| w.upgrade()));
                     if let Some(img) = hit {
                         return Ok(img);
                     }

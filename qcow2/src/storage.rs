@@ -36,6 +36,10 @@ pub trait Storage: Send + Sync {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+    /// The file descriptor behind the storage, for metadata commits (see `image::commit`).
+    fn raw_fd(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// A file opened for positioned I/O.
@@ -180,6 +184,10 @@ impl Storage for FileStorage {
     fn allocated_bytes(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn raw_fd(&self) -> Option<i32> {
+        Some(self.file.as_raw_fd())
     }
 }
 

@@ -149,7 +149,10 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
         };
         let img = Image::open(f, &opts).map_err(|e| e.to_string())?;
         let (img, read_only) = if cli.snapshot && !read_only {
-            (nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?, false)
+            (
+                nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?,
+                false,
+            )
         } else {
             (img, read_only)
         };
@@ -255,6 +258,13 @@ fn main() -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    // Metadata commits of writable images go through a helper process that finishes them even if this
+    // process is killed (qcow2::image::commit); it must be forked before any thread or listener exists.
+    if exports.list.iter().any(|e| !e.is_read_only()) {
+        if let Err(e) = qcow2::image::commit::install_helper() {
+            return fail(e);
+        }
+    }
     let listeners = match bind(&cli) {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -267,7 +277,11 @@ fn main() -> ExitCode {
                 // SAFETY: setsid has no memory-safety preconditions.
                 unsafe { libc::setsid() };
                 // A daemon lets go of the caller's terminal and pipes (the caller may be waiting for EOF).
-                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
                     use std::os::unix::io::AsRawFd;
                     for fd in 0..3 {
                         // SAFETY: dup2 onto the standard descriptors with a descriptor we own.

@@ -236,6 +236,32 @@ impl Refcounts {
         self.table_dirty || self.blocks.values().any(|(_, d)| *d)
     }
 
+    /// Takes the pending writes: dirty refcount blocks and, if it changed, the table, as (offset, bytes),
+    /// plus whether the table changed (the header must then point at it). Marks them clean.
+    pub fn take_writes(&mut self) -> (Vec<(u64, Vec<u8>)>, bool) {
+        let mut v = Vec::new();
+        for (bi, (b, dirty)) in self.blocks.iter_mut() {
+            if *dirty {
+                v.push((self.table[*bi as usize] & OFFSET_MASK, b.clone()));
+                *dirty = false;
+            }
+        }
+        let moved = self.table_dirty;
+        if moved {
+            let mut raw = Vec::with_capacity((self.table_clusters * self.cs()) as usize);
+            for e in &self.table {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            raw.resize((self.table_clusters * self.cs()) as usize, 0);
+            v.push((self.table_offset, raw));
+            self.table_dirty = false;
+        }
+        if self.blocks.len() > 4096 {
+            self.blocks.retain(|_, (_, d)| *d);
+        }
+        (v, moved)
+    }
+
     /// Writes dirty refcount blocks and, if it changed, the table (the caller then updates the header).
     /// Returns whether the table moved or changed.
     pub fn write_back(&mut self, file: &dyn Storage) -> Result<bool> {

@@ -6,6 +6,7 @@
 pub mod alloc;
 pub mod cache;
 pub mod check;
+pub mod commit;
 pub mod compressed;
 pub mod create;
 mod mapping;

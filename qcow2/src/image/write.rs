@@ -607,36 +607,43 @@ impl Qcow2 {
     }
 
     pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        use super::commit::Op;
         let dirty_l2 = self.l2_cache.dirty();
         let nothing = dirty_l2.is_empty()
             && !st.l1_dirty
             && !st.refs.is_dirty()
             && st.refs.pending_free.is_empty();
-        // 1. Refcounts (and a moved refcount table) first, with the guest data, durable.
-        let moved = st.refs.write_back(self.file.as_ref())?;
-        if !Arc::ptr_eq(&self.data, &self.file) {
-            self.data.flush()?;
-        }
-        self.file.flush()?;
+        let separate_data = !Arc::ptr_eq(&self.data, &self.file);
         if nothing {
-            return Ok(());
+            if separate_data {
+                self.data.flush()?;
+            }
+            return self.file.flush();
         }
+        // The whole commit as one batch (see `commit.rs`): 0 = image file, 1 = data file.
+        let mut ops: Vec<(u8, Option<(u64, Vec<u8>)>)> = Vec::new();
+        // 1. Refcounts (and a moved refcount table) first, then everything durable, guest data included.
+        let (writes, moved) = st.refs.take_writes();
+        ops.extend(writes.into_iter().map(|w| (0, Some(w))));
+        if separate_data {
+            ops.push((1, None));
+        }
+        ops.push((0, None));
         if moved {
-            let mut hdr = [0u8; 12];
-            hdr[0..8].copy_from_slice(&st.refs.table_offset.to_be_bytes());
-            hdr[8..12].copy_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
-            self.file.write_at(&hdr, 48)?;
-            self.file.flush()?;
+            let mut hdr = Vec::with_capacity(12);
+            hdr.extend_from_slice(&st.refs.table_offset.to_be_bytes());
+            hdr.extend_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
+            ops.push((0, Some((48, hdr))));
+            ops.push((0, None));
         }
         // 2. L2 tables, then the L1 table that points at new ones.
-        let mut raw = Vec::with_capacity(self.cluster_size() as usize);
         let mut offs = Vec::with_capacity(dirty_l2.len());
         for (off, t) in &dirty_l2 {
-            raw.clear();
+            let mut raw = Vec::with_capacity(t.len() * 8);
             for w in t.iter() {
                 raw.extend_from_slice(&w.to_be_bytes());
             }
-            self.file.write_at(&raw, *off)?;
+            ops.push((0, Some((*off, raw))));
             offs.push(*off);
         }
         if st.l1_dirty {
@@ -649,17 +656,45 @@ impl Qcow2 {
             for e in &l1 {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
-            self.file.write_at(&raw, self.l1_offset())?;
+            ops.push((0, Some((self.l1_offset(), raw))));
             st.l1_dirty = false;
         }
-        self.file.flush()?;
-        self.l2_cache.mark_clean(&offs);
-        // 3. Only now that no entry points at them may freed clusters lose their references.
+        ops.push((0, None));
+        // 3. Only after that may freed clusters lose their references (never reused while open).
         if !st.refs.pending_free.is_empty() {
             st.refs.apply_frees(self.file.as_ref())?;
-            st.refs.write_back(self.file.as_ref())?;
-            self.file.flush()?;
+            let (writes, _) = st.refs.take_writes();
+            ops.extend(writes.into_iter().map(|w| (0, Some(w))));
+            ops.push((0, None));
         }
+        let r = match (self.file.raw_fd(), self.data.raw_fd()) {
+            (Some(f), Some(d)) => {
+                let batch: Vec<Op> = ops
+                    .into_iter()
+                    .map(|(t, w)| {
+                        let fd = if t == 0 { f } else { d };
+                        match w {
+                            Some((offset, data)) => Op::Write { fd, offset, data },
+                            None => Op::Sync { fd },
+                        }
+                    })
+                    .collect();
+                super::commit::commit(&batch)
+            }
+            _ => ops.into_iter().try_for_each(|(t, w)| {
+                let s = if t == 0 { &self.file } else { &self.data };
+                match w {
+                    Some((offset, data)) => s.write_at(&data, offset),
+                    None => s.flush(),
+                }
+            }),
+        };
+        if let Err(e) = r {
+            // What reached the disk is unknown now: stop writing rather than guess.
+            st.corrupt = true;
+            return Err(e);
+        }
+        self.l2_cache.mark_clean(&offs);
         Ok(())
     }
 }
