@@ -15,6 +15,9 @@ use crate::format::table::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// One step of a metadata flush: (0 = image file / 1 = data file, a write at an offset or, if `None`, a sync).
+type MetaStep = (u8, Option<(u64, Vec<u8>)>);
+
 /// Most dirty L2 tables kept before a metadata flush is forced.
 const MAX_DIRTY_L2: usize = 1024;
 
@@ -621,7 +624,7 @@ impl Qcow2 {
             return self.file.flush();
         }
         // The whole commit as one batch (see `commit.rs`): 0 = image file, 1 = data file.
-        let mut ops: Vec<(u8, Option<(u64, Vec<u8>)>)> = Vec::new();
+        let mut ops: Vec<MetaStep> = Vec::new();
         // 1. Refcounts (and a moved refcount table) first, then everything durable, guest data included.
         let (writes, moved) = st.refs.take_writes();
         ops.extend(writes.into_iter().map(|w| (0, Some(w))));
