@@ -34,14 +34,39 @@ pub struct Export {
     pub allocation_depth: bool,
     /// Advertise NBD_FLAG_CAN_MULTI_CONN (the server accepts more than one connection).
     pub multi_conn: bool,
+    /// Give every connection its own throwaway overlay on this image (`--fresh-per-connection`).
+    pub fresh: Option<Fresh>,
+}
+
+/// What a fresh per-connection overlay is made from.
+#[derive(Clone)]
+pub struct Fresh {
+    /// The pristine image.
+    pub base: Arc<qcow2::Image>,
+    /// How to open the overlay's chain.
+    pub opts: qcow2::OpenOptions,
+}
+
+impl Export {
+    /// A copy of this export serving `device` instead (for a per-connection overlay).
+    pub fn with_device(&self, device: Arc<dyn BlockDevice>) -> Export {
+        Export {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            device,
+            read_only: false,
+            unmap: self.unmap,
+            detect_zeroes: self.detect_zeroes,
+            allocation_depth: self.allocation_depth,
+            multi_conn: false,
+            fresh: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Export")
-            .field("name", &self.name)
-            .field("read_only", &self.read_only)
-            .finish_non_exhaustive()
+        f.debug_struct("Export").field("name", &self.name).field("read_only", &self.read_only).finish_non_exhaustive()
     }
 }
 
@@ -51,6 +76,10 @@ pub const BLOCK_SIZE: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD as u32);
 impl Export {
     /// Whether writes are refused.
     pub fn is_read_only(&self) -> bool {
+        if self.fresh.is_some() {
+            // The template is read-only; each connection writes to its own overlay.
+            return self.read_only;
+        }
         self.read_only || self.device.is_read_only()
     }
 
@@ -98,13 +127,7 @@ pub struct Exports {
 impl Exports {
     /// The export called `name`.
     pub fn find(&self, name: &str) -> Option<&Arc<Export>> {
-        self.list.iter().find(|e| e.name == name).or_else(|| {
-            if name.is_empty() {
-                self.list.first()
-            } else {
-                None
-            }
-        })
+        self.list.iter().find(|e| e.name == name).or_else(|| if name.is_empty() { self.list.first() } else { None })
     }
 }
 

@@ -4,8 +4,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod export;
+pub mod list;
 pub mod negotiate;
 pub mod overlay;
 pub mod proto;
 pub mod server;
 pub mod transmission;
+pub mod window;

@@ -96,11 +96,7 @@ impl Negotiation {
         if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
             return None;
         }
-        Some(Negotiation {
-            no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
-            style: Style::Simple,
-            meta: None,
-        })
+        Some(Negotiation { no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0, style: Style::Simple, meta: None })
     }
 
     /// The reply style negotiated so far.
@@ -115,14 +111,7 @@ impl Negotiation {
 
     /// Handles one option. `data` is its payload; `too_long` says the payload exceeded
     /// [`MAX_OPTION_LEN`] and was discarded unread.
-    pub fn option(
-        &mut self,
-        opt: u32,
-        data: &[u8],
-        too_long: bool,
-        cat: &dyn Catalog,
-        out: &mut Vec<u8>,
-    ) -> Step {
+    pub fn option(&mut self, opt: u32, data: &[u8], too_long: bool, cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
         if too_long {
             if opt == NBD_OPT_EXPORT_NAME {
                 return Step::Close;
@@ -151,46 +140,21 @@ impl Negotiation {
             }
             NBD_OPT_STARTTLS => {
                 if !data.is_empty() {
-                    return Self::err(
-                        out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
                 }
-                Self::err(
-                    out,
-                    opt,
-                    NBD_REP_ERR_POLICY,
-                    "TLS is not configured on this server",
-                )
+                Self::err(out, opt, NBD_REP_ERR_POLICY, "TLS is not configured on this server")
             }
             NBD_OPT_INFO | NBD_OPT_GO => self.info_go(opt, data, cat, out),
             NBD_OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    return Self::err(
-                        out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
                 }
                 match self.style {
                     Style::Extended => {
-                        return Self::err(
-                            out,
-                            opt,
-                            NBD_REP_ERR_EXT_HEADER_REQD,
-                            "extended headers already negotiated",
-                        )
+                        return Self::err(out, opt, NBD_REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated")
                     }
                     Style::Structured => {
-                        return Self::err(
-                            out,
-                            opt,
-                            NBD_REP_ERR_INVALID,
-                            "structured replies already negotiated",
-                        )
+                        return Self::err(out, opt, NBD_REP_ERR_INVALID, "structured replies already negotiated")
                     }
                     Style::Simple => {}
                 }
@@ -200,28 +164,16 @@ impl Negotiation {
             }
             NBD_OPT_EXTENDED_HEADERS => {
                 if !data.is_empty() {
-                    return Self::err(
-                        out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "NBD_OPT_EXTENDED_HEADERS takes no data",
-                    );
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
                 }
                 if self.style == Style::Extended {
-                    return Self::err(
-                        out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        "extended headers already negotiated",
-                    );
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "extended headers already negotiated");
                 }
                 self.style = Style::Extended;
                 reply(out, opt, NBD_REP_ACK, &[]);
                 Step::Continue
             }
-            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
-                self.meta_context(opt, data, cat, out)
-            }
+            NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => self.meta_context(opt, data, cat, out),
             _ => Self::err(out, opt, NBD_REP_ERR_UNSUP, "option not supported"),
         }
     }
@@ -231,10 +183,7 @@ impl Negotiation {
             // proto.md: a client MUST NOT use EXPORT_NAME once extended headers are negotiated.
             return Step::Close;
         }
-        let Some(mut e) = std::str::from_utf8(data)
-            .ok()
-            .filter(|n| n.len() <= MAX_STRING)
-            .and_then(|n| cat.lookup(n))
+        let Some(mut e) = std::str::from_utf8(data).ok().filter(|n| n.len() <= MAX_STRING).and_then(|n| cat.lookup(n))
         else {
             // EXPORT_NAME has no error reply: the server closes the connection.
             return Step::Close;
@@ -246,11 +195,7 @@ impl Negotiation {
             out.extend_from_slice(&[0u8; 124]);
         }
         let contexts = self.contexts_for(&e.name);
-        Step::Transmit(Transmit {
-            export: e,
-            style: self.style,
-            contexts,
-        })
+        Step::Transmit(Transmit { export: e, style: self.style, contexts })
     }
 
     /// Transmission flags as this connection may see them: DF only with structured replies, the block status
@@ -280,28 +225,13 @@ impl Negotiation {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "malformed export name");
         };
         let Some(n) = r.u16() else {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_INVALID,
-                "missing information request count",
-            );
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "missing information request count");
         };
         if r.remaining() != 2 * n as usize {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_INVALID,
-                "information request list has the wrong length",
-            );
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "information request list has the wrong length");
         }
         let Some(mut e) = cat.lookup(name) else {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_UNKNOWN,
-                &format!("export '{name}' not present"),
-            );
+            return Self::err(out, opt, NBD_REP_ERR_UNKNOWN, &format!("export '{name}' not present"));
         };
         e.flags = self.flags_for(e.flags);
         // NBD_INFO_EXPORT always; NAME, DESCRIPTION and BLOCK_SIZE always too (clients may ignore them).
@@ -327,38 +257,20 @@ impl Negotiation {
         if opt == NBD_OPT_INFO {
             return Step::Continue;
         }
-        let contexts = self
-            .contexts_for(&e.name)
-            .into_iter()
-            .chain(self.contexts_for(name))
-            .fold(Vec::new(), |mut v, c| {
+        let contexts =
+            self.contexts_for(&e.name).into_iter().chain(self.contexts_for(name)).fold(Vec::new(), |mut v, c| {
                 if !v.contains(&c) {
                     v.push(c);
                 }
                 v
             });
-        Step::Transmit(Transmit {
-            export: e,
-            style: self.style,
-            contexts,
-        })
+        Step::Transmit(Transmit { export: e, style: self.style, contexts })
     }
 
-    fn meta_context(
-        &mut self,
-        opt: u32,
-        data: &[u8],
-        cat: &dyn Catalog,
-        out: &mut Vec<u8>,
-    ) -> Step {
+    fn meta_context(&mut self, opt: u32, data: &[u8], cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
         let set = opt == NBD_OPT_SET_META_CONTEXT;
         if set && self.style == Style::Simple {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_INVALID,
-                "structured replies must be negotiated first",
-            );
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "structured replies must be negotiated first");
         }
         let mut r = Reader::new(data);
         let Some(name) = r.string() else {
@@ -375,20 +287,10 @@ impl Negotiation {
             }
         }
         if r.remaining() != 0 {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_INVALID,
-                "trailing bytes after the queries",
-            );
+            return Self::err(out, opt, NBD_REP_ERR_INVALID, "trailing bytes after the queries");
         }
         let Some(e) = cat.lookup(name) else {
-            return Self::err(
-                out,
-                opt,
-                NBD_REP_ERR_UNKNOWN,
-                &format!("export '{name}' not present"),
-            );
+            return Self::err(out, opt, NBD_REP_ERR_UNKNOWN, &format!("export '{name}' not present"));
         };
         let mut offered = vec![Context::BaseAllocation];
         if e.allocation_depth {
@@ -480,13 +382,7 @@ mod tests {
     fn set_meta_context_needs_structured_replies() {
         let mut n = Negotiation::new(1).unwrap();
         let mut out = Vec::new();
-        n.option(
-            NBD_OPT_SET_META_CONTEXT,
-            &meta_query("disk", &[BASE_ALLOCATION]),
-            false,
-            &One,
-            &mut out,
-        );
+        n.option(NBD_OPT_SET_META_CONTEXT, &meta_query("disk", &[BASE_ALLOCATION]), false, &One, &mut out);
         assert_eq!(&out[12..16], &NBD_REP_ERR_INVALID.to_be_bytes());
     }
 
@@ -495,13 +391,7 @@ mod tests {
         let mut n = Negotiation::new(1).unwrap();
         let mut out = Vec::new();
         n.option(NBD_OPT_STRUCTURED_REPLY, &[], false, &One, &mut out);
-        n.option(
-            NBD_OPT_SET_META_CONTEXT,
-            &meta_query("disk", &[BASE_ALLOCATION, "x:y"]),
-            false,
-            &One,
-            &mut out,
-        );
+        n.option(NBD_OPT_SET_META_CONTEXT, &meta_query("disk", &[BASE_ALLOCATION, "x:y"]), false, &One, &mut out);
         let mut go = 4u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"disk");
         go.extend_from_slice(&0u16.to_be_bytes());
@@ -515,13 +405,7 @@ mod tests {
     fn list_meta_context_with_namespace_query() {
         let mut n = Negotiation::new(1).unwrap();
         let mut out = Vec::new();
-        n.option(
-            NBD_OPT_LIST_META_CONTEXT,
-            &meta_query("disk", &["qemu:"]),
-            false,
-            &One,
-            &mut out,
-        );
+        n.option(NBD_OPT_LIST_META_CONTEXT, &meta_query("disk", &["qemu:"]), false, &One, &mut out);
         assert_eq!(&out[12..16], &NBD_REP_META_CONTEXT.to_be_bytes());
         let n = QEMU_ALLOCATION_DEPTH.len();
         assert_eq!(&out[24..24 + n], QEMU_ALLOCATION_DEPTH.as_bytes());
@@ -537,16 +421,10 @@ mod tests {
         let mut go = 3u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"nop");
         go.extend_from_slice(&0u16.to_be_bytes());
-        assert_eq!(
-            n.option(NBD_OPT_GO, &go, false, &One, &mut out),
-            Step::Continue
-        );
+        assert_eq!(n.option(NBD_OPT_GO, &go, false, &One, &mut out), Step::Continue);
         assert_eq!(&out[12..16], &NBD_REP_ERR_UNKNOWN.to_be_bytes());
         out.clear();
-        assert_eq!(
-            n.option(NBD_OPT_GO, &[0, 0, 0, 9], false, &One, &mut out),
-            Step::Continue
-        );
+        assert_eq!(n.option(NBD_OPT_GO, &[0, 0, 0, 9], false, &One, &mut out), Step::Continue);
         assert_eq!(&out[12..16], &NBD_REP_ERR_INVALID.to_be_bytes());
     }
 }

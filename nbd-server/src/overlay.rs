@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 /// Folder for temporary overlays: `$TMPDIR`, else /var/tmp (as qemu).
 fn tmpdir() -> std::path::PathBuf {
-    std::env::var_os("TMPDIR")
-        .map(Into::into)
-        .unwrap_or_else(|| "/var/tmp".into())
+    std::env::var_os("TMPDIR").map(Into::into).unwrap_or_else(|| "/var/tmp".into())
 }
 
 /// Creates and opens a temporary qcow2 overlay whose backing file is `base` (already open, shared).
@@ -26,8 +24,7 @@ pub fn temporary(base: &Arc<Image>, opts: &OpenOptions) -> qcow2::Result<Arc<Ima
             break;
         }
     }
-    let path = path
-        .ok_or_else(|| qcow2::Error::new(qcow2::ErrorKind::Io, "no free temporary overlay name"))?;
+    let path = path.ok_or_else(|| qcow2::Error::new(qcow2::ErrorKind::Io, "no free temporary overlay name"))?;
     let co = CreateOptions {
         size: base.size(),
         backing_file: Some(abs),
@@ -36,14 +33,8 @@ pub fn temporary(base: &Arc<Image>, opts: &OpenOptions) -> qcow2::Result<Arc<Ima
     };
     let bytes = build(&co)?;
     let p = path.to_string_lossy().into_owned();
-    std::fs::write(&path, bytes)
-        .map_err(|e| qcow2::Error::io(format!("cannot create '{p}'"), e))?;
-    let o = OpenOptions {
-        format: Some(qcow2::Format::Qcow2),
-        writable: true,
-        snapshot: None,
-        ..opts.clone()
-    };
+    std::fs::write(&path, bytes).map_err(|e| qcow2::Error::io(format!("cannot create '{p}'"), e))?;
+    let o = OpenOptions { format: Some(qcow2::Format::Qcow2), writable: true, snapshot: None, ..opts.clone() };
     let r = Image::open(&p, &o);
     let _ = std::fs::remove_file(&path);
     r

@@ -45,12 +45,7 @@ pub struct Server {
 impl Server {
     /// A server for `config`.
     pub fn new(config: ServerConfig) -> Arc<Server> {
-        Arc::new(Server {
-            config,
-            active: AtomicUsize::new(0),
-            served: AtomicUsize::new(0),
-            idle: Notify::new(),
-        })
+        Arc::new(Server { config, active: AtomicUsize::new(0), served: AtomicUsize::new(0), idle: Notify::new() })
     }
 
     /// Runs the whole connection: handshake, then transmission.
@@ -59,10 +54,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let hs = tokio::time::timeout(
-            self.config.handshake_timeout,
-            handshake(&mut rd, &mut wr, &self.config.exports),
-        );
+        let hs = tokio::time::timeout(self.config.handshake_timeout, handshake(&mut rd, &mut wr, &self.config.exports));
         let t = match hs.await {
             Ok(Ok(Some(t))) => t,
             Ok(Ok(None)) => return Ok(()),
@@ -72,9 +64,18 @@ impl Server {
                 return Ok(());
             }
         };
-        let Some(export) = self.config.exports.find(&t.export.name).cloned() else {
+        let Some(mut export) = self.config.exports.find(&t.export.name).cloned() else {
             return Ok(());
         };
+        if let Some(f) = export.fresh.clone() {
+            // A throwaway overlay for this connection only: the campaign resets its disk by reconnecting.
+            let dev = tokio::task::spawn_blocking(move || crate::overlay::temporary(&f.base, &f.opts)).await;
+            match dev {
+                Ok(Ok(d)) => export = Arc::new(export.with_device(d)),
+                Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
         transmission::run(rd, wr, t, export).await
     }
 
@@ -149,10 +150,7 @@ impl Server {
         if n >= self.config.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
             // Refuse cleanly: close at once, so the client fails fast instead of hanging.
-            tracing::info!(
-                "connection limit ({}) reached: refusing a client",
-                self.config.max_connections
-            );
+            tracing::info!("connection limit ({}) reached: refusing a client", self.config.max_connections);
             drop(s);
             return;
         }

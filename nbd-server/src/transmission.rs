@@ -43,16 +43,8 @@ pub fn errno(e: &qcow2::Error) -> u32 {
 
 /// Flags each command accepts (anything else is EINVAL).
 fn allowed_flags(kind: u16, style: Style) -> u16 {
-    let df = if style == Style::Simple {
-        0
-    } else {
-        NBD_CMD_FLAG_DF
-    };
-    let payload = if style == Style::Extended {
-        NBD_CMD_FLAG_PAYLOAD_LEN
-    } else {
-        0
-    };
+    let df = if style == Style::Simple { 0 } else { NBD_CMD_FLAG_DF };
+    let payload = if style == Style::Extended { NBD_CMD_FLAG_PAYLOAD_LEN } else { 0 };
     match kind {
         NBD_CMD_READ => NBD_CMD_FLAG_FUA | df,
         NBD_CMD_WRITE => NBD_CMD_FLAG_FUA | payload,
@@ -76,11 +68,7 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Conn {
-        export,
-        style: t.style,
-        contexts: t.contexts,
-    });
+    let conn = Arc::new(Conn { export, style: t.style, contexts: t.contexts });
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
@@ -113,16 +101,11 @@ where
             break Ok(());
         }
         // Payload: WRITE carries `length` bytes; with extended headers PAYLOAD_LEN says the same for others.
-        let has_payload =
-            req.kind == NBD_CMD_WRITE || (ext && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0);
+        let has_payload = req.kind == NBD_CMD_WRITE || (ext && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN != 0);
         let mut payload = Vec::new();
         let mut early: Option<(u32, &str)> = None;
         if has_payload {
-            let limit = if req.kind == NBD_CMD_WRITE {
-                MAX_PAYLOAD
-            } else {
-                MAX_OPTION_LEN as u64
-            };
+            let limit = if req.kind == NBD_CMD_WRITE { MAX_PAYLOAD } else { MAX_OPTION_LEN as u64 };
             if req.length > limit {
                 // proto.md: with extended headers an oversized PAYLOAD_LEN SHOULD end the connection.
                 if req.length > MAX_DISCARD || ext {
@@ -149,11 +132,7 @@ where
             early = Some((NBD_EINVAL, "unsupported flags for this command"));
         }
         if let Some((e, msg)) = early {
-            if tx
-                .send(reply::done(conn.style, req.cookie, req.offset, e, msg))
-                .await
-                .is_err()
-            {
+            if tx.send(reply::done(conn.style, req.cookie, req.offset, e, msg)).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -161,11 +140,7 @@ where
         let Ok(slot) = inflight.clone().acquire_owned().await else {
             break Ok(());
         };
-        let reply_bytes = if req.kind == NBD_CMD_READ {
-            req.length.min(MAX_PAYLOAD) as usize
-        } else {
-            0
-        };
+        let reply_bytes = if req.kind == NBD_CMD_READ { req.length.min(MAX_PAYLOAD) as usize } else { 0 };
         let units = (reply_bytes + payload.len()).div_ceil(1024) as u32;
         let Ok(mem) = memory.clone().acquire_many_owned(units).await else {
             break Ok(());
@@ -264,11 +239,7 @@ fn handle(c: &Conn, req: Request, payload: Vec<u8>) -> Vec<u8> {
             if !in_range {
                 return fail(NBD_EINVAL, "trim beyond the end of the export");
             }
-            let r = if ex.unmap && req.length > 0 {
-                dev.discard(req.offset, req.length)
-            } else {
-                Ok(())
-            };
+            let r = if ex.unmap && req.length > 0 { dev.discard(req.offset, req.length) } else { Ok(()) };
             match r.and_then(|_| if fua { dev.flush() } else { Ok(()) }) {
                 Ok(()) => ok(),
                 Err(e) => fail(errno(&e), &e.to_string()),
@@ -318,18 +289,9 @@ fn read(c: &Conn, req: &Request) -> Vec<u8> {
     let ext = style == Style::Extended;
     let hdr = if ext { 40 } else { 28 };
     let mut v = Vec::with_capacity(hdr + len);
-    let fail =
-        |e: qcow2::Error| reply::done(style, req.cookie, req.offset, errno(&e), &e.to_string());
+    let fail = |e: qcow2::Error| reply::done(style, req.cookie, req.offset, errno(&e), &e.to_string());
     if df || len <= 4096 {
-        reply::data_header(
-            &mut v,
-            style,
-            NBD_REPLY_FLAG_DONE,
-            req.cookie,
-            req.offset,
-            req.offset,
-            req.length,
-        );
+        reply::data_header(&mut v, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
         let at = v.len();
         v.resize(at + len, 0);
         return match dev.read_at(&mut v[at..], req.offset) {
@@ -376,10 +338,8 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         }
         let mut a = [0u8; 8];
         a.copy_from_slice(&payload[..8]);
-        let ids: Vec<u32> = payload[8..]
-            .chunks_exact(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let ids: Vec<u32> =
+            payload[8..].chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).collect();
         let mut w = Vec::new();
         for id in ids {
             match c.contexts.iter().find(|x| x.id() == id) {
@@ -409,11 +369,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
     // Extents per context, merged where the context's value does not change.
     let mut lists: Vec<Vec<(u64, u32)>> = vec![Vec::new(); wanted.len()];
     let mut pos = req.offset;
-    let max_len = if style == Style::Extended {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX) & !4095
-    };
+    let max_len = if style == Style::Extended { u64::MAX } else { u64::from(u32::MAX) & !4095 };
     let mut steps = 0usize;
     while pos < end && steps < MAX_EXTENTS {
         let st = match dev.block_status(pos, end - pos) {
@@ -424,8 +380,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         for (i, ctx) in wanted.iter().enumerate() {
             let val = match ctx {
                 Context::BaseAllocation => {
-                    (if st.data { 0 } else { NBD_STATE_HOLE })
-                        | (if st.zero { NBD_STATE_ZERO } else { 0 })
+                    (if st.data { 0 } else { NBD_STATE_HOLE }) | (if st.zero { NBD_STATE_ZERO } else { 0 })
                 }
                 Context::AllocationDepth => st.alloc_depth,
             };
@@ -447,11 +402,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         if one {
             l.truncate(1);
         }
-        let flags = if i + 1 == count {
-            NBD_REPLY_FLAG_DONE
-        } else {
-            0
-        };
+        let flags = if i + 1 == count { NBD_REPLY_FLAG_DONE } else { 0 };
         reply::block_status(&mut v, style, flags, req.cookie, req.offset, ctx.id(), &l);
     }
     v

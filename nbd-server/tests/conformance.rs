@@ -38,16 +38,9 @@ fn start(read_only: bool, shared: u32) -> Server {
     // Some data at 1 MiB so block status sees data and holes.
     use std::os::unix::fs::FileExt;
     f.write_all_at(&[0xab; 65536], 1 << 20).unwrap();
-    let default = format!(
-        "{} -t -f raw -e {{shared}} {{ro}} {{hs}} -k {{sock}} {{img}}",
-        env!("CARGO_BIN_EXE_qnbd")
-    );
+    let default = format!("{} -t -f raw -e {{shared}} {{ro}} {{hs}} -k {{sock}} {{img}}", env!("CARGO_BIN_EXE_qnbd"));
     let tmpl = std::env::var("NBD_SERVER_CMD").unwrap_or(default);
-    let ro = if read_only {
-        std::env::var("NBD_RO").unwrap_or_else(|_| "-r".into())
-    } else {
-        String::new()
-    };
+    let ro = if read_only { std::env::var("NBD_RO").unwrap_or_else(|_| "-r".into()) } else { String::new() };
     let hs = std::env::var("NBD_HS").unwrap_or_else(|_| "--handshake-limit 2".into());
     let cmd = tmpl
         .replace("{sock}", &sock)
@@ -55,23 +48,13 @@ fn start(read_only: bool, shared: u32) -> Server {
         .replace("{ro}", &ro)
         .replace("{shared}", &shared.to_string())
         .replace("{hs}", &hs);
-    let child = Command::new("sh")
-        .args(["-c", &format!("exec {cmd}")])
-        .spawn()
-        .unwrap();
+    let child = Command::new("sh").args(["-c", &format!("exec {cmd}")]).spawn().unwrap();
     let t = Instant::now();
     while UnixStream::connect(&sock).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "server did not start: {cmd}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "server did not start: {cmd}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Server {
-        child,
-        sock,
-        _dir: dir,
-    }
+    Server { child, sock, _dir: dir }
 }
 
 struct Client {
@@ -100,9 +83,7 @@ impl Client {
 
     fn read(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
-        self.s
-            .read_exact(&mut v)
-            .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+        self.s.read_exact(&mut v).unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
         v
     }
 
@@ -123,11 +104,7 @@ impl Client {
     /// One option reply: (option, type, data); checks the magic.
     fn reply(&mut self) -> (u32, u32, Vec<u8>) {
         let h = self.read(20);
-        assert_eq!(
-            u64::from_be_bytes(h[0..8].try_into().unwrap()),
-            OPT_REPLY,
-            "option reply magic"
-        );
+        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPT_REPLY, "option reply magic");
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
@@ -162,16 +139,7 @@ impl Client {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn request(
-        &mut self,
-        ext: bool,
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        off: u64,
-        len: u64,
-        payload: &[u8],
-    ) {
+    fn request(&mut self, ext: bool, flags: u16, kind: u16, cookie: u64, off: u64, len: u64, payload: &[u8]) {
         let mut v = Vec::new();
         v.extend_from_slice(&(if ext { 0x21e4_1c71u32 } else { 0x2560_9513u32 }).to_be_bytes());
         v.extend_from_slice(&flags.to_be_bytes());
@@ -190,15 +158,8 @@ impl Client {
     /// A simple reply: (error, cookie).
     fn simple(&mut self) -> (u32, u64) {
         let h = self.read(16);
-        assert_eq!(
-            &h[0..4],
-            &0x6744_6698u32.to_be_bytes(),
-            "simple reply magic"
-        );
-        (
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        )
+        assert_eq!(&h[0..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
     }
 
     /// A structured (or extended) chunk: (flags, type, cookie, payload).
@@ -328,22 +289,13 @@ fn go_reports_export_info_and_block_size() {
     let srv = start(false, 8);
     let mut c = Client::new(&srv);
     let r = c.go("");
-    let export = r
-        .iter()
-        .find(|x| x.1 == 3 && x.2[..2] == [0, 0])
-        .expect("NBD_INFO_EXPORT");
+    let export = r.iter().find(|x| x.1 == 3 && x.2[..2] == [0, 0]).expect("NBD_INFO_EXPORT");
     assert_eq!(export.2.len(), 12);
-    assert_eq!(
-        u64::from_be_bytes(export.2[2..10].try_into().unwrap()),
-        EXPORT_SIZE
-    );
+    assert_eq!(u64::from_be_bytes(export.2[2..10].try_into().unwrap()), EXPORT_SIZE);
     let flags = u16::from_be_bytes([export.2[10], export.2[11]]);
     assert!(flags & 1 != 0, "HAS_FLAGS");
     assert!(flags & 0x80 == 0, "SEND_DF without structured replies");
-    let bs = r
-        .iter()
-        .find(|x| x.1 == 3 && x.2[..2] == [0, 3])
-        .expect("NBD_INFO_BLOCK_SIZE when requested");
+    let bs = r.iter().find(|x| x.1 == 3 && x.2[..2] == [0, 3]).expect("NBD_INFO_BLOCK_SIZE when requested");
     assert_eq!(bs.2.len(), 14);
     assert_eq!(r.last().unwrap().1, 1);
 }
@@ -416,11 +368,7 @@ fn list_meta_context_lists_base_allocation_with_id_zero() {
     assert_eq!(r[0].1, 4);
     assert_eq!(&r[0].2[4..], b"base:allocation");
     c.opt(9, &meta_data("", &["nosuch:thing"]));
-    assert_eq!(
-        c.replies().len(),
-        1,
-        "unknown namespaces are ignored: only the ACK"
-    );
+    assert_eq!(c.replies().len(), 1, "unknown namespaces are ignored: only the ACK");
 }
 
 #[test]
@@ -440,11 +388,7 @@ fn idle_client_is_dropped_after_the_handshake_limit() {
     c.read(18);
     let t = Instant::now();
     assert!(c.closed());
-    assert!(
-        t.elapsed() < Duration::from_secs(12),
-        "idle client kept for {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(12), "idle client kept for {:?}", t.elapsed());
 }
 
 #[test]
@@ -460,10 +404,7 @@ fn one_client_too_many_is_refused_promptly() {
             assert_eq!(c.go("").last().unwrap().1, 1);
             break c;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the first client was never served"
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "the first client was never served");
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut second = Client::raw(&srv);
@@ -472,11 +413,7 @@ fn one_client_too_many_is_refused_promptly() {
     let mut b = [0u8; 18];
     let r = second.s.read(&mut b);
     assert!(matches!(r, Ok(0) | Err(_)) || t.elapsed() < Duration::from_secs(5));
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "the extra client waited {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "the extra client waited {:?}", t.elapsed());
 }
 
 // ---- transmission ----
@@ -624,12 +561,7 @@ fn oversized_write_is_an_error_or_a_disconnect_never_a_desync() {
                 if c.s.read_exact(&mut r).is_ok() {
                     assert_eq!(
                         &r[..16],
-                        &[
-                            &0x6744_6698u32.to_be_bytes()[..],
-                            &[0; 4],
-                            &2u64.to_be_bytes()
-                        ]
-                        .concat()[..]
+                        &[&0x6744_6698u32.to_be_bytes()[..], &[0; 4], &2u64.to_be_bytes()].concat()[..]
                     );
                 }
             }
@@ -645,10 +577,7 @@ fn structured_read_with_df_is_one_data_chunk() {
     let (flags, kind, cookie, payload) = c.chunk(false);
     assert_eq!((flags, kind, cookie), (1, 1, 5));
     assert_eq!(payload.len(), 8 + 3 * 4096);
-    assert_eq!(
-        u64::from_be_bytes(payload[..8].try_into().unwrap()),
-        (1 << 20) - 4096
-    );
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), (1 << 20) - 4096);
     assert_eq!(&payload[8..4104], &[0u8; 4096][..]);
     assert_eq!(&payload[4104..], &[0xab; 8192][..]);
 }
@@ -713,20 +642,14 @@ fn extents(p: &[u8], ext: bool) -> Vec<(u64, u32)> {
         p[8..]
             .chunks_exact(16)
             .map(|d| {
-                (
-                    u64::from_be_bytes(d[..8].try_into().unwrap()),
-                    u64::from_be_bytes(d[8..].try_into().unwrap()) as u32,
-                )
+                (u64::from_be_bytes(d[..8].try_into().unwrap()), u64::from_be_bytes(d[8..].try_into().unwrap()) as u32)
             })
             .collect()
     } else {
         p[4..]
             .chunks_exact(8)
             .map(|d| {
-                (
-                    u32::from_be_bytes(d[..4].try_into().unwrap()) as u64,
-                    u32::from_be_bytes(d[4..].try_into().unwrap()),
-                )
+                (u32::from_be_bytes(d[..4].try_into().unwrap()) as u64, u32::from_be_bytes(d[4..].try_into().unwrap()))
             })
             .collect()
     }
@@ -742,10 +665,7 @@ fn block_status_base_allocation_covers_the_request() {
     let e = extents(&p, false);
     assert!(e.iter().all(|x| x.0 > 0));
     let total: u64 = e.iter().map(|x| x.0).sum();
-    assert!(
-        total >= 1 << 20,
-        "extents must cover from the offset: {e:?}"
-    );
+    assert!(total >= 1 << 20, "extents must cover from the offset: {e:?}");
     // The first MiB is a hole reading as zeros; at 1 MiB there is data.
     assert_eq!(e[0], (1 << 20, 3));
     assert_eq!(e[1].1 & 1, 0);
@@ -778,10 +698,7 @@ fn extended_headers_requests_and_replies() {
     let (_, kind, _, p) = c.chunk(true);
     assert_eq!(kind, 6, "BLOCK_STATUS_EXT");
     let e = extents(&p, true);
-    assert_eq!(
-        u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize,
-        e.len()
-    );
+    assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize, e.len());
     assert_eq!(e[0].0 & 4095, 0);
 }
 

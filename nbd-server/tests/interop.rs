@@ -20,11 +20,7 @@ impl Drop for Srv {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts `bin` (qnbd or qemu-nbd) with `args` on a unix socket in `dir` (or TCP when `tcp`).
@@ -40,9 +36,7 @@ fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
         format!("nbd+unix:///?socket={}", sock.display())
     };
     cmd.args(args).stdout(Stdio::null());
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
     let srv = Srv { child, uri };
     let t = Instant::now();
     loop {
@@ -64,10 +58,7 @@ fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
 fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
         .args(args)
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
+        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd} (the README's test command installs it): {e}"))
 }
@@ -86,49 +77,13 @@ fn ok(cmd: &str, args: &[&str]) -> String {
 /// A qcow2 chain (raw base <- qcow2 overlay) with data, zeros and holes.
 fn chain(dir: &Path) -> PathBuf {
     let base = dir.join("base.raw");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
-    );
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x11 0 1M",
-            "-c",
-            "write -P 0x12 5M 64k",
-            base.to_str().unwrap(),
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x12 5M 64k", base.to_str().unwrap()]);
     let ov = dir.join("ov.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            ov.to_str().unwrap(),
-            "12M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ov.to_str().unwrap(), "12M"]);
     ok(
         "qemu-io",
-        &[
-            "-c",
-            "write -P 0x21 512k 1M",
-            "-c",
-            "write -z 3M 128k",
-            "-c",
-            "write -P 0x22 9M 4k",
-            ov.to_str().unwrap(),
-        ],
+        &["-c", "write -P 0x21 512k 1M", "-c", "write -z 3M 128k", "-c", "write -P 0x22 9M 4k", ov.to_str().unwrap()],
     );
     ov
 }
@@ -138,32 +93,14 @@ fn qemu_img_reads_qcow2_chain_over_unix_and_tcp() {
     let d = tempfile::tempdir().unwrap();
     let ov = chain(d.path());
     for tcp in [false, true] {
-        let s = serve(
-            QNBD,
-            d.path(),
-            "q",
-            &["-r", "-t", "-e", "4", ov.to_str().unwrap()],
-            tcp,
-        );
+        let s = serve(QNBD, d.path(), "q", &["-r", "-t", "-e", "4", ov.to_str().unwrap()], tcp);
         let info = ok("qemu-img", &["info", "--output=json", &s.uri]);
         assert!(info.contains("\"virtual-size\": 12582912"), "{info}");
         let cmp = ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]);
         assert_eq!(cmp, "Images are identical.\n");
         let out = d.path().join("out.raw");
-        ok(
-            "qemu-img",
-            &["convert", "-O", "raw", &s.uri, out.to_str().unwrap()],
-        );
-        ok(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                out.to_str().unwrap(),
-                ov.to_str().unwrap(),
-            ],
-        );
+        ok("qemu-img", &["convert", "-O", "raw", &s.uri, out.to_str().unwrap()]);
+        ok("qemu-img", &["compare", "-f", "raw", out.to_str().unwrap(), ov.to_str().unwrap()]);
     }
 }
 
@@ -171,20 +108,8 @@ fn qemu_img_reads_qcow2_chain_over_unix_and_tcp() {
 fn block_status_seen_by_qemu_img_and_nbdinfo_matches_qemu_nbd() {
     let d = tempfile::tempdir().unwrap();
     let ov = chain(d.path());
-    let ours = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()],
-        false,
-    );
-    let theirs = serve(
-        "qemu-nbd",
-        d.path(),
-        "r",
-        &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()],
-        false,
-    );
+    let ours = serve(QNBD, d.path(), "q", &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()], false);
+    let theirs = serve("qemu-nbd", d.path(), "r", &["-r", "-t", "-e", "8", "-A", ov.to_str().unwrap()], false);
     let a = ok("qemu-img", &["map", "--output=json", &ours.uri]);
     let b = ok("qemu-img", &["map", "--output=json", &theirs.uri]);
     assert_eq!(a, b, "qemu-img map over NBD");
@@ -199,90 +124,37 @@ fn block_status_seen_by_qemu_img_and_nbdinfo_matches_qemu_nbd() {
 fn nbdinfo_list_and_can() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
     let s = serve(
         QNBD,
         d.path(),
         "q",
-        &[
-            "-t",
-            "-e",
-            "2",
-            "-x",
-            "disk1",
-            "-D",
-            "the first disk",
-            img.to_str().unwrap(),
-        ],
+        &["-t", "-e", "2", "-x", "disk1", "-D", "the first disk", img.to_str().unwrap()],
         false,
     );
     let list = ok("nbdinfo", &["--list", "--json", &s.uri]);
     assert!(list.contains("\"export-name\": \"disk1\""), "{list}");
-    assert!(
-        list.contains("\"description\": \"the first disk\""),
-        "{list}"
-    );
+    assert!(list.contains("\"description\": \"the first disk\""), "{list}");
     let uri = s.uri.replace("nbd+unix:///", "nbd+unix:///disk1");
-    for can in [
-        "write",
-        "flush",
-        "fua",
-        "trim",
-        "zero",
-        "fast-zero",
-        "df",
-        "multi-conn",
-        "cache",
-        "structured-reply",
-    ] {
+    for can in ["write", "flush", "fua", "trim", "zero", "fast-zero", "df", "multi-conn", "cache", "structured-reply"] {
         let o = run("nbdinfo", &[&format!("--can={can}"), &uri]);
         assert_eq!(o.status.code(), Some(0), "--can={can}");
     }
-    let ro = serve(
-        QNBD,
-        d.path(),
-        "r",
-        &["-r", "-t", img.to_str().unwrap()],
-        false,
-    );
-    assert_eq!(
-        run("nbdinfo", &["--can=write", &ro.uri]).status.code(),
-        Some(2)
-    );
+    let ro = serve(QNBD, d.path(), "r", &["-r", "-t", img.to_str().unwrap()], false);
+    assert_eq!(run("nbdinfo", &["--can=write", &ro.uri]).status.code(), Some(2));
 }
 
 #[test]
 fn nbdcopy_one_and_four_connections() {
     let d = tempfile::tempdir().unwrap();
     let ov = chain(d.path());
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-r", "-t", "-e", "4", ov.to_str().unwrap()],
-        false,
-    );
+    let s = serve(QNBD, d.path(), "q", &["-r", "-t", "-e", "4", ov.to_str().unwrap()], false);
     let want = d.path().join("want.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            ov.to_str().unwrap(),
-            want.to_str().unwrap(),
-        ],
-    );
+    ok("qemu-img", &["convert", "-O", "raw", ov.to_str().unwrap(), want.to_str().unwrap()]);
     for c in ["1", "4"] {
         let out = d.path().join(format!("c{c}.raw"));
         ok("nbdcopy", &["-C", c, &s.uri, out.to_str().unwrap()]);
-        assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap(),
-            "nbdcopy -C {c}"
-        );
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap(), "nbdcopy -C {c}");
     }
 }
 
@@ -290,53 +162,19 @@ fn nbdcopy_one_and_four_connections() {
 fn writes_from_qemu_io_and_nbdcopy_reach_a_raw_file() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("w.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()],
-        false,
-    );
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x61 4096 64k",
-            "-c",
-            "write -z 8192 4096",
-            "-c",
-            "flush",
-            &s.uri,
-        ],
-    );
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let s = serve(QNBD, d.path(), "q", &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()], false);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 4096 64k", "-c", "write -z 8192 4096", "-c", "flush", &s.uri]);
     let src = d.path().join("src.raw");
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
     std::fs::write(&src, &data).unwrap();
-    ok(
-        "nbdcopy",
-        &["--destination-is-zero", src.to_str().unwrap(), &s.uri],
-    );
+    ok("nbdcopy", &["--destination-is-zero", src.to_str().unwrap(), &s.uri]);
     let back = std::fs::read(&img).unwrap();
     assert_eq!(&back[..1 << 20], &data[..]);
     drop(s);
     // And through qemu-io on a fresh server: zeroes and writes at the end.
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q2",
-        &["-t", "-f", "raw", img.to_str().unwrap()],
-        false,
-    );
-    ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x62 7M 1M", &s.uri],
-    );
+    let s = serve(QNBD, d.path(), "q2", &["-t", "-f", "raw", img.to_str().unwrap()], false);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x62 7M 1M", &s.uri]);
     let back = std::fs::read(&img).unwrap();
     assert!(back[7 << 20..].iter().all(|&b| b == 0x62));
 }
@@ -345,13 +183,7 @@ fn writes_from_qemu_io_and_nbdcopy_reach_a_raw_file() {
 fn nbdsh_script_sees_the_protocol_features() {
     let d = tempfile::tempdir().unwrap();
     let ov = chain(d.path());
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-r", "-t", "-A", ov.to_str().unwrap()],
-        false,
-    );
+    let s = serve(QNBD, d.path(), "q", &["-r", "-t", "-A", ov.to_str().unwrap()], false);
     let script = format!(
         r#"
 h.set_export_name("")
@@ -378,10 +210,7 @@ print("ok")
 "#,
         s.uri
     );
-    let out = ok(
-        "/usr/bin/python3",
-        &["-c", &format!("import nbd, errno\nh = nbd.NBD()\n{script}")],
-    );
+    let out = ok("/usr/bin/python3", &["-c", &format!("import nbd, errno\nh = nbd.NBD()\n{script}")]);
     assert_eq!(out.trim(), "ok");
 }
 
@@ -389,17 +218,8 @@ print("ok")
 fn fio_nbd_engine_random_read_write() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("f.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()],
-        false,
-    );
+    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let s = serve(QNBD, d.path(), "q", &["-t", "-e", "4", "-f", "raw", img.to_str().unwrap()], false);
     let out = ok(
         "fio",
         &[
@@ -412,6 +232,7 @@ fn fio_nbd_engine_random_read_write() {
             "--size=16M",
             "--io_size=8M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--output-format=terse",
             "--minimal",
         ],
@@ -430,32 +251,14 @@ fn qemu_version() -> (u32, u32) {
 fn qemu_client_with_extended_headers() {
     // qemu 8.2 and later negotiate NBD extended headers by default.
     if qemu_version() < (8, 2) {
-        eprintln!(
-            "SKIPPED: qemu-img {:?} predates NBD extended headers (8.2)",
-            qemu_version()
-        );
+        eprintln!("SKIPPED: qemu-img {:?} predates NBD extended headers (8.2)", qemu_version());
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let ov = chain(d.path());
-    let s = serve(
-        QNBD,
-        d.path(),
-        "q",
-        &["-r", "-t", "-v", ov.to_str().unwrap()],
-        false,
-    );
-    assert_eq!(
-        ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]),
-        "Images are identical.\n"
-    );
-    let theirs = serve(
-        "qemu-nbd",
-        d.path(),
-        "r",
-        &["-r", "-t", ov.to_str().unwrap()],
-        false,
-    );
+    let s = serve(QNBD, d.path(), "q", &["-r", "-t", "-v", ov.to_str().unwrap()], false);
+    assert_eq!(ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]), "Images are identical.\n");
+    let theirs = serve("qemu-nbd", d.path(), "r", &["-r", "-t", ov.to_str().unwrap()], false);
     assert_eq!(
         ok("qemu-img", &["map", "--output=json", &s.uri]),
         ok("qemu-img", &["map", "--output=json", &theirs.uri])

@@ -11,10 +11,7 @@ const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
 fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
         .args(args)
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
+        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
@@ -37,23 +34,37 @@ fn s(p: &Path) -> &str {
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{} never appeared",
-            path.display()
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn spawn(args: &[&str], sock: &Path) -> Child {
-    let c = Command::new(QNBD)
-        .args(args)
-        .arg("-k")
-        .arg(sock)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+/// A server process that is killed when the test ends, even by a panic (a leftover server would keep the
+/// test harness's output pipes open).
+struct Srv(Child);
+
+impl std::ops::Deref for Srv {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Srv {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], sock: &Path) -> Srv {
+    let c = Srv(Command::new(QNBD).args(args).arg("-k").arg(sock).stdout(Stdio::null()).spawn().unwrap());
     wait_for(sock);
     c
 }
@@ -66,25 +77,9 @@ fn uri(sock: &Path) -> String {
 fn overlay(dir: &Path) -> PathBuf {
     let base = dir.join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
-    ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x11 0 64M", s(&base)],
-    );
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64M", s(&base)]);
     let ov = dir.join("disk.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&ov),
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
     ov
 }
 
@@ -107,49 +102,21 @@ fn qcow2_written_through_nbd_checks_clean_and_reads_back() {
             "--size=32M",
             "--io_size=8M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--numjobs=1",
         ],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 40M 1M",
-            "-c",
-            "write -z 48M 1M",
-            "-c",
-            "discard 50M 1M",
-            &u,
-        ],
-    );
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 40M 1M", "-c", "write -z 48M 1M", "-c", "discard 50M 1M", &u]);
     let out = d.path().join("out.raw");
     ok("nbdcopy", &[&u, s(&out)]);
     let _ = srv.kill();
     let _ = srv.wait();
     let chk = run("qemu-img", &["check", s(&ov)]);
-    assert_eq!(
-        chk.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&chk.stdout)
-    );
+    assert_eq!(chk.status.code(), Some(0), "{}", String::from_utf8_lossy(&chk.stdout));
     // What qemu reads from the image is what the clients read through qnbd.
     ok("qemu-img", &["compare", "-F", "raw", s(&ov), s(&out)]);
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "read -P 0x77 40M 1M",
-            "-c",
-            "read -P 0 48M 1M",
-            "-c",
-            "read -P 0x11 60M 1M",
-            s(&ov),
-        ],
-    );
+    ok("qemu-io", &["-c", "read -P 0x77 40M 1M", "-c", "read -P 0 48M 1M", "-c", "read -P 0x11 60M 1M", s(&ov)]);
 }
 
 #[test]
@@ -200,32 +167,14 @@ fn snapshot_mode_discards_writes() {
     let before = std::fs::read(&ov).unwrap();
     let sock = d.path().join("s.sock");
     let mut srv = spawn(&["-s", "-t", s(&ov)], &sock);
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x99 0 1M",
-            "-c",
-            "read -P 0x99 0 1M",
-            &uri(&sock),
-        ],
-    );
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x99 0 1M", "-c", "read -P 0x99 0 1M", &uri(&sock)]);
     let _ = srv.kill();
     let _ = srv.wait();
-    assert!(
-        std::fs::read(&ov).unwrap() == before,
-        "-s changed the image"
-    );
+    assert!(std::fs::read(&ov).unwrap() == before, "-s changed the image");
     let leftovers: Vec<_> = std::fs::read_dir("/var/tmp")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("qnbd-snapshot-{}-", srv.id()))
-        })
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("qnbd-snapshot-{}-", srv.id())))
         .collect();
     assert!(leftovers.is_empty(), "temporary overlay left behind");
 }
@@ -234,49 +183,22 @@ fn snapshot_mode_discards_writes() {
 fn fork_and_pid_file() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("f.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
     let sock = d.path().join("f.sock");
     let pidf = d.path().join("q.pid");
     let t = Instant::now();
-    let out = run(
-        QNBD,
-        &[
-            "--fork",
-            "-t",
-            "--pid-file",
-            s(&pidf),
-            "-k",
-            s(&sock),
-            "-f",
-            "raw",
-            s(&img),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(QNBD, &["--fork", "-t", "--pid-file", s(&pidf), "-k", s(&sock), "-f", "raw", s(&img)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(t.elapsed() < Duration::from_secs(5));
     // --fork returns once clients can connect.
     assert!(sock.exists());
     wait_for(&pidf);
-    let pid: i32 = std::fs::read_to_string(&pidf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidf).unwrap().trim().parse().unwrap();
     ok("nbdinfo", &["--size", &uri(&sock)]);
     ok("kill", &[&pid.to_string()]);
     let t = Instant::now();
     while sock.exists() || pidf.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "socket or pid file left after SIGTERM"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "socket or pid file left after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -285,10 +207,7 @@ fn fork_and_pid_file() {
 fn systemd_socket_activation() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("a.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
+    std::fs::File::create(&img).unwrap().set_len(2 << 20).unwrap();
     let sock = d.path().join("a.sock");
     let script = format!(
         "import socket, os\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(8)\nos.dup2(s.fileno(), 3)\nos.set_inheritable(3, True)\n\
@@ -298,10 +217,7 @@ fn systemd_socket_activation() {
         QNBD,
         s(&img)
     );
-    let mut c = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .spawn()
-        .unwrap();
+    let mut c = Srv(Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap());
     wait_for(&sock);
     let size = ok("nbdinfo", &["--size", &uri(&sock)]);
     assert_eq!(size.trim(), "2097152");
@@ -316,24 +232,8 @@ fn several_exports_share_one_base() {
     let mut files = Vec::new();
     for i in 0..3 {
         let f = d.path().join(format!("vm{i}.qcow2"));
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.raw",
-                "-F",
-                "raw",
-                s(&f),
-            ],
-        );
-        ok(
-            "qemu-io",
-            &["-c", &format!("write -P {} 0 64k", 0x40 + i), s(&f)],
-        );
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&f)]);
+        ok("qemu-io", &["-c", &format!("write -P {} 0 64k", 0x40 + i), s(&f)]);
         files.push(f);
     }
     let _ = ov;
@@ -348,25 +248,13 @@ fn several_exports_share_one_base() {
     let mut srv = spawn(&args, &sock);
     let list = ok("nbdinfo", &["--list", "--json", &uri(&sock)]);
     for n in ["vm0", "vm1", "vm2"] {
-        assert!(
-            list.contains(&format!("\"export-name\": \"{n}\"")),
-            "{list}"
-        );
+        assert!(list.contains(&format!("\"export-name\": \"{n}\"")), "{list}");
     }
     for i in 0..3 {
         let u = format!("nbd+unix:///vm{i}?socket={}", sock.display());
         ok(
             "qemu-io",
-            &[
-                "-r",
-                "-f",
-                "raw",
-                "-c",
-                &format!("read -P {} 0 64k", 0x40 + i),
-                "-c",
-                "read -P 0x11 1M 64k",
-                &u,
-            ],
+            &["-r", "-f", "raw", "-c", &format!("read -P {} 0 64k", 0x40 + i), "-c", "read -P 0x11 1M 64k", &u],
         );
     }
     let _ = srv.kill();
@@ -377,10 +265,7 @@ fn several_exports_share_one_base() {
 fn exits_after_the_last_client_unless_persistent() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("e.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
     let sock = d.path().join("e.sock");
     let mut srv = spawn(&["-f", "raw", s(&img)], &sock);
     ok("nbdinfo", &["--size", &uri(&sock)]);
@@ -390,10 +275,7 @@ fn exits_after_the_last_client_unless_persistent() {
             assert!(st.success());
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "qnbd kept running after its only client left"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "qnbd kept running after its only client left");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -406,10 +288,7 @@ fn errors_are_clear_and_exit_non_zero() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk.qcow2"));
     let img = d.path().join("x.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
     let out = run(QNBD, &["--discard=sometimes", "-k", s(&sock), s(&img)]);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("discard"));
@@ -417,4 +296,53 @@ fn errors_are_clear_and_exit_non_zero() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown driver 'vmdk'"));
     assert!(!sock.exists());
+}
+
+#[test]
+fn list_prints_what_qemu_nbd_list_prints() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    let sock = d.path().join("l.sock");
+    let mut srv = spawn(&["-r", "-t", "-e", "4", "-A", "-x", "disk", "-D", "the disk", s(&ov)], &sock);
+    let ours = ok(QNBD, &["-L", "-k", s(&sock)]);
+    let theirs = ok("qemu-nbd", &["-L", "-k", s(&sock)]);
+    assert_eq!(ours, theirs);
+    assert!(ours.contains(" export: 'disk'"), "{ours}");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let gone = run(QNBD, &["-L", "-k", s(&sock)]);
+    assert_ne!(gone.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("Failed to connect"));
+}
+
+#[test]
+fn offset_exports_the_rest_of_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("o.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&img), "4M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x31 1M 64k", s(&img)]);
+    let sock = d.path().join("o.sock");
+    let mut srv = spawn(&["-t", "-f", "raw", "-o", "1048576", s(&img)], &sock);
+    let size = ok("nbdinfo", &["--size", &uri(&sock)]);
+    assert_eq!(size.trim(), "3145728");
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x31 0 64k", "-c", "write -P 0x32 2M 4k", &uri(&sock)]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x32 3M 4k", s(&img)]);
+}
+
+#[test]
+fn fresh_per_connection_gives_each_client_the_pristine_image() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = overlay(d.path());
+    let before = std::fs::read(&ov).unwrap();
+    let sock = d.path().join("f.sock");
+    let mut srv = spawn(&["-t", "-e", "4", "--fresh-per-connection", s(&ov)], &sock);
+    let u = uri(&sock);
+    // A client scribbles; the next one sees the pristine image again.
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x99 0 1M", "-c", "read -P 0x99 0 1M", &u]);
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x11 0 1M", &u]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(std::fs::read(&ov).unwrap() == before, "the pristine image changed");
 }

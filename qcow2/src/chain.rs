@@ -24,10 +24,7 @@ impl Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            _ => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("Unknown driver '{s}'"),
-            )),
+            _ => Err(Error::new(ErrorKind::Unsupported, format!("Unknown driver '{s}'"))),
         }
     }
 
@@ -61,8 +58,7 @@ pub struct OpenOptions {
 }
 
 /// Open read-only backing images by file identity (device, inode).
-pub type SharedImages =
-    Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Image>>>>;
+pub type SharedImages = Arc<std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Image>>>>;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -97,10 +93,7 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image")
-            .field("filename", &self.filename)
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+        f.debug_struct("Image").field("filename", &self.filename).field("size", &self.size).finish_non_exhaustive()
     }
 }
 
@@ -121,11 +114,7 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     if storage.len()? >= 4 {
         storage.read_at(&mut magic, 0)?;
     }
-    Ok(if u32::from_be_bytes(magic) == header::MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    Ok(if u32::from_be_bytes(magic) == header::MAGIC { Format::Qcow2 } else { Format::Raw })
 }
 
 fn file_id(path: &str) -> Option<(u64, u64)> {
@@ -135,9 +124,7 @@ fn file_id(path: &str) -> Option<(u64, u64)> {
 
 fn refuse_protocol(name: &str) -> Result<()> {
     if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::unsupported(format!(
-            "backing file '{name}' uses a protocol qnbd cannot open"
-        )));
+        return Err(Error::unsupported(format!("backing file '{name}' uses a protocol qnbd cannot open")));
     }
     Ok(())
 }
@@ -178,26 +165,17 @@ impl Image {
         if depth > opts.max_chain_depth {
             return Err(Error::new(
                 ErrorKind::BackingChain,
-                format!(
-                    "backing chain is deeper than {} images (at '{path}')",
-                    opts.max_chain_depth
-                ),
+                format!("backing chain is deeper than {} images (at '{path}')", opts.max_chain_depth),
             ));
         }
         if let Some(id) = file_id(path) {
             if seen.contains(&id) {
-                return Err(Error::new(
-                    ErrorKind::BackingChain,
-                    format!("backing chain loops back to '{path}'"),
-                ));
+                return Err(Error::new(ErrorKind::BackingChain, format!("backing chain loops back to '{path}'")));
             }
             seen.push(id);
             if depth > 0 && !writable {
                 if let Some(shared) = &opts.shared {
-                    let hit = shared
-                        .lock()
-                        .ok()
-                        .and_then(|m| m.get(&id).and_then(|w| w.upgrade()));
+                    let hit = shared.lock().ok().and_then(|m| m.get(&id).and_then(|w| w.upgrade()));
                     if let Some(img) = hit {
                         return Ok(img);
                     }
@@ -214,22 +192,12 @@ impl Image {
             Format::Raw => {
                 // qemu sizes block nodes in 512-byte sectors: a raw file's size rounds up to a sector.
                 let size = storage.len()?.div_ceil(512) * 512;
-                Ok(Arc::new(Image {
-                    layer: Layer::Raw(storage),
-                    backing: None,
-                    filename,
-                    size,
-                    writable,
-                }))
+                Ok(Arc::new(Image { layer: Layer::Raw(storage), backing: None, filename, size, writable }))
             }
             Format::Qcow2 => {
                 let hdr_opts = Qcow2Options {
                     l2_cache_bytes: opts.l2_cache_bytes,
-                    snapshot: if depth == 0 {
-                        opts.snapshot.clone()
-                    } else {
-                        None
-                    },
+                    snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
                     writable,
                 };
                 let q = Self::open_qcow2(storage, writable, &hdr_opts)
@@ -245,30 +213,18 @@ impl Image {
                         refuse_protocol(name)?;
                         let full = resolve_relative(path, name);
                         let fmt = h.backing_format.as_deref().map(Format::parse).transpose()?;
-                        Some(
-                            Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(
-                                |e| {
-                                    if e.kind() == ErrorKind::BackingChain {
-                                        e
-                                    } else {
-                                        e.context(format!(
-                                            "Could not open backing file of '{path}'"
-                                        ))
-                                    }
-                                },
-                            )?,
-                        )
+                        Some(Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(|e| {
+                            if e.kind() == ErrorKind::BackingChain {
+                                e
+                            } else {
+                                e.context(format!("Could not open backing file of '{path}'"))
+                            }
+                        })?)
                     }
                     _ => None,
                 };
                 let size = q.size();
-                Ok(Arc::new(Image {
-                    layer: Layer::Qcow2(Box::new(q)),
-                    backing,
-                    filename,
-                    size,
-                    writable,
-                }))
+                Ok(Arc::new(Image { layer: Layer::Qcow2(Box::new(q)), backing, filename, size, writable }))
             }
         }
     }
@@ -293,22 +249,12 @@ impl Image {
     }
 
     /// Builds an image from an already open layer (tests, fuzzing, in-memory images).
-    pub fn from_layer(
-        layer: Layer,
-        backing: Option<Arc<Image>>,
-        filename: &str,
-    ) -> Result<Arc<Image>> {
+    pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
         let size = match &layer {
             Layer::Raw(s) => s.len()?,
             Layer::Qcow2(q) => q.size(),
         };
-        Ok(Arc::new(Image {
-            layer,
-            backing,
-            filename: Arc::from(filename),
-            size,
-            writable: false,
-        }))
+        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable: false }))
     }
 
     /// The file name as opened (backing names resolved against the overlay's folder).
@@ -355,10 +301,7 @@ impl Image {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::OutOfBounds,
-                format!(
-                    "range {offset}+{len} is outside the image ({} bytes)",
-                    self.size
-                ),
+                format!("range {offset}+{len} is outside the image ({} bytes)", self.size),
             )),
         }
     }
@@ -438,9 +381,7 @@ impl BlockDevice for Image {
             match m {
                 Mapping::Data { host } => q.data_storage().read_at(chunk, host)?,
                 Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Compressed { desc, in_cluster } => {
-                    q.read_compressed(desc, in_cluster, chunk)?
-                }
+                Mapping::Compressed { desc, in_cluster } => q.read_compressed(desc, in_cluster, chunk)?,
                 Mapping::Unallocated { .. } => self.read_backing(chunk, pos)?,
             }
             done += n as usize;
@@ -514,13 +455,9 @@ impl BlockDevice for Image {
         self.check_writable(offset, len)?;
         match &self.layer {
             Layer::Raw(s) => s.write_zeroes(offset, len, may_unmap)?,
-            Layer::Qcow2(q) => q.write_zeroes(
-                offset,
-                len,
-                may_unmap,
-                &|b, o| self.read_backing(b, o),
-                self.backing.is_some(),
-            )?,
+            Layer::Qcow2(q) => {
+                q.write_zeroes(offset, len, may_unmap, &|b, o| self.read_backing(b, o), self.backing.is_some())?
+            }
         }
         if fua {
             self.flush()?;
@@ -562,10 +499,7 @@ impl Image {
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::NoSpace,
-                format!("write at {offset}+{len} past the end"),
-            )),
+            _ => Err(Error::new(ErrorKind::NoSpace, format!("write at {offset}+{len} past the end"))),
         }
     }
 }

@@ -41,20 +41,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Builds an error of `kind` with `msg`.
     pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
-        Error {
-            kind,
-            msg: msg.into(),
-            source: None,
-        }
+        Error { kind, msg: msg.into(), source: None }
     }
 
     /// An I/O error with the operation that failed as context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error {
-            kind: ErrorKind::Io,
-            msg: context.into(),
-            source: Some(source),
-        }
+        Error { kind: ErrorKind::Io, msg: context.into(), source: Some(source) }
     }
 
     /// Shorthand for an [`ErrorKind::InvalidFormat`] error.

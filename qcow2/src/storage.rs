@@ -60,18 +60,12 @@ impl FileStorage {
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(Error::invalid(format!("'{path}' is a directory")));
         }
-        Ok(FileStorage {
-            file,
-            name: path.to_string(),
-        })
+        Ok(FileStorage { file, name: path.to_string() })
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File, name: &str) -> Self {
-        FileStorage {
-            file,
-            name: name.to_string(),
-        }
+        FileStorage { file, name: name.to_string() }
     }
 
     /// The underlying file.
@@ -105,28 +99,19 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io(format!("write of '{}' at {offset}", self.name), e))
+        self.file.write_all_at(buf, offset).map_err(|e| Error::io(format!("write of '{}' at {offset}", self.name), e))
     }
 
     fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(format!("stat of '{}'", self.name), e))
+        self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(format!("stat of '{}'", self.name), e))
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| Error::io(format!("truncate of '{}'", self.name), e))
+        self.file.set_len(len).map_err(|e| Error::io(format!("truncate of '{}'", self.name), e))
     }
 
     fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(format!("flush of '{}'", self.name), e))
+        self.file.sync_data().map_err(|e| Error::io(format!("flush of '{}'", self.name), e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
@@ -137,12 +122,7 @@ impl Storage for FileStorage {
             if let (Ok(o), Ok(l)) = (o, l) {
                 // SAFETY: fallocate on our own descriptor; no pointers involved.
                 let r = unsafe {
-                    libc::fallocate(
-                        self.file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        o,
-                        l,
-                    )
+                    libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l)
                 };
                 if r == 0 {
                     return Ok(());
@@ -202,10 +182,7 @@ pub struct MemStorage {
 impl MemStorage {
     /// A storage holding `data` that may grow up to `cap` bytes.
     pub fn new(data: Vec<u8>, cap: u64) -> Self {
-        MemStorage {
-            data: RwLock::new(data),
-            cap,
-        }
+        MemStorage { data: RwLock::new(data), cap }
     }
 
     /// A copy of the contents.
@@ -216,10 +193,7 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let d = self
-            .data
-            .read()
-            .map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
+        let d = self.data.read().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
         buf.fill(0);
         if let Ok(start) = usize::try_from(offset) {
             if start < d.len() {
@@ -231,19 +205,10 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.cap)
-            .ok_or_else(|| {
-                Error::new(
-                    crate::ErrorKind::NoSpace,
-                    format!("write at {offset} beyond the in-memory cap"),
-                )
-            })?;
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.cap).ok_or_else(|| {
+            Error::new(crate::ErrorKind::NoSpace, format!("write at {offset} beyond the in-memory cap"))
+        })?;
+        let mut d = self.data.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
         if d.len() < end as usize {
             d.resize(end as usize, 0);
         }
@@ -257,15 +222,9 @@ impl Storage for MemStorage {
 
     fn set_len(&self, len: u64) -> Result<()> {
         if len > self.cap {
-            return Err(Error::new(
-                crate::ErrorKind::NoSpace,
-                "resize beyond the in-memory cap",
-            ));
+            return Err(Error::new(crate::ErrorKind::NoSpace, "resize beyond the in-memory cap"));
         }
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
+        let mut d = self.data.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
         d.resize(len as usize, 0);
         Ok(())
     }
@@ -276,19 +235,11 @@ impl Storage for MemStorage {
 
     fn write_zeroes(&self, offset: u64, len: u64, _punch: bool) -> Result<()> {
         let l = self.len()?;
-        let end = offset
-            .saturating_add(len)
-            .min(l.max(offset.saturating_add(len)));
+        let end = offset.saturating_add(len).min(l.max(offset.saturating_add(len)));
         if end > self.cap {
-            return Err(Error::new(
-                crate::ErrorKind::NoSpace,
-                "zeroes beyond the in-memory cap",
-            ));
+            return Err(Error::new(crate::ErrorKind::NoSpace, "zeroes beyond the in-memory cap"));
         }
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
+        let mut d = self.data.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
         if d.len() < end as usize {
             d.resize(end as usize, 0);
         }

@@ -11,9 +11,10 @@ pub fn tmpdir() -> tempfile::TempDir {
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd} (the README's test command installs it): {e}")
-    });
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (the README's test command installs it): {e}"));
     out
 }
 
@@ -103,25 +104,16 @@ pub fn assert_convert_equal(img: &Path, dir: &Path) {
     let b = dir.join("qimg.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(img), p(&a)]);
     ok(QIMG, &["convert", "-O", "raw", p(img), p(&b)]);
-    let (la, lb) = (
-        std::fs::metadata(&a).unwrap().len(),
-        std::fs::metadata(&b).unwrap().len(),
-    );
+    let (la, lb) = (std::fs::metadata(&a).unwrap().len(), std::fs::metadata(&b).unwrap().len());
     assert_eq!(la, lb, "converted sizes of {}", img.display());
     if la <= 512 << 20 {
         let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         if let Some(i) = x.iter().zip(&y).position(|(u, v)| u != v) {
-            panic!(
-                "convert of {} differs from qemu-img's at byte {i}",
-                img.display()
-            );
+            panic!("convert of {} differs from qemu-img's at byte {i}", img.display());
         }
     } else {
         // Large sparse outputs: qemu-img compare skips holes on both sides.
-        ok(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", p(&a), p(&b)],
-        );
+        ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", p(&a), p(&b)]);
     }
     std::fs::remove_file(&a).ok();
     std::fs::remove_file(&b).ok();

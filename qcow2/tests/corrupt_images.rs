@@ -18,14 +18,8 @@ fn patch(path: &Path, off: u64, bytes: &[u8]) {
 /// Runs qimg `args` bounded in time and memory; returns (exit code, stderr).
 fn qimg_bounded(args: &[&str]) -> (i32, String) {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-    let script = format!(
-        "ulimit -v 524288; exec timeout 10 {QIMG} {}",
-        quoted.join(" ")
-    );
-    let out = std::process::Command::new("bash")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
+    let script = format!("ulimit -v 524288; exec timeout 10 {QIMG} {}", quoted.join(" "));
+    let out = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let code = out.status.code().unwrap_or(-1);
     assert_ne!(code, 124, "qimg {args:?} timed out");
@@ -36,11 +30,9 @@ fn qimg_bounded(args: &[&str]) -> (i32, String) {
 /// Every subcommand must refuse the image with a message containing `want`.
 fn assert_refused(img: &Path, want: &str) {
     let out = img.with_extension("out");
-    for args in [
-        vec!["info", p(img)],
-        vec!["map", "--output=json", p(img)],
-        vec!["convert", "-O", "raw", p(img), p(&out)],
-    ] {
+    for args in
+        [vec!["info", p(img)], vec!["map", "--output=json", p(img)], vec!["convert", "-O", "raw", p(img), p(&out)]]
+    {
         let (code, err) = qimg_bounded(&args);
         // info reads no L2 tables (like qemu-img info): it only has to refuse header-level damage.
         if args[0] == "info" && want.starts_with("data:") {
@@ -55,11 +47,7 @@ fn assert_refused(img: &Path, want: &str) {
 fn fresh(d: &Path, name: &str) -> std::path::PathBuf {
     let img = d.join(name);
     create(&img, "", "4M");
-    io(
-        &img,
-        "qcow2",
-        &["write -P 0x11 0 128k", "write -c -P 0x22 1M 64k"],
-    );
+    io(&img, "qcow2", &["write -P 0x11 0 128k", "write -c -P 0x22 1M 64k"]);
     img
 }
 
@@ -121,10 +109,7 @@ fn l1_entry_past_end_of_file() {
     let b = std::fs::read(&img).unwrap();
     let l1 = be64_at(&b, 40);
     patch(&img, l1, &((1u64 << 63) | (1u64 << 44)).to_be_bytes());
-    assert_refused(
-        &img,
-        "data:L2 table at offset 0x100000000000 lies past the end of the file",
-    );
+    assert_refused(&img, "data:L2 table at offset 0x100000000000 lies past the end of the file");
 }
 
 #[test]
@@ -185,58 +170,13 @@ fn backing_loop_and_self_loop() {
     let d = tmpdir();
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "b.qcow2",
-            "-F",
-            "qcow2",
-            p(&a),
-            "1M",
-        ],
-    );
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            p(&b),
-            "1M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", p(&a), "1M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&b), "1M"]);
     let (code, err) = qimg_bounded(&["map", p(&a)]);
     assert_ne!(code, 0);
     assert!(err.contains("backing chain loops back"), "{err}");
     let s = d.path().join("s.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "s.qcow2",
-            "-F",
-            "qcow2",
-            p(&s),
-            "1M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "s.qcow2", "-F", "qcow2", p(&s), "1M"]);
     let (code, err) = qimg_bounded(&["convert", "-O", "raw", p(&s), p(&d.path().join("o.raw"))]);
     assert_ne!(code, 0);
     assert!(err.contains("backing chain loops back"), "{err}");
@@ -249,33 +189,14 @@ fn chain_deeper_than_the_limit_is_refused() {
     create(&prev, "", "1M");
     for i in 1..=5 {
         let next = d.path().join(format!("c{i}.qcow2"));
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                p(&prev),
-                "-F",
-                "qcow2",
-                p(&next),
-            ],
-        );
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", p(&prev), "-F", "qcow2", p(&next)]);
         prev = next;
     }
-    let o = qcow2::OpenOptions {
-        max_chain_depth: 3,
-        ..Default::default()
-    };
+    let o = qcow2::OpenOptions { max_chain_depth: 3, ..Default::default() };
     let e = qcow2::Image::open(p(&prev), &o).unwrap_err();
     assert_eq!(e.kind(), qcow2::ErrorKind::BackingChain);
     assert!(e.to_string().contains("deeper than 3"), "{e}");
-    let o = qcow2::OpenOptions {
-        max_chain_depth: 5,
-        ..Default::default()
-    };
+    let o = qcow2::OpenOptions { max_chain_depth: 5, ..Default::default() };
     assert!(qcow2::Image::open(p(&prev), &o).is_ok());
 }
 
@@ -283,22 +204,7 @@ fn chain_deeper_than_the_limit_is_refused() {
 fn missing_backing_file_names_it() {
     let d = tmpdir();
     let a = d.path().join("a.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "gone.qcow2",
-            "-F",
-            "qcow2",
-            p(&a),
-            "1M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", p(&a), "1M"]);
     let (code, err) = qimg_bounded(&["map", p(&a)]);
     assert_ne!(code, 0);
     assert!(err.contains("gone.qcow2"), "{err}");
@@ -334,10 +240,7 @@ fn unknown_incompatible_feature_is_named() {
     let d = tmpdir();
     let img = fresh(d.path(), "f.qcow2");
     patch(&img, 72, &(1u64 << 17).to_be_bytes());
-    assert_refused(
-        &img,
-        "unsupported incompatible features: unknown feature bit 17",
-    );
+    assert_refused(&img, "unsupported incompatible features: unknown feature bit 17");
 }
 
 #[test]

@@ -29,11 +29,7 @@ fn cluster_sizes_and_versions_read_like_qemu() {
             let d = tmpdir();
             let img = d.path().join("img.qcow2");
             let size = (cs * 20).max(1 << 20);
-            create(
-                &img,
-                &format!("cluster_size={cs},compat={compat}"),
-                &size.to_string(),
-            );
+            create(&img, &format!("cluster_size={cs},compat={compat}"), &size.to_string());
             scribble(&img, cs);
             assert_all_equal(&img, d.path());
         }
@@ -57,24 +53,15 @@ fn compressed_clusters_deflate_and_zstd() {
         for cs in [4096u64, 65536] {
             let d = tmpdir();
             let img = d.path().join("img.qcow2");
-            create(
-                &img,
-                &format!("compression_type={ct},cluster_size={cs}"),
-                "4M",
-            );
+            create(&img, &format!("compression_type={ct},cluster_size={cs}"), "4M");
             io(
                 &img,
                 "qcow2",
-                &[
-                    &format!("write -c -P 0x5a 0 {}", cs * 4),
-                    &format!("write -c -P 0x01 {} {}", cs * 8, cs),
-                ],
+                &[&format!("write -c -P 0x5a 0 {}", cs * 4), &format!("write -c -P 0x01 {} {}", cs * 8, cs)],
             );
             // Compressed clusters from convert -c of a varied raw file, too.
             let raw = d.path().join("src.raw");
-            let data: Vec<u8> = (0..(1u32 << 20))
-                .map(|i| ((i / 7) ^ (i >> 11)) as u8)
-                .collect();
+            let data: Vec<u8> = (0..(1u32 << 20)).map(|i| ((i / 7) ^ (i >> 11)) as u8).collect();
             std::fs::write(&raw, &data).unwrap();
             let conv = d.path().join("conv.qcow2");
             ok(
@@ -140,75 +127,19 @@ fn chain_raw_qcow2_qcow2_qcow2_with_shorter_backing() {
     ok("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "3M"]);
     io(&raw, "raw", &["write -P 0xa1 0 1M", "write -P 0xa2 2M 512"]);
     let l1 = d.path().join("l1.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&l1),
-            "5M",
-        ],
-    );
-    io(
-        &l1,
-        "qcow2",
-        &["write -P 0xb1 100k 3000", "write -P 0xb2 3M 64k"],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&l1), "5M"]);
+    io(&l1, "qcow2", &["write -P 0xb1 100k 3000", "write -P 0xb2 3M 64k"]);
     let l2 = d.path().join("l2.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "l1.qcow2",
-            "-F",
-            "qcow2",
-            p(&l2),
-            "6M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "l1.qcow2", "-F", "qcow2", p(&l2), "6M"]);
     io(&l2, "qcow2", &["write -P 0xc1 200k 70k", "write -z 0 4096"]);
     let l3 = d.path().join("l3.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "l2.qcow2",
-            "-F",
-            "qcow2",
-            p(&l3),
-            "8M",
-        ],
-    );
-    io(
-        &l3,
-        "qcow2",
-        &["write -P 0xd1 65000 10", "write -P 0xd2 7M 4096"],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "l2.qcow2", "-F", "qcow2", p(&l3), "8M"]);
+    io(&l3, "qcow2", &["write -P 0xd1 65000 10", "write -P 0xd2 7M 4096"]);
     assert_all_equal(&l3, d.path());
     assert_info_equal(&l3, &["--backing-chain"]);
     // Relative backing names resolve against the overlay's folder, not the working directory.
     let out = ok(QIMG, &["info", "--output=json", p(&l3)]);
-    assert!(
-        out.contains(&format!(
-            "\"full-backing-filename\": \"{}\"",
-            p(&d.path().join("l2.qcow2"))
-        )),
-        "{out}"
-    );
+    assert!(out.contains(&format!("\"full-backing-filename\": \"{}\"", p(&d.path().join("l2.qcow2")))), "{out}");
 }
 
 #[test]
@@ -225,20 +156,12 @@ fn internal_snapshot_then_more_writes() {
     // Reading as of a snapshot: compare with qemu-img convert -l.
     let a = d.path().join("a.raw");
     let b = d.path().join("b.raw");
-    ok(
-        "qemu-img",
-        &["convert", "-l", "first", "-O", "raw", p(&img), p(&a)],
-    );
+    ok("qemu-img", &["convert", "-l", "first", "-O", "raw", p(&img), p(&a)]);
     let out = run(QIMG, &["info", p(&img)]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("second"));
-    let img_s = qcow2::Image::open(
-        p(&img),
-        &qcow2::OpenOptions {
-            snapshot: Some("first".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img_s =
+        qcow2::Image::open(p(&img), &qcow2::OpenOptions { snapshot: Some("first".into()), ..Default::default() })
+            .unwrap();
     let mut buf = vec![0u8; 4 << 20];
     qcow2::BlockDevice::read_at(img_s.as_ref(), &mut buf, 0).unwrap();
     std::fs::write(&b, &buf).unwrap();
@@ -251,16 +174,8 @@ fn external_data_file_raw_and_not() {
         let d = tmpdir();
         let img = d.path().join("img.qcow2");
         let data = d.path().join("data.bin");
-        create(
-            &img,
-            &format!("data_file={},data_file_raw={raw}", p(&data)),
-            "4M",
-        );
-        io(
-            &img,
-            "qcow2",
-            &["write -P 0x31 0 100k", "write -P 0x32 2M 4096"],
-        );
+        create(&img, &format!("data_file={},data_file_raw={raw}", p(&data)), "4M");
+        io(&img, "qcow2", &["write -P 0x31 0 100k", "write -P 0x32 2M 4096"]);
         assert_all_equal(&img, d.path());
     }
 }
@@ -270,15 +185,7 @@ fn one_tebibyte_sparse_image() {
     let d = tmpdir();
     let img = d.path().join("big.qcow2");
     create(&img, "", "1T");
-    io(
-        &img,
-        "qcow2",
-        &[
-            "write -P 0x42 0 64k",
-            "write -P 0x43 512G 4096",
-            "write -P 0x44 1023G 1M",
-        ],
-    );
+    io(&img, "qcow2", &["write -P 0x42 0 64k", "write -P 0x43 512G 4096", "write -P 0x44 1023G 1M"]);
     assert_map_equal(&img);
     assert_info_equal(&img, &[]);
     assert_convert_equal(&img, d.path());
@@ -289,11 +196,7 @@ fn raw_images_read_like_qemu() {
     let d = tmpdir();
     let img = d.path().join("img.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", p(&img), "10M"]);
-    io(
-        &img,
-        "raw",
-        &["write -P 0x55 1M 64k", "write -P 0x56 9M 4096"],
-    );
+    io(&img, "raw", &["write -P 0x55 1M 64k", "write -P 0x56 9M 4096"]);
     assert_all_equal(&img, d.path());
 }
 
@@ -308,10 +211,7 @@ fn compare_reports_like_qemu() {
     io(&b, "qcow2", &["write -P 0x01 0 1M"]);
     let same = run(QIMG, &["compare", p(&a), p(&b)]);
     assert_eq!(same.status.code(), Some(0));
-    assert_eq!(
-        String::from_utf8_lossy(&same.stdout),
-        "Images are identical.\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&same.stdout), "Images are identical.\n");
     io(&b, "qcow2", &["write -P 0x02 70000 1"]);
     let theirs = run("qemu-img", &["compare", p(&a), p(&b)]);
     let ours = run(QIMG, &["compare", p(&a), p(&b)]);
@@ -322,10 +222,7 @@ fn compare_reports_like_qemu() {
     io(&c, "qcow2", &["write -P 0x01 0 1M", "write -P 0x09 4M 512"]);
     let theirs = run("qemu-img", &["compare", p(&a), p(&c)]);
     let ours = run(QIMG, &["compare", p(&a), p(&c)]);
-    assert_eq!(
-        String::from_utf8_lossy(&ours.stdout),
-        String::from_utf8_lossy(&theirs.stdout)
-    );
+    assert_eq!(String::from_utf8_lossy(&ours.stdout), String::from_utf8_lossy(&theirs.stdout));
     assert_eq!(ours.status.code(), theirs.status.code());
     let missing = run(QIMG, &["compare", p(&a), "/nonexistent.qcow2"]);
     assert_eq!(missing.status.code(), Some(2));
@@ -338,28 +235,8 @@ fn human_output_matches_qemu() {
     ok("qemu-img", &["create", "-q", "-f", "raw", p(&base), "4M"]);
     io(&base, "raw", &["write -P 0x11 0 64k"]);
     let img = d.path().join("ov.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "raw",
-            p(&img),
-            "6M",
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", p(&base), "-F", "raw", p(&img), "6M"]);
     io(&img, "qcow2", &["write -P 0x33 32k 64k"]);
-    assert_eq!(
-        ok(QIMG, &["map", p(&img)]),
-        ok("qemu-img", &["map", p(&img)])
-    );
-    assert_eq!(
-        ok(QIMG, &["info", p(&img)]),
-        ok("qemu-img", &["info", p(&img)])
-    );
+    assert_eq!(ok(QIMG, &["map", p(&img)]), ok("qemu-img", &["map", p(&img)]));
+    assert_eq!(ok(QIMG, &["info", p(&img)]), ok("qemu-img", &["info", p(&img)]));
 }

@@ -28,14 +28,7 @@ fn same_as_qemu(img: &Path, ops: &[Op]) {
     let refimg = img.with_extension("ref");
     std::fs::copy(img, &refimg).unwrap();
     {
-        let dev = Image::open(
-            p(img),
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let dev = Image::open(p(img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
         for &op in ops {
             match op {
                 Op::Write(pat, o, l) => dev.write_at(&vec![pat; l as usize], o, false).unwrap(),
@@ -58,21 +51,10 @@ fn same_as_qemu(img: &Path, ops: &[Op]) {
         String::from_utf8_lossy(&chk.stderr)
     );
     let cmp = run("qemu-img", &["compare", p(img), p(&refimg)]);
-    assert_eq!(
-        cmp.status.code(),
-        Some(0),
-        "compare {}: {}",
-        img.display(),
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_eq!(cmp.status.code(), Some(0), "compare {}: {}", img.display(), String::from_utf8_lossy(&cmp.stdout));
     // And qimg's own check agrees.
     let ours = run(QIMG, &["check", p(img)]);
-    assert_eq!(
-        ours.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ours.stderr)
-    );
+    assert_eq!(ours.status.code(), Some(0), "{}", String::from_utf8_lossy(&ours.stderr));
 }
 
 fn mixed_ops(cs: u64, size: u64) -> Vec<Op> {
@@ -89,15 +71,9 @@ fn mixed_ops(cs: u64, size: u64) -> Vec<Op> {
     // Many scattered small writes: refcount blocks and L2 tables get allocated as they go.
     let mut x = 12345u64;
     for i in 0..200 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let off = (x >> 20) % (size - 8192);
-        v.push(Op::Write(
-            (i % 250) as u8 + 1,
-            off & !511,
-            512 * (1 + (x % 8)),
-        ));
+        v.push(Op::Write((i % 250) as u8 + 1, off & !511, 512 * (1 + (x % 8))));
     }
     v
 }
@@ -109,11 +85,7 @@ fn writes_on_every_cluster_size_and_version_match_qemu() {
             let d = tmpdir();
             let img = d.path().join("w.qcow2");
             let size = (cs * 64).max(16 << 20);
-            create(
-                &img,
-                &format!("cluster_size={cs},compat={compat}"),
-                &size.to_string(),
-            );
+            create(&img, &format!("cluster_size={cs},compat={compat}"), &size.to_string());
             same_as_qemu(&img, &mixed_ops(cs, size));
         }
     }
@@ -125,11 +97,7 @@ fn refcount_widths_and_refcount_table_growth() {
         let d = tmpdir();
         let img = d.path().join("w.qcow2");
         // 512-byte clusters with 1-bit refcounts: one refcount block covers 2 MiB, so the table must grow.
-        create(
-            &img,
-            &format!("cluster_size=512,refcount_bits={bits}"),
-            "64M",
-        );
+        create(&img, &format!("cluster_size=512,refcount_bits={bits}"), "64M");
         let mut ops = vec![Op::Write(0x61, 0, 24 << 20)];
         ops.extend(mixed_ops(512, 64 << 20));
         same_as_qemu(&img, &ops);
@@ -142,43 +110,15 @@ fn copy_on_write_from_backing_chain_and_compressed_clusters() {
     let base = d.path().join("base.qcow2");
     create(&base, "", "16M");
     // qemu writes compressed clusters only where nothing is allocated yet.
-    io(
-        &base,
-        "qcow2",
-        &[
-            "write -c -P 0x42 4M 128k",
-            "write -P 0x41 0 4M",
-            "write -P 0x41 5M 11M",
-        ],
-    );
+    io(&base, "qcow2", &["write -c -P 0x42 4M 128k", "write -P 0x41 0 4M", "write -P 0x41 5M 11M"]);
     let img = d.path().join("ov.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&img),
-        ],
-    );
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&img)]);
     same_as_qemu(&img, &mixed_ops(65536, 16 << 20));
     // Overwriting compressed clusters in place (no backing).
     let c = d.path().join("c.qcow2");
     create(&c, "", "4M");
     io(&c, "qcow2", &["write -c -P 0x71 0 1M"]);
-    same_as_qemu(
-        &c,
-        &[
-            Op::Write(0x72, 1000, 10),
-            Op::Zero(65536, 65536, false),
-            Op::Write(0x73, 200000, 70000),
-        ],
-    );
+    same_as_qemu(&c, &[Op::Write(0x72, 1000, 10), Op::Zero(65536, 65536, false), Op::Write(0x73, 200000, 70000)]);
 }
 
 #[test]
@@ -224,19 +164,16 @@ fn extended_l2_allocates_only_touched_subclusters() {
         ],
     );
     {
-        let dev = Image::open(
-            p(&img2),
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        dev.write_at(&[1u8; 4096], 128 * 1024 + 4096, false)
-            .unwrap();
+        let dev = Image::open(p(&img2), &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        dev.write_at(&[1u8; 4096], 128 * 1024 + 4096, false).unwrap();
     }
     let map = ok("qemu-img", &["map", "--output=json", p(&img2)]);
-    assert!(map.contains("\"start\": 135168, \"length\": 4096, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "{map}");
+    assert!(
+        map.contains(
+            "\"start\": 135168, \"length\": 4096, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"
+        ),
+        "{map}"
+    );
     let chk = run("qemu-img", &["check", p(&img2)]);
     assert_eq!(chk.status.code(), Some(0));
 }
@@ -251,10 +188,7 @@ fn writes_after_an_internal_snapshot_copy_shared_clusters() {
     same_as_qemu(&img, &mixed_ops(65536, 8 << 20));
     // The snapshot still reads as it was.
     let a = d.path().join("a.raw");
-    ok(
-        "qemu-img",
-        &["convert", "-l", "before", "-O", "raw", p(&img), p(&a)],
-    );
+    ok("qemu-img", &["convert", "-l", "before", "-O", "raw", p(&img), p(&a)]);
     let data = std::fs::read(&a).unwrap();
     assert!(data[..4 << 20].iter().all(|&b| b == 0x10));
     assert!(data[4 << 20..].iter().all(|&b| b == 0));
@@ -271,14 +205,7 @@ fn external_data_file() {
     let refdata = d.path().join("e.refdata");
     create(&refimg, &format!("data_file={}", p(&refdata)), "8M");
     {
-        let dev = Image::open(
-            p(&img),
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let dev = Image::open(p(&img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
         for &op in &ops {
             match op {
                 Op::Write(pat, o, l) => dev.write_at(&vec![pat; l as usize], o, false).unwrap(),
@@ -291,12 +218,7 @@ fn external_data_file() {
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     io(&refimg, "qcow2", &refs);
     assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
-    assert_eq!(
-        run("qemu-img", &["compare", p(&img), p(&refimg)])
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(run("qemu-img", &["compare", p(&img), p(&refimg)]).status.code(), Some(0));
 }
 
 #[test]
@@ -304,10 +226,7 @@ fn qimg_create_matches_qemu_img_create() {
     for (opts, size) in [
         ("", "64M"),
         ("compat=0.10,cluster_size=4k", "1G"),
-        (
-            "extended_l2=on,lazy_refcounts=on,refcount_bits=64,compression_type=zstd",
-            "1G",
-        ),
+        ("extended_l2=on,lazy_refcounts=on,refcount_bits=64,compression_type=zstd", "1G"),
         ("cluster_size=512,refcount_bits=1", "100M"),
         ("cluster_size=2M", "10T"),
     ] {
@@ -323,92 +242,40 @@ fn qimg_create_matches_qemu_img_create() {
         qb.extend([p(&b), size]);
         ok("qemu-img", &qa);
         ok(QIMG, &qb);
-        assert_eq!(
-            run("qemu-img", &["check", p(&b)]).status.code(),
-            Some(0),
-            "check of qimg create -o {opts}"
-        );
+        assert_eq!(run("qemu-img", &["check", p(&b)]).status.code(), Some(0), "check of qimg create -o {opts}");
         let strip = |s: String| -> String {
             s.lines()
-                .filter(|l| {
-                    !l.contains("actual-size")
-                        && !l.contains("\"virtual-size\": 1")
-                        && !l.contains("filename")
-                })
+                .filter(|l| !l.contains("actual-size") && !l.contains("\"virtual-size\": 1") && !l.contains("filename"))
                 .collect::<Vec<_>>()
                 .join("\n")
         };
         let ia = strip(ok("qemu-img", &["info", "--output=json", p(&a)]));
         let ib = strip(ok("qemu-img", &["info", "--output=json", p(&b)]));
-        assert_eq!(
-            ia.replace("a.qcow2", "X"),
-            ib.replace("b.qcow2", "X"),
-            "qimg create -o {opts}"
-        );
+        assert_eq!(ia.replace("a.qcow2", "X"), ib.replace("b.qcow2", "X"), "qimg create -o {opts}");
         // The new image takes writes that qemu reads back.
-        same_as_qemu(
-            &b,
-            &[Op::Write(0x7e, 0, 1 << 20), Op::Write(0x7f, 3 << 20, 4096)],
-        );
+        same_as_qemu(&b, &[Op::Write(0x7e, 0, 1 << 20), Op::Write(0x7f, 3 << 20, 4096)]);
     }
     // With a backing file the size defaults to the backing file's; a missing backing file is an error.
     let d = tmpdir();
     let base = d.path().join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", p(&base), "5M"]);
     let ov = d.path().join("ov.qcow2");
-    ok(
-        QIMG,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&ov),
-        ],
-    );
+    ok(QIMG, &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&ov)]);
     let info = ok("qemu-img", &["info", "--output=json", p(&ov)]);
     assert!(info.contains("\"virtual-size\": 5242880"), "{info}");
-    assert!(
-        info.contains("\"backing-filename\": \"base.raw\""),
-        "{info}"
-    );
-    let bad = run(
-        QIMG,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "missing.raw",
-            "-F",
-            "raw",
-            p(&d.path().join("x.qcow2")),
-        ],
-    );
+    assert!(info.contains("\"backing-filename\": \"base.raw\""), "{info}");
+    let bad =
+        run(QIMG, &["create", "-q", "-f", "qcow2", "-b", "missing.raw", "-F", "raw", p(&d.path().join("x.qcow2"))]);
     assert_ne!(bad.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("Could not open backing image"));
-    let nosize = run(
-        QIMG,
-        &["create", "-q", "-f", "qcow2", p(&d.path().join("y.qcow2"))],
-    );
-    assert!(
-        String::from_utf8_lossy(&nosize.stderr).contains("Image creation needs a size parameter")
-    );
+    let nosize = run(QIMG, &["create", "-q", "-f", "qcow2", p(&d.path().join("y.qcow2"))]);
+    assert!(String::from_utf8_lossy(&nosize.stderr).contains("Image creation needs a size parameter"));
 }
 
 /// Sets cluster `c`'s 16-bit refcount in the first refcount block.
 fn poke_refcount(img: &Path, c: u64, v: u16) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(img)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
     let mut h = [0u8; 64];
     f.read_exact_at(&mut h, 0).unwrap();
     let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
@@ -423,19 +290,10 @@ fn qimg_check_reports_and_repairs_like_qemu_img() {
     let d = tmpdir();
     let img = d.path().join("k.qcow2");
     create(&img, "", "64M");
-    io(
-        &img,
-        "qcow2",
-        &["write 0 1M", "write -c 2M 64k", "write 4M 64k"],
-    );
+    io(&img, "qcow2", &["write 0 1M", "write -c 2M 64k", "write 4M 64k"]);
     // A leak: one more cluster in the file with a refcount and no reference.
     let len = std::fs::metadata(&img).unwrap().len().div_ceil(65536) * 65536;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(len + 65536)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(len + 65536).unwrap();
     poke_refcount(&img, len / 65536, 1);
     for args in [vec!["check"], vec!["check", "--output=json"]] {
         let mut a = args.clone();
@@ -457,27 +315,14 @@ fn qimg_check_reports_and_repairs_like_qemu_img() {
     let ours = run(QIMG, &["check", "--output=json", p(&bad)]);
     assert_eq!(ours.status.code(), Some(2));
     assert_eq!(ours.status.code(), theirs.status.code());
-    assert_eq!(
-        String::from_utf8_lossy(&ours.stdout),
-        String::from_utf8_lossy(&theirs.stdout)
-    );
+    assert_eq!(String::from_utf8_lossy(&ours.stdout), String::from_utf8_lossy(&theirs.stdout));
     // Repairs: leaks, then everything; qemu-img then calls both clean.
     let out = run(QIMG, &["check", "-r", "leaks", p(&img)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 leaked clusters"));
     assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
     let out = run(QIMG, &["check", "-r", "all", p(&bad)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(run("qemu-img", &["check", p(&bad)]).status.code(), Some(0));
 }
 
@@ -491,15 +336,7 @@ fn resize_grows_qcow2_and_raw() {
     let out = ok(QIMG, &["resize", p(&img), "+15M"]);
     assert_eq!(out, "Image resized.\n");
     assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
-    io(
-        &img,
-        "qcow2",
-        &[
-            "write -P 0x22 15M 1M",
-            "read -P 0x21 0 1M",
-            "read -P 0 1M 14M",
-        ],
-    );
+    io(&img, "qcow2", &["write -P 0x22 15M 1M", "read -P 0x21 0 1M", "read -P 0 1M 14M"]);
     let info = ok("qemu-img", &["info", "--output=json", p(&img)]);
     assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
     let shrink = run(QIMG, &["resize", p(&img), "1M"]);

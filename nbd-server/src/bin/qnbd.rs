@@ -52,6 +52,10 @@ struct Cli {
     /// Clients served at once (default 1, as qemu-nbd).
     #[arg(short = 'e', long, default_value_t = 1)]
     shared: usize,
+    /// Every client connection gets its own throwaway overlay on the pristine image (for fuzzing campaigns:
+    /// reconnect to reset the disk).
+    #[arg(long = "fresh-per-connection")]
+    fresh_per_connection: bool,
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
@@ -82,11 +86,14 @@ struct Cli {
     /// Deepest backing chain accepted.
     #[arg(long = "max-chain-depth", default_value_t = qcow2::limits::DEFAULT_MAX_CHAIN_DEPTH)]
     max_chain_depth: usize,
+    /// List the exports of a server (as a client) and exit, like qemu-nbd -L.
+    #[arg(short = 'L', long)]
+    list: bool,
     /// Log more (repeat for more).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
     /// Image files to serve.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "list")]
     files: Vec<String>,
 }
 
@@ -97,10 +104,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn snapshot_name(s: &str) -> String {
     for part in s.split(',') {
-        if let Some(v) = part
-            .strip_prefix("snapshot.name=")
-            .or_else(|| part.strip_prefix("snapshot.id="))
-        {
+        if let Some(v) = part.strip_prefix("snapshot.name=").or_else(|| part.strip_prefix("snapshot.id=")) {
             return v.to_string();
         }
     }
@@ -108,12 +112,7 @@ fn snapshot_name(s: &str) -> String {
 }
 
 fn build_exports(cli: &Cli) -> Result<Exports, String> {
-    let format = cli
-        .format
-        .as_deref()
-        .map(Format::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let format = cli.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
     let unmap = match cli.discard.as_str() {
         "ignore" | "off" => false,
         "unmap" | "on" => true,
@@ -128,9 +127,6 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
     if cli.detect_zeroes == "unmap" && !unmap {
         return Err("--detect-zeroes=unmap requires --discard=unmap".into());
     }
-    if cli.offset != 0 {
-        return Err("-o/--offset is not supported".into());
-    }
     if cli.export_name.len() > cli.files.len() {
         return Err("more export names (-x) than files".into());
     }
@@ -141,18 +137,16 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
         let read_only = cli.read_only || snapshot.is_some();
         let opts = OpenOptions {
             format,
-            writable: !read_only && !cli.snapshot,
+            writable: !read_only && !cli.snapshot && !cli.fresh_per_connection,
             snapshot,
             max_chain_depth: cli.max_chain_depth,
             shared: Some(shared.clone()),
             ..Default::default()
         };
         let img = Image::open(f, &opts).map_err(|e| e.to_string())?;
+        let base = img.clone();
         let (img, read_only) = if cli.snapshot && !read_only {
-            (
-                nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?,
-                false,
-            )
+            (nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?, false)
         } else {
             (img, read_only)
         };
@@ -167,12 +161,22 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
         list.push(Arc::new(Export {
             name,
             description: cli.description.clone().unwrap_or_default(),
-            device: img,
+            device: if cli.offset == 0 {
+                img as Arc<dyn qcow2::BlockDevice>
+            } else {
+                Arc::new(
+                    nbd_server::window::Window::new(img, cli.offset)
+                        .ok_or_else(|| format!("Offset {} is beyond the end of '{f}'", cli.offset))?,
+                )
+            },
             read_only,
             unmap,
             detect_zeroes,
             allocation_depth: cli.allocation_depth,
-            multi_conn: cli.shared > 1,
+            multi_conn: cli.shared > 1 && !cli.fresh_per_connection,
+            fresh: cli
+                .fresh_per_connection
+                .then(|| nbd_server::export::Fresh { base: base.clone(), opts: opts.clone() }),
         }));
     }
     Ok(Exports { list })
@@ -194,22 +198,15 @@ fn bind(cli: &Cli) -> Result<Vec<StdListener>, String> {
                 let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
                 let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 // SAFETY: getsockname writes at most `len` bytes into `st`, which we own.
-                let r = unsafe {
-                    libc::getsockname(fd, &mut st as *mut _ as *mut libc::sockaddr, &mut len)
-                };
+                let r = unsafe { libc::getsockname(fd, &mut st as *mut _ as *mut libc::sockaddr, &mut len) };
                 if r != 0 {
                     return Err(format!("LISTEN_FDS: fd {fd} is not a socket"));
                 }
                 // SAFETY: systemd passed us these descriptors; we take ownership of each exactly once.
                 if i32::from(st.ss_family) == libc::AF_UNIX {
-                    v.push(StdListener::Unix(
-                        unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) },
-                        None,
-                    ));
+                    v.push(StdListener::Unix(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) }, None));
                 } else {
-                    v.push(StdListener::Tcp(unsafe {
-                        std::net::TcpListener::from_raw_fd(fd)
-                    }));
+                    v.push(StdListener::Tcp(unsafe { std::net::TcpListener::from_raw_fd(fd) }));
                 }
             }
             return Ok(v);
@@ -233,9 +230,35 @@ fn bind(cli: &Cli) -> Result<Vec<StdListener>, String> {
     } else {
         format!("{host}:{port}")
     };
-    let l = std::net::TcpListener::bind(&addr)
-        .map_err(|e| format!("Failed to bind socket to {addr}: {e}"))?;
+    let l = std::net::TcpListener::bind(&addr).map_err(|e| format!("Failed to bind socket to {addr}: {e}"))?;
     Ok(vec![StdListener::Tcp(l)])
+}
+
+/// `-L`: connect to the server named by -k or -b/-p and print its exports as qemu-nbd -L does.
+fn list_exports(cli: &Cli) -> ExitCode {
+    let timeout = Some(Duration::from_secs(30));
+    let r = if let Some(path) = &cli.socket {
+        std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("Failed to connect to '{path}': {e}"))
+            .and_then(|s| {
+                let _ = s.set_read_timeout(timeout);
+                nbd_server::list::list(s).map_err(|e| e.to_string())
+            })
+    } else {
+        let host = cli.bind.clone().unwrap_or_else(|| "localhost".into());
+        let addr = format!("{host}:{}", cli.port.unwrap_or(10809));
+        std::net::TcpStream::connect(&addr).map_err(|e| format!("Failed to connect to '{addr}': {e}")).and_then(|s| {
+            let _ = s.set_read_timeout(timeout);
+            nbd_server::list::list(s).map_err(|e| e.to_string())
+        })
+    };
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn main() -> ExitCode {
@@ -247,10 +270,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .init();
+    if cli.list {
+        return list_exports(&cli);
+    }
     if cli.shared == 0 {
         return fail("--shared must be at least 1");
     }
@@ -277,11 +301,7 @@ fn main() -> ExitCode {
                 // SAFETY: setsid has no memory-safety preconditions.
                 unsafe { libc::setsid() };
                 // A daemon lets go of the caller's terminal and pipes (the caller may be waiting for EOF).
-                if let Ok(null) = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/null")
-                {
+                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
                     use std::os::unix::io::AsRawFd;
                     for fd in 0..3 {
                         // SAFETY: dup2 onto the standard descriptors with a descriptor we own.
@@ -297,10 +317,7 @@ fn main() -> ExitCode {
             return fail(format!("Failed to write pid file {p}: {e}"));
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
@@ -342,11 +359,9 @@ fn main() -> ExitCode {
         let s2 = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            ) else {
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+            else {
                 return;
             };
             tokio::select! {

@@ -71,8 +71,7 @@ impl<'a> Reader<'a> {
     }
     /// A big-endian u32.
     pub fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     /// A string prefixed by a u32 length, at most [`MAX_STRING`] bytes, valid UTF-8.
     pub fn string(&mut self) -> Option<&'a str> {
@@ -101,10 +100,7 @@ mod tests {
     fn golden_ack() {
         let mut v = Vec::new();
         reply(&mut v, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, &[]);
-        assert_eq!(
-            v,
-            [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0]
-        );
+        assert_eq!(v, [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -25,15 +25,7 @@ pub fn simple(cookie: u64, error: u32) -> [u8; 16] {
 
 /// Appends a structured or extended chunk header to `out`. `offset` is the request's offset (sent only in
 /// extended headers).
-pub fn chunk_header(
-    out: &mut Vec<u8>,
-    style: Style,
-    flags: u16,
-    kind: u16,
-    cookie: u64,
-    offset: u64,
-    len: u64,
-) {
+pub fn chunk_header(out: &mut Vec<u8>, style: Style, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
     match style {
         Style::Extended => {
             out.extend_from_slice(&NBD_EXTENDED_REPLY_MAGIC.to_be_bytes());
@@ -59,15 +51,7 @@ pub fn done(style: Style, cookie: u64, offset: u64, error: u32, msg: &str) -> Ve
         (Style::Simple, e) => simple(cookie, e).to_vec(),
         (_, 0) => {
             let mut v = Vec::with_capacity(32);
-            chunk_header(
-                &mut v,
-                style,
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_NONE,
-                cookie,
-                offset,
-                0,
-            );
+            chunk_header(&mut v, style, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, offset, 0);
             v
         }
         (_, e) => {
@@ -91,47 +75,15 @@ pub fn done(style: Style, cookie: u64, offset: u64, error: u32, msg: &str) -> Ve
 }
 
 /// An OFFSET_HOLE chunk: a u64 offset and a u32 size in every header style (there is no 64-bit hole chunk).
-pub fn hole(
-    out: &mut Vec<u8>,
-    style: Style,
-    flags: u16,
-    cookie: u64,
-    req_off: u64,
-    offset: u64,
-    len: u32,
-) {
-    chunk_header(
-        out,
-        style,
-        flags,
-        NBD_REPLY_TYPE_OFFSET_HOLE,
-        cookie,
-        req_off,
-        12,
-    );
+pub fn hole(out: &mut Vec<u8>, style: Style, flags: u16, cookie: u64, req_off: u64, offset: u64, len: u32) {
+    chunk_header(out, style, flags, NBD_REPLY_TYPE_OFFSET_HOLE, cookie, req_off, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 
 /// The header of an OFFSET_DATA chunk whose `len` data bytes follow.
-pub fn data_header(
-    out: &mut Vec<u8>,
-    style: Style,
-    flags: u16,
-    cookie: u64,
-    req_off: u64,
-    offset: u64,
-    len: u64,
-) {
-    chunk_header(
-        out,
-        style,
-        flags,
-        NBD_REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        req_off,
-        8 + len,
-    );
+pub fn data_header(out: &mut Vec<u8>, style: Style, flags: u16, cookie: u64, req_off: u64, offset: u64, len: u64) {
+    chunk_header(out, style, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, req_off, 8 + len);
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -147,15 +99,7 @@ pub fn block_status(
 ) {
     if style == Style::Extended {
         let len = 8 + 16 * ext.len() as u64;
-        chunk_header(
-            out,
-            style,
-            flags,
-            NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
-            cookie,
-            req_off,
-            len,
-        );
+        chunk_header(out, style, flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, cookie, req_off, len);
         out.extend_from_slice(&id.to_be_bytes());
         out.extend_from_slice(&(ext.len() as u32).to_be_bytes());
         for &(l, f) in ext {
@@ -164,15 +108,7 @@ pub fn block_status(
         }
     } else {
         let len = 4 + 8 * ext.len() as u64;
-        chunk_header(
-            out,
-            style,
-            flags,
-            NBD_REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            req_off,
-            len,
-        );
+        chunk_header(out, style, flags, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, req_off, len);
         out.extend_from_slice(&id.to_be_bytes());
         for &(l, f) in ext {
             out.extend_from_slice(&(l as u32).to_be_bytes());
@@ -187,10 +123,7 @@ mod tests {
 
     #[test]
     fn golden_simple_error() {
-        assert_eq!(
-            simple(7, NBD_EINVAL),
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
-        );
+        assert_eq!(simple(7, NBD_EINVAL), [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]);
     }
 
     #[test]
@@ -198,25 +131,14 @@ mod tests {
         let v = done(Style::Structured, 1, 0, NBD_ENOSPC, "no");
         assert_eq!(
             v,
-            [
-                0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0,
-                28, 0, 2, b'n', b'o'
-            ]
+            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 28, 0, 2, b'n', b'o']
         );
     }
 
     #[test]
     fn extended_block_status_layout() {
         let mut v = Vec::new();
-        block_status(
-            &mut v,
-            Style::Extended,
-            NBD_REPLY_FLAG_DONE,
-            5,
-            4096,
-            1,
-            &[(1 << 33, 3)],
-        );
+        block_status(&mut v, Style::Extended, NBD_REPLY_FLAG_DONE, 5, 4096, 1, &[(1 << 33, 3)]);
         assert_eq!(v.len(), 32 + 8 + 16);
         assert_eq!(&v[0..4], &NBD_EXTENDED_REPLY_MAGIC.to_be_bytes());
         assert_eq!(&v[6..8], &NBD_REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());

@@ -42,11 +42,7 @@ pub fn decode(b: &[u8], extended: bool) -> Result<Request, BadHeader> {
         return Err(BadHeader::Short);
     }
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let want = if extended {
-        NBD_EXTENDED_REQUEST_MAGIC
-    } else {
-        NBD_REQUEST_MAGIC
-    };
+    let want = if extended { NBD_EXTENDED_REQUEST_MAGIC } else { NBD_REQUEST_MAGIC };
     if magic != want {
         return Err(BadHeader::Magic(magic));
     }
@@ -60,25 +56,14 @@ pub fn decode(b: &[u8], extended: bool) -> Result<Request, BadHeader> {
         kind: u16::from_be_bytes([b[6], b[7]]),
         cookie: u64_at(8),
         offset: u64_at(16),
-        length: if extended {
-            u64_at(24)
-        } else {
-            u64::from(u32::from_be_bytes([b[24], b[25], b[26], b[27]]))
-        },
+        length: if extended { u64_at(24) } else { u64::from(u32::from_be_bytes([b[24], b[25], b[26], b[27]])) },
     })
 }
 
 /// Encodes a request header (used by the client side and tests).
 pub fn encode(r: &Request, extended: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(32);
-    v.extend_from_slice(
-        &(if extended {
-            NBD_EXTENDED_REQUEST_MAGIC
-        } else {
-            NBD_REQUEST_MAGIC
-        })
-        .to_be_bytes(),
-    );
+    v.extend_from_slice(&(if extended { NBD_EXTENDED_REQUEST_MAGIC } else { NBD_REQUEST_MAGIC }).to_be_bytes());
     v.extend_from_slice(&r.flags.to_be_bytes());
     v.extend_from_slice(&r.kind.to_be_bytes());
     v.extend_from_slice(&r.cookie.to_be_bytes());
@@ -98,38 +83,20 @@ mod tests {
     #[test]
     fn golden_simple_read_request() {
         let bytes = [
-            0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0,
-            0, 0x10, 0x00, 0, 0, 0x02, 0x00,
+            0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0x00, 0, 0,
+            0x02, 0x00,
         ];
         let r = decode(&bytes, false).unwrap();
-        assert_eq!(
-            r,
-            Request {
-                flags: 1,
-                kind: 0,
-                cookie: 0x0102030405060708,
-                offset: 4096,
-                length: 512
-            }
-        );
+        assert_eq!(r, Request { flags: 1, kind: 0, cookie: 0x0102030405060708, offset: 4096, length: 512 });
         assert_eq!(encode(&r, false), bytes);
     }
 
     #[test]
     fn extended_round_trip_and_wrong_magic() {
-        let r = Request {
-            flags: 0x20,
-            kind: 7,
-            cookie: 9,
-            offset: 1 << 40,
-            length: 1 << 33,
-        };
+        let r = Request { flags: 0x20, kind: 7, cookie: 9, offset: 1 << 40, length: 1 << 33 };
         let b = encode(&r, true);
         assert_eq!(b.len(), 32);
         assert_eq!(decode(&b, true), Ok(r));
-        assert_eq!(
-            decode(&b, false),
-            Err(BadHeader::Magic(NBD_EXTENDED_REQUEST_MAGIC))
-        );
+        assert_eq!(decode(&b, false), Err(BadHeader::Magic(NBD_EXTENDED_REQUEST_MAGIC)));
     }
 }

@@ -153,8 +153,7 @@ pub struct Header {
 }
 
 fn utf8(bytes: &[u8], what: &str) -> Result<String> {
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| Error::invalid(format!("{what} is not valid UTF-8")))
+    String::from_utf8(bytes.to_vec()).map_err(|_| Error::invalid(format!("{what} is not valid UTF-8")))
 }
 
 impl Header {
@@ -192,21 +191,15 @@ impl Header {
         }
         let magic = be32(buf, 0);
         if magic != MAGIC {
-            return Err(Error::invalid(format!(
-                "bad magic {magic:#010x} (expected 0x514649fb, \"QFI\\xfb\")"
-            )));
+            return Err(Error::invalid(format!("bad magic {magic:#010x} (expected 0x514649fb, \"QFI\\xfb\")")));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(format!(
-                "unsupported qcow2 version {version} (only 2 and 3 exist)"
-            )));
+            return Err(Error::unsupported(format!("unsupported qcow2 version {version} (only 2 and 3 exist)")));
         }
         let cluster_bits = be32(buf, 20);
         if !(limits::MIN_CLUSTER_BITS..=limits::MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::invalid(format!(
-                "cluster_bits {cluster_bits} is out of range (9..21)"
-            )));
+            return Err(Error::invalid(format!("cluster_bits {cluster_bits} is out of range (9..21)")));
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
@@ -238,10 +231,7 @@ impl Header {
         };
         if version == 3 {
             if buf.len() < V3_HEADER_LEN as usize {
-                return Err(Error::invalid(format!(
-                    "file is too short for a version 3 header ({} bytes)",
-                    buf.len()
-                )));
+                return Err(Error::invalid(format!("file is too short for a version 3 header ({} bytes)", buf.len())));
             }
             h.incompatible_features = be64(buf, 72);
             h.compatible_features = be64(buf, 80);
@@ -277,54 +267,31 @@ impl Header {
             }
         }
         if h.refcount_order > limits::MAX_REFCOUNT_ORDER {
-            return Err(Error::invalid(format!(
-                "refcount_order {} is out of range (0..6)",
-                h.refcount_order
-            )));
+            return Err(Error::invalid(format!("refcount_order {} is out of range (0..6)", h.refcount_order)));
         }
         let unknown = h.incompatible_features & !INCOMPAT_SUPPORTED;
         // Extensions first: the feature name table names the unknown bits in the error.
         h.parse_extensions(buf)?;
         if unknown != 0 {
-            let names: Vec<String> = (0..64u8)
-                .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| h.feature_name(0, b))
-                .collect();
-            return Err(Error::unsupported(format!(
-                "unsupported incompatible features: {}",
-                names.join(", ")
-            )));
+            let names: Vec<String> =
+                (0..64u8).filter(|b| unknown & (1u64 << b) != 0).map(|b| h.feature_name(0, b)).collect();
+            return Err(Error::unsupported(format!("unsupported incompatible features: {}", names.join(", "))));
         }
         match h.crypt_method {
             0 => {}
-            1 => {
-                return Err(Error::unsupported(
-                    "AES-encrypted qcow2 images are not supported",
-                ))
-            }
-            2 => {
-                return Err(Error::unsupported(
-                    "LUKS-encrypted qcow2 images are not supported",
-                ))
-            }
+            1 => return Err(Error::unsupported("AES-encrypted qcow2 images are not supported")),
+            2 => return Err(Error::unsupported("LUKS-encrypted qcow2 images are not supported")),
             m => return Err(Error::invalid(format!("unknown crypt_method {m}"))),
         }
         if h.size > limits::MAX_VIRTUAL_SIZE {
-            return Err(Error::invalid(format!(
-                "virtual size {} is too large",
-                h.size
-            )));
+            return Err(Error::invalid(format!("virtual size {} is too large", h.size)));
         }
         if h.incompatible_features & INCOMPAT_DATA_FILE != 0 && h.data_file.is_none() {
             // qemu accepts this and expects the data file to be named on the command line; we need the name.
-            return Err(Error::invalid(
-                "external data file bit is set but the image names no data file",
-            ));
+            return Err(Error::invalid("external data file bit is set but the image names no data file"));
         }
         if h.incompatible_features & INCOMPAT_DATA_FILE == 0 && h.data_file.is_some() {
-            return Err(Error::invalid(
-                "data file name extension present without the external data file bit",
-            ));
+            return Err(Error::invalid("data file name extension present without the external data file bit"));
         }
         h.parse_backing_name(buf)?;
         Ok(h)
@@ -338,9 +305,7 @@ impl Header {
                 if off >= buf.len() {
                     return Ok(());
                 }
-                return Err(Error::invalid(format!(
-                    "header extension at {off} runs past the first cluster"
-                )));
+                return Err(Error::invalid(format!("header extension at {off} runs past the first cluster")));
             }
             let kind = be32(buf, off);
             let len = be32(buf, off + 4) as usize;
@@ -348,27 +313,17 @@ impl Header {
                 return Ok(());
             }
             let data_off = off + 8;
-            let end = data_off
-                .checked_add(len)
-                .filter(|&e| e <= buf.len())
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "header extension {kind:#x} length {len} runs past cluster 0"
-                    ))
-                })?;
+            let end = data_off.checked_add(len).filter(|&e| e <= buf.len()).ok_or_else(|| {
+                Error::invalid(format!("header extension {kind:#x} length {len} runs past cluster 0"))
+            })?;
             let data = &buf[data_off..end];
             match kind {
-                EXT_BACKING_FORMAT => {
-                    self.backing_format = Some(utf8(data, "backing format name")?)
-                }
+                EXT_BACKING_FORMAT => self.backing_format = Some(utf8(data, "backing format name")?),
                 EXT_DATA_FILE => self.data_file = Some(utf8(data, "external data file name")?),
                 EXT_FEATURE_NAMES => {
                     for e in data.chunks_exact(48) {
                         let name_bytes = &e[2..];
-                        let n = name_bytes
-                            .iter()
-                            .position(|&c| c == 0)
-                            .unwrap_or(name_bytes.len());
+                        let n = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],
@@ -378,9 +333,7 @@ impl Header {
                 }
                 EXT_BITMAPS => {
                     if data.len() < 24 {
-                        return Err(Error::invalid(format!(
-                            "bitmaps extension too short ({len} bytes)"
-                        )));
+                        return Err(Error::invalid(format!("bitmaps extension too short ({len} bytes)")));
                     }
                     self.bitmaps = Some(BitmapsExt {
                         nb_bitmaps: be32(data, 0),
@@ -390,10 +343,7 @@ impl Header {
                 }
                 _ => {}
             }
-            self.extensions.push(Extension {
-                kind,
-                data: data.to_vec(),
-            });
+            self.extensions.push(Extension { kind, data: data.to_vec() });
             // Each extension is padded to a multiple of 8 bytes.
             off = data_off + len.div_ceil(8) * 8;
         }
@@ -405,9 +355,7 @@ impl Header {
         }
         let size = self.backing_file_size;
         if size > limits::MAX_BACKING_NAME {
-            return Err(Error::invalid(format!(
-                "backing_file_size {size} is too large (max 1023)"
-            )));
+            return Err(Error::invalid(format!("backing_file_size {size} is too large (max 1023)")));
         }
         let start = self.backing_file_offset;
         let end = start + u64::from(size);
@@ -419,10 +367,7 @@ impl Header {
         if size == 0 {
             return Ok(());
         }
-        self.backing_file = Some(utf8(
-            &buf[start as usize..end as usize],
-            "backing file name",
-        )?);
+        self.backing_file = Some(utf8(&buf[start as usize..end as usize], "backing file name")?);
         Ok(())
     }
 }
@@ -498,13 +443,7 @@ mod tests {
         b[116..120].copy_from_slice(&3u32.to_be_bytes());
         b[120..123].copy_from_slice(b"abc");
         let h = Header::parse(&b).unwrap();
-        assert_eq!(
-            h.extensions,
-            vec![Extension {
-                kind: 0x1234,
-                data: b"abc".to_vec()
-            }]
-        );
+        assert_eq!(h.extensions, vec![Extension { kind: 0x1234, data: b"abc".to_vec() }]);
     }
 
     #[test]

@@ -36,22 +36,20 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut off = 0usize;
     for i in 0..count {
-        let head = buf.get(off..off + 40).ok_or_else(|| {
-            Error::invalid(format!("snapshot table entry {i} runs past the table"))
-        })?;
+        let head = buf
+            .get(off..off + 40)
+            .ok_or_else(|| Error::invalid(format!("snapshot table entry {i} runs past the table")))?;
         let id_len = be16(head, 12) as usize;
         let name_len = be16(head, 14) as usize;
         let extra = be32(head, 36);
         if extra > limits::MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(Error::invalid(format!(
-                "snapshot {i}: extra_data_size {extra} is too large"
-            )));
+            return Err(Error::invalid(format!("snapshot {i}: extra_data_size {extra} is too large")));
         }
         let extra = extra as usize;
         let total = 40 + extra + id_len + name_len;
-        let entry = buf.get(off..off + total).ok_or_else(|| {
-            Error::invalid(format!("snapshot table entry {i} runs past the table"))
-        })?;
+        let entry = buf
+            .get(off..off + total)
+            .ok_or_else(|| Error::invalid(format!("snapshot table entry {i} runs past the table")))?;
         let ex = &entry[40..40 + extra];
         let mut vm_state_size = u64::from(be32(head, 32));
         if ex.len() >= 8 {

@@ -57,10 +57,7 @@ pub fn decode_compressed(entry: u64, cluster_bits: u32) -> CompressedDesc {
     let sectors = (entry & ((1u64 << 62) - 1)) >> x;
     // The data ends at the end of sector (offset/512 + sectors).
     let end = ((offset & !511) + (sectors + 1) * 512).max(offset);
-    CompressedDesc {
-        offset,
-        len: end - offset,
-    }
+    CompressedDesc { offset, len: end - offset }
 }
 
 /// Encodes a compressed descriptor (used by tests and the writer).
@@ -72,21 +69,12 @@ pub fn encode_compressed(d: CompressedDesc, cluster_bits: u32) -> u64 {
 }
 
 /// Decodes a standard L2 entry (no subclusters). `zero_bit_valid` is false for v2 and extended L2.
-pub fn decode_l2(
-    entry: u64,
-    cluster_bits: u32,
-    zero_bit_valid: bool,
-    has_data_file: bool,
-) -> L2Kind {
+pub fn decode_l2(entry: u64, cluster_bits: u32, zero_bit_valid: bool, has_data_file: bool) -> L2Kind {
     if entry & OFLAG_COMPRESSED != 0 {
         return L2Kind::Compressed(decode_compressed(entry, cluster_bits));
     }
     let off = entry & OFFSET_MASK;
-    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) {
-        Some(off)
-    } else {
-        None
-    };
+    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) { Some(off) } else { None };
     if zero_bit_valid && entry & OFLAG_ZERO != 0 {
         return L2Kind::Zero { host };
     }
@@ -98,22 +86,12 @@ pub fn decode_l2(
 
 /// Decodes subcluster `sc` (0..32) of an extended L2 entry `(entry, bitmap)`.
 /// Returns `None` for an invalid bitmap (a subcluster both allocated and zero, or allocated without offset).
-pub fn decode_l2_ext(
-    entry: u64,
-    bitmap: u64,
-    sc: u32,
-    cluster_bits: u32,
-    has_data_file: bool,
-) -> Option<L2Kind> {
+pub fn decode_l2_ext(entry: u64, bitmap: u64, sc: u32, cluster_bits: u32, has_data_file: bool) -> Option<L2Kind> {
     if entry & OFLAG_COMPRESSED != 0 {
         return Some(L2Kind::Compressed(decode_compressed(entry, cluster_bits)));
     }
     let off = entry & OFFSET_MASK;
-    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) {
-        Some(off)
-    } else {
-        None
-    };
+    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) { Some(off) } else { None };
     let alloc = bitmap & (1u64 << sc) != 0;
     let zero = bitmap & (1u64 << (sc + 32)) != 0;
     match (alloc, zero) {
@@ -131,56 +109,28 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips_for_every_cluster_size() {
         for bits in 9..=21 {
-            let d = CompressedDesc {
-                offset: 0x12_3456,
-                len: 1000.min((1u64 << bits) - 100),
-            };
+            let d = CompressedDesc { offset: 0x12_3456, len: 1000.min((1u64 << bits) - 100) };
             let e = encode_compressed(d, bits);
             let back = decode_compressed(e, bits);
             assert_eq!(back.offset, d.offset, "bits {bits}");
-            assert!(
-                back.len >= d.len && back.len < d.len + 512,
-                "bits {bits}: {back:?}"
-            );
+            assert!(back.len >= d.len && back.len < d.len + 512, "bits {bits}: {back:?}");
         }
     }
 
     #[test]
     fn zero_flag_only_counts_when_valid() {
-        assert_eq!(
-            decode_l2(OFLAG_ZERO, 16, true, false),
-            L2Kind::Zero { host: None }
-        );
-        assert_eq!(
-            decode_l2(OFLAG_ZERO, 16, false, false),
-            L2Kind::Unallocated { host: None }
-        );
-        assert_eq!(
-            decode_l2(0x10000 | OFLAG_COPIED, 16, true, false),
-            L2Kind::Data { host: 0x10000 }
-        );
+        assert_eq!(decode_l2(OFLAG_ZERO, 16, true, false), L2Kind::Zero { host: None });
+        assert_eq!(decode_l2(OFLAG_ZERO, 16, false, false), L2Kind::Unallocated { host: None });
+        assert_eq!(decode_l2(0x10000 | OFLAG_COPIED, 16, true, false), L2Kind::Data { host: 0x10000 });
     }
 
     #[test]
     fn extended_subcluster_bits() {
         let e = 0x20000 | OFLAG_COPIED;
         let bm = 0b1 | (0b10 << 32);
-        assert_eq!(
-            decode_l2_ext(e, bm, 0, 16, false),
-            Some(L2Kind::Data { host: 0x20000 })
-        );
-        assert_eq!(
-            decode_l2_ext(e, bm, 1, 16, false),
-            Some(L2Kind::Zero {
-                host: Some(0x20000)
-            })
-        );
-        assert_eq!(
-            decode_l2_ext(e, bm, 2, 16, false),
-            Some(L2Kind::Unallocated {
-                host: Some(0x20000)
-            })
-        );
+        assert_eq!(decode_l2_ext(e, bm, 0, 16, false), Some(L2Kind::Data { host: 0x20000 }));
+        assert_eq!(decode_l2_ext(e, bm, 1, 16, false), Some(L2Kind::Zero { host: Some(0x20000) }));
+        assert_eq!(decode_l2_ext(e, bm, 2, 16, false), Some(L2Kind::Unallocated { host: Some(0x20000) }));
         assert_eq!(decode_l2_ext(e, 1 | (1 << 32), 0, 16, false), None);
     }
 }

@@ -86,17 +86,13 @@ impl Refcounts {
             let mut b = vec![0u8; self.cs() as usize];
             if off != 0 {
                 if !off.is_multiple_of(self.cs()) {
-                    return Err(Error::corrupt(format!(
-                        "refcount block offset {off:#x} is not aligned"
-                    )));
+                    return Err(Error::corrupt(format!("refcount block offset {off:#x} is not aligned")));
                 }
                 file.read_at(&mut b, off)?;
             }
             self.blocks.insert(bi, (b, false));
         }
-        self.blocks
-            .get_mut(&bi)
-            .ok_or_else(|| Error::corrupt("refcount block vanished"))
+        self.blocks.get_mut(&bi).ok_or_else(|| Error::corrupt("refcount block vanished"))
     }
 
     /// The refcount of cluster `c`.
@@ -117,15 +113,9 @@ impl Refcounts {
         let (order, idx, max) = (self.order, c % self.per_block(), self.max_refcount());
         let (b, dirty) = self.load(file, bi)?;
         let cur = refcount::get(b, order, idx).unwrap_or(0);
-        let new = if delta >= 0 {
-            cur.checked_add(delta as u64)
-        } else {
-            cur.checked_sub(delta.unsigned_abs())
-        };
+        let new = if delta >= 0 { cur.checked_add(delta as u64) } else { cur.checked_sub(delta.unsigned_abs()) };
         let new = new.filter(|&v| v <= max).ok_or_else(|| {
-            Error::corrupt(format!(
-                "refcount of cluster {c} would leave its range ({cur} {delta:+})"
-            ))
+            Error::corrupt(format!("refcount of cluster {c} would leave its range ({cur} {delta:+})"))
         })?;
         refcount::set(b, order, idx, new);
         *dirty = true;
@@ -155,12 +145,11 @@ impl Refcounts {
             }
         }
         // Place the new block at the end; it counts itself if it lies in the range it describes.
-        let c = self.end_cluster;
-        self.end_cluster += 1;
+        let c = self.next_free(file)?;
+        self.end_cluster = c + 1;
         self.table[bi as usize] = c << self.cluster_bits;
         self.table_dirty = true;
-        self.blocks
-            .insert(bi, (vec![0u8; self.cs() as usize], true));
+        self.blocks.insert(bi, (vec![0u8; self.cs() as usize], true));
         self.update(file, c, 1)
     }
 
@@ -170,15 +159,12 @@ impl Refcounts {
         let want = entries.max(self.table.len() as u64 * 2).max(cs / 8);
         let clusters = (want * 8).div_ceil(cs);
         if clusters * cs > crate::limits::MAX_REFTABLE_BYTES {
-            return Err(Error::new(
-                crate::ErrorKind::NoSpace,
-                "the refcount table would exceed its 8 MiB limit",
-            ));
+            return Err(Error::new(crate::ErrorKind::NoSpace, "the refcount table would exceed its 8 MiB limit"));
         }
         let new_entries = (clusters * cs / 8) as usize;
         self.table.resize(new_entries, 0);
-        let start = self.end_cluster;
-        self.end_cluster += clusters;
+        let start = self.next_free_run(file, clusters)?;
+        self.end_cluster = start + clusters;
         for c in start..start + clusters {
             self.update(file, c, 1)?;
         }
@@ -188,18 +174,41 @@ impl Refcounts {
         self.table_dirty = true;
         // The old table's clusters are freed once the header points at the new one.
         for c in 0..old_clusters {
-            *self
-                .pending_free
-                .entry((old_off >> self.cluster_bits) + c)
-                .or_insert(0) += 1;
+            *self.pending_free.entry((old_off >> self.cluster_bits) + c).or_insert(0) += 1;
         }
         Ok(())
+    }
+
+    /// The first cluster at or after the end whose refcount is 0 (a hostile or damaged image may hold stale
+    /// refcounts past the end of its file; those clusters are never handed out).
+    fn next_free(&mut self, file: &dyn Storage) -> Result<u64> {
+        self.next_free_run(file, 1)
+    }
+
+    /// The first run of `n` clusters at or after the end whose refcounts are all 0.
+    fn next_free_run(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let mut start = self.end_cluster;
+        let mut c = start;
+        while c < start + n {
+            if (c + 1) << self.cluster_bits > crate::limits::MAX_HOST_OFFSET {
+                return Err(Error::new(
+                    crate::ErrorKind::NoSpace,
+                    "the image file has reached the largest host offset",
+                ));
+            }
+            if self.get(file, c)? != 0 {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        Ok(start)
     }
 
     /// Allocates `n` contiguous new clusters at the end; returns the host offset of the first.
     pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         // Make sure refcount blocks for the whole range exist first (they may themselves take clusters).
         loop {
+            self.end_cluster = self.next_free_run(file, n)?;
             let start = self.end_cluster;
             let (b0, b1) = (start / self.per_block(), (start + n - 1) / self.per_block());
             let mut moved = false;
@@ -212,12 +221,14 @@ impl Refcounts {
                 break;
             }
         }
-        let start = self.end_cluster;
+        let start = self.next_free_run(file, n)?;
+        if start != self.end_cluster {
+            // A stale refcount sat in the way of a block placed above: place the blocks again.
+            self.end_cluster = start;
+            return self.alloc(file, n);
+        }
         if (start + n) << self.cluster_bits > crate::limits::MAX_HOST_OFFSET {
-            return Err(Error::new(
-                crate::ErrorKind::NoSpace,
-                "the image file has reached the largest host offset",
-            ));
+            return Err(Error::new(crate::ErrorKind::NoSpace, "the image file has reached the largest host offset"));
         }
         for c in start..start + n {
             self.update(file, c, 1)?;
@@ -256,7 +267,8 @@ impl Refcounts {
             v.push((self.table_offset, raw));
             self.table_dirty = false;
         }
-        if self.blocks.len() > 4096 {
+        // Keep memory bounded: drop clean blocks once they add up to 32 MiB.
+        if self.blocks.len() as u64 * self.cs() > 32 << 20 {
             self.blocks.retain(|_, (_, d)| *d);
         }
         (v, moved)

@@ -29,12 +29,7 @@ impl L2Cache {
     /// A cache holding at most `tables` clean tables (at least one).
     pub fn new(tables: usize) -> Self {
         let cap = NonZeroUsize::new(tables.max(1)).unwrap_or(NonZeroUsize::MIN);
-        L2Cache {
-            inner: Mutex::new(Inner {
-                lru: LruCache::new(cap),
-                pinned: HashMap::new(),
-            }),
-        }
+        L2Cache { inner: Mutex::new(Inner { lru: LruCache::new(cap), pinned: HashMap::new() }) }
     }
 
     /// The table at host offset `off`, if cached.
@@ -79,10 +74,7 @@ impl L2Cache {
 
     /// The dirty tables, to be written; they stay pinned until [`L2Cache::mark_clean`].
     pub fn dirty(&self) -> Vec<(u64, L2Table)> {
-        self.inner
-            .lock()
-            .map(|g| g.pinned.iter().map(|(k, v)| (*k, v.clone())).collect())
-            .unwrap_or_default()
+        self.inner.lock().map(|g| g.pinned.iter().map(|(k, v)| (*k, v.clone())).collect()).unwrap_or_default()
     }
 
     /// Moves the tables at `offs` from the pinned set to the clean LRU.

@@ -45,10 +45,7 @@ impl Qcow2 {
         let cb = self.cluster_bits;
         let file_len = self.file.len()?;
         let nb_clusters = file_len.div_ceil(cs);
-        let mut r = CheckReport {
-            total_clusters: self.size().div_ceil(cs),
-            ..Default::default()
-        };
+        let mut r = CheckReport { total_clusters: self.size().div_ceil(cs), ..Default::default() };
         let mut refs: HashMap<u64, u64> = HashMap::new();
         let mut add = |r: &mut CheckReport, off: u64, len: u64, what: &str| {
             if len == 0 {
@@ -59,10 +56,8 @@ impl Qcow2 {
             for c in first..=last {
                 if c >= nb_clusters {
                     r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR {what} at offset {:#x} is beyond the end of the image file",
-                        c << cb
-                    ));
+                    r.messages
+                        .push(format!("ERROR {what} at offset {:#x} is beyond the end of the image file", c << cb));
                     continue;
                 }
                 *refs.entry(c).or_insert(0) += 1;
@@ -70,18 +65,8 @@ impl Qcow2 {
         };
         let h = &self.header;
         add(&mut r, 0, cs, "header");
-        add(
-            &mut r,
-            h.l1_table_offset,
-            u64::from(h.l1_size) * 8,
-            "L1 table",
-        );
-        add(
-            &mut r,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-            "refcount table",
-        );
+        add(&mut r, h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table");
+        add(&mut r, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
         if h.nb_snapshots > 0 {
             // The snapshot table's length: the sum of its entries.
             let mut len = 0u64;
@@ -98,18 +83,11 @@ impl Qcow2 {
             let bytes = u64::from(s.l1_size) * 8;
             if bytes > crate::limits::MAX_L1_BYTES || !s.l1_table_offset.is_multiple_of(cs) {
                 r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR snapshot '{}' has an invalid L1 table",
-                    s.name
-                ));
+                r.messages.push(format!("ERROR snapshot '{}' has an invalid L1 table", s.name));
                 continue;
             }
             add(&mut r, s.l1_table_offset, bytes, "snapshot L1 table");
-            match super::open::read_table(
-                self.file.as_ref(),
-                s.l1_table_offset,
-                u64::from(s.l1_size),
-            ) {
+            match super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size)) {
                 Ok(t) => l1s.push((t, false)),
                 Err(_) => r.check_errors += 1,
             }
@@ -127,9 +105,7 @@ impl Qcow2 {
                 }
                 if !l2.is_multiple_of(cs) || l2 + cs > file_len {
                     r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"
-                    ));
+                    r.messages.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"));
                     continue;
                 }
                 add(&mut r, l2, cs, "L2 table");
@@ -147,12 +123,7 @@ impl Qcow2 {
                     let ent = t[idx * step];
                     if ent & OFLAG_COMPRESSED != 0 {
                         let d = table::decode_compressed(ent, cb);
-                        add(
-                            &mut r,
-                            d.offset & !511,
-                            (d.offset & 511) + d.len,
-                            "compressed cluster",
-                        );
+                        add(&mut r, d.offset & !511, (d.offset & 511) + d.len, "compressed cluster");
                         if *is_active {
                             r.allocated_clusters += 1;
                             r.compressed_clusters += 1;
@@ -166,7 +137,9 @@ impl Qcow2 {
                     }
                     if !off.is_multiple_of(cs) {
                         r.corruptions += 1;
-                        r.messages.push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                        r.messages.push(format!(
+                            "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
+                        ));
                         continue;
                     }
                     if !data_file {
@@ -235,14 +208,10 @@ impl Qcow2 {
             if have != want {
                 if have > want {
                     r.leaks += 1;
-                    r.messages.push(format!(
-                        "Leaked cluster {c} refcount={have} reference={want}"
-                    ));
+                    r.messages.push(format!("Leaked cluster {c} refcount={have} reference={want}"));
                 } else {
                     r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR cluster {c} refcount={have} reference={want}"
-                    ));
+                    r.messages.push(format!("ERROR cluster {c} refcount={have} reference={want}"));
                 }
                 r.mismatches.push((c, have, want));
             }
@@ -253,14 +222,8 @@ impl Qcow2 {
             let copied = e & OFLAG_COPIED != 0;
             if copied != (rc == 1) {
                 r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
-                r.copied_fixes.push((
-                    u64::MAX,
-                    i,
-                    refs.get(&(l2 >> cb)).copied().unwrap_or(0) == 1,
-                ));
+                r.messages.push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"));
+                r.copied_fixes.push((u64::MAX, i, refs.get(&(l2 >> cb)).copied().unwrap_or(0) == 1));
             }
         }
         for (c, l2, idx, ent) in data_refs {
@@ -268,11 +231,8 @@ impl Qcow2 {
             let copied = ent & OFLAG_COPIED != 0;
             if copied != (rc == 1) {
                 r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR OFLAG_COPIED data cluster: l2_entry={ent:x} refcount={rc}"
-                ));
-                r.copied_fixes
-                    .push((l2, idx, refs.get(&c).copied().unwrap_or(0) == 1));
+                r.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={ent:x} refcount={rc}"));
+                r.copied_fixes.push((l2, idx, refs.get(&c).copied().unwrap_or(0) == 1));
             }
         }
         r.image_end_offset = highest * cs;
@@ -321,20 +281,13 @@ impl Qcow2 {
     /// Repairs what `report` found: leaks always; corruptions (too-low refcounts, wrong COPIED flags) too
     /// when `all`. Returns (leaks fixed, corruptions fixed).
     pub fn repair(&self, report: &CheckReport, all: bool) -> Result<(u64, u64, Vec<String>)> {
-        let w = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "repair needs a writable image"))?;
-        let mut st = w
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        let w = self.writer.as_ref().ok_or_else(|| Error::new(ErrorKind::ReadOnly, "repair needs a writable image"))?;
+        let mut st = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
         let (mut leaks, mut corruptions) = (0, 0);
         let mut msgs = Vec::new();
         for &(c, have, want) in &report.mismatches {
             if have > want || all {
-                msgs.push(format!(
-                    "Repairing cluster {c} refcount={have} reference={want}"
-                ));
+                msgs.push(format!("Repairing cluster {c} refcount={have} reference={want}"));
                 st.set_refcount(self.file.as_ref(), c, want)?;
                 if have > want {
                     leaks += 1;
@@ -346,16 +299,9 @@ impl Qcow2 {
         if all {
             for &(l2, idx, set) in &report.copied_fixes {
                 if l2 == u64::MAX {
-                    let mut l1 = self
-                        .l1
-                        .write()
-                        .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+                    let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
                     if let Some(e) = l1.get_mut(idx) {
-                        *e = if set {
-                            *e | OFLAG_COPIED
-                        } else {
-                            *e & !OFLAG_COPIED
-                        };
+                        *e = if set { *e | OFLAG_COPIED } else { *e & !OFLAG_COPIED };
                     }
                     st.mark_l1_dirty();
                 } else {
@@ -363,11 +309,7 @@ impl Qcow2 {
                     let step = if self.header.extended_l2() { 2 } else { 1 };
                     let e = t[idx * step];
                     let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
-                    let e = if set {
-                        e | OFLAG_COPIED
-                    } else {
-                        e & !OFLAG_COPIED
-                    };
+                    let e = if set { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
                     drop(t);
                     self.set_entry(l2, idx, e, bm)?;
                 }

@@ -64,9 +64,7 @@ fn apply(ops: &[Op]) -> std::result::Result<(), i32> {
                         )
                     };
                     if r < 0 {
-                        let e = std::io::Error::last_os_error()
-                            .raw_os_error()
-                            .unwrap_or(libc::EIO);
+                        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
                         if e == libc::EINTR {
                             continue;
                         }
@@ -78,9 +76,7 @@ fn apply(ops: &[Op]) -> std::result::Result<(), i32> {
             // SAFETY: fdatasync on a descriptor; no memory involved.
             Op::Sync { fd } => {
                 if unsafe { libc::fdatasync(*fd) } != 0 {
-                    return Err(std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO));
+                    return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
                 }
             }
         }
@@ -152,21 +148,13 @@ pub fn install_helper() -> Result<()> {
     let mut to_helper = [0i32; 2];
     let mut from_helper = [0i32; 2];
     // SAFETY: pipe writes two descriptors into the arrays we own.
-    if unsafe { libc::pipe(to_helper.as_mut_ptr()) } != 0
-        || unsafe { libc::pipe(from_helper.as_mut_ptr()) } != 0
-    {
-        return Err(Error::io(
-            "cannot create the commit helper's pipes",
-            std::io::Error::last_os_error(),
-        ));
+    if unsafe { libc::pipe(to_helper.as_mut_ptr()) } != 0 || unsafe { libc::pipe(from_helper.as_mut_ptr()) } != 0 {
+        return Err(Error::io("cannot create the commit helper's pipes", std::io::Error::last_os_error()));
     }
     // SAFETY: the caller guarantees the process is single-threaded here, so fork is sound.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(Error::io(
-            "cannot fork the commit helper",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(Error::io("cannot fork the commit helper", std::io::Error::last_os_error()));
     }
     if pid == 0 {
         // The helper: apply whole batches until the server goes away.
@@ -190,8 +178,7 @@ pub fn install_helper() -> Result<()> {
             }
         }
         // SAFETY: these descriptors came from pipe() above and are owned here.
-        let mut input =
-            std::io::BufReader::new(unsafe { std::fs::File::from_raw_fd(to_helper[0]) });
+        let mut input = std::io::BufReader::new(unsafe { std::fs::File::from_raw_fd(to_helper[0]) });
         let mut output = unsafe { std::fs::File::from_raw_fd(from_helper[1]) };
         while let Some(ops) = decode(&mut input) {
             let code = match apply(&ops) {
@@ -207,23 +194,12 @@ pub fn install_helper() -> Result<()> {
     let (w, r) = unsafe {
         libc::close(to_helper[0]);
         libc::close(from_helper[1]);
-        (
-            std::fs::File::from_raw_fd(to_helper[1]),
-            std::fs::File::from_raw_fd(from_helper[0]),
-        )
+        (std::fs::File::from_raw_fd(to_helper[1]), std::fs::File::from_raw_fd(from_helper[0]))
     };
     let _ = (w.as_raw_fd(), r.as_raw_fd());
     HELPER
-        .set(Helper {
-            pipes: Mutex::new((w, r)),
-            fds,
-        })
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                "the commit helper is already installed",
-            )
-        })
+        .set(Helper { pipes: Mutex::new((w, r)), fds })
+        .map_err(|_| Error::new(ErrorKind::InvalidArgument, "the commit helper is already installed"))
 }
 
 /// Runs a metadata commit: through the helper when every descriptor in it is one the helper shares, else
@@ -234,31 +210,19 @@ pub fn commit(ops: &[Op]) -> Result<()> {
             let fd = match op {
                 Op::Write { fd, .. } | Op::Sync { fd } => *fd,
             };
-            fd_id(fd).is_some_and(|(dev, ino)| {
-                h.fds
-                    .iter()
-                    .any(|&(f, d, i)| f == fd && d == dev && i == ino)
-            })
+            fd_id(fd).is_some_and(|(dev, ino)| h.fds.iter().any(|&(f, d, i)| f == fd && d == dev && i == ino))
         });
         if known {
-            let mut g = h
-                .pipes
-                .lock()
-                .map_err(|_| Error::new(ErrorKind::Io, "commit helper lock poisoned"))?;
+            let mut g = h.pipes.lock().map_err(|_| Error::new(ErrorKind::Io, "commit helper lock poisoned"))?;
             let (w, r) = &mut *g;
-            w.write_all(&encode(ops))
-                .map_err(|e| Error::io("commit helper", e))?;
+            w.write_all(&encode(ops)).map_err(|e| Error::io("commit helper", e))?;
             let mut code = [0u8; 4];
-            r.read_exact(&mut code)
-                .map_err(|e| Error::io("commit helper", e))?;
+            r.read_exact(&mut code).map_err(|e| Error::io("commit helper", e))?;
             let code = i32::from_le_bytes(code);
             return if code == 0 {
                 Ok(())
             } else {
-                Err(Error::io(
-                    "metadata commit",
-                    std::io::Error::from_raw_os_error(code),
-                ))
+                Err(Error::io("metadata commit", std::io::Error::from_raw_os_error(code)))
             };
         }
     }
@@ -271,14 +235,7 @@ mod tests {
 
     #[test]
     fn batches_round_trip_and_short_batches_are_dropped() {
-        let ops = vec![
-            Op::Write {
-                fd: 7,
-                offset: 99,
-                data: vec![1, 2, 3],
-            },
-            Op::Sync { fd: 7 },
-        ];
+        let ops = vec![Op::Write { fd: 7, offset: 99, data: vec![1, 2, 3] }, Op::Sync { fd: 7 }];
         let b = encode(&ops);
         let back = decode(&mut &b[..]).unwrap();
         assert_eq!(back.len(), 2);

@@ -19,13 +19,10 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
     let produced = d.total_out() as usize;
     match r {
         Ok(_) if produced == out.len() => Ok(()),
-        Ok(_) => Err(Error::corrupt(format!(
-            "compressed cluster inflates to {produced} bytes, expected {}",
-            out.len()
-        ))),
-        Err(e) => Err(Error::corrupt(format!(
-            "compressed cluster is not valid deflate data: {e}"
-        ))),
+        Ok(_) => {
+            Err(Error::corrupt(format!("compressed cluster inflates to {produced} bytes, expected {}", out.len())))
+        }
+        Err(e) => Err(Error::corrupt(format!("compressed cluster is not valid deflate data: {e}"))),
     }
 }
 
@@ -35,9 +32,8 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut src = input;
     let mut done = 0usize;
     while done < out.len() {
-        let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src).map_err(|e| {
-            Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))
-        })?;
+        let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
+            .map_err(|e| Error::corrupt(format!("compressed cluster is not valid zstd data: {e}")))?;
         let mut frame_bytes = 0usize;
         loop {
             if done == out.len() {
@@ -49,11 +45,7 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
                     done += n;
                     frame_bytes += n;
                 }
-                Err(e) => {
-                    return Err(Error::corrupt(format!(
-                        "compressed cluster is not valid zstd data: {e}"
-                    )))
-                }
+                Err(e) => return Err(Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))),
             }
         }
         if frame_bytes == 0 && done < out.len() {
@@ -71,8 +63,7 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
     match kind {
         CompressionType::Deflate => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = Vec::with_capacity(input.len());
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) if out.len() < input.len() => Some(out),
@@ -80,10 +71,7 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
             }
         }
         CompressionType::Zstd => {
-            let out = ruzstd::encoding::compress_to_vec(
-                input,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            );
+            let out = ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest);
             (out.len() < input.len()).then_some(out)
         }
     }

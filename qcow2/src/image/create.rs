@@ -86,9 +86,7 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
             "Refcount width must be a power of two and may not exceed 64 bits",
         ));
     }
-    if o.version == 2
-        && (o.refcount_bits != 16 || o.lazy_refcounts || o.extended_l2 || o.data_file.is_some())
-    {
+    if o.version == 2 && (o.refcount_bits != 16 || o.lazy_refcounts || o.extended_l2 || o.data_file.is_some()) {
         return Err(Error::new(
             crate::ErrorKind::InvalidArgument,
             "compat=0.10 supports only refcount_bits=16, no lazy refcounts, extended L2 or data file",
@@ -107,18 +105,12 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
         ));
     }
     if o.size > limits::MAX_VIRTUAL_SIZE {
-        return Err(Error::new(
-            crate::ErrorKind::InvalidArgument,
-            "Image size is too large",
-        ));
+        return Err(Error::new(crate::ErrorKind::InvalidArgument, "Image size is too large"));
     }
     let l2_entries = cs / if o.extended_l2 { 16 } else { 8 };
     let l1_size = o.size.div_ceil(cs * l2_entries);
     if l1_size * 8 > limits::MAX_L1_BYTES {
-        return Err(Error::new(
-            crate::ErrorKind::InvalidArgument,
-            "Image size is too large for this cluster size",
-        ));
+        return Err(Error::new(crate::ErrorKind::InvalidArgument, "Image size is too large for this cluster size"));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let reftable_off = cs;
@@ -128,10 +120,7 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     let order = o.refcount_bits.trailing_zeros();
     // One refcount block covers entries_per_block clusters; the initial metadata must fit in it.
     if used_clusters > crate::format::refcount::entries_per_block(cluster_bits, order) {
-        return Err(Error::new(
-            crate::ErrorKind::InvalidArgument,
-            "Image size is too large for this cluster size",
-        ));
+        return Err(Error::new(crate::ErrorKind::InvalidArgument, "Image size is too large for this cluster size"));
     }
 
     let mut incompat = 0u64;
@@ -144,16 +133,8 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     if o.data_file.is_some() {
         incompat |= header::INCOMPAT_DATA_FILE;
     }
-    let compat = if o.lazy_refcounts {
-        header::COMPAT_LAZY_REFCOUNTS
-    } else {
-        0
-    };
-    let autoclear = if o.data_file_raw {
-        header::AUTOCLEAR_DATA_FILE_RAW
-    } else {
-        0
-    };
+    let compat = if o.lazy_refcounts { header::COMPAT_LAZY_REFCOUNTS } else { 0 };
+    let autoclear = if o.data_file_raw { header::AUTOCLEAR_DATA_FILE_RAW } else { 0 };
     let header_len: u32 = if o.version == 3 { 112 } else { 72 };
 
     let mut h = vec![0u8; header_len as usize];
@@ -196,10 +177,7 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     h.extend_from_slice(&[0u8; 8]); // end of extensions
     if let Some(b) = &o.backing_file {
         if b.len() > limits::MAX_BACKING_NAME as usize {
-            return Err(Error::new(
-                crate::ErrorKind::InvalidArgument,
-                "Backing file name too long",
-            ));
+            return Err(Error::new(crate::ErrorKind::InvalidArgument, "Backing file name too long"));
         }
         let off = h.len() as u64;
         h[8..16].copy_from_slice(&off.to_be_bytes());
@@ -215,8 +193,7 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     let total = l1_off + l1_size * 8;
     let mut file = vec![0u8; total as usize];
     file[..h.len()].copy_from_slice(&h);
-    file[reftable_off as usize..reftable_off as usize + 8]
-        .copy_from_slice(&refblock_off.to_be_bytes());
+    file[reftable_off as usize..reftable_off as usize + 8].copy_from_slice(&refblock_off.to_be_bytes());
     let block = &mut file[refblock_off as usize..(refblock_off + cs) as usize];
     for c in 0..used_clusters {
         crate::format::refcount::set(block, order, c, 1);

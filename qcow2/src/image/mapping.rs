@@ -60,10 +60,7 @@ impl Qcow2 {
     pub fn mapping(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let size = self.size();
         if guest >= size || max_len == 0 {
-            return Err(Error::new(
-                crate::ErrorKind::OutOfBounds,
-                format!("mapping at {guest} is past the end"),
-            ));
+            return Err(Error::new(crate::ErrorKind::OutOfBounds, format!("mapping at {guest} is past the end")));
         }
         let cb = self.cluster_bits;
         let cs = 1u64 << cb;
@@ -72,21 +69,13 @@ impl Qcow2 {
         let l1_idx = cluster / self.l2_entries;
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
-        let l2_off = match self
-            .l1
-            .read()
-            .ok()
-            .and_then(|l1| l1.get(l1_idx as usize).copied())
-        {
+        let l2_off = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx as usize).copied()) {
             Some(e) => table::l1_l2_offset(e),
             None => 0,
         };
         if l2_off == 0 {
             let m = self.unallocated_at(guest);
-            return Ok((
-                m,
-                self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?,
-            ));
+            return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
         }
         let t = self.l2_table(l2_off)?;
         let first = self.classify(&t, guest)?;
@@ -95,20 +84,11 @@ impl Qcow2 {
             return Ok((first, cluster_end.min(lim) - guest));
         }
         let _ = cs;
-        Ok((
-            first,
-            self.extend(first, guest, lim, |p| self.classify(&t, p))?,
-        ))
+        Ok((first, self.extend(first, guest, lim, |p| self.classify(&t, p))?))
     }
 
     /// Extends the run that starts at `guest` with mapping `first` over following units up to `lim`.
-    fn extend(
-        &self,
-        first: Mapping,
-        guest: u64,
-        lim: u64,
-        mut at: impl FnMut(u64) -> Result<Mapping>,
-    ) -> Result<u64> {
+    fn extend(&self, first: Mapping, guest: u64, lim: u64, mut at: impl FnMut(u64) -> Result<Mapping>) -> Result<u64> {
         let unit = 1u64 << self.sc_bits;
         let mut pos = ((guest >> self.sc_bits) + 1) << self.sc_bits;
         while pos < lim {
@@ -124,9 +104,7 @@ impl Qcow2 {
     fn unallocated_at(&self, guest: u64) -> Mapping {
         // With a raw external data file, every guest offset has the same host offset (qcow2.rst, autoclear
         // bit 1).
-        Mapping::Unallocated {
-            host: self.data_file_raw.then_some(guest),
-        }
+        Mapping::Unallocated { host: self.data_file_raw.then_some(guest) }
     }
 
     /// What the L2 table `t` says about the byte at `guest`.
@@ -145,9 +123,7 @@ impl Qcow2 {
             }
             let sc = (in_cluster >> self.sc_bits) as u32;
             table::decode_l2_ext(e, bm, sc, cb, has_data_file).ok_or_else(|| {
-                Error::corrupt(format!(
-                    "invalid subcluster bitmap {bm:#018x} at guest offset {guest:#x}"
-                ))
+                Error::corrupt(format!("invalid subcluster bitmap {bm:#018x} at guest offset {guest:#x}"))
             })?
         } else {
             table::decode_l2(t[idx], cb, self.header.version >= 3, has_data_file)
@@ -166,28 +142,18 @@ impl Qcow2 {
                 )));
             }
             if !has_data_file && h == 0 {
-                return Err(Error::corrupt(format!(
-                    "data cluster for guest offset {guest:#x} points at the header"
-                )));
+                return Err(Error::corrupt(format!("data cluster for guest offset {guest:#x} points at the header")));
             }
             Ok(h + in_cluster)
         };
         Ok(match kind {
-            L2Kind::Data { host } => Mapping::Data {
-                host: check_host(host)?,
-            },
-            L2Kind::Zero { host } => Mapping::Zero {
-                host: host.map(check_host).transpose()?,
-            },
-            L2Kind::Unallocated { host: Some(h) } => Mapping::Unallocated {
-                host: Some(check_host(h)?),
-            },
+            L2Kind::Data { host } => Mapping::Data { host: check_host(host)? },
+            L2Kind::Zero { host } => Mapping::Zero { host: host.map(check_host).transpose()? },
+            L2Kind::Unallocated { host: Some(h) } => Mapping::Unallocated { host: Some(check_host(h)?) },
             L2Kind::Unallocated { host: None } => self.unallocated_at(guest),
             L2Kind::Compressed(desc) => {
                 if has_data_file {
-                    return Err(Error::corrupt(
-                        "compressed cluster in an image with an external data file",
-                    ));
+                    return Err(Error::corrupt("compressed cluster in an image with an external data file"));
                 }
                 if desc.offset >= self.file_len() || desc.offset < cs {
                     return Err(Error::corrupt(format!(

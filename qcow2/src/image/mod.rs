@@ -53,9 +53,7 @@ pub struct Qcow2 {
 
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2")
-            .field("header", &self.header)
-            .finish_non_exhaustive()
+        f.debug_struct("Qcow2").field("header", &self.header).finish_non_exhaustive()
     }
 }
 
@@ -101,9 +99,7 @@ impl Qcow2 {
 
     /// Whether block status should ask the host file about data clusters (metadata preallocation).
     pub fn metadata_preallocated(&self) -> bool {
-        *self
-            .metadata_prealloc
-            .get_or_init(|| self.detect_metadata_prealloc())
+        *self.metadata_prealloc.get_or_init(|| self.detect_metadata_prealloc())
     }
 
     /// Whether the external data file is raw (guest offset = host offset).
@@ -127,12 +123,8 @@ impl Qcow2 {
         let mut input = vec![0u8; desc.len as usize];
         self.file.read_at(&mut input, desc.offset)?;
         let mut out = vec![0u8; cs];
-        compressed::decompress(self.header.compression_type, &input, &mut out).map_err(|e| {
-            e.context(format!(
-                "compressed cluster at host offset {:#x}",
-                desc.offset
-            ))
-        })?;
+        compressed::decompress(self.header.compression_type, &input, &mut out)
+            .map_err(|e| e.context(format!("compressed cluster at host offset {:#x}", desc.offset)))?;
         buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
         Ok(())
     }

@@ -24,10 +24,7 @@ pub struct Qcow2Options {
 pub(crate) fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
     let mut raw = vec![0u8; (entries * 8) as usize];
     s.read_at(&mut raw, off)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect())
+    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 /// A named region of metadata, for the overlap check.
@@ -39,13 +36,9 @@ struct Region {
 
 fn check_table(name: &str, off: u64, bytes: u64, cluster_size: u64, file_len: u64) -> Result<()> {
     if !off.is_multiple_of(cluster_size) {
-        return Err(Error::corrupt(format!(
-            "{name} offset {off:#x} is not aligned to the cluster size"
-        )));
+        return Err(Error::corrupt(format!("{name} offset {off:#x} is not aligned to the cluster size")));
     }
-    let end = off
-        .checked_add(bytes)
-        .ok_or_else(|| Error::corrupt(format!("{name} offset {off:#x} overflows")))?;
+    let end = off.checked_add(bytes).ok_or_else(|| Error::corrupt(format!("{name} offset {off:#x} overflows")))?;
     if bytes > 0 && end > file_len {
         return Err(Error::corrupt(format!(
             "{name} at offset {off:#x} ({bytes} bytes) lies past the end of the file ({file_len} bytes)"
@@ -56,11 +49,7 @@ fn check_table(name: &str, off: u64, bytes: u64, cluster_size: u64, file_len: u6
 
 impl Qcow2 {
     /// Opens a qcow2 image on `file`. `data` is the external data file if the image has one.
-    pub fn open(
-        file: Arc<dyn Storage>,
-        data: Option<Arc<dyn Storage>>,
-        opts: &Qcow2Options,
-    ) -> Result<Qcow2> {
+    pub fn open(file: Arc<dyn Storage>, data: Option<Arc<dyn Storage>>, opts: &Qcow2Options) -> Result<Qcow2> {
         let file_len = file.len()?;
         let mut first = vec![0u8; file_len.min(4096) as usize];
         file.read_at(&mut first, 0)?;
@@ -86,11 +75,7 @@ impl Qcow2 {
         let has_data_file = header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         let data = match (has_data_file, data) {
             (true, Some(d)) => d,
-            (true, None) => {
-                return Err(Error::invalid(
-                    "the image needs its external data file, which was not opened",
-                ))
-            }
+            (true, None) => return Err(Error::invalid("the image needs its external data file, which was not opened")),
             (false, _) => file.clone(),
         };
         let l2_entries = cs / if ext { 16 } else { 8 };
@@ -118,38 +103,17 @@ impl Qcow2 {
                 header.refcount_table_clusters
             )));
         }
-        check_table(
-            "refcount table",
-            header.refcount_table_offset,
-            rt_bytes,
-            cs,
-            file_len,
-        )?;
+        check_table("refcount table", header.refcount_table_offset, rt_bytes, cs, file_len)?;
         if header.refcount_table_offset == 0 || header.refcount_table_clusters == 0 {
             return Err(Error::corrupt("the image has no refcount table"));
         }
         if header.nb_snapshots > limits::MAX_SNAPSHOTS {
-            return Err(Error::invalid(format!(
-                "nb_snapshots {} is too large",
-                header.nb_snapshots
-            )));
+            return Err(Error::invalid(format!("nb_snapshots {} is too large", header.nb_snapshots)));
         }
         let mut regions = vec![
-            Region {
-                name: "header",
-                start: 0,
-                len: cs,
-            },
-            Region {
-                name: "L1 table",
-                start: header.l1_table_offset,
-                len: l1_bytes,
-            },
-            Region {
-                name: "refcount table",
-                start: header.refcount_table_offset,
-                len: rt_bytes,
-            },
+            Region { name: "header", start: 0, len: cs },
+            Region { name: "L1 table", start: header.l1_table_offset, len: l1_bytes },
+            Region { name: "refcount table", start: header.refcount_table_offset, len: rt_bytes },
         ];
         let snapshots = if header.nb_snapshots > 0 {
             if !header.snapshots_offset.is_multiple_of(cs) {
@@ -159,24 +123,18 @@ impl Qcow2 {
                 )));
             }
             // Each entry is at least 40 bytes, plus ID, name and extra data: bounded by the table limit.
-            let max = limits::MAX_SNAPSHOT_TABLE_BYTES
-                .min(file_len.saturating_sub(header.snapshots_offset));
+            let max = limits::MAX_SNAPSHOT_TABLE_BYTES.min(file_len.saturating_sub(header.snapshots_offset));
             let mut buf = vec![0u8; max as usize];
             file.read_at(&mut buf, header.snapshots_offset)?;
             let s = snapshot::parse_table(&buf, header.nb_snapshots)?;
-            regions.push(Region {
-                name: "snapshot table",
-                start: header.snapshots_offset,
-                len: 40,
-            });
+            regions.push(Region { name: "snapshot table", start: header.snapshots_offset, len: 40 });
             s
         } else {
             Vec::new()
         };
         for (i, a) in regions.iter().enumerate() {
             for b in &regions[i + 1..] {
-                if a.len > 0 && b.len > 0 && a.start < b.start + b.len && b.start < a.start + a.len
-                {
+                if a.len > 0 && b.len > 0 && a.start < b.start + b.len && b.start < a.start + a.len {
                     return Err(Error::corrupt(format!(
                         "{} (at {:#x}) overlaps the {} (at {:#x})",
                         a.name, a.start, b.name, b.start
@@ -186,35 +144,20 @@ impl Qcow2 {
         }
 
         let (l1_off, l1_size, size) = match &opts.snapshot {
-            None => (
-                header.l1_table_offset,
-                u64::from(header.l1_size),
-                header.size,
-            ),
+            None => (header.l1_table_offset, u64::from(header.l1_size), header.size),
             Some(want) => {
                 let s = snapshots
                     .iter()
                     .find(|s| &s.id == want || &s.name == want)
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::InvalidArgument,
-                            format!("Can't find snapshot '{want}'"),
-                        )
-                    })?;
+                    .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, format!("Can't find snapshot '{want}'")))?;
                 let bytes = u64::from(s.l1_size) * 8;
                 if bytes > limits::MAX_L1_BYTES {
-                    return Err(Error::invalid(format!(
-                        "snapshot '{want}' L1 table is too large"
-                    )));
+                    return Err(Error::invalid(format!("snapshot '{want}' L1 table is too large")));
                 }
                 check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_len)?;
                 let size = s.disk_size.unwrap_or(header.size);
-                if size > limits::MAX_VIRTUAL_SIZE
-                    || u64::from(s.l1_size) < size.div_ceil(cs * l2_entries)
-                {
-                    return Err(Error::corrupt(format!(
-                        "snapshot '{want}' L1 table is too small for its size"
-                    )));
+                if size > limits::MAX_VIRTUAL_SIZE || u64::from(s.l1_size) < size.div_ceil(cs * l2_entries) {
+                    return Err(Error::corrupt(format!("snapshot '{want}' L1 table is too small for its size")));
                 }
                 (s.l1_table_offset, u64::from(s.l1_size), size)
             }
@@ -223,19 +166,13 @@ impl Qcow2 {
         let needed_tables = needed_l1.max(1);
         let cache_bytes = opts.l2_cache_bytes.unwrap_or(limits::DEFAULT_L2_CACHE_MAX);
         let tables = (cache_bytes / cs).clamp(1, needed_tables) as usize;
-        let data_file_raw =
-            has_data_file && header.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let data_file_raw = has_data_file && header.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0;
         let writer = if opts.writable {
             if opts.snapshot.is_some() {
-                return Err(Error::new(
-                    ErrorKind::ReadOnly,
-                    "an internal snapshot can only be opened read-only",
-                ));
+                return Err(Error::new(ErrorKind::ReadOnly, "an internal snapshot can only be opened read-only"));
             }
             if header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
-                return Err(Error::corrupt(
-                    "the image is marked corrupt; it can only be opened read-only",
-                ));
+                return Err(Error::corrupt("the image is marked corrupt; it can only be opened read-only"));
             }
             let rt = read_table(file.as_ref(), header.refcount_table_offset, rt_bytes / 8)?;
             let refs = super::alloc::Refcounts::new(
@@ -290,10 +227,7 @@ impl Qcow2 {
         let Ok(rt) = self.refcount_table() else {
             return false;
         };
-        let per_block = crate::format::refcount::entries_per_block(
-            self.cluster_bits,
-            self.header.refcount_order,
-        );
+        let per_block = crate::format::refcount::entries_per_block(self.cluster_bits, self.header.refcount_order);
         let mut count = 0u64;
         let mut block = vec![0u8; cs as usize];
         let mut loaded = u64::MAX;
@@ -312,9 +246,7 @@ impl Qcow2 {
                 }
                 loaded = bi;
             }
-            let rc =
-                crate::format::refcount::get(&block, self.header.refcount_order, c % per_block)
-                    .unwrap_or(0);
+            let rc = crate::format::refcount::get(&block, self.header.refcount_order, c % per_block).unwrap_or(0);
             count += u64::from(rc != 0);
             if count > threshold {
                 return true;
@@ -326,11 +258,7 @@ impl Qcow2 {
     /// The refcount table (bounded by [`limits::MAX_REFTABLE_BYTES`] at open).
     pub(crate) fn refcount_table(&self) -> Result<Vec<u64>> {
         let entries = u64::from(self.header.refcount_table_clusters) * self.cluster_size() / 8;
-        read_table(
-            self.file.as_ref(),
-            self.header.refcount_table_offset,
-            entries,
-        )
+        read_table(self.file.as_ref(), self.header.refcount_table_offset, entries)
     }
 
     /// Loads (through the cache) the L2 table at `off`, checking it lies inside the file.
@@ -340,14 +268,10 @@ impl Qcow2 {
         }
         let cs = self.cluster_size();
         if !off.is_multiple_of(cs) {
-            return Err(Error::corrupt(format!(
-                "L2 table offset {off:#x} is not aligned to the cluster size"
-            )));
+            return Err(Error::corrupt(format!("L2 table offset {off:#x} is not aligned to the cluster size")));
         }
         if off == 0 {
-            return Err(Error::corrupt(
-                "L2 table offset points at the header (cluster 0)",
-            ));
+            return Err(Error::corrupt("L2 table offset points at the header (cluster 0)"));
         }
         if off.saturating_add(cs) > self.file_len() {
             return Err(Error::corrupt(format!(
@@ -356,8 +280,7 @@ impl Qcow2 {
             )));
         }
         let words = cs / 8;
-        let t: super::cache::L2Table =
-            std::sync::Arc::new(read_table(self.file.as_ref(), off, words)?);
+        let t: super::cache::L2Table = std::sync::Arc::new(read_table(self.file.as_ref(), off, words)?);
         self.l2_cache.put(off, t.clone());
         Ok(t)
     }

@@ -9,17 +9,15 @@ use super::alloc::Refcounts;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header;
-use crate::format::table::{
-    self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-};
+use crate::format::table::{self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// One step of a metadata flush: (0 = image file / 1 = data file, a write at an offset or, if `None`, a sync).
 type MetaStep = (u8, Option<(u64, Vec<u8>)>);
 
-/// Most dirty L2 tables kept before a metadata flush is forced.
-const MAX_DIRTY_L2: usize = 1024;
+/// Most bytes of dirty L2 tables kept before a metadata flush is forced.
+const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
 
 /// Mutable state of a writable image.
 pub struct WriteState {
@@ -32,20 +30,11 @@ pub struct WriteState {
 impl WriteState {
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
-        WriteState {
-            refs,
-            l1_dirty: false,
-            corrupt: false,
-        }
+        WriteState { refs, l1_dirty: false, corrupt: false }
     }
 
     /// Sets a cluster's refcount (repair).
-    pub fn set_refcount(
-        &mut self,
-        file: &dyn crate::storage::Storage,
-        c: u64,
-        v: u64,
-    ) -> Result<()> {
+    pub fn set_refcount(&mut self, file: &dyn crate::storage::Storage, c: u64, v: u64) -> Result<()> {
         self.refs.set_value(file, c, v)
     }
 
@@ -94,17 +83,10 @@ impl Qcow2 {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
-        let w = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is read-only"))?;
-        let g = w
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        let w = self.writer.as_ref().ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is read-only"))?;
+        let g = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
         if g.corrupt {
-            return Err(Error::corrupt(
-                "the image was found corrupt: writes are refused",
-            ));
+            return Err(Error::corrupt("the image was found corrupt: writes are refused"));
         }
         Ok(g)
     }
@@ -134,11 +116,7 @@ impl Qcow2 {
 
     fn state_of(&self, t: &[u64], idx: usize) -> ClusterState {
         let ext = self.header.extended_l2();
-        let (e, bm) = if ext {
-            (t[2 * idx], t[2 * idx + 1])
-        } else {
-            (t[idx], 0)
-        };
+        let (e, bm) = if ext { (t[2 * idx], t[2 * idx + 1]) } else { (t[idx], 0) };
         let cb = self.cluster_bits;
         if e & OFLAG_COMPRESSED != 0 {
             return ClusterState {
@@ -151,11 +129,7 @@ impl Qcow2 {
         }
         let off = e & OFFSET_MASK;
         let copied = e & OFLAG_COPIED != 0;
-        let host = if off != 0 || (self.has_data_file() && copied) {
-            Some(off)
-        } else {
-            None
-        };
+        let host = if off != 0 || (self.has_data_file() && copied) { Some(off) } else { None };
         let (alloc, zero) = if ext {
             (bm as u32, (bm >> 32) as u32)
         } else if self.header.version >= 3 && e & OFLAG_ZERO != 0 {
@@ -165,13 +139,7 @@ impl Qcow2 {
         } else {
             (0, 0)
         };
-        ClusterState {
-            host,
-            copied,
-            compressed: None,
-            alloc,
-            zero,
-        }
+        ClusterState { host, copied, compressed: None, alloc, zero }
     }
 
     /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
@@ -198,12 +166,8 @@ impl Qcow2 {
     /// The L2 table for L1 index `l1_idx`, allocated (or copied, if shared with a snapshot) if needed.
     fn l2_for_write(&self, st: &mut WriteState, l1_idx: usize) -> Result<u64> {
         let e = {
-            let l1 = self
-                .l1
-                .read()
-                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
-            *l1.get(l1_idx)
-                .ok_or_else(|| Error::new(ErrorKind::OutOfBounds, "write past the L1 table"))?
+            let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+            *l1.get(l1_idx).ok_or_else(|| Error::new(ErrorKind::OutOfBounds, "write past the L1 table"))?
         };
         let off = e & OFFSET_MASK;
         if off != 0 && e & OFLAG_COPIED != 0 {
@@ -211,11 +175,7 @@ impl Qcow2 {
             return Ok(off);
         }
         let words = (self.cluster_size() / 8) as usize;
-        let new_table: Vec<u64> = if off == 0 {
-            vec![0; words]
-        } else {
-            self.l2_table(off)?.as_ref().clone()
-        };
+        let new_table: Vec<u64> = if off == 0 { vec![0; words] } else { self.l2_table(off)?.as_ref().clone() };
         let new = st.refs.alloc(self.file.as_ref(), 1)?;
         self.grow_file_len(&st.refs);
         self.l2_cache.pin(new, Arc::new(new_table));
@@ -223,27 +183,20 @@ impl Qcow2 {
             // The shared table keeps serving the snapshot; this L1 drops its reference.
             st.refs.free_later(off >> self.cluster_bits);
         }
-        let mut l1 = self
-            .l1
-            .write()
-            .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+        let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
         l1[l1_idx] = new | OFLAG_COPIED;
         st.l1_dirty = true;
         Ok(new)
     }
 
     fn grow_file_len(&self, refs: &Refcounts) {
-        self.file_len
-            .fetch_max(refs.end_cluster << self.cluster_bits, Ordering::AcqRel);
+        self.file_len.fetch_max(refs.end_cluster << self.cluster_bits, Ordering::AcqRel);
     }
 
     /// Where the L2 entry of guest offset `pos` lives: (L1 index, index in the table).
     fn indices(&self, pos: u64) -> (usize, usize) {
         let c = pos >> self.cluster_bits;
-        (
-            (c / self.l2_entries) as usize,
-            (c % self.l2_entries) as usize,
-        )
+        ((c / self.l2_entries) as usize, (c % self.l2_entries) as usize)
     }
 
     /// The current L2 entry state of `pos` without allocating, for the lock-free fast path.
@@ -287,12 +240,7 @@ impl Qcow2 {
             // Fast path: a cluster this image owns alone, with every touched subcluster allocated.
             let touched = self.touched(in_cluster, in_cluster + n as u64);
             match self.peek(pos)? {
-                Some(s)
-                    if s.copied
-                        && s.compressed.is_none()
-                        && s.host.is_some()
-                        && s.alloc & touched == touched =>
-                {
+                Some(s) if s.copied && s.compressed.is_none() && s.host.is_some() && s.alloc & touched == touched => {
                     let host = s.host.unwrap_or(0) + in_cluster;
                     self.data.write_at(chunk, host)?;
                 }
@@ -301,7 +249,7 @@ impl Qcow2 {
                     let r = self.write_cluster(&mut st, chunk, pos, backing);
                     self.note_corruption(&mut st, &r);
                     r?;
-                    if self.l2_cache.pinned() > MAX_DIRTY_L2 {
+                    if self.too_many_dirty() {
                         self.flush_locked(&mut st)?;
                     }
                 }
@@ -309,6 +257,10 @@ impl Qcow2 {
             done += n;
         }
         Ok(())
+    }
+
+    fn too_many_dirty(&self) -> bool {
+        self.l2_cache.pinned() as u64 * self.cluster_size() > MAX_DIRTY_L2_BYTES
     }
 
     /// Marks the image corrupt on disk when the writer met an inconsistency (qcow2.rst, incompatible bit 1).
@@ -352,13 +304,7 @@ impl Qcow2 {
     }
 
     /// Slow path for one cluster: allocate or copy as needed, merging COW data with the guest's data.
-    fn write_cluster(
-        &self,
-        st: &mut WriteState,
-        chunk: &[u8],
-        pos: u64,
-        backing: BackingReader<'_>,
-    ) -> Result<()> {
+    fn write_cluster(&self, st: &mut WriteState, chunk: &[u8], pos: u64, backing: BackingReader<'_>) -> Result<()> {
         let cs = self.cluster_size();
         let cluster_start = pos & !(cs - 1);
         let a = pos - cluster_start;
@@ -370,11 +316,7 @@ impl Qcow2 {
         drop(t);
         let touched = self.touched(a, b);
         let in_place = s.copied && s.compressed.is_none() && s.host.is_some();
-        let target = if in_place {
-            s.host.unwrap_or(0)
-        } else {
-            self.alloc_data(st, pos)?
-        };
+        let target = if in_place { s.host.unwrap_or(0) } else { self.alloc_data(st, pos)? };
         let ss = 1u64 << self.sc_bits;
         let nsub = self.subclusters();
         // The range rebuilt: touched subclusters in place; the whole cluster when moving.
@@ -416,11 +358,8 @@ impl Qcow2 {
         out[(a - r0) as usize..(b - r0) as usize].copy_from_slice(chunk);
         // Data first; the mapping that publishes it changes only after the write completed.
         self.data.write_at(&out, target + r0)?;
-        let (alloc, zero) = if s.compressed.is_some() {
-            (self.all_bits(), 0)
-        } else {
-            (s.alloc | touched, s.zero & !touched)
-        };
+        let (alloc, zero) =
+            if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
         let entry = target | OFLAG_COPIED;
         let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
         self.set_entry(l2, idx, entry, bitmap)?;
@@ -489,7 +428,7 @@ impl Qcow2 {
             let r = self.zero_units(&mut st, pos, span_end, may_unmap, has_backing, backing);
             self.note_corruption(&mut st, &r);
             r?;
-            if self.l2_cache.pinned() > MAX_DIRTY_L2 {
+            if self.too_many_dirty() {
                 self.flush_locked(&mut st)?;
             }
             drop(st);
@@ -515,10 +454,7 @@ impl Qcow2 {
         // v2 has no zero flag: write zeros unless the cluster already reads as zeros.
         if self.header.version < 3 {
             let st_now = self.peek_any(a)?;
-            let reads_zero = st_now
-                .as_ref()
-                .is_none_or(|s| s.host.is_none() && s.compressed.is_none())
-                && !has_backing;
+            let reads_zero = st_now.as_ref().is_none_or(|s| s.host.is_none() && s.compressed.is_none()) && !has_backing;
             if reads_zero {
                 return Ok(());
             }
@@ -547,26 +483,18 @@ impl Qcow2 {
                 return self.write_cluster(st, &buf, a, backing);
             }
             let keep_host = !whole || !may_unmap;
-            let (entry, alloc, release) =
-                match (s.host, s.copied, keep_host && s.compressed.is_none()) {
-                    (Some(h), true, true) => (h | OFLAG_COPIED, s.alloc & !touched, false),
-                    _ => (0, 0, true),
-                };
-            let zero = if entry == 0 {
-                s.zero | touched
-            } else {
-                (s.zero | touched) & !alloc
+            let (entry, alloc, release) = match (s.host, s.copied, keep_host && s.compressed.is_none()) {
+                (Some(h), true, true) => (h | OFLAG_COPIED, s.alloc & !touched, false),
+                _ => (0, 0, true),
             };
+            let zero = if entry == 0 { s.zero | touched } else { (s.zero | touched) & !alloc };
             // Dropping the host when other subclusters still hold data would lose them.
             if entry == 0 && s.alloc & !touched != 0 {
                 let zeros = vec![0u8; (b - a) as usize];
                 return self.write_cluster(st, &zeros, a, backing);
             }
-            let zero = if entry == 0 {
-                zero | (!s.alloc & !s.zero & if has_backing { 0 } else { u32::MAX })
-            } else {
-                zero
-            };
+            let zero =
+                if entry == 0 { zero | (!s.alloc & !s.zero & if has_backing { 0 } else { u32::MAX }) } else { zero };
             self.set_entry(l2, idx, entry, u64::from(alloc) | (u64::from(zero) << 32))?;
             if release {
                 self.release(st, &s);
@@ -603,19 +531,14 @@ impl Qcow2 {
     /// Makes every completed write durable, metadata in the order `alloc.rs` describes.
     pub fn flush(&self) -> Result<()> {
         let Some(w) = &self.writer else { return Ok(()) };
-        let mut st = w
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        let mut st = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
         self.flush_locked(&mut st)
     }
 
     pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         use super::commit::Op;
         let dirty_l2 = self.l2_cache.dirty();
-        let nothing = dirty_l2.is_empty()
-            && !st.l1_dirty
-            && !st.refs.is_dirty()
-            && st.refs.pending_free.is_empty();
+        let nothing = dirty_l2.is_empty() && !st.l1_dirty && !st.refs.is_dirty() && st.refs.pending_free.is_empty();
         let separate_data = !Arc::ptr_eq(&self.data, &self.file);
         if nothing {
             if separate_data {
@@ -650,11 +573,7 @@ impl Qcow2 {
             offs.push(*off);
         }
         if st.l1_dirty {
-            let l1 = self
-                .l1
-                .read()
-                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?
-                .clone();
+            let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
             let mut raw = Vec::with_capacity(l1.len() * 8);
             for e in &l1 {
                 raw.extend_from_slice(&e.to_be_bytes());
@@ -709,22 +628,13 @@ impl Qcow2 {
         let mut st = self.lock()?;
         let old = self.size();
         if new_size < old {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "shrinking qcow2 images is not supported",
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, "shrinking qcow2 images is not supported"));
         }
         if new_size > crate::limits::MAX_VIRTUAL_SIZE {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "the new size is too large",
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, "the new size is too large"));
         }
         if !self.snapshots.is_empty() && self.header.version < 3 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "cannot resize a v2 image with snapshots",
-            ));
+            return Err(Error::new(ErrorKind::Unsupported, "cannot resize a v2 image with snapshots"));
         }
         self.flush_locked(&mut st)?;
         let cs = self.cluster_size();
@@ -733,19 +643,12 @@ impl Qcow2 {
         let mut hdr_l1 = None;
         if need > cur {
             if need * 8 > crate::limits::MAX_L1_BYTES {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    "the new size needs an L1 table over 32 MiB",
-                ));
+                return Err(Error::new(ErrorKind::InvalidArgument, "the new size needs an L1 table over 32 MiB"));
             }
             let clusters = (need * 8).div_ceil(cs);
             let off = st.refs.alloc(self.file.as_ref(), clusters)?;
             self.grow_file_len(&st.refs);
-            let mut l1 = self
-                .l1
-                .read()
-                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?
-                .clone();
+            let mut l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
             l1.resize(need as usize, 0);
             let mut raw = Vec::with_capacity((clusters * cs) as usize);
             for e in &l1 {
@@ -760,10 +663,7 @@ impl Qcow2 {
             for c in 0..old_clusters {
                 st.refs.free_later((old_off >> self.cluster_bits) + c);
             }
-            *self
-                .l1
-                .write()
-                .map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
+            *self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
             hdr_l1 = Some((off, need as u32));
         }
         // Header: size, and the L1 table if it moved (qcow2.rst Header bytes 24-31, 36-47).

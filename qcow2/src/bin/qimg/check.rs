@@ -23,10 +23,7 @@ fn human(r: &CheckReport) -> String {
             );
         }
         if r.check_errors > 0 {
-            s += &format!(
-                "\n{} internal errors have occurred during the check.\n",
-                r.check_errors
-            );
+            s += &format!("\n{} internal errors have occurred during the check.\n", r.check_errors);
         }
     }
     if r.total_clusters != 0 && r.allocated_clusters != 0 {
@@ -88,33 +85,15 @@ fn code(r: &CheckReport) -> u8 {
 }
 
 /// Runs check (and repair); returns the exit code.
-pub fn run(
-    file: &str,
-    fmt: Option<&str>,
-    repair: Option<&str>,
-    json_out: bool,
-    quiet: bool,
-) -> Result<u8, String> {
-    let format = fmt
-        .map(Format::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+pub fn run(file: &str, fmt: Option<&str>, repair: Option<&str>, json_out: bool, quiet: bool) -> Result<u8, String> {
+    let format = fmt.map(Format::parse).transpose().map_err(|e| e.to_string())?;
     let all = match repair {
         None => None,
         Some("leaks") => Some(false),
         Some("all") => Some(true),
-        Some(r) => {
-            return Err(format!(
-                "Unknown option for -r: '{r}' (expected 'leaks' or 'all')"
-            ))
-        }
+        Some(r) => return Err(format!("Unknown option for -r: '{r}' (expected 'leaks' or 'all')")),
     };
-    let o = OpenOptions {
-        format,
-        writable: all.is_some(),
-        open_backing: false,
-        ..Default::default()
-    };
+    let o = OpenOptions { format, writable: all.is_some(), open_backing: false, ..Default::default() };
     let img = Image::open(file, &o).map_err(|e| format!("Could not open '{file}': {e}"))?;
     let Some(q) = img.qcow2() else {
         return Err("This image format does not support checks".to_string());

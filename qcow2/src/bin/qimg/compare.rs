@@ -7,16 +7,11 @@ const SECTOR: u64 = 512;
 
 /// The first differing 512-byte sector of two equally long buffers, as an offset into them.
 fn first_diff(a: &[u8], b: &[u8]) -> Option<u64> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .map(|i| i as u64 / SECTOR * SECTOR)
+    a.iter().zip(b).position(|(x, y)| x != y).map(|i| i as u64 / SECTOR * SECTOR)
 }
 
 fn first_nonzero(a: &[u8]) -> Option<u64> {
-    a.iter()
-        .position(|&x| x != 0)
-        .map(|i| i as u64 / SECTOR * SECTOR)
+    a.iter().position(|&x| x != 0).map(|i| i as u64 / SECTOR * SECTOR)
 }
 
 /// Compares; Ok(true) when identical, Ok(false) with the message printed when not.
@@ -51,10 +46,8 @@ pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool) -> Result<bool, Stri
         }
         if !(za.zero && zb.zero) {
             let (x, y) = (&mut ba[..n as usize], &mut bb[..n as usize]);
-            a.read_at(x, pos)
-                .map_err(|e| format!("error while reading offset {pos}: {e}"))?;
-            b.read_at(y, pos)
-                .map_err(|e| format!("error while reading offset {pos}: {e}"))?;
+            a.read_at(x, pos).map_err(|e| format!("error while reading offset {pos}: {e}"))?;
+            b.read_at(y, pos).map_err(|e| format!("error while reading offset {pos}: {e}"))?;
             if let Some(d) = first_diff(x, y) {
                 return mismatch(pos + d);
             }
@@ -70,9 +63,7 @@ pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool) -> Result<bool, Stri
         let st = longer.block_status(pos, n).map_err(|e| e.to_string())?;
         if !st.zero {
             let x = &mut ba[..st.len as usize];
-            longer
-                .read_at(x, pos)
-                .map_err(|e| format!("error while reading offset {pos}: {e}"))?;
+            longer.read_at(x, pos).map_err(|e| format!("error while reading offset {pos}: {e}"))?;
             if let Some(d) = first_nonzero(x) {
                 return mismatch(pos + d);
             }

@@ -54,24 +54,16 @@ struct Filled {
 /// Copies `img` to `out_path` as a sparse raw file. A reader thread maps and reads while the writer writes in
 /// order, as qemu-img convert overlaps its reads with in-order writes (concurrent writers to one file only
 /// contend on the inode lock).
-pub fn to_raw(
-    img: &Image,
-    out_path: &str,
-    progress: bool,
-    min_sparse: usize,
-) -> Result<(), String> {
+pub fn to_raw(img: &Image, out_path: &str, progress: bool, min_sparse: usize) -> Result<(), String> {
     use std::sync::mpsc::sync_channel;
     let out = File::create(out_path).map_err(|e| format!("Could not create '{out_path}': {e}"))?;
     let size = img.size();
-    out.set_len(size)
-        .map_err(|e| format!("Could not resize '{out_path}': {e}"))?;
+    out.set_len(size).map_err(|e| format!("Could not resize '{out_path}': {e}"))?;
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(size);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "    ({percent_precise}/100%) {wide_bar} {bytes}/{total_bytes}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("    ({percent_precise}/100%) {wide_bar} {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     });
@@ -85,9 +77,7 @@ pub fn to_raw(
         let reader = s.spawn(move || -> Result<(), String> {
             let mut pos = 0u64;
             while pos < size {
-                let st = img
-                    .block_status(pos, (size - pos).min(1 << 30))
-                    .map_err(|e| e.to_string())?;
+                let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
                 let run_end = pos + st.len;
                 if !st.zero {
                     let mut p = pos;
@@ -97,17 +87,9 @@ pub fn to_raw(
                         };
                         let n = (run_end - p).min(CHUNK) as usize;
                         buf.resize(n, 0);
-                        img.read_at(&mut buf, p)
-                            .map_err(|e| format!("error while reading at byte {p}: {e}"))?;
+                        img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
                         let ranges = nonzero_ranges(&buf, min_sparse);
-                        if tx
-                            .send(Filled {
-                                offset: p,
-                                buf,
-                                ranges,
-                            })
-                            .is_err()
-                        {
+                        if tx.send(Filled { offset: p, buf, ranges }).is_err() {
                             return Ok(());
                         }
                         p += n as u64;
@@ -121,10 +103,7 @@ pub fn to_raw(
         for f in rx.iter() {
             for &(a, b) in &f.ranges {
                 if let Err(e) = out.write_all_at(&f.buf[a..b], f.offset + a as u64) {
-                    werr = Some(format!(
-                        "error while writing at byte {}: {e}",
-                        f.offset + a as u64
-                    ));
+                    werr = Some(format!("error while writing at byte {}: {e}", f.offset + a as u64));
                     break;
                 }
             }
@@ -138,9 +117,7 @@ pub fn to_raw(
         }
         drop(rx);
         drop(back_tx);
-        let r = reader
-            .join()
-            .unwrap_or_else(|_| Err("reader thread failed".into()));
+        let r = reader.join().unwrap_or_else(|_| Err("reader thread failed".into()));
         match werr {
             Some(e) => Err(e),
             None => r,

@@ -31,11 +31,7 @@ pub fn run(
     let mut backing_fmt = backing_fmt.map(str::to_string);
     let mut size_opt: Option<u64> = None;
     let mut compat_given = false;
-    for kv in opts
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-    {
+    for kv in opts.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
         match k {
             "size" => size_opt = Some(parse_size(v)?),
@@ -50,11 +46,7 @@ pub fn run(
             }
             "lazy_refcounts" => o.lazy_refcounts = on_off(k, v)?,
             "extended_l2" => o.extended_l2 = on_off(k, v)?,
-            "refcount_bits" => {
-                o.refcount_bits = v
-                    .parse()
-                    .map_err(|_| format!("Invalid refcount_bits '{v}'"))?
-            }
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
             "compression_type" => {
                 o.compression = match v {
                     "zlib" => CompressionType::Deflate,
@@ -84,18 +76,8 @@ pub fn run(
             return Err("'raw' does not support backing files".into());
         }
         let full = qcow2::chain::resolve_relative(file, b);
-        let bf = backing_fmt
-            .as_deref()
-            .map(Format::parse)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        match Image::open(
-            &full,
-            &OpenOptions {
-                format: bf,
-                ..Default::default()
-            },
-        ) {
+        let bf = backing_fmt.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
+        match Image::open(&full, &OpenOptions { format: bf, ..Default::default() }) {
             Ok(img) => {
                 if backing_fmt.is_none() {
                     backing_fmt = Some(img.format().name().to_string());
@@ -104,9 +86,7 @@ pub fn run(
                     size = Some(img.size());
                 }
             }
-            Err(e) if !unsafe_backing => {
-                return Err(format!("{file}: {e}\nCould not open backing image."))
-            }
+            Err(e) if !unsafe_backing => return Err(format!("{file}: {e}\nCould not open backing image.")),
             Err(_) => {}
         }
     }
@@ -118,10 +98,8 @@ pub fn run(
             if !quiet {
                 println!("Formatting '{file}', fmt=raw size={size}");
             }
-            let f = std::fs::File::create(file)
-                .map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
-            f.set_len(size)
-                .map_err(|e| format!("{file}: Could not resize file: {e}"))?;
+            let f = std::fs::File::create(file).map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
+            f.set_len(size).map_err(|e| format!("{file}: Could not resize file: {e}"))?;
             if prealloc == "full" {
                 use std::os::unix::fs::FileExt;
                 let zeros = vec![0u8; 1 << 20];
@@ -136,9 +114,7 @@ pub fn run(
         }
         Format::Qcow2 => {
             if prealloc != "off" {
-                return Err(format!(
-                    "preallocation={prealloc} is not supported for qcow2 yet"
-                ));
+                return Err(format!("preallocation={prealloc} is not supported for qcow2 yet"));
             }
             o.size = size;
             o.backing_file = backing.clone();
@@ -180,8 +156,7 @@ pub fn run(
                 f.set_len(0).map_err(|e| e.to_string())?;
                 f.set_len(size).map_err(|e| e.to_string())?;
             }
-            std::fs::write(file, bytes)
-                .map_err(|e| format!("{file}: Could not create '{file}': {e}"))
+            std::fs::write(file, bytes).map_err(|e| format!("{file}: Could not create '{file}': {e}"))
         }
     }
 }

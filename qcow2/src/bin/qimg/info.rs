@@ -25,17 +25,11 @@ fn snapshot_json(s: &Snapshot) -> Value {
     if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
         m.insert("icount".into(), json!(ic));
     }
-    m.insert(
-        "vm-clock-nsec".into(),
-        json!(s.vm_clock_nsec % 1_000_000_000),
-    );
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
     m.insert("name".into(), json!(s.name));
     m.insert("date-sec".into(), json!(s.date_sec));
     m.insert("date-nsec".into(), json!(s.date_nsec));
-    m.insert(
-        "vm-clock-sec".into(),
-        json!(s.vm_clock_nsec / 1_000_000_000),
-    );
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
     m.insert("id".into(), json!(s.id));
     m.insert("vm-state-size".into(), json!(s.vm_state_size));
     Value::Object(m)
@@ -45,33 +39,18 @@ fn qcow2_specific(h: &Header) -> Value {
     let mut d = Map::new();
     if h.version == 2 {
         d.insert("compat".into(), json!("0.10"));
-        d.insert(
-            "compression-type".into(),
-            json!(h.compression_type.qemu_name()),
-        );
+        d.insert("compression-type".into(), json!(h.compression_type.qemu_name()));
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
     } else {
         d.insert("compat".into(), json!("1.1"));
-        d.insert(
-            "compression-type".into(),
-            json!(h.compression_type.qemu_name()),
-        );
-        d.insert(
-            "lazy-refcounts".into(),
-            json!(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0),
-        );
+        d.insert("compression-type".into(), json!(h.compression_type.qemu_name()));
+        d.insert("lazy-refcounts".into(), json!(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0));
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if let Some(df) = &h.data_file {
             d.insert("data-file".into(), json!(df));
-            d.insert(
-                "data-file-raw".into(),
-                json!(h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0),
-            );
+            d.insert("data-file-raw".into(), json!(h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0));
         }
-        d.insert(
-            "corrupt".into(),
-            json!(h.incompatible_features & header::INCOMPAT_CORRUPT != 0),
-        );
+        d.insert("corrupt".into(), json!(h.incompatible_features & header::INCOMPAT_CORRUPT != 0));
         d.insert("extended-l2".into(), json!(h.extended_l2()));
     }
     json!({"type": "qcow2", "data": Value::Object(d)})
@@ -80,10 +59,7 @@ fn qcow2_specific(h: &Header) -> Value {
 /// The info object of one image, keys in qemu-img's order.
 pub fn info_json(img: &Image) -> Value {
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{"name": "file", "info": file_child(img)}]),
-    );
+    m.insert("children".into(), json!([{"name": "file", "info": file_child(img)}]));
     let q = img.qcow2();
     let h = q.map(|q| q.header());
     if let Some(f) = h.and_then(|h| h.backing_format.as_ref()) {
@@ -91,10 +67,7 @@ pub fn info_json(img: &Image) -> Value {
     }
     if let Some(q) = q {
         if !q.snapshots().is_empty() {
-            m.insert(
-                "snapshots".into(),
-                Value::Array(q.snapshots().iter().map(snapshot_json).collect()),
-            );
+            m.insert("snapshots".into(), Value::Array(q.snapshots().iter().map(snapshot_json).collect()));
         }
     }
     m.insert("virtual-size".into(), json!(qcow2::BlockDevice::size(img)));
@@ -103,23 +76,15 @@ pub fn info_json(img: &Image) -> Value {
         m.insert("cluster-size".into(), json!(q.cluster_size()));
     }
     m.insert("format".into(), json!(img.format().name()));
-    m.insert(
-        "actual-size".into(),
-        json!(img.storage().allocated_bytes().unwrap_or(0)),
-    );
+    m.insert("actual-size".into(), json!(img.storage().allocated_bytes().unwrap_or(0)));
     if let Some(h) = h {
         m.insert("format-specific".into(), qcow2_specific(h));
         if let Some(b) = &h.backing_file {
-            m.insert(
-                "full-backing-filename".into(),
-                json!(resolve_relative(img.filename(), b)),
-            );
+            m.insert("full-backing-filename".into(), json!(resolve_relative(img.filename(), b)));
             m.insert("backing-filename".into(), json!(b));
         }
     }
-    let dirty = h
-        .map(|h| h.incompatible_features & header::INCOMPAT_DIRTY != 0)
-        .unwrap_or(false);
+    let dirty = h.map(|h| h.incompatible_features & header::INCOMPAT_DIRTY != 0).unwrap_or(false);
     m.insert("dirty-flag".into(), json!(dirty));
     Value::Object(m)
 }
@@ -144,14 +109,7 @@ fn local_date(secs: u32) -> String {
 }
 
 /// One row of qemu's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
-pub fn snapshot_row(
-    id: &str,
-    tag: &str,
-    vm: &str,
-    date: &str,
-    clock: &str,
-    icount: &str,
-) -> String {
+pub fn snapshot_row(id: &str, tag: &str, vm: &str, date: &str, clock: &str, icount: &str) -> String {
     format!("{id:<7} {tag:<16} {vm:>8} {date:>19} {clock:>15} {icount:>10}")
 }
 

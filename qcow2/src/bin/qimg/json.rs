@@ -62,6 +62,9 @@ mod tests {
     #[test]
     fn matches_qemu_layout() {
         let v = serde_json::json!({"a": 1, "b": [], "c": {"d": {}}});
-        assert_eq!(pretty(&v), "{\n    \"a\": 1,\n    \"b\": [\n    ],\n    \"c\": {\n        \"d\": {\n        }\n    }\n}");
+        assert_eq!(
+            pretty(&v),
+            "{\n    \"a\": 1,\n    \"b\": [\n    ],\n    \"c\": {\n        \"d\": {\n        }\n    }\n}"
+        );
     }
 }

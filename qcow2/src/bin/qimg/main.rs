@@ -16,11 +16,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(
-    name = "qimg",
-    version,
-    about = "qemu-img compatible image tool (qcow2 and raw)"
-)]
+#[command(name = "qimg", version, about = "qemu-img compatible image tool (qcow2 and raw)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -187,15 +183,8 @@ enum Cmd {
 }
 
 fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, String> {
-    let format = fmt
-        .map(Format::parse)
-        .transpose()
-        .map_err(|e| format!("Could not open '{path}': {e}"))?;
-    let o = OpenOptions {
-        format,
-        open_backing: backing,
-        ..OpenOptions::default()
-    };
+    let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
+    let o = OpenOptions { format, open_backing: backing, ..OpenOptions::default() };
     Image::open(path, &o).map_err(|e| {
         let s = e.to_string();
         if s.starts_with("Could not open") {
@@ -208,16 +197,7 @@ fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, Stri
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
-        Cmd::Create {
-            format,
-            backing,
-            backing_fmt,
-            unsafe_backing,
-            options,
-            quiet,
-            filename,
-            size,
-        } => {
+        Cmd::Create { format, backing, backing_fmt, unsafe_backing, options, quiet, filename, size } => {
             create::run(
                 &format,
                 &filename,
@@ -230,40 +210,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check {
-            format,
-            repair,
-            output,
-            quiet,
-            filename,
-            ..
-        } => {
-            let c = check::run(
-                &filename,
-                format.as_deref(),
-                repair.as_deref(),
-                output == Output::Json,
-                quiet,
-            )?;
+        Cmd::Check { format, repair, output, quiet, filename, .. } => {
+            let c = check::run(&filename, format.as_deref(), repair.as_deref(), output == Output::Json, quiet)?;
             Ok(ExitCode::from(c))
         }
-        Cmd::Resize {
-            format,
-            shrink,
-            quiet,
-            filename,
-            size,
-        } => {
+        Cmd::Resize { format, shrink, quiet, filename, size } => {
             resize::run(&filename, format.as_deref(), &size, shrink, quiet)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Info {
-            format,
-            output,
-            backing_chain,
-            filename,
-            ..
-        } => {
+        Cmd::Info { format, output, backing_chain, filename, .. } => {
             let img = open(&filename, format.as_deref(), backing_chain)?;
             let mut chain = vec![img.clone()];
             if backing_chain {
@@ -276,11 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             match output {
                 Output::Json => {
                     let v: Vec<_> = chain.iter().map(|i| info::info_json(i)).collect();
-                    let v = if backing_chain {
-                        serde_json::Value::Array(v)
-                    } else {
-                        v[0].clone()
-                    };
+                    let v = if backing_chain { serde_json::Value::Array(v) } else { v[0].clone() };
                     println!("{}", json::pretty(&v));
                 }
                 Output::Human => {
@@ -290,34 +241,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Map {
-            format,
-            output,
-            start_offset,
-            max_length,
-            filename,
-            ..
-        } => {
+        Cmd::Map { format, output, start_offset, max_length, filename, .. } => {
             let start = size::parse_size(&start_offset)?;
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true)?;
             map::run(&img, output == Output::Json, start, len)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Convert {
-            format,
-            out_format,
-            progress,
-            quiet,
-            sparse,
-            input,
-            output,
-            ..
-        } => {
+        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, .. } => {
             if out_format != "raw" {
-                return Err(format!(
-                    "convert -O {out_format} is not supported (qimg converts to raw only)"
-                ));
+                return Err(format!("convert -O {out_format} is not supported (qimg converts to raw only)"));
             }
             let min_sparse = match sparse {
                 Some(s) => size::parse_size(&s)? as usize,
@@ -328,15 +261,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             convert::to_raw(&img, &output, progress && !quiet, min_sparse)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Compare {
-            format1,
-            format2,
-            quiet,
-            strict,
-            a,
-            b,
-            ..
-        } => {
+        Cmd::Compare { format1, format2, quiet, strict, a, b, .. } => {
             let ia = open(&a, format1.as_deref(), true)?;
             let ib = open(&b, format2.as_deref(), true)?;
             match compare::run(&ia, &ib, quiet, strict) {

@@ -30,12 +30,7 @@ fn mergeable(a: &Entry, b: &Entry) -> bool {
 }
 
 /// Walks `[start, end)` and calls `emit` with each merged record.
-pub fn walk(
-    img: &Image,
-    start: u64,
-    end: u64,
-    mut emit: impl FnMut(&Entry) -> Result<()>,
-) -> Result<()> {
+pub fn walk(img: &Image, start: u64, end: u64, mut emit: impl FnMut(&Entry) -> Result<()>) -> Result<()> {
     let mut cur: Option<Entry> = None;
     let mut pos = start;
     while pos < end {
@@ -75,16 +70,9 @@ pub fn json_line(e: &Entry) -> String {
 }
 
 /// Runs the map command; returns the exit status.
-pub fn run(
-    img: &Image,
-    json: bool,
-    start: u64,
-    len: Option<u64>,
-) -> std::result::Result<(), String> {
+pub fn run(img: &Image, json: bool, start: u64, len: Option<u64>) -> std::result::Result<(), String> {
     let size = img.size();
-    let end = len
-        .map(|l| start.saturating_add(l).min(size))
-        .unwrap_or(size);
+    let end = len.map(|l| start.saturating_add(l).min(size)).unwrap_or(size);
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
     let mut first = true;
@@ -92,11 +80,7 @@ pub fn run(
     if json {
         let _ = out.write_all(b"[");
     } else {
-        let _ = writeln!(
-            out,
-            "{:<16}{:<16}{:<16}File",
-            "Offset", "Length", "Mapped to"
-        );
+        let _ = writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
     }
     let r = walk(img, start.min(end), end, |e| {
         if json {
