@@ -172,22 +172,61 @@ impl Storage for FileStorage {
 }
 
 /// An in-memory storage, for tests and fuzzing. Its size is capped so that hostile images cannot make it grow
-/// without bound.
+/// without bound. It can also play a power cut: [`MemStorage::crash_after`] makes it stop persisting after a
+/// number of writes and flushes; [`MemStorage::durable`] is then what a disk would hold (everything up to the
+/// last flush that completed before the cut).
 #[derive(Debug, Default)]
 pub struct MemStorage {
     data: RwLock<Vec<u8>>,
     cap: u64,
+    durable: RwLock<Vec<u8>>,
+    /// Writes and flushes left before the power cut; negative: never.
+    ops_left: std::sync::atomic::AtomicI64,
 }
 
 impl MemStorage {
     /// A storage holding `data` that may grow up to `cap` bytes.
     pub fn new(data: Vec<u8>, cap: u64) -> Self {
-        MemStorage { data: RwLock::new(data), cap }
+        MemStorage {
+            durable: RwLock::new(data.clone()),
+            data: RwLock::new(data),
+            cap,
+            ops_left: std::sync::atomic::AtomicI64::new(-1),
+        }
     }
 
     /// A copy of the contents.
     pub fn contents(&self) -> Vec<u8> {
         self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Cuts the power after `n` more writes or flushes: from then on nothing becomes durable.
+    pub fn crash_after(&self, n: u64) {
+        self.ops_left.store(n as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the power cut has happened.
+    pub fn crashed(&self) -> bool {
+        self.ops_left.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// What survived: the contents as of the last flush before the power cut.
+    pub fn durable(&self) -> Vec<u8> {
+        self.durable.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Counts one operation; false once the power is off.
+    fn tick(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let v = self.ops_left.load(Ordering::SeqCst);
+        if v < 0 {
+            return true;
+        }
+        if v == 0 {
+            return false;
+        }
+        self.ops_left.store(v - 1, Ordering::SeqCst);
+        true
     }
 }
 
@@ -205,6 +244,7 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.tick();
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.cap).ok_or_else(|| {
             Error::new(crate::ErrorKind::NoSpace, format!("write at {offset} beyond the in-memory cap"))
         })?;
@@ -230,10 +270,17 @@ impl Storage for MemStorage {
     }
 
     fn flush(&self) -> Result<()> {
+        if self.tick() {
+            let d = self.data.read().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?.clone();
+            if let Ok(mut g) = self.durable.write() {
+                *g = d;
+            }
+        }
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _punch: bool) -> Result<()> {
+        self.tick();
         let l = self.len()?;
         let end = offset.saturating_add(len).min(l.max(offset.saturating_add(len)));
         if end > self.cap {

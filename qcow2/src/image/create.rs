@@ -163,7 +163,10 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     if let Some(d) = &o.data_file {
         ext(&mut h, header::EXT_DATA_FILE, d.as_bytes());
     }
-    if o.version == 3 {
+    // The feature name table is optional: small clusters with a backing name may have no room for it.
+    let backing_len = o.backing_file.as_ref().map_or(0, |b| b.len());
+    let table_fits = h.len() + 8 + 8 * 48 + 8 + backing_len <= cs as usize;
+    if o.version == 3 && table_fits {
         let mut t = Vec::new();
         for (kind, bit, name) in FEATURE_NAMES {
             let mut e = [0u8; 48];
