@@ -15,7 +15,12 @@ const BLOCKS: u64 = 4096; // 16 MiB
 
 fn ok(cmd: &str, args: &[&str]) -> String {
     let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(o.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -92,7 +97,22 @@ fn kill_9_at_hundreds_of_points_keeps_acknowledged_flushed_blocks() {
     let base = d.path().join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", base.to_str().unwrap(), "16M"]);
     let img = d.path().join("disk.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-b", "base.raw", "-F", "raw", img.to_str().unwrap()]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+        ],
+    );
     let rounds: u64 = std::env::var("CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     // For each block: the sequence number acknowledged before the last completed FLUSH.
     let mut durable: Vec<u64> = vec![0; BLOCKS as usize];

@@ -36,7 +36,13 @@ struct Shape {
 const SIZE: u64 = 1 << 20;
 
 fn shape() -> impl Strategy<Value = Shape> {
-    (prop_oneof![Just(9u32), Just(12), Just(14), Just(16)], any::<bool>(), prop_oneof![Just(1u32), Just(4), Just(16), Just(64)], any::<bool>(), any::<bool>())
+    (
+        prop_oneof![Just(9u32), Just(12), Just(14), Just(16)],
+        any::<bool>(),
+        prop_oneof![Just(1u32), Just(4), Just(16), Just(64)],
+        any::<bool>(),
+        any::<bool>(),
+    )
         .prop_map(|(cb, ext, rb, v3, backing)| {
             let extended_l2 = ext && cb >= 14 && v3;
             let version = if v3 { 3 } else { 2 };
@@ -141,7 +147,9 @@ fn read_all(q: &Qcow2, s: &Shape) -> Vec<u8> {
         match m {
             qcow2::image::Mapping::Data { host } => q.data_storage().read_at(chunk, host).unwrap(),
             qcow2::image::Mapping::Zero { .. } => chunk.fill(0),
-            qcow2::image::Mapping::Compressed { desc, in_cluster } => q.read_compressed(desc, in_cluster, chunk).unwrap(),
+            qcow2::image::Mapping::Compressed { desc, in_cluster } => {
+                q.read_compressed(desc, in_cluster, chunk).unwrap()
+            }
             qcow2::image::Mapping::Unallocated { .. } => {
                 chunk.fill(0);
                 if s.backing && (pos as usize) < base.len() {
@@ -258,7 +266,23 @@ fn qemu_case(dir: &std::path::Path, variant: u32, ops: &[Op]) {
             let base = dir.join("b.raw");
             ok("qemu-img", &["create", "-q", "-f", "raw", p(&base), "900k"]);
             io(&base, "raw", &["write -P 0x5c 0 900k"]);
-            ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=8k,refcount_bits=1", "-b", "b.raw", "-F", "raw", p(&img), &size]);
+            ok(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=8k,refcount_bits=1",
+                    "-b",
+                    "b.raw",
+                    "-F",
+                    "raw",
+                    p(&img),
+                    &size,
+                ],
+            );
         }
     }
     let want = dir.join("want.raw");
@@ -279,7 +303,13 @@ fn qemu_case(dir: &std::path::Path, variant: u32, ops: &[Op]) {
     dev.flush().unwrap();
     drop(dev);
     let chk = run("qemu-img", &["check", p(&img)]);
-    assert_eq!(chk.status.code(), Some(0), "variant {variant}: {}{}", String::from_utf8_lossy(&chk.stdout), String::from_utf8_lossy(&chk.stderr));
+    assert_eq!(
+        chk.status.code(),
+        Some(0),
+        "variant {variant}: {}{}",
+        String::from_utf8_lossy(&chk.stdout),
+        String::from_utf8_lossy(&chk.stderr)
+    );
     let got = dir.join("got.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&img), p(&got)]);
     let got = std::fs::read(&got).unwrap();

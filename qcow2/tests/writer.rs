@@ -346,3 +346,28 @@ fn resize_grows_qcow2_and_raw() {
     ok(QIMG, &["resize", "-f", "raw", p(&raw), "3M"]);
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 3 << 20);
 }
+
+#[test]
+fn preallocation_modes_lay_out_what_qemu_img_does() {
+    for mode in ["metadata", "falloc", "full"] {
+        let d = tmpdir();
+        let a = d.path().join("a.qcow2");
+        let b = d.path().join("b.qcow2");
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("preallocation={mode}"), p(&a), "8M"]);
+        ok(QIMG, &["create", "-q", "-f", "qcow2", "-o", &format!("preallocation={mode}"), p(&b), "8M"]);
+        assert_eq!(run("qemu-img", &["check", p(&b)]).status.code(), Some(0), "{mode}");
+        assert_eq!(std::fs::metadata(&a).unwrap().len(), std::fs::metadata(&b).unwrap().len(), "{mode}");
+        assert_eq!(
+            ok("qemu-img", &["map", "--output=json", p(&a)]),
+            ok("qemu-img", &["map", "--output=json", p(&b)]),
+            "{mode}"
+        );
+        same_as_qemu(&b, &[Op::Write(0x31, 100, 5000), Op::Zero(65536, 65536, true)]);
+    }
+    let d = tmpdir();
+    let bad = run(
+        QIMG,
+        &["create", "-q", "-f", "qcow2", "-o", "preallocation=sometimes", p(&d.path().join("x.qcow2")), "1M"],
+    );
+    assert_ne!(bad.status.code(), Some(0));
+}

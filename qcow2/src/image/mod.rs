@@ -15,6 +15,7 @@ mod write;
 
 pub use mapping::Mapping;
 pub use open::Qcow2Options;
+pub use write::Prealloc;
 
 use crate::error::{Error, Result};
 use crate::format::header::Header;

@@ -687,3 +687,57 @@ impl Qcow2 {
         self.l1_offset.load(Ordering::Acquire)
     }
 }
+
+/// How `qimg create -o preallocation=` prepares a new image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Map every guest cluster to a host cluster (the file stays sparse).
+    Metadata,
+    /// Also reserve the space with fallocate.
+    Falloc,
+    /// Also write zeros over it.
+    Full,
+}
+
+impl Qcow2 {
+    /// Allocates a host cluster for every guest cluster, in order, as qemu's preallocation does.
+    pub fn preallocate(&self, mode: Prealloc) -> Result<()> {
+        let mut st = self.lock()?;
+        let cs = self.cluster_size();
+        let size = self.size();
+        let mut pos = 0u64;
+        while pos < size {
+            let (l1_idx, idx) = self.indices(pos);
+            let l2 = self.l2_for_write(&mut st, l1_idx)?;
+            let t = self.l2_table(l2)?;
+            let s = self.state_of(&t, idx);
+            drop(t);
+            if s.host.is_none() && s.compressed.is_none() {
+                let host = self.alloc_data(&mut st, pos)?;
+                let bitmap = if self.header.extended_l2() { u64::from(u32::MAX) } else { 0 };
+                self.set_entry(l2, idx, host | OFLAG_COPIED, bitmap)?;
+            }
+            if self.too_many_dirty() {
+                self.flush_locked(&mut st)?;
+            }
+            pos += cs;
+        }
+        let end = st.refs.end_cluster << self.cluster_bits;
+        let data_end = if self.has_data_file() { size.div_ceil(cs) * cs } else { end };
+        match mode {
+            Prealloc::Metadata => {
+                if self.data.len()? < data_end {
+                    self.data.set_len(data_end)?;
+                }
+            }
+            Prealloc::Falloc | Prealloc::Full => {
+                let len = self.data.len()?;
+                if len < data_end {
+                    // Zeros written (full) or reserved (falloc: write_zeroes without punching).
+                    self.data.write_zeroes(len, data_end - len, false)?;
+                }
+            }
+        }
+        self.flush_locked(&mut st)
+    }
+}

@@ -3,6 +3,7 @@
 use crate::size::parse_size;
 use qcow2::format::header::CompressionType;
 use qcow2::image::create::{build, CreateOptions};
+use qcow2::image::Prealloc;
 use qcow2::{BlockDevice, Format, Image, OpenOptions};
 
 fn on_off(k: &str, v: &str) -> Result<bool, String> {
@@ -113,15 +114,18 @@ pub fn run(
             Ok(())
         }
         Format::Qcow2 => {
-            if prealloc != "off" {
-                return Err(format!("preallocation={prealloc} is not supported for qcow2 yet"));
+            if prealloc != "off" && backing.is_some() && !o.extended_l2 {
+                return Err(format!(
+                    "{file}: Backing file and preallocation can only be used at the same time if extended_l2 is on"
+                ));
             }
             o.size = size;
             o.backing_file = backing.clone();
             o.backing_format = backing_fmt.clone();
             if !quiet {
+                let pre = if prealloc == "off" { String::new() } else { format!(" preallocation={prealloc}") };
                 let mut line = format!(
-                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+                    "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={}{pre} compression_type={} size={size}",
                     o.cluster_size,
                     if o.extended_l2 { "on" } else { "off" },
                     o.compression.qemu_name()
@@ -156,7 +160,28 @@ pub fn run(
                 f.set_len(0).map_err(|e| e.to_string())?;
                 f.set_len(size).map_err(|e| e.to_string())?;
             }
-            std::fs::write(file, bytes).map_err(|e| format!("{file}: Could not create '{file}': {e}"))
+            std::fs::write(file, bytes).map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
+            let mode = match prealloc.as_str() {
+                "metadata" => Some(Prealloc::Metadata),
+                "falloc" => Some(Prealloc::Falloc),
+                "full" => Some(Prealloc::Full),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                let img = Image::open(
+                    file,
+                    &OpenOptions {
+                        format: Some(Format::Qcow2),
+                        writable: true,
+                        open_backing: false,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| format!("{file}: {e}"))?;
+                let q = img.qcow2().ok_or("not a qcow2 image")?;
+                q.preallocate(mode).map_err(|e| format!("{file}: preallocation failed: {e}"))?;
+            }
+            Ok(())
         }
     }
 }
