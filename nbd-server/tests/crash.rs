@@ -152,7 +152,7 @@ fn kill_9_at_hundreds_of_points_keeps_acknowledged_flushed_blocks() {
                     break;
                 }
                 pending.push((idx, seq));
-                if seq % 16 == 0 {
+                if seq.is_multiple_of(16) {
                     if !c.req(3, 0, &[], seq) {
                         break;
                     }
