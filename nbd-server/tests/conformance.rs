@@ -724,3 +724,41 @@ fn zero_length_read_does_not_disconnect() {
     c.request(false, 0, 0, 2, 0, 16, &[]);
     assert_eq!(c.simple(), (0, 2));
 }
+
+#[test]
+fn export_names_longer_than_4096_bytes_are_refused() {
+    let srv = start(false, 8);
+    let mut c = Client::new(&srv);
+    let long = "x".repeat(5000);
+    let r = c.go(&long);
+    assert_eq!(r.last().unwrap().1, ERR_INVALID, "{:?}", r.last().map(|x| x.1));
+    assert_eq!(c.go("").last().unwrap().1, 1, "still in sync");
+}
+
+#[test]
+fn hundreds_of_requests_in_flight_are_bounded_and_all_answered() {
+    let srv = start(false, 8);
+    let mut c = Client::transmission(&srv);
+    // Far more than the per-connection limit: the server applies back-pressure instead of buffering them all.
+    let n = 300u64;
+    let writer = {
+        let mut s = c.s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for i in 0..n {
+                let mut v = Vec::new();
+                v.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                v.extend_from_slice(&[0, 0, 0, 0]);
+                v.extend_from_slice(&i.to_be_bytes());
+                v.extend_from_slice(&((i % 16) * 65536).to_be_bytes());
+                v.extend_from_slice(&65536u32.to_be_bytes());
+                s.write_all(&v).unwrap();
+            }
+        })
+    };
+    for _ in 0..n {
+        let (e, _) = c.simple();
+        assert_eq!(e, 0);
+        c.read(65536);
+    }
+    writer.join().unwrap();
+}

@@ -251,3 +251,20 @@ fn unknown_format_name() {
     assert_ne!(code, 0);
     assert!(err.contains("Unknown driver 'vmdk'"), "{err}");
 }
+
+#[test]
+fn too_many_snapshots() {
+    let d = tmpdir();
+    let img = fresh(d.path(), "sn.qcow2");
+    patch(&img, 60, &70_000u32.to_be_bytes());
+    patch(&img, 64, &0x10000u64.to_be_bytes());
+    assert_refused(&img, "nb_snapshots 70000 is too large");
+}
+
+#[test]
+fn header_length_past_the_first_cluster() {
+    let d = tmpdir();
+    let img = fresh(d.path(), "hl.qcow2");
+    patch(&img, 100, &0x20000u32.to_be_bytes());
+    assert_refused(&img, "header_length 131072 exceeds the first cluster");
+}
