@@ -69,6 +69,24 @@ fn spawn(args: &[&str], sock: &Path) -> Srv {
     c
 }
 
+/// Waits until no process runs with `needle` in its command line: after SIGKILL, qnbd's commit helper may
+/// still be finishing the last metadata batch (it shares the server's command line, being a fork).
+fn wait_gone(needle: &str) {
+    let t = Instant::now();
+    loop {
+        let busy = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()).any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        });
+        if !busy {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "a process with '{needle}' did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
@@ -149,6 +167,7 @@ fn kill_9_in_the_middle_of_writes_leaves_a_clean_image() {
         let _ = srv.kill();
         let _ = srv.wait();
         let _ = fio.wait();
+        wait_gone(s(&sock));
         let chk = run("qemu-img", &["check", s(&ov)]);
         assert_eq!(
             chk.status.code(),

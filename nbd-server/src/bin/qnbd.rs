@@ -285,7 +285,8 @@ fn main() -> ExitCode {
     // Metadata commits of writable images go through a helper process that finishes them even if this
     // process is killed (qcow2::image::commit); it must be forked before any thread or listener exists.
     if exports.list.iter().any(|e| !e.is_read_only()) {
-        if let Err(e) = qcow2::image::commit::install_helper() {
+        // SAFETY: no thread has been started yet (the runtime starts after this).
+        if let Err(e) = unsafe { qcow2::image::commit::install_helper() } {
             return fail(e);
         }
     }

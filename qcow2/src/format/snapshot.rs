@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Size of the entry's extra data.
     pub extra_len: u64,
+    /// Size of the whole table entry on disk, padding included.
+    pub entry_len: u64,
 }
 
 /// Parses `count` entries from `buf`, the bytes of the snapshot table.
@@ -71,6 +73,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             disk_size,
             icount,
             extra_len: extra as u64,
+            entry_len: total.div_ceil(8) as u64 * 8,
         });
         off += total.div_ceil(8) * 8;
     }

@@ -189,7 +189,14 @@ impl Refcounts {
     fn next_free_run(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let mut start = self.end_cluster;
         let mut c = start;
+        let limit = start + n + (1 << 20);
         while c < start + n {
+            if c > limit {
+                return Err(Error::corrupt(format!(
+                    "more than a million clusters past cluster {} carry refcounts without an owner",
+                    self.end_cluster
+                )));
+            }
             if (c + 1) << self.cluster_bits > crate::limits::MAX_HOST_OFFSET {
                 return Err(Error::new(
                     crate::ErrorKind::NoSpace,

@@ -41,13 +41,28 @@ impl L2Cache {
         g.lru.get(&off).cloned()
     }
 
-    /// Caches a clean `table` at host offset `off`.
+    /// Caches a clean `table` read from disk at host offset `off`, unless a copy is already cached (that copy
+    /// may be newer than what the disk held when this one was read).
     pub fn put(&self, off: u64, table: L2Table) {
         if let Ok(mut g) = self.inner.lock() {
-            if !g.pinned.contains_key(&off) {
+            if !g.pinned.contains_key(&off) && !g.lru.contains(&off) {
                 g.lru.put(off, table);
             }
         }
+    }
+
+    /// Changes the cached table at `off` in place, under the cache lock, and pins it; returns false if the
+    /// table is not cached. Readers never see the table missing while it changes.
+    pub fn modify(&self, off: u64, f: impl FnOnce(&mut Vec<u64>)) -> bool {
+        let Ok(mut g) = self.inner.lock() else { return false };
+        let t = match g.pinned.remove(&off) {
+            Some(t) => Some(t),
+            None => g.lru.pop(&off),
+        };
+        let Some(mut t) = t else { return false };
+        f(Arc::make_mut(&mut t));
+        g.pinned.insert(off, t);
+        true
     }
 
     /// Takes the table at `off` out of the cache (to change it in place).

@@ -38,6 +38,15 @@ pub struct CheckReport {
     pub copied_fixes: Vec<(u64, usize, bool)>,
 }
 
+impl CheckReport {
+    /// Records a problem (at most 10,000 lines are kept; the counts stay exact).
+    fn push(&mut self, m: String) {
+        if self.messages.len() < 10_000 {
+            self.messages.push(m);
+        }
+    }
+}
+
 impl Qcow2 {
     /// Checks refcounts and `QCOW_OFLAG_COPIED` flags against every reference in the image.
     pub fn check(&self) -> Result<CheckReport> {
@@ -69,35 +78,46 @@ impl Qcow2 {
         add(&mut r, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
         if h.nb_snapshots > 0 {
             // The snapshot table's length: the sum of its entries.
-            let mut len = 0u64;
-            for s in &self.snapshots {
-                len += (40 + s.extra_len + s.id.len() as u64 + s.name.len() as u64).div_ceil(8) * 8;
-            }
+            let len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
             add(&mut r, h.snapshots_offset, len, "snapshot table");
         }
         let data_file = h.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         // Active L1 (with statistics), then each snapshot's.
-        let active: Vec<u64> = self.l1.read().map(|l| l.clone()).unwrap_or_default();
-        let mut l1s: Vec<(Vec<u64>, bool)> = vec![(active, true)];
-        for s in &self.snapshots {
-            let bytes = u64::from(s.l1_size) * 8;
-            if bytes > crate::limits::MAX_L1_BYTES || !s.l1_table_offset.is_multiple_of(cs) {
-                r.corruptions += 1;
-                r.messages.push(format!("ERROR snapshot '{}' has an invalid L1 table", s.name));
-                continue;
-            }
-            add(&mut r, s.l1_table_offset, bytes, "snapshot L1 table");
-            match super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size)) {
-                Ok(t) => l1s.push((t, false)),
-                Err(_) => r.check_errors += 1,
-            }
-        }
+        // One L1 table at a time (the active one, then each snapshot's), with a bound on the total work.
+        let mut budget: u64 = 1 << 26;
         let ext = h.extended_l2();
         let step = if ext { 2 } else { 1 };
         let mut l2_refs: Vec<(u64, u64, usize)> = Vec::new(); // (l2 offset, l1 index) of the active L1
         let mut data_refs: Vec<(u64, u64, usize, u64)> = Vec::new(); // (data cluster, l2 offset, idx, entry)
         let mut next_contiguous = 0u64;
-        for (l1, is_active) in &l1s {
+        for k in 0..=self.snapshots.len() {
+            let is_active = &(k == 0);
+            let l1: Vec<u64> = if k == 0 {
+                self.l1.read().map(|l| l.clone()).unwrap_or_default()
+            } else {
+                let s = &self.snapshots[k - 1];
+                let bytes = u64::from(s.l1_size) * 8;
+                let fits = s.l1_table_offset.checked_add(bytes).is_some_and(|e| e <= file_len);
+                if bytes > crate::limits::MAX_L1_BYTES || !s.l1_table_offset.is_multiple_of(cs) || !fits {
+                    r.corruptions += 1;
+                    r.push(format!("ERROR snapshot '{}' has an invalid L1 table", s.name));
+                    continue;
+                }
+                add(&mut r, s.l1_table_offset, bytes, "snapshot L1 table");
+                match super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size)) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        r.check_errors += 1;
+                        continue;
+                    }
+                }
+            };
+            budget = budget.saturating_sub(l1.len() as u64);
+            if budget == 0 {
+                r.check_errors += 1;
+                r.push("ERROR the image has too many L1 entries to check".to_string());
+                break;
+            }
             for (i, &e) in l1.iter().enumerate() {
                 let l2 = e & OFFSET_MASK;
                 if l2 == 0 {
@@ -105,7 +125,7 @@ impl Qcow2 {
                 }
                 if !l2.is_multiple_of(cs) || l2 + cs > file_len {
                     r.corruptions += 1;
-                    r.messages.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"));
+                    r.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"));
                     continue;
                 }
                 add(&mut r, l2, cs, "L2 table");
@@ -137,9 +157,7 @@ impl Qcow2 {
                     }
                     if !off.is_multiple_of(cs) {
                         r.corruptions += 1;
-                        r.messages.push(format!(
-                            "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
-                        ));
+                        r.push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
                         continue;
                     }
                     if !data_file {
@@ -178,7 +196,7 @@ impl Qcow2 {
             }
             if !off.is_multiple_of(cs) || off >= file_len {
                 r.corruptions += 1;
-                r.messages.push(format!("ERROR refcount block {bi} is not cluster aligned or outside the image; refcount table entry corrupted"));
+                r.push(format!("ERROR refcount block {bi} is not cluster aligned or outside the image; refcount table entry corrupted"));
                 continue;
             }
             add(&mut r, off, cs, "refcount block");
@@ -208,10 +226,10 @@ impl Qcow2 {
             if have != want {
                 if have > want {
                     r.leaks += 1;
-                    r.messages.push(format!("Leaked cluster {c} refcount={have} reference={want}"));
+                    r.push(format!("Leaked cluster {c} refcount={have} reference={want}"));
                 } else {
                     r.corruptions += 1;
-                    r.messages.push(format!("ERROR cluster {c} refcount={have} reference={want}"));
+                    r.push(format!("ERROR cluster {c} refcount={have} reference={want}"));
                 }
                 r.mismatches.push((c, have, want));
             }
@@ -222,7 +240,7 @@ impl Qcow2 {
             let copied = e & OFLAG_COPIED != 0;
             if copied != (rc == 1) {
                 r.corruptions += 1;
-                r.messages.push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"));
+                r.push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"));
                 r.copied_fixes.push((u64::MAX, i, refs.get(&(l2 >> cb)).copied().unwrap_or(0) == 1));
             }
         }
@@ -231,7 +249,7 @@ impl Qcow2 {
             let copied = ent & OFLAG_COPIED != 0;
             if copied != (rc == 1) {
                 r.corruptions += 1;
-                r.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={ent:x} refcount={rc}"));
+                r.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={ent:x} refcount={rc}"));
                 r.copied_fixes.push((l2, idx, refs.get(&c).copied().unwrap_or(0) == 1));
             }
         }
@@ -246,7 +264,8 @@ impl Qcow2 {
         r: &mut CheckReport,
         add: &mut dyn FnMut(&mut CheckReport, u64, u64),
     ) -> Result<()> {
-        if b.directory_size > 64 << 20 {
+        let fits = b.directory_offset.checked_add(b.directory_size).is_some_and(|e| e <= self.file_len());
+        if b.directory_size > 64 << 20 || !fits {
             r.corruptions += 1;
             return Ok(());
         }
@@ -262,7 +281,9 @@ impl Qcow2 {
             let n = u32::from_be_bytes(e[8..12].try_into().unwrap_or([0; 4]));
             let name = u16::from_be_bytes(e[18..20].try_into().unwrap_or([0; 2])) as usize;
             let extra = u32::from_be_bytes(e[20..24].try_into().unwrap_or([0; 4])) as usize;
-            if u64::from(n) * 8 > crate::limits::MAX_L1_BYTES {
+            let fits = tbl.checked_add(u64::from(n) * 8).is_some_and(|e| e <= self.file_len());
+            if u64::from(n) * 8 > crate::limits::MAX_L1_BYTES || !fits {
+                r.corruptions += 1;
                 break;
             }
             add(r, tbl, u64::from(n) * 8);

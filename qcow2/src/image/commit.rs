@@ -132,9 +132,11 @@ fn decode(r: &mut impl Read) -> Option<Vec<Op>> {
     Some(ops)
 }
 
-/// Forks the commit helper. Call once, while the process has a single thread, after the images that are to
-/// use it are open.
-pub fn install_helper() -> Result<()> {
+/// Forks the commit helper, once, after the images that are to use it are open.
+///
+/// # Safety
+/// The process must have a single thread when this is called (fork copies only the calling thread).
+pub unsafe fn install_helper() -> Result<()> {
     let mut fds = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
         for e in rd.flatten() {
@@ -147,8 +149,11 @@ pub fn install_helper() -> Result<()> {
     }
     let mut to_helper = [0i32; 2];
     let mut from_helper = [0i32; 2];
-    // SAFETY: pipe writes two descriptors into the arrays we own.
-    if unsafe { libc::pipe(to_helper.as_mut_ptr()) } != 0 || unsafe { libc::pipe(from_helper.as_mut_ptr()) } != 0 {
+    // SAFETY: pipe2 writes two descriptors into the arrays we own. CLOEXEC: no program the server runs
+    // inherits them.
+    if unsafe { libc::pipe2(to_helper.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+        || unsafe { libc::pipe2(from_helper.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+    {
         return Err(Error::io("cannot create the commit helper's pipes", std::io::Error::last_os_error()));
     }
     // SAFETY: the caller guarantees the process is single-threaded here, so fork is sound.

@@ -40,6 +40,9 @@ pub struct Qcow2 {
     /// Where the active L1 table lives (moves when resize grows it).
     l1_offset: AtomicU64,
     l2_cache: L2Cache,
+    /// Set when the writer found the image corrupt or a commit failed: every write is refused, also on the
+    /// lock-free fast path.
+    poisoned: std::sync::atomic::AtomicBool,
     /// Write state (refcounts, dirty flags); `None` for a read-only image.
     writer: Option<Mutex<write::WriteState>>,
     snapshots: Vec<Snapshot>,

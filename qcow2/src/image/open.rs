@@ -196,6 +196,7 @@ impl Qcow2 {
             l1: std::sync::RwLock::new(l1),
             l1_offset: std::sync::atomic::AtomicU64::new(l1_off),
             l2_cache: L2Cache::new(tables),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
             writer,
             snapshots,
             size: std::sync::atomic::AtomicU64::new(size),

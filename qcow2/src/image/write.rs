@@ -142,25 +142,62 @@ impl Qcow2 {
         ClusterState { host, copied, compressed: None, alloc, zero }
     }
 
+    /// Refuses a cluster state the writer must not act on: a host offset that is misaligned, at the header,
+    /// past the end of the file, or on the L1 or refcount table; allocation bits without a host cluster;
+    /// a subcluster both allocated and zero (qcow2.rst, Extended L2 Entries).
+    fn validate(&self, s: &ClusterState, pos: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let file_len = self.file_len();
+        let bad = |what: &str| Err(Error::corrupt(format!("{what} (guest offset {pos:#x})")));
+        if let Some(d) = s.compressed {
+            if self.has_data_file() || d.offset < cs || d.offset >= file_len {
+                return bad("compressed cluster outside the image file");
+            }
+            return Ok(());
+        }
+        if s.alloc & s.zero != 0 {
+            return bad("subcluster both allocated and zero");
+        }
+        match s.host {
+            None if s.alloc != 0 => bad("allocated subclusters without a host cluster"),
+            Some(h) if h % cs != 0 => bad("host cluster offset not aligned to the cluster size"),
+            Some(h) if !self.has_data_file() => {
+                let l1 = self.l1_offset();
+                let l1_len = self.l1.read().map(|l| l.len() as u64 * 8).unwrap_or(0);
+                let rt = self.header.refcount_table_offset;
+                let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
+                let overlaps = |o: u64, l: u64| l > 0 && h < o + l && o < h + cs;
+                if h == 0 || h >= file_len {
+                    bad("host cluster at the header or past the end of the file")
+                } else if overlaps(l1, l1_len) || overlaps(rt, rt_len) {
+                    bad("host cluster overlaps the L1 or refcount table")
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
     pub(super) fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
-        let mut t = match self.l2_cache.take(l2) {
-            Some(t) => t,
-            None => {
-                let t = self.l2_table(l2)?;
-                self.l2_cache.take(l2);
-                t
+        let ext = self.header.extended_l2();
+        let apply = |v: &mut Vec<u64>| {
+            if ext {
+                v[2 * idx] = entry;
+                v[2 * idx + 1] = bitmap;
+            } else {
+                v[idx] = entry;
             }
         };
-        let v = Arc::make_mut(&mut t);
-        if self.header.extended_l2() {
-            v[2 * idx] = entry;
-            v[2 * idx + 1] = bitmap;
-        } else {
-            v[idx] = entry;
+        // Load the table into the cache first if needed; then change it under the cache lock.
+        for _ in 0..3 {
+            if self.l2_cache.modify(l2, apply) {
+                return Ok(());
+            }
+            self.l2_table(l2)?;
         }
-        self.l2_cache.pin(l2, t);
-        Ok(())
+        Err(Error::new(ErrorKind::Io, "L2 table could not be kept in the cache"))
     }
 
     /// The L2 table for L1 index `l1_idx`, allocated (or copied, if shared with a snapshot) if needed.
@@ -211,7 +248,9 @@ impl Qcow2 {
             return Ok(None);
         }
         let t = self.l2_table(off)?;
-        Ok(Some(self.state_of(&t, idx)))
+        let s = self.state_of(&t, idx);
+        self.validate(&s, pos)?;
+        Ok(Some(s))
     }
 
     fn touched(&self, a: u64, b: u64) -> u32 {
@@ -229,6 +268,9 @@ impl Qcow2 {
     pub fn write(&self, buf: &[u8], offset: u64, backing: BackingReader<'_>) -> Result<()> {
         if self.writer.is_none() {
             return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::corrupt("the image was found corrupt: writes are refused"));
         }
         let cs = self.cluster_size();
         let mut done = 0usize;
@@ -268,7 +310,8 @@ impl Qcow2 {
         if let Err(e) = r {
             if e.kind() == ErrorKind::Corrupt && !st.corrupt {
                 st.corrupt = true;
-                let bits = self.header.incompatible_features | header::INCOMPAT_CORRUPT;
+                self.poisoned.store(true, Ordering::Release);
+                let bits = (self.header.incompatible_features & !header::INCOMPAT_DIRTY) | header::INCOMPAT_CORRUPT;
                 if self.header.version >= 3 {
                     let _ = self.file.write_at(&bits.to_be_bytes(), 72);
                     let _ = self.file.flush();
@@ -314,6 +357,7 @@ impl Qcow2 {
         let t = self.l2_table(l2)?;
         let s = self.state_of(&t, idx);
         drop(t);
+        self.validate(&s, pos)?;
         let touched = self.touched(a, b);
         let in_place = s.copied && s.compressed.is_none() && s.host.is_some();
         let target = if in_place { s.host.unwrap_or(0) } else { self.alloc_data(st, pos)? };
@@ -334,8 +378,9 @@ impl Qcow2 {
             let bit = 1u32 << sc;
             let seg = &mut out[(sc * ss - r0) as usize..((sc + 1) * ss - r0) as usize];
             let seg_start = sc * ss;
-            // Skip bytes the guest overwrites entirely.
-            if a <= seg_start && b >= seg_start + ss {
+            // Skip bytes the guest overwrites entirely, and, in place, subclusters that hold data already: only
+            // the guest's own bytes go there (rewriting the rest could undo a concurrent fast-path write).
+            if (a <= seg_start && b >= seg_start + ss) || (in_place && s.alloc & bit != 0 && s.compressed.is_none()) {
                 continue;
             }
             if let Some(d) = s.compressed {
@@ -357,7 +402,28 @@ impl Qcow2 {
         }
         out[(a - r0) as usize..(b - r0) as usize].copy_from_slice(chunk);
         // Data first; the mapping that publishes it changes only after the write completed.
-        self.data.write_at(&out, target + r0)?;
+        if in_place {
+            let mut pieces: Vec<(u64, u64)> = Vec::new();
+            for sc in (r0 / ss)..(r1 / ss) {
+                let (x, y) = if s.alloc & (1u32 << sc) != 0 {
+                    (a.max(sc * ss), b.min((sc + 1) * ss))
+                } else {
+                    (sc * ss, (sc + 1) * ss)
+                };
+                if x >= y {
+                    continue;
+                }
+                match pieces.last_mut() {
+                    Some(last) if last.1 == x => last.1 = y,
+                    _ => pieces.push((x, y)),
+                }
+            }
+            for (x, y) in pieces {
+                self.data.write_at(&out[(x - r0) as usize..(y - r0) as usize], target + x)?;
+            }
+        } else {
+            self.data.write_at(&out, target + r0)?;
+        }
         let (alloc, zero) =
             if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
         let entry = target | OFLAG_COPIED;
@@ -408,14 +474,13 @@ impl Qcow2 {
         let gran = 1u64 << self.sc_bits;
         let end = offset + len;
         let mut pos = offset;
-        let zeros = vec![0u8; gran.min(1 << 20) as usize];
         while pos < end {
             let unit_end = ((pos / gran) + 1) * gran;
             let n = unit_end.min(end) - pos;
             if n < gran {
                 // Partial unit: zeros as data (discard leaves it alone).
                 if !discard {
-                    self.write(&zeros[..n as usize], pos, backing)?;
+                    self.write(&vec![0u8; n as usize], pos, backing)?;
                 }
                 pos += n;
                 continue;
@@ -474,6 +539,7 @@ impl Qcow2 {
         let t = self.l2_table(l2)?;
         let s = self.state_of(&t, idx);
         drop(t);
+        self.validate(&s, a)?;
         let touched = self.touched(a - cluster_start, b - cluster_start);
         if self.header.extended_l2() {
             if s.compressed.is_some() && !whole {
@@ -530,12 +596,27 @@ impl Qcow2 {
 
     /// Makes every completed write durable, metadata in the order `alloc.rs` describes.
     pub fn flush(&self) -> Result<()> {
-        let Some(w) = &self.writer else { return Ok(()) };
-        let mut st = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        if self.writer.is_none() {
+            return Ok(());
+        }
+        let mut st = self.lock()?;
         self.flush_locked(&mut st)
     }
 
     pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
+        if st.corrupt {
+            return Err(Error::corrupt("an earlier metadata commit failed: nothing more is written"));
+        }
+        let r = self.flush_inner(st);
+        if r.is_err() {
+            // What reached the disk is unknown now: stop writing rather than guess.
+            st.corrupt = true;
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn flush_inner(&self, st: &mut WriteState) -> Result<()> {
         use super::commit::Op;
         let dirty_l2 = self.l2_cache.dirty();
         let nothing = dirty_l2.is_empty() && !st.l1_dirty && !st.refs.is_dirty() && st.refs.pending_free.is_empty();
@@ -611,11 +692,7 @@ impl Qcow2 {
                 }
             }),
         };
-        if let Err(e) = r {
-            // What reached the disk is unknown now: stop writing rather than guess.
-            st.corrupt = true;
-            return Err(e);
-        }
+        r?;
         self.l2_cache.mark_clean(&offs);
         Ok(())
     }
@@ -655,7 +732,16 @@ impl Qcow2 {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
             raw.resize((clusters * cs) as usize, 0);
-            st.refs.write_back(self.file.as_ref())?;
+            // Refcounts first (and the header's refcount table fields if the table moved), then the new L1.
+            let moved = st.refs.write_back(self.file.as_ref())?;
+            self.file.flush()?;
+            if moved {
+                let mut hdr = Vec::with_capacity(12);
+                hdr.extend_from_slice(&st.refs.table_offset.to_be_bytes());
+                hdr.extend_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
+                self.file.write_at(&hdr, 48)?;
+                self.file.flush()?;
+            }
             self.file.write_at(&raw, off)?;
             self.file.flush()?;
             let old_off = self.l1_offset();
@@ -666,14 +752,16 @@ impl Qcow2 {
             *self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
             hdr_l1 = Some((off, need as u32));
         }
-        // Header: size, and the L1 table if it moved (qcow2.rst Header bytes 24-31, 36-47).
-        self.file.write_at(&new_size.to_be_bytes(), 24)?;
-        if let Some((off, n)) = hdr_l1 {
-            self.file.write_at(&n.to_be_bytes(), 36)?;
-            self.file.write_at(&off.to_be_bytes(), 40)?;
-            self.l1_offset.store(off, Ordering::Release);
-        }
+        // Header bytes 24-47 (size, crypt_method, l1_size, l1_table_offset) in one write.
+        let (l1_off, l1_n) = hdr_l1.unwrap_or((self.l1_offset(), cur as u32));
+        let mut hdr = Vec::with_capacity(24);
+        hdr.extend_from_slice(&new_size.to_be_bytes());
+        hdr.extend_from_slice(&self.header.crypt_method.to_be_bytes());
+        hdr.extend_from_slice(&l1_n.to_be_bytes());
+        hdr.extend_from_slice(&l1_off.to_be_bytes());
+        self.file.write_at(&hdr, 24)?;
         self.file.flush()?;
+        self.l1_offset.store(l1_off, Ordering::Release);
         self.size.store(new_size, Ordering::Release);
         if !st.refs.pending_free.is_empty() {
             st.refs.apply_frees(self.file.as_ref())?;
