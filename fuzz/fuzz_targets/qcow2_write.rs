@@ -51,7 +51,14 @@ fuzz_target!(|data: &[u8]| {
     drop(q);
     let opts = Qcow2Options { writable: false, ..opts };
     let after = Qcow2::open(file, None, &opts).and_then(|q| q.check()).expect("the writer left an image qnbd cannot open");
-    assert_eq!(after.corruptions, 0, "the writer corrupted a clean image: {:?}", after.messages);
+    // A cluster referenced twice from the active tables (legal, though qemu never writes it) keeps its other
+    // reference's COPIED flag clear when one reference is copied away; only that is tolerated then.
+    let real: Vec<&String> = after
+        .messages
+        .iter()
+        .filter(|m| m.starts_with("ERROR") && !(before.shared_clusters > 0 && m.starts_with("ERROR OFLAG_COPIED")))
+        .collect();
+    assert!(real.is_empty(), "the writer corrupted a clean image: {real:?}");
     // Leaks are not asserted: an image can carry stale refcounts past the end of its file, which no check
     // sees; the allocator skips those clusters, and once the file grows over them they show as leaks.
 });

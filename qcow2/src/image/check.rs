@@ -36,6 +36,8 @@ pub struct CheckReport {
     pub mismatches: Vec<(u64, u64, u64)>,
     /// COPIED flags to fix: (L2 table offset or u64::MAX for L1, index, should be set).
     pub copied_fixes: Vec<(u64, usize, bool)>,
+    /// Data clusters of the active L1 whose refcount is above 1 (shared with a snapshot or referenced twice).
+    pub shared_clusters: u64,
 }
 
 impl CheckReport {
@@ -246,6 +248,7 @@ impl Qcow2 {
         }
         for (c, l2, idx, ent) in data_refs {
             let rc = ondisk.get(&c).copied().unwrap_or(0);
+            r.shared_clusters += u64::from(rc > 1);
             let copied = ent & OFLAG_COPIED != 0;
             if copied != (rc == 1) {
                 r.corruptions += 1;
