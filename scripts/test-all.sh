@@ -45,8 +45,10 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
       mkdir -p "corpus/$t"
       seeds=()
       [ -d "corpus_seed/$t" ] && seeds=("corpus_seed/$t")
+      dict=()
+      case $t in qcow2_*) dict=(-dict=qcow2.dict) ;; nbd_*) dict=(-dict=nbd.dict) ;; esac
       echo "fuzz $t for ${FUZZ_SECONDS:-20}s"
-      cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- \
+      cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- "${dict[@]}" \
         -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
         grep -E 'Done|ERROR|panicked|crash-' || true
       # A crash leaves an artifact; fail on it.
