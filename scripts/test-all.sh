@@ -2,7 +2,7 @@
 # Runs every test of qnbd on a fresh Debian machine with Rust: installs what the tests use (only when missing),
 # then formatting, lints, unit and integration tests against the real qemu-img / qemu-io / libnbd / fio,
 # a quick criterion run and a fuzz smoke of every target.
-# Env: FUZZ_SECONDS (default 20) per fuzz target; SKIP_FUZZ=1 and SKIP_BENCH=1 to skip those parts.
+# Env: FUZZ_SECONDS (default 25) per fuzz target; SKIP_FUZZ=1 and SKIP_BENCH=1 to skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/bin:$PATH   # Debian's python3 (for nbdsh) before any pyenv shim
@@ -47,9 +47,9 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
       [ -d "corpus_seed/$t" ] && seeds=("corpus_seed/$t")
       dict=()
       case $t in qcow2_*) dict=(-dict=qcow2.dict) ;; nbd_*) dict=(-dict=nbd.dict) ;; esac
-      echo "fuzz $t for ${FUZZ_SECONDS:-20}s"
+      echo "fuzz $t for ${FUZZ_SECONDS:-25}s"
       cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- "${dict[@]}" \
-        -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
+        -max_total_time="${FUZZ_SECONDS:-25}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
         grep -E 'Done|ERROR|panicked|crash-' || true
       # A crash leaves an artifact; fail on it.
       if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
