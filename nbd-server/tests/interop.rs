@@ -98,6 +98,7 @@ fn qemu_img_reads_qcow2_chain_over_unix_and_tcp() {
         assert!(info.contains("\"virtual-size\": 12582912"), "{info}");
         let cmp = ok("qemu-img", &["compare", &s.uri, ov.to_str().unwrap()]);
         assert_eq!(cmp, "Images are identical.\n");
+        ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x21 512k 1M", "-c", "read -P 0x22 9M 4k", &s.uri]);
         let out = d.path().join("out.raw");
         ok("qemu-img", &["convert", "-O", "raw", &s.uri, out.to_str().unwrap()]);
         ok("qemu-img", &["compare", "-f", "raw", out.to_str().unwrap(), ov.to_str().unwrap()]);
