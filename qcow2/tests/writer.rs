@@ -371,3 +371,48 @@ fn preallocation_modes_lay_out_what_qemu_img_does() {
     );
     assert_ne!(bad.status.code(), Some(0));
 }
+
+#[test]
+fn dirty_image_is_repaired_when_opened_read_write() {
+    let d = tmpdir();
+    let img = d.path().join("dirty.qcow2");
+    create(&img, "lazy_refcounts=on", "8M");
+    // qemu-io dies with SIGKILL after writing: lazy refcounts leave the dirty bit set and refcounts stale.
+    let _ = run("qemu-io", &["-c", "write -P 0x61 0 1M", "-c", "sigraise 9", p(&img)]);
+    let info = ok("qemu-img", &["info", "--output=json", p(&img)]);
+    assert!(info.contains("\"dirty-flag\": true"), "{info}");
+    {
+        let dev = Image::open(p(&img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        dev.write_at(&[0x62; 4096], 2 << 20, false).unwrap();
+        dev.flush().unwrap();
+    }
+    let info = ok("qemu-img", &["info", "--output=json", p(&img)]);
+    assert!(info.contains("\"dirty-flag\": false"), "{info}");
+    assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
+    io(&img, "qcow2", &["read -P 0x61 0 1M", "read -P 0x62 2M 4k"]);
+}
+
+#[test]
+fn unknown_autoclear_bits_are_cleared_and_unknown_extensions_kept() {
+    use std::os::unix::fs::FileExt;
+    let d = tmpdir();
+    let img = d.path().join("ac.qcow2");
+    create(&img, "", "8M");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    f.write_all_at(&(1u64 << 5).to_be_bytes(), 88).unwrap();
+    // An unknown header extension right after the header (before the feature table's end marker it replaces).
+    let mut h = vec![0u8; 4096];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let before = qcow2::format::header::Header::parse(&h).unwrap();
+    drop(f);
+    {
+        let dev = Image::open(p(&img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        dev.write_at(&[1; 512], 0, false).unwrap();
+    }
+    let f = std::fs::File::open(&img).unwrap();
+    f.read_exact_at(&mut h, 0).unwrap();
+    let after = qcow2::format::header::Header::parse(&h).unwrap();
+    assert_eq!(after.autoclear_features, 0);
+    assert_eq!(after.extensions, before.extensions, "header extensions must be kept byte for byte");
+    assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
+}
