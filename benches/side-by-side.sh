@@ -46,7 +46,7 @@ run_one() { # server case -> "iops rss_kib"
   # shellcheck disable=SC2046
   iops=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --bs=4k --size=1G --time_based \
     --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))')
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))')
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "$iops $rss"
