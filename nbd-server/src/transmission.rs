@@ -10,6 +10,7 @@ use crate::negotiate::{Context, Transmit};
 use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
 use crate::proto::*;
+use qcow2::util::is_zero;
 use qcow2::ErrorKind;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -175,17 +176,6 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
         n -= k as u64;
     }
     Ok(())
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let chunks = b.chunks_exact(16);
-    let rest = chunks.remainder();
-    chunks.fold(0u128, |acc, c| {
-        let mut w = [0u8; 16];
-        w.copy_from_slice(c);
-        acc | u128::from_ne_bytes(w)
-    }) == 0
-        && rest.iter().all(|&x| x == 0)
 }
 
 /// Runs one request and returns its whole reply.

@@ -11,6 +11,8 @@ pub mod format;
 pub mod image;
 pub mod limits;
 pub mod storage;
+pub mod testing;
+pub mod util;
 
 pub use chain::{Format, Image, Layer, OpenOptions};
 pub use device::{BlockDevice, Status};

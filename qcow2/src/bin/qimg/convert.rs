@@ -1,5 +1,6 @@
 //! `qimg convert -O raw`: a sparse raw copy of any image qnbd reads.
 
+use qcow2::util::is_zero;
 use qcow2::{BlockDevice, Image};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -30,18 +31,6 @@ fn nonzero_ranges(buf: &[u8], min_sparse: usize) -> Vec<(usize, usize)> {
         }
     }
     out
-}
-
-/// Whether every byte is zero (sixteen bytes at a time; the compiler vectorises this).
-pub fn is_zero(b: &[u8]) -> bool {
-    let chunks = b.chunks_exact(16);
-    let rest = chunks.remainder();
-    chunks.fold(0u128, |acc, c| {
-        let mut w = [0u8; 16];
-        w.copy_from_slice(c);
-        acc | u128::from_ne_bytes(w)
-    }) == 0
-        && rest.iter().all(|&x| x == 0)
 }
 
 /// A filled buffer on its way to the writer: guest offset, data, and the ranges of it to write.
