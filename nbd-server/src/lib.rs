@@ -4,6 +4,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod export;
+pub mod fuse;
+pub mod kernel;
 pub mod list;
 pub mod negotiate;
 pub mod overlay;

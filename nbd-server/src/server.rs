@@ -165,6 +165,21 @@ impl Server {
     }
 }
 
+/// Serves a connection whose handshake happened elsewhere: a socket handed to the kernel's NBD client
+/// (`qnbd -c`), which speaks the transmission phase with simple replies only.
+pub async fn serve_kernel<S>(stream: S, export: Arc<crate::export::Export>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let t = crate::negotiate::Transmit {
+        export: export.meta(),
+        style: crate::proto::reply::Style::Simple,
+        contexts: Vec::new(),
+    };
+    transmission::run(rd, wr, t, export).await
+}
+
 /// The handshake: greeting, client flags, options. Returns what to serve, or `None` if the client left.
 pub async fn handshake<R, W>(
     rd: &mut R,

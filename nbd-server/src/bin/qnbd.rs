@@ -89,11 +89,36 @@ struct Cli {
     /// List the exports of a server (as a client) and exit, like qemu-nbd -L.
     #[arg(short = 'L', long)]
     list: bool,
+    /// Connect FILE to the kernel NBD device DEV (e.g. /dev/nbd0) and serve it in the background; returns once
+    /// the device and its partitions are usable.
+    #[arg(short = 'c', long = "connect", value_name = "DEV")]
+    connect: Option<String>,
+    /// Disconnect DEV, wait until its server has flushed the image and exited, and report failure in the exit
+    /// status.
+    #[arg(short = 'd', long = "disconnect", value_name = "DEV", conflicts_with_all = ["connect", "list", "fuse"])]
+    disconnect: Option<String>,
+    /// Connections between the kernel and the server with -c (multi-queue).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
+    /// The kernel's request timeout in seconds with -c (0: the kernel's default).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+    /// Seconds the kernel waits for a dead connection to be replaced with -c (0: fail at once).
+    #[arg(long = "dead-timeout", default_value_t = 0)]
+    dead_timeout: u64,
+    /// With -c: use the NBD ioctls even where the netlink interface exists.
+    #[arg(long = "use-ioctl", hide = true)]
+    use_ioctl: bool,
+    /// Expose the image as a regular file through FUSE at MOUNTPOINT (an existing regular file, mounted over,
+    /// or an empty directory, in which the image appears as the file "nbd" or the -x name). Unmounting it or
+    /// SIGTERM flushes the image and ends the process.
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["connect", "list"])]
+    fuse: Option<String>,
     /// Log more (repeat for more).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
     /// Image files to serve.
-    #[arg(required_unless_present = "list")]
+    #[arg(required_unless_present_any = ["list", "disconnect"])]
     files: Vec<String>,
 }
 
@@ -173,7 +198,7 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
             unmap,
             detect_zeroes,
             allocation_depth: cli.allocation_depth,
-            multi_conn: cli.shared > 1 && !cli.fresh_per_connection,
+            multi_conn: (cli.shared > 1 || cli.connections > 1) && !cli.fresh_per_connection,
             fresh: cli
                 .fresh_per_connection
                 .then(|| nbd_server::export::Fresh { base: base.clone(), opts: opts.clone() }),
@@ -263,9 +288,10 @@ fn list_exports(cli: &Cli) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // fuser warns about its own second unmount attempt after the mount point was unmounted: not news.
     let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,fuser=error",
+        1 => "info,fuser=warn",
         _ => "debug",
     };
     tracing_subscriber::fmt()
@@ -274,6 +300,9 @@ fn main() -> ExitCode {
         .init();
     if cli.list {
         return list_exports(&cli);
+    }
+    if let Some(dev) = &cli.disconnect {
+        return disconnect(dev);
     }
     if cli.shared == 0 {
         return fail("--shared must be at least 1");
@@ -289,6 +318,12 @@ fn main() -> ExitCode {
         if let Err(e) = unsafe { qcow2::image::commit::install_helper() } {
             return fail(e);
         }
+    }
+    if let Some(dev) = &cli.connect {
+        return run_kernel(&cli, exports, dev);
+    }
+    if let Some(mp) = &cli.fuse {
+        return run_fuse(&cli, exports, mp);
     }
     let listeners = match bind(&cli) {
         Ok(l) => l,
@@ -383,4 +418,291 @@ fn main() -> ExitCode {
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// The write end of the pipe a backgrounded server reports readiness on.
+struct Ready(Option<std::fs::File>);
+
+impl Ready {
+    /// Not backgrounded: errors are printed here.
+    fn foreground() -> Ready {
+        Ready(None)
+    }
+
+    /// Forks; the parent waits for the child's report and exits with it; the child carries on in a new
+    /// session. Must run before any thread is started.
+    fn background() -> Result<Ready, ExitCode> {
+        use std::io::Read;
+        let mut fds = [0i32; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(fail(format!("pipe: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: both descriptors were just created and are owned once each.
+        let (mut rd, wr) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+        // SAFETY: no thread has been started yet, so the child is a faithful copy.
+        match unsafe { libc::fork() } {
+            -1 => Err(fail("fork failed")),
+            0 => {
+                drop(rd);
+                // SAFETY: setsid has no memory-safety preconditions.
+                unsafe { libc::setsid() };
+                Ok(Ready(Some(wr)))
+            }
+            _ => {
+                drop(wr);
+                let mut msg = String::new();
+                let _ = rd.read_to_string(&mut msg);
+                if msg.starts_with("OK") {
+                    Err(ExitCode::SUCCESS)
+                } else if let Some(e) = msg.strip_prefix("ERR ") {
+                    Err(fail(e.trim_end()))
+                } else {
+                    Err(fail("the server exited before it was ready"))
+                }
+            }
+        }
+    }
+
+    /// Reports success; a background server lets go of the caller's terminal and pipes.
+    fn ok(&mut self) {
+        use std::io::Write;
+        if let Some(mut w) = self.0.take() {
+            let _ = w.write_all(b"OK\n");
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                use std::os::unix::io::AsRawFd;
+                for fd in 0..3 {
+                    // SAFETY: dup2 onto the standard descriptors with a descriptor we own.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+        }
+    }
+
+    /// Reports failure (printed by the waiting parent, or here).
+    fn fail(&mut self, msg: impl std::fmt::Display) -> ExitCode {
+        use std::io::Write;
+        match self.0.take() {
+            Some(mut w) => {
+                let _ = write!(w, "ERR {msg}");
+                ExitCode::FAILURE
+            }
+            None => fail(msg),
+        }
+    }
+}
+
+fn write_pid_file(cli: &Cli) -> Result<(), String> {
+    if let Some(p) = &cli.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("Failed to write pid file {p}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `-d DEV`.
+fn disconnect(dev: &str) -> ExitCode {
+    let d = match nbd_server::kernel::Device::open(dev) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match nbd_server::kernel::detach(&d, Duration::from_secs(60)) {
+        Ok(()) => {
+            println!("{dev} disconnected");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `-c DEV`: serve FILE to the kernel's NBD client over socketpairs.
+fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
+    use nbd_server::kernel::{self, AttachOptions, Device, Link};
+    use std::os::fd::AsRawFd;
+    if exports.list.len() != 1 {
+        return fail("-c serves exactly one image");
+    }
+    let dev = match Device::open(dev_path) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    if let Some(p) = dev.pid() {
+        return fail(format!("{dev_path} is busy: already connected (served by process {p})"));
+    }
+    let export = exports.list[0].clone();
+    let mut ready = if cli.verbose == 0 {
+        match Ready::background() {
+            Ok(r) => r,
+            Err(code) => return code,
+        }
+    } else {
+        Ready::foreground()
+    };
+    if let Err(e) = write_pid_file(cli) {
+        return ready.fail(e);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return ready.fail(format!("cannot start the runtime: {e}")),
+    };
+    let mut kernel_ends = Vec::new();
+    let mut tasks = Vec::new();
+    {
+        let _g = rt.enter();
+        for _ in 0..cli.connections {
+            let pair = std::os::unix::net::UnixStream::pair().and_then(|(k, s)| {
+                s.set_nonblocking(true)?;
+                Ok((k, tokio::net::UnixStream::from_std(s)?))
+            });
+            let (k, s) = match pair {
+                Ok(p) => p,
+                Err(e) => return ready.fail(format!("socketpair: {e}")),
+            };
+            tasks.push(rt.spawn(nbd_server::server::serve_kernel(s, export.clone())));
+            kernel_ends.push(k);
+        }
+    }
+    let fds: Vec<i32> = kernel_ends.iter().map(|k| k.as_raw_fd()).collect();
+    let opts = AttachOptions { timeout: cli.timeout, dead_conn_timeout: cli.dead_timeout, force_ioctl: cli.use_ioctl };
+    // Netlink records the calling thread as the device's server: this is the main thread, so the pid is ours.
+    let link = match kernel::attach(&dev, export.device.size(), export.flags(), &fds, &opts) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = cli.pid_file.as_ref().map(std::fs::remove_file);
+            return ready.fail(e);
+        }
+    };
+    // The kernel holds its own references to its ends.
+    drop(kernel_ends);
+    match kernel::wait_ready(&dev, Duration::from_secs(30)) {
+        Ok(parts) => tracing::info!("{dev_path} is ready: {} bytes, partitions {parts:?}", export.device.size()),
+        Err(e) => {
+            let _ = kernel::request_disconnect(&dev);
+            let _ = cli.pid_file.as_ref().map(std::fs::remove_file);
+            return ready.fail(e);
+        }
+    }
+    ready.ok();
+    let dev2 = dev.clone();
+    let served = rt.block_on(async move {
+        let all = async {
+            let mut r: Result<(), String> = Ok(());
+            for t in tasks {
+                match t.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::info!("kernel connection ended: {e}"),
+                    Err(e) => r = Err(format!("a connection task failed: {e}")),
+                }
+            }
+            r
+        };
+        tokio::pin!(all);
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
+            return all.await;
+        };
+        tokio::select! {
+            r = &mut all => return r,
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        // Asked to stop: disconnect the device so the kernel ends its connections, then finish serving them.
+        let _ = tokio::task::spawn_blocking(move || kernel::request_disconnect(&dev2)).await;
+        match tokio::time::timeout(Duration::from_secs(30), all).await {
+            Ok(r) => r,
+            Err(_) => Err("the kernel did not close its connections within 30 s".into()),
+        }
+    });
+    let result = served.and_then(|()| {
+        if export.is_read_only() {
+            Ok(())
+        } else {
+            export.device.flush().map_err(|e| format!("flush failed: {e}"))
+        }
+    });
+    if let Link::Ioctl(t) = link {
+        // NBD_DO_IT returns once the device is disconnected; don't hang on a kernel that does not let go.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !t.is_finished() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if t.is_finished() {
+            if let Ok(Err(e)) = t.join() {
+                tracing::info!("NBD_DO_IT: {e}");
+            }
+        }
+    }
+    dev.write_status(&result);
+    if let Some(p) = &cli.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `--fuse MOUNTPOINT`: serve the image as a file until the mount point is unmounted or a signal arrives.
+fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
+    if exports.list.len() != 1 {
+        return fail("--fuse serves exactly one image");
+    }
+    let export = exports.list[0].clone();
+    let mut ready = if cli.fork {
+        match Ready::background() {
+            Ok(r) => r,
+            Err(code) => return code,
+        }
+    } else {
+        Ready::foreground()
+    };
+    if let Err(e) = write_pid_file(cli) {
+        return ready.fail(e);
+    }
+    let handler = on_stop_signal as extern "C" fn(libc::c_int);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+    let o = nbd_server::fuse::FuseOptions {
+        mountpoint: mountpoint.into(),
+        file_name: cli.export_name.first().cloned().unwrap_or_else(|| "nbd".into()),
+        read_only: export.is_read_only(),
+    };
+    let session = match nbd_server::fuse::mount(export.device.clone(), &o) {
+        Ok(s) => s,
+        Err(e) => return ready.fail(e),
+    };
+    ready.ok();
+    let mut asked = false;
+    while !session.guard.is_finished() {
+        if !asked && STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            asked = true;
+            nbd_server::fuse::unmount(&o.mountpoint);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = session.join().map_err(|e| format!("FUSE session: {e}"));
+    let result =
+        if export.is_read_only() { Ok(()) } else { export.device.flush().map_err(|e| format!("flush failed: {e}")) };
+    if let Some(p) = &cli.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Err(e) = ended {
+        tracing::warn!("{e}");
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
 }

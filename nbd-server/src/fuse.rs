@@ -1,0 +1,314 @@
+//! `qnbd --fuse MOUNTPOINT FILE`: the image as one regular file of its virtual size. MOUNTPOINT is either a
+//! regular file (the export is mounted over it, as qemu-storage-daemon's FUSE export does) or a directory (the
+//! image appears inside it as one file, as nbdfuse does). `losetup` on that file gives a block device.
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+use qcow2::BlockDevice;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Largest read or write handed to the device at once (the kernel's FUSE requests are smaller anyway).
+const MAX_IO: u32 = 1 << 20;
+const FILE_INO: INodeNo = INodeNo(2);
+const TTL: Duration = Duration::from_secs(1);
+
+/// The filesystem: one file backed by a block device.
+pub struct ImageFs {
+    device: Arc<dyn BlockDevice>,
+    read_only: bool,
+    /// `Some(name)`: the root is a directory holding the file `name`; `None`: the root is the file.
+    file_name: Option<String>,
+    started: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+impl ImageFs {
+    /// A filesystem serving `device`; `file_name` as for [`ImageFs::file_name`].
+    pub fn new(device: Arc<dyn BlockDevice>, read_only: bool, file_name: Option<String>) -> ImageFs {
+        // SAFETY: getuid/getgid cannot fail and have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        ImageFs { device, read_only, file_name, started: SystemTime::now(), uid, gid }
+    }
+
+    fn file_ino(&self) -> INodeNo {
+        if self.file_name.is_some() {
+            FILE_INO
+        } else {
+            INodeNo::ROOT
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let dir = self.file_name.is_some() && ino == INodeNo::ROOT;
+        if !dir && ino != self.file_ino() {
+            return None;
+        }
+        let size = if dir { 0 } else { self.device.size() };
+        let perm = match (dir, self.read_only) {
+            (true, _) => 0o755,
+            (false, true) => 0o444,
+            (false, false) => 0o644,
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            perm,
+            nlink: if dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Clamps a request to the device's end: (offset, length) inside it.
+    fn clamp(&self, offset: u64, len: u64) -> (u64, usize) {
+        let size = self.device.size();
+        if offset >= size {
+            return (offset, 0);
+        }
+        (offset, len.min(size - offset).min(u64::from(MAX_IO)) as usize)
+    }
+}
+
+fn eio(e: impl std::fmt::Display) -> Errno {
+    tracing::warn!("I/O error: {e}");
+    Errno::EIO
+}
+
+impl fuser::Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (&self.file_name, parent) {
+            (Some(n), INodeNo::ROOT) if name == OsStr::new(n) => match self.attr(FILE_INO) {
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The size is the image's: truncating to it (O_TRUNC on a same-size file) is fine, resizing is not.
+        if let Some(s) = size {
+            if s != self.device.size() {
+                return reply.error(Errno::EPERM);
+            }
+        }
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != self.file_ino() {
+            return reply.error(Errno::EISDIR);
+        }
+        let wants_write = (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY;
+        if wants_write && self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        // Direct I/O: every read and write reaches the image, so the page cache never holds stale data
+        // and fsync/flush mean what they say.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino != self.file_ino() {
+            return reply.error(Errno::EISDIR);
+        }
+        let (off, n) = self.clamp(offset, u64::from(size));
+        let mut buf = vec![0u8; n];
+        match self.device.read_at(&mut buf, off) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(eio(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if ino != self.file_ino() {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        let size = self.device.size();
+        if offset >= size && !data.is_empty() {
+            return reply.error(Errno::ENOSPC);
+        }
+        let n = (data.len() as u64).min(size - offset.min(size)) as usize;
+        let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        match self.device.write_at(&data[..n], offset, fua) {
+            Ok(()) => reply.written(n as u32),
+            Err(e) => reply.error(eio(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // close(2): make what was written durable, as a block device's last close does not promise but
+        // users of a file expect.
+        if self.read_only {
+            return reply.ok();
+        }
+        match self.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(eio(e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        if self.read_only {
+            return reply.ok();
+        }
+        match self.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(eio(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(name) = &self.file_name else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, name.as_str()),
+        ];
+        for (i, (ino, kind, n)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, n) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: fuser::ReplyStatfs) {
+        let blocks = self.device.size().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, 1, 0, 4096, 255, 4096);
+    }
+}
+
+/// What `--fuse` mounts.
+pub struct FuseOptions {
+    /// The mount point (a regular file or a directory).
+    pub mountpoint: std::path::PathBuf,
+    /// The name of the file shown in a directory mount point.
+    pub file_name: String,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Mounts `device`; the returned session serves it on its own threads until unmounted.
+pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> Result<fuser::BackgroundSession, String> {
+    let m = std::fs::metadata(&o.mountpoint)
+        .map_err(|e| format!("Failed to stat mount point {}: {e}", o.mountpoint.display()))?;
+    let file_name = if m.is_dir() {
+        if std::fs::read_dir(&o.mountpoint).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(format!("mount point {} is not an empty directory", o.mountpoint.display()));
+        }
+        Some(o.file_name.clone())
+    } else if m.is_file() {
+        None
+    } else {
+        return Err(format!("mount point {} is neither a regular file nor a directory", o.mountpoint.display()));
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("qnbd".into()),
+        fuser::MountOption::Subtype("qnbd".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if o.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    let fs = ImageFs::new(device, o.read_only, file_name);
+    fuser::spawn_mount(fs, &o.mountpoint, &config)
+        .map_err(|e| format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display()))
+}
+
+/// Unmounts `path` (lazily if it is still in use, e.g. by a loop device: the session then serves until the
+/// last user lets go).
+pub fn unmount(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            tracing::warn!("{} is busy: detaching it lazily; serving until its last user lets go", path.display());
+            // SAFETY: as above.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests that drive qnbd and the real tools.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// The qnbd binary under test.
+pub const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+
+/// Runs a tool (system python and nbdsh first in PATH).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Runs a tool that must succeed; its standard output.
+pub fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Waits (bounded) until `cond` holds.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `path` exists.
+pub fn wait_for(path: &Path) {
+    wait_until(&format!("{} appears", path.display()), Duration::from_secs(10), || path.exists());
+}
+
+/// Whether process `pid` is still alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// A child process killed when the test ends, even by a panic.
+pub struct Srv(pub Child);
+
+impl std::ops::Deref for Srv {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Srv {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// md5 of a file, as md5sum prints it.
+pub fn md5(path: &Path) -> String {
+    ok("md5sum", &[s(path)]).split_whitespace().next().unwrap_or_default().to_string()
+}

@@ -1,0 +1,139 @@
+//! `qnbd --fuse`: a qcow2 overlay exposed as a regular file, turned into a block device with losetup,
+//! formatted, mounted and written; then qemu-img check is clean, the files read back and the base is unchanged.
+//! Needs root, /dev/fuse and loop devices (CI runs as root); elsewhere the tests say why and pass.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn usable() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/fuse").exists() && Path::new("/dev/loop-control").exists();
+    if !ok {
+        eprintln!("skipped: needs root, /dev/fuse and /dev/loop-control");
+    }
+    ok
+}
+
+/// Unmounts and detaches whatever a failed test left behind.
+struct Cleanup {
+    mounts: Vec<PathBuf>,
+    loops: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = run("umount", &[s(m)]);
+        }
+        for l in &self.loops {
+            let _ = run("losetup", &["-d", l]);
+        }
+    }
+}
+
+fn pid_of(pid_file: &Path) -> u32 {
+    wait_for(pid_file);
+    std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn overlay_through_fuse_and_loop_is_formatted_mounted_and_written() {
+    if !usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "96M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 96M", s(&base)]);
+    let base_md5 = md5(&base);
+    let ov = d.join("overlay.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
+    let mp = d.join("disk.img");
+    std::fs::write(&mp, b"").unwrap();
+    let pid_file = d.join("qnbd.pid");
+    let mut c = Cleanup { mounts: vec![], loops: vec![] };
+
+    // --fork returns once the file is mounted
+    ok(QNBD, &["--fuse", s(&mp), "--fork", "--pid-file", s(&pid_file), "-f", "qcow2", s(&ov)]);
+    c.mounts.push(mp.clone());
+    let pid = pid_of(&pid_file);
+    assert_eq!(std::fs::metadata(&mp).unwrap().len(), 96 << 20, "the file has the image's virtual size");
+    // what the overlay shows before any write is the base
+    let head = std::fs::read(&mp).unwrap();
+    assert!(head.iter().all(|&b| b == 0x5a));
+
+    let lo = ok("losetup", &["-f", "--show", s(&mp)]).trim().to_string();
+    c.loops.push(lo.clone());
+    ok("mkfs.ext4", &["-q", "-F", "-L", "fusetest", &lo]);
+    let m = d.join("m");
+    std::fs::create_dir(&m).unwrap();
+    ok("mount", &[&lo, s(&m)]);
+    c.mounts.push(m.clone());
+    let data: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(m.join("random.bin"), &data).unwrap();
+    std::fs::create_dir(m.join("dir")).unwrap();
+    for i in 0..20 {
+        std::fs::write(m.join(format!("dir/f{i}")), format!("file {i}\n")).unwrap();
+    }
+    ok("umount", &[s(&m)]);
+    c.mounts.pop();
+    ok("losetup", &["-d", &lo]);
+    c.loops.clear();
+    // unmounting the export flushes the image and ends the process
+    ok("umount", &[s(&mp)]);
+    c.mounts.clear();
+    wait_until("qnbd exits after the unmount", Duration::from_secs(20), || !alive(pid));
+    assert!(!pid_file.exists(), "the pid file is removed at exit");
+
+    let check = ok("qemu-img", &["check", s(&ov)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert_eq!(md5(&base), base_md5, "the base image is unchanged");
+    let raw = d.join("out.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&ov), s(&raw)]);
+    ok("e2fsck", &["-fn", s(&raw)]);
+    let got = d.join("random.out");
+    ok("debugfs", &["-R", &format!("dump /random.bin {}", s(&got)), s(&raw)]);
+    assert!(std::fs::read(&got).unwrap() == data, "random.bin reads back");
+    assert_eq!(ok("debugfs", &["-R", "cat /dir/f19", s(&raw)]), "file 19\n");
+}
+
+#[test]
+fn directory_mount_point_read_only_and_sigterm() {
+    if !usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("img.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x33 1M 64k", s(&img)]);
+    let mp = d.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let pid_file = d.join("p");
+    let mut srv = Srv(std::process::Command::new(QNBD)
+        .args(["--fuse", s(&mp), "-r", "--pid-file", s(&pid_file), s(&img)])
+        .spawn()
+        .unwrap());
+    let _c = Cleanup { mounts: vec![mp.clone()], loops: vec![] };
+    let file = mp.join("nbd");
+    wait_for(&file);
+    assert_eq!(std::fs::read_dir(&mp).unwrap().count(), 1, "one file in the directory");
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len(), 8 << 20);
+    assert!(bytes[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x33));
+    assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
+    let w = std::fs::OpenOptions::new().write(true).open(&file);
+    assert!(w.is_err(), "-r: opening for writing is refused");
+    // SAFETY: kill with a valid pid and signal number.
+    unsafe { libc::kill(srv.id() as i32, libc::SIGTERM) };
+    let st = srv.wait().unwrap();
+    assert!(st.success(), "SIGTERM ends the process cleanly: {st:?}");
+    assert!(!file.exists(), "the export is unmounted");
+    let ordinary = run(QNBD, &["--fuse", s(&d.join("missing")), s(&img)]);
+    assert!(!ordinary.status.success());
+    assert!(String::from_utf8_lossy(&ordinary.stderr).contains("mount point"), "clear error for a missing mount point");
+}
