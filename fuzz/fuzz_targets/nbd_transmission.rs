@@ -69,12 +69,13 @@ fuzz_target!(|data: &[u8]| {
             multi_conn: true,
             fresh: None,
         });
-        let exports = Exports { list: vec![export] };
+        let exports = Exports { list: vec![export], ..Default::default() };
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(server);
-            if let Ok(Some(t)) = nbd_server::server::handshake(&mut rd, &mut wr, &exports).await {
+            let mut server = server;
+            if let Ok(Some(t)) = nbd_server::server::handshake(&mut server, &exports).await {
                 if let Some(e) = exports.find(&t.export.name).cloned() {
+                    let (rd, wr) = tokio::io::split(server);
                     let _ = nbd_server::transmission::run(rd, wr, t, e).await;
                 }
             }

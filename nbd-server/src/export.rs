@@ -122,6 +122,8 @@ impl Export {
 pub struct Exports {
     /// The exports, in command-line order.
     pub list: Vec<Arc<Export>>,
+    /// Names of exports that need TLS under SELECTIVETLS.
+    pub tls_only: Vec<String>,
 }
 
 impl Exports {
@@ -138,5 +140,10 @@ impl Catalog for Exports {
 
     fn list(&self) -> Vec<ExportMeta> {
         self.list.iter().map(|e| e.meta()).collect()
+    }
+
+    fn tls_only(&self, name: &str) -> bool {
+        let name = if name.is_empty() { self.list.first().map(|e| e.name.as_str()).unwrap_or("") } else { name };
+        self.tls_only.iter().any(|n| n == name)
     }
 }

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod acl;
 pub mod export;
 pub mod fuse;
 pub mod kernel;
@@ -11,5 +12,6 @@ pub mod negotiate;
 pub mod overlay;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 pub mod window;

@@ -68,8 +68,17 @@ fn named(name: &str) -> Vec<u8> {
     d
 }
 
+/// TLS for the lister: the client configuration and the name the server's certificate must carry.
+pub type ClientTls =
+    (std::sync::Arc<tokio_rustls::rustls::ClientConfig>, tokio_rustls::rustls::pki_types::ServerName<'static>);
+
 /// Lists the exports of the server on `stream`; returns the text qemu-nbd -L prints.
 pub fn list<S: Read + Write>(stream: S) -> std::io::Result<String> {
+    list_tls(stream, None)
+}
+
+/// [`list`], upgrading the connection with NBD_OPT_STARTTLS first when `tls` is given.
+pub fn list_tls<S: Read + Write>(stream: S, tls: Option<ClientTls>) -> std::io::Result<String> {
     let mut c = Conn { s: stream };
     let mut g = [0u8; 18];
     c.s.read_exact(&mut g)?;
@@ -77,6 +86,20 @@ pub fn list<S: Read + Write>(stream: S) -> std::io::Result<String> {
         return Err(std::io::Error::other("not a newstyle NBD server"));
     }
     c.s.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+    let Some((cfg, name)) = tls else {
+        return list_exports(c);
+    };
+    c.opt(NBD_OPT_STARTTLS, &[])?;
+    match c.replies()?.last() {
+        Some((NBD_REP_ACK, _)) => {}
+        Some((k, _)) => return Err(std::io::Error::other(format!("the server refused STARTTLS ({k:#x})"))),
+        None => return Err(std::io::Error::other("no reply to STARTTLS")),
+    }
+    let conn = tokio_rustls::rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+    list_exports(Conn { s: tokio_rustls::rustls::StreamOwned::new(conn, c.s) })
+}
+
+fn list_exports<S: Read + Write>(mut c: Conn<S>) -> std::io::Result<String> {
     c.opt(NBD_OPT_EXTENDED_HEADERS, &[])?;
     let extended = c.replies()?.last().is_some_and(|r| r.0 == NBD_REP_ACK);
     if !extended {
@@ -91,6 +114,8 @@ pub fn list<S: Read + Write>(stream: S) -> std::io::Result<String> {
             if let Some(n) = r.string() {
                 names.push(n.to_string());
             }
+        } else if kind == NBD_REP_ERR_TLS_REQD {
+            return Err(std::io::Error::other("the server requires TLS (give --tls-creds)"));
         } else if kind & NBD_REP_FLAG_ERROR != 0 {
             return Err(std::io::Error::other(format!("server refused to list exports ({kind:#x})")));
         }

@@ -28,6 +28,21 @@ pub trait Catalog {
     fn lookup(&self, name: &str) -> Option<ExportMeta>;
     /// Every export, for NBD_OPT_LIST.
     fn list(&self) -> Vec<ExportMeta>;
+    /// Whether export `name` may only be used over TLS (SELECTIVETLS mode).
+    fn tls_only(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// The TLS policy of a server (proto.md "TLS support": NOTLS, FORCEDTLS, SELECTIVETLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: NBD_OPT_STARTTLS is refused by policy.
+    NoTls,
+    /// Every option but STARTTLS and ABORT needs TLS first.
+    Forced,
+    /// TLS is the client's choice, except on exports the catalog calls TLS-only.
+    Selective,
 }
 
 /// A metadata context a client can select.
@@ -77,6 +92,8 @@ pub enum Step {
     Close,
     /// Enter the transmission phase.
     Transmit(Transmit),
+    /// Start the TLS handshake (the ACK was produced); then call [`Negotiation::tls_started`] and go on.
+    StartTls,
 }
 
 /// Handshake state of one connection.
@@ -87,6 +104,8 @@ pub struct Negotiation {
     style: Style,
     /// Contexts selected by SET_META_CONTEXT and the export name they were selected for.
     meta: Option<(String, Vec<Context>)>,
+    tls: TlsPolicy,
+    tls_active: bool,
 }
 
 impl Negotiation {
@@ -96,7 +115,42 @@ impl Negotiation {
         if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
             return None;
         }
-        Some(Negotiation { no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0, style: Style::Simple, meta: None })
+        Some(Negotiation {
+            no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+            style: Style::Simple,
+            meta: None,
+            tls: TlsPolicy::NoTls,
+            tls_active: false,
+        })
+    }
+
+    /// Applies a TLS policy (before the first option).
+    pub fn with_tls(mut self, tls: TlsPolicy) -> Negotiation {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS handshake succeeded: everything negotiated before it is forgotten (proto.md, NBD_OPT_STARTTLS:
+    /// the client and server MUST forget any state from before the TLS upgrade).
+    pub fn tls_started(&mut self) {
+        self.style = Style::Simple;
+        self.meta = None;
+        self.tls_active = true;
+    }
+
+    /// Whether TLS is running on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether `name` can't be used before TLS under this connection's policy.
+    fn needs_tls(&self, name: &str, cat: &dyn Catalog) -> bool {
+        !self.tls_active
+            && match self.tls {
+                TlsPolicy::NoTls => false,
+                TlsPolicy::Forced => true,
+                TlsPolicy::Selective => cat.tls_only(name),
+            }
     }
 
     /// The reply style negotiated so far.
@@ -118,6 +172,14 @@ impl Negotiation {
             }
             return Self::err(out, opt, NBD_REP_ERR_TOO_BIG, "option too long");
         }
+        if self.tls == TlsPolicy::Forced && !self.tls_active {
+            match opt {
+                NBD_OPT_STARTTLS | NBD_OPT_ABORT => {}
+                // EXPORT_NAME has no error reply: the server closes the connection.
+                NBD_OPT_EXPORT_NAME => return Step::Close,
+                _ => return Self::err(out, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: use NBD_OPT_STARTTLS"),
+            }
+        }
         match opt {
             NBD_OPT_EXPORT_NAME => self.export_name(data, cat, out),
             NBD_OPT_ABORT => {
@@ -128,7 +190,7 @@ impl Negotiation {
                 if !data.is_empty() {
                     return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 }
-                for e in cat.list() {
+                for e in cat.list().into_iter().filter(|e| !self.needs_tls(&e.name, cat)) {
                     let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
                     d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(e.name.as_bytes());
@@ -142,7 +204,14 @@ impl Negotiation {
                 if !data.is_empty() {
                     return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
                 }
-                Self::err(out, opt, NBD_REP_ERR_POLICY, "TLS is not configured on this server")
+                if self.tls == TlsPolicy::NoTls {
+                    return Self::err(out, opt, NBD_REP_ERR_POLICY, "TLS is not configured on this server");
+                }
+                if self.tls_active {
+                    return Self::err(out, opt, NBD_REP_ERR_INVALID, "TLS is already active");
+                }
+                reply(out, opt, NBD_REP_ACK, &[]);
+                Step::StartTls
             }
             NBD_OPT_INFO | NBD_OPT_GO => self.info_go(opt, data, cat, out),
             NBD_OPT_STRUCTURED_REPLY => {
@@ -183,7 +252,10 @@ impl Negotiation {
             // proto.md: a client MUST NOT use EXPORT_NAME once extended headers are negotiated.
             return Step::Close;
         }
-        let Some(mut e) = std::str::from_utf8(data).ok().filter(|n| n.len() <= MAX_STRING).and_then(|n| cat.lookup(n))
+        let Some(mut e) = std::str::from_utf8(data)
+            .ok()
+            .filter(|n| n.len() <= MAX_STRING && !self.needs_tls(n, cat))
+            .and_then(|n| cat.lookup(n))
         else {
             // EXPORT_NAME has no error reply: the server closes the connection.
             return Step::Close;
@@ -229,6 +301,9 @@ impl Negotiation {
         };
         if r.remaining() != 2 * n as usize {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "information request list has the wrong length");
+        }
+        if self.needs_tls(name, cat) {
+            return Self::err(out, opt, NBD_REP_ERR_TLS_REQD, &format!("export '{name}' requires TLS"));
         }
         let Some(mut e) = cat.lookup(name) else {
             return Self::err(out, opt, NBD_REP_ERR_UNKNOWN, &format!("export '{name}' not present"));
@@ -362,6 +437,96 @@ mod tests {
             d.extend_from_slice(q.as_bytes());
         }
         d
+    }
+
+    struct Two;
+    impl Catalog for Two {
+        fn lookup(&self, name: &str) -> Option<ExportMeta> {
+            One.lookup("").map(|mut e| {
+                e.name = if name.is_empty() { "disk".into() } else { name.into() };
+                e
+            })
+        }
+        fn list(&self) -> Vec<ExportMeta> {
+            ["disk", "secret"].iter().filter_map(|n| self.lookup(n)).collect()
+        }
+        fn tls_only(&self, name: &str) -> bool {
+            name == "secret"
+        }
+    }
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    fn reply_kind(out: &[u8]) -> u32 {
+        u32::from_be_bytes(out[12..16].try_into().unwrap())
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let mut n = Negotiation::new(1).unwrap().with_tls(TlsPolicy::Forced);
+        for opt in [NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_INFO, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, 99] {
+            let mut out = Vec::new();
+            let data = if opt == NBD_OPT_GO || opt == NBD_OPT_INFO { go("") } else { Vec::new() };
+            assert_eq!(n.option(opt, &data, false, &One, &mut out), Step::Continue);
+            assert_eq!(reply_kind(&out), NBD_REP_ERR_TLS_REQD, "option {opt}");
+        }
+        let mut out = Vec::new();
+        assert_eq!(n.option(NBD_OPT_EXPORT_NAME, b"", false, &One, &mut out), Step::Close);
+        assert!(out.is_empty());
+        let mut n = Negotiation::new(1).unwrap().with_tls(TlsPolicy::Forced);
+        let mut out = Vec::new();
+        assert_eq!(n.option(NBD_OPT_STARTTLS, b"x", false, &One, &mut out), Step::Continue);
+        assert_eq!(reply_kind(&out), NBD_REP_ERR_INVALID);
+        out.clear();
+        assert_eq!(n.option(NBD_OPT_STARTTLS, b"", false, &One, &mut out), Step::StartTls);
+        assert_eq!(reply_kind(&out), NBD_REP_ACK);
+        n.tls_started();
+        out.clear();
+        assert_eq!(n.option(NBD_OPT_STARTTLS, b"", false, &One, &mut out), Step::Continue);
+        assert_eq!(reply_kind(&out), NBD_REP_ERR_INVALID, "STARTTLS twice");
+        out.clear();
+        assert!(matches!(n.option(NBD_OPT_GO, &go(""), false, &One, &mut out), Step::Transmit(_)));
+    }
+
+    #[test]
+    fn starttls_forgets_structured_replies_and_contexts() {
+        let mut n = Negotiation::new(1).unwrap().with_tls(TlsPolicy::Selective);
+        let mut out = Vec::new();
+        n.option(NBD_OPT_STRUCTURED_REPLY, b"", false, &One, &mut out);
+        n.option(NBD_OPT_SET_META_CONTEXT, &meta_query("disk", &["base:allocation"]), false, &One, &mut out);
+        assert_eq!(n.style(), Style::Structured);
+        assert_eq!(n.option(NBD_OPT_STARTTLS, b"", false, &One, &mut out), Step::StartTls);
+        n.tls_started();
+        assert_eq!(n.style(), Style::Simple);
+        out.clear();
+        let Step::Transmit(t) = n.option(NBD_OPT_GO, &go("disk"), false, &One, &mut out) else { panic!("no GO") };
+        assert!(t.contexts.is_empty());
+        assert_eq!(t.style, Style::Simple);
+    }
+
+    #[test]
+    fn selective_tls_guards_only_tls_only_exports() {
+        let mut n = Negotiation::new(1).unwrap().with_tls(TlsPolicy::Selective);
+        let mut out = Vec::new();
+        n.option(NBD_OPT_LIST, b"", false, &Two, &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("disk") && !text.contains("secret"), "TLS-only exports are not listed before TLS");
+        out.clear();
+        assert_eq!(n.option(NBD_OPT_GO, &go("secret"), false, &Two, &mut out), Step::Continue);
+        assert_eq!(reply_kind(&out), NBD_REP_ERR_TLS_REQD);
+        out.clear();
+        assert_eq!(n.option(NBD_OPT_EXPORT_NAME, b"secret", false, &Two, &mut out), Step::Close);
+        out.clear();
+        assert!(matches!(n.option(NBD_OPT_GO, &go("disk"), false, &Two, &mut out), Step::Transmit(_)));
+        let mut n = Negotiation::new(1).unwrap().with_tls(TlsPolicy::Selective);
+        n.tls_started();
+        out.clear();
+        assert!(matches!(n.option(NBD_OPT_GO, &go("secret"), false, &Two, &mut out), Step::Transmit(_)));
     }
 
     #[test]

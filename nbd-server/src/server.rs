@@ -2,7 +2,7 @@
 //! shutdown with a drain.
 
 use crate::export::Exports;
-use crate::negotiate::{Negotiation, Step};
+use crate::negotiate::{Negotiation, Step, TlsPolicy};
 use crate::proto::option::{self, OPTION_HEADER_LEN};
 use crate::proto::MAX_OPTION_LEN;
 use crate::transmission;
@@ -23,6 +23,10 @@ pub struct ServerConfig {
     pub persistent: bool,
     /// Time a client has to finish the handshake (qemu 10: 10 s).
     pub handshake_timeout: Duration,
+    /// TLS, when configured.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// TCP clients allowed (empty: any); others are closed before the greeting.
+    pub allow: Vec<crate::acl::Cidr>,
 }
 
 /// A listening socket.
@@ -31,6 +35,8 @@ pub enum Listener {
     Unix(tokio::net::UnixListener, Option<std::path::PathBuf>),
     /// A TCP socket.
     Tcp(tokio::net::TcpListener),
+    /// An AF_VSOCK socket.
+    Vsock(tokio_vsock::VsockListener),
 }
 
 /// The shared state of a running server.
@@ -48,22 +54,67 @@ impl Server {
         Arc::new(Server { config, active: AtomicUsize::new(0), served: AtomicUsize::new(0), idle: Notify::new() })
     }
 
-    /// Runs the whole connection: handshake, then transmission.
-    pub async fn serve_connection<S>(self: &Arc<Self>, stream: S) -> std::io::Result<()>
+    /// Runs the whole connection: handshake (with STARTTLS when configured), then transmission.
+    pub async fn serve_connection<S>(self: &Arc<Self>, mut stream: S) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let hs = tokio::time::timeout(self.config.handshake_timeout, handshake(&mut rd, &mut wr, &self.config.exports));
-        let t = match hs.await {
-            Ok(Ok(Some(t))) => t,
+        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout;
+        let exports = &self.config.exports;
+        let policy = self.config.tls.as_ref().map(|t| t.policy).unwrap_or(TlsPolicy::NoTls);
+        let timed_out = || {
+            tracing::info!("client did not finish the handshake in time");
+            Ok(())
+        };
+        let neg = match tokio::time::timeout_at(deadline, greet(&mut stream)).await {
+            Ok(Ok(Some(n))) => n.with_tls(policy),
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                tracing::info!("client did not finish the handshake in time");
-                return Ok(());
-            }
+            Err(_) => return timed_out(),
         };
+        match tokio::time::timeout_at(deadline, negotiate(&mut stream, neg, exports)).await {
+            Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t).await,
+            Ok(Ok(Ended::Closed)) => Ok(()),
+            Ok(Ok(Ended::StartTls(mut neg))) => {
+                let Some(tls) = &self.config.tls else {
+                    return Ok(());
+                };
+                // A failed TLS handshake closes the connection (proto.md, NBD_OPT_STARTTLS).
+                let mut s = match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!("TLS handshake failed: {e}");
+                        return Ok(());
+                    }
+                    Err(_) => return timed_out(),
+                };
+                if !tls.authz.is_empty() {
+                    let der = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+                    if !crate::tls::authorized(der.as_deref(), &tls.authz) {
+                        let who =
+                            der.as_deref().and_then(crate::tls::subject_of).unwrap_or_else(|| "no certificate".into());
+                        tracing::warn!("TLS client '{who}' is not in the --tls-authz list: closing");
+                        let _ = s.shutdown().await;
+                        return Ok(());
+                    }
+                }
+                neg.tls_started();
+                match tokio::time::timeout_at(deadline, negotiate(&mut s, neg, exports)).await {
+                    Ok(Ok(Ended::Transmit(t))) => self.transmit(s, t).await,
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => timed_out(),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => timed_out(),
+        }
+    }
+
+    async fn transmit<S>(self: &Arc<Self>, stream: S, t: crate::negotiate::Transmit) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let Some(mut export) = self.config.exports.find(&t.export.name).cloned() else {
             return Ok(());
         };
@@ -76,6 +127,7 @@ impl Server {
                 Err(e) => return Err(std::io::Error::other(e.to_string())),
             }
         }
+        let (rd, wr) = tokio::io::split(stream);
         transmission::run(rd, wr, t, export).await
     }
 
@@ -127,8 +179,21 @@ impl Server {
                     Err(e) => Err(e),
                 },
                 Listener::Tcp(t) => match t.accept().await {
+                    Ok((s, peer)) => {
+                        if crate::acl::allowed(&self.config.allow, peer.ip()) {
+                            let _ = s.set_nodelay(true);
+                            self.clone().spawn_client(s);
+                        } else {
+                            // Closed before the greeting: a stranger learns nothing.
+                            tracing::info!("connection from {peer} refused: not in --allow");
+                            drop(s);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Listener::Vsock(v) => match v.accept().await {
                     Ok((s, _)) => {
-                        let _ = s.set_nodelay(true);
                         self.clone().spawn_client(s);
                         Ok(())
                     }
@@ -180,33 +245,43 @@ where
     transmission::run(rd, wr, t, export).await
 }
 
-/// The handshake: greeting, client flags, options. Returns what to serve, or `None` if the client left.
-pub async fn handshake<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    exports: &Exports,
-) -> std::io::Result<Option<crate::negotiate::Transmit>>
+/// How option haggling ended.
+pub enum Ended {
+    /// Enter transmission.
+    Transmit(crate::negotiate::Transmit),
+    /// The client asked for TLS and was acknowledged: run the TLS handshake, then negotiate again.
+    StartTls(Negotiation),
+    /// The connection is over.
+    Closed,
+}
+
+/// Sends the greeting and reads the client flags; `None` if the client left or sent unknown flags.
+pub async fn greet<S>(s: &mut S) -> std::io::Result<Option<Negotiation>>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    wr.write_all(&option::greeting()).await?;
-    wr.flush().await?;
-    let flags = match rd.read_u32().await {
+    s.write_all(&option::greeting()).await?;
+    s.flush().await?;
+    let flags = match s.read_u32().await {
         Ok(f) => f,
         Err(_) => return Ok(None),
     };
-    let Some(mut neg) = Negotiation::new(flags) else {
-        return Ok(None);
-    };
+    Ok(Negotiation::new(flags))
+}
+
+/// Option haggling until transmission, STARTTLS or the end.
+pub async fn negotiate<S>(s: &mut S, mut neg: Negotiation, exports: &Exports) -> std::io::Result<Ended>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut out = Vec::with_capacity(4096);
     loop {
         let mut h = [0u8; OPTION_HEADER_LEN];
-        if rd.read_exact(&mut h).await.is_err() {
-            return Ok(None);
+        if s.read_exact(&mut h).await.is_err() {
+            return Ok(Ended::Closed);
         }
         let Some(hdr) = option::decode_header(&h) else {
-            return Ok(None);
+            return Ok(Ended::Closed);
         };
         let too_long = hdr.length > MAX_OPTION_LEN;
         let mut data = Vec::new();
@@ -215,21 +290,36 @@ where
             let mut sink = vec![0u8; 64 << 10];
             while left > 0 {
                 let k = left.min(sink.len() as u64) as usize;
-                rd.read_exact(&mut sink[..k]).await?;
+                s.read_exact(&mut sink[..k]).await?;
                 left -= k as u64;
             }
         } else {
             data.resize(hdr.length as usize, 0);
-            rd.read_exact(&mut data).await?;
+            s.read_exact(&mut data).await?;
         }
         out.clear();
         let step = neg.option(hdr.option, &data, too_long, exports, &mut out);
-        wr.write_all(&out).await?;
-        wr.flush().await?;
+        s.write_all(&out).await?;
+        s.flush().await?;
         match step {
             Step::Continue => {}
-            Step::Close => return Ok(None),
-            Step::Transmit(t) => return Ok(Some(t)),
+            Step::Close => return Ok(Ended::Closed),
+            Step::Transmit(t) => return Ok(Ended::Transmit(t)),
+            Step::StartTls => return Ok(Ended::StartTls(neg)),
         }
+    }
+}
+
+/// The whole plaintext handshake over one stream (no TLS): what to serve, or `None` if the client left.
+pub async fn handshake<S>(s: &mut S, exports: &Exports) -> std::io::Result<Option<crate::negotiate::Transmit>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(neg) = greet(s).await? else {
+        return Ok(None);
+    };
+    match negotiate(s, neg, exports).await? {
+        Ended::Transmit(t) => Ok(Some(t)),
+        _ => Ok(None),
     }
 }

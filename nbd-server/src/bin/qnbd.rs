@@ -2,7 +2,9 @@
 
 use clap::Parser;
 use nbd_server::export::{DetectZeroes, Export, Exports};
+use nbd_server::negotiate::TlsPolicy;
 use nbd_server::server::{Listener, Server, ServerConfig};
+use nbd_server::tls;
 use qcow2::{Format, Image, OpenOptions};
 use std::os::unix::io::FromRawFd;
 use std::process::ExitCode;
@@ -117,6 +119,49 @@ struct Cli {
     /// Log more (repeat for more).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Define an object, as qemu does: `tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]`
+    /// or `authz-simple,id=ID,identity=DN` (write commas inside values as ",,").
+    #[arg(long = "object", value_name = "SPEC")]
+    object: Vec<String>,
+    /// Serve over TLS with the credentials object ID (FORCEDTLS unless --tls=on); with -L, connect with them.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Serve over TLS with this certificate chain (PEM); short for a tls-creds-x509 directory.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_key: Option<String>,
+    /// CA certificate (PEM) that client certificates must chain to (with --tls-verify-peer).
+    #[arg(long = "tls-ca", value_name = "FILE")]
+    tls_ca: Option<String>,
+    /// Require a client certificate signed by --tls-ca.
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
+    /// Allow only clients whose certificate subject is this distinguished name, or is named by the authz-simple
+    /// object with this id (repeatable).
+    #[arg(long = "tls-authz", value_name = "DN|ID")]
+    tls_authz: Vec<String>,
+    /// TLS mode: force (FORCEDTLS, the default with credentials: nothing but STARTTLS before TLS), on
+    /// (SELECTIVETLS: TLS is the client's choice, except for --tls-only exports), off.
+    #[arg(long = "tls", value_name = "MODE")]
+    tls: Option<String>,
+    /// With --tls=on: this export needs TLS (repeatable).
+    #[arg(long = "tls-only", value_name = "NAME")]
+    tls_only: Vec<String>,
+    /// With -L: the name the server's certificate must carry (default: the -b host, or localhost).
+    #[arg(long = "tls-hostname", value_name = "NAME")]
+    tls_hostname: Option<String>,
+    /// Accept TCP clients only from this address block (repeatable; e.g. 10.0.0.0/8, ::1); others are closed
+    /// before the greeting.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<String>,
+    /// Listen on AF_VSOCK port PORT (any CID), for a server inside a virtual machine; with -L, connect to it.
+    #[arg(long = "vsock", value_name = "PORT")]
+    vsock: Option<u32>,
+    /// With -L --vsock: the CID to connect to (default 1, this machine; 2 is the host).
+    #[arg(long = "vsock-cid", value_name = "CID", default_value_t = 1)]
+    vsock_cid: u32,
     /// Image files to serve.
     #[arg(required_unless_present_any = ["list", "disconnect"])]
     files: Vec<String>,
@@ -204,13 +249,114 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
                 .then(|| nbd_server::export::Fresh { base: base.clone(), opts: opts.clone() }),
         }));
     }
-    Ok(Exports { list })
+    Ok(Exports { list, tls_only: cli.tls_only.clone() })
+}
+
+fn objects(cli: &Cli) -> Result<Vec<tls::Object>, String> {
+    cli.object.iter().map(|o| tls::Object::parse(o)).collect()
+}
+
+fn creds_object<'a>(objects: &'a [tls::Object], id: &str) -> Result<&'a tls::Object, String> {
+    let o = objects.iter().find(|o| o.id() == Some(id)).ok_or_else(|| format!("No TLS credentials with id '{id}'"))?;
+    match o.kind.as_str() {
+        "tls-creds-x509" => Ok(o),
+        "tls-creds-psk" => Err(format!(
+            "'{id}': TLS-PSK (tls-creds-psk) is not supported: rustls, the TLS library qnbd uses, has no \
+             pre-shared-key cipher suites; use tls-creds-x509 certificates"
+        )),
+        "tls-creds-anon" => {
+            Err(format!("'{id}': anonymous TLS (tls-creds-anon) is not supported: it authenticates nobody"))
+        }
+        k => Err(format!("'{id}' is a {k} object, not TLS credentials")),
+    }
+}
+
+/// The server's TLS set-up from --tls-creds/--object or --tls-cert/--tls-key, or `None` without credentials.
+fn build_tls(cli: &Cli) -> Result<Option<tls::ServerTls>, String> {
+    let objects = objects(cli)?;
+    let creds = if let Some(id) = &cli.tls_creds {
+        if cli.tls_cert.is_some() {
+            return Err("give either --tls-creds or --tls-cert, not both".into());
+        }
+        let o = creds_object(&objects, id)?;
+        if o.get("endpoint").unwrap_or("client") != "server" {
+            return Err(format!("Expecting TLS credentials with a server endpoint ('{id}' needs endpoint=server)"));
+        }
+        let dir = o.get("dir").ok_or_else(|| format!("'{id}': tls-creds-x509 needs dir=DIR"))?;
+        // qemu's default for verify-peer is on: clients must present a certificate signed by ca-cert.pem.
+        let verify = o.get("verify-peer").map(tls::parse_bool).transpose()?.unwrap_or(true) || cli.tls_verify_peer;
+        Some(tls::server_creds_from_dir(std::path::Path::new(dir), verify))
+    } else if let Some(cert) = &cli.tls_cert {
+        let key = cli.tls_key.as_ref().ok_or("--tls-cert needs --tls-key")?;
+        Some(tls::ServerCreds {
+            cert: cert.into(),
+            key: key.into(),
+            ca: cli.tls_ca.as_ref().map(Into::into),
+            verify_peer: cli.tls_verify_peer,
+        })
+    } else {
+        None
+    };
+    let policy = match cli.tls.as_deref() {
+        None if !cli.tls_only.is_empty() => TlsPolicy::Selective,
+        None | Some("force") | Some("forced") | Some("require") => TlsPolicy::Forced,
+        Some("on") | Some("selective") => TlsPolicy::Selective,
+        Some("off") => {
+            if !cli.tls_only.is_empty() {
+                return Err("--tls-only needs TLS (--tls=on)".into());
+            }
+            return Ok(None);
+        }
+        Some(m) => return Err(format!("Invalid TLS mode '{m}' (force, on, off)")),
+    };
+    let Some(creds) = creds else {
+        if cli.tls.is_some()
+            || !cli.tls_only.is_empty()
+            || !cli.tls_authz.is_empty()
+            || cli.tls_key.is_some()
+            || cli.tls_verify_peer
+        {
+            return Err("TLS options need credentials: --tls-creds ID (with --object tls-creds-x509,...) or --tls-cert and --tls-key".into());
+        }
+        return Ok(None);
+    };
+    let mut authz = Vec::new();
+    for a in &cli.tls_authz {
+        match objects.iter().find(|o| o.id() == Some(a.as_str())) {
+            Some(o) if o.kind == "authz-simple" => authz
+                .push(o.get("identity").ok_or_else(|| format!("'{a}': authz-simple needs identity=DN"))?.to_string()),
+            Some(o) => return Err(format!("'{a}' is a {} object: only authz-simple is supported", o.kind)),
+            None if a.contains('=') => authz.push(a.clone()),
+            None => return Err(format!("No authorization object with id '{a}' (and it is not a distinguished name)")),
+        }
+    }
+    if !authz.is_empty() && !creds.verify_peer {
+        return Err("--tls-authz needs client certificates: --tls-verify-peer and a CA (or verify-peer=on)".into());
+    }
+    let config = tls::server_config(&creds)?;
+    Ok(Some(tls::ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(config), policy, authz }))
+}
+
+/// Client TLS for -L: the credentials object must have endpoint=client.
+fn client_tls(cli: &Cli) -> Result<Option<nbd_server::list::ClientTls>, String> {
+    let Some(id) = &cli.tls_creds else {
+        return Ok(None);
+    };
+    let objects = objects(cli)?;
+    let o = creds_object(&objects, id)?;
+    if o.get("endpoint").unwrap_or("client") != "client" {
+        return Err(format!("Expecting TLS credentials with a client endpoint ('{id}' needs endpoint=client)"));
+    }
+    let dir = o.get("dir").ok_or_else(|| format!("'{id}': tls-creds-x509 needs dir=DIR"))?;
+    let host = cli.tls_hostname.clone().or_else(|| cli.bind.clone()).unwrap_or_else(|| "localhost".into());
+    Ok(Some((tls::client_config(std::path::Path::new(dir))?, tls::server_name(&host)?)))
 }
 
 /// Listening sockets, bound before any fork so the parent returns only once clients can connect.
 enum StdListener {
     Unix(std::os::unix::net::UnixListener, Option<std::path::PathBuf>),
     Tcp(std::net::TcpListener),
+    Vsock(vsock::VsockListener),
 }
 
 fn bind(cli: &Cli) -> Result<Vec<StdListener>, String> {
@@ -237,6 +383,14 @@ fn bind(cli: &Cli) -> Result<Vec<StdListener>, String> {
             return Ok(v);
         }
     }
+    if let Some(port) = cli.vsock {
+        if cli.socket.is_some() || cli.port.is_some() || cli.bind.is_some() {
+            return Err("--vsock listens on AF_VSOCK only: drop -k, -p and -b".into());
+        }
+        let l = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
+            .map_err(|e| format!("Failed to bind AF_VSOCK port {port}: {e}"))?;
+        return Ok(vec![StdListener::Vsock(l)]);
+    }
     if let Some(path) = &cli.socket {
         use std::os::unix::fs::FileTypeExt;
         if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -262,19 +416,30 @@ fn bind(cli: &Cli) -> Result<Vec<StdListener>, String> {
 /// `-L`: connect to the server named by -k or -b/-p and print its exports as qemu-nbd -L does.
 fn list_exports(cli: &Cli) -> ExitCode {
     let timeout = Some(Duration::from_secs(30));
-    let r = if let Some(path) = &cli.socket {
+    let tls = match client_tls(cli) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let r = if let Some(port) = cli.vsock {
+        vsock::VsockStream::connect_with_cid_port(cli.vsock_cid, port)
+            .map_err(|e| format!("Failed to connect to vsock {}:{port}: {e}", cli.vsock_cid))
+            .and_then(|s| {
+                let _ = s.set_read_timeout(timeout);
+                nbd_server::list::list_tls(s, tls).map_err(|e| e.to_string())
+            })
+    } else if let Some(path) = &cli.socket {
         std::os::unix::net::UnixStream::connect(path)
             .map_err(|e| format!("Failed to connect to '{path}': {e}"))
             .and_then(|s| {
                 let _ = s.set_read_timeout(timeout);
-                nbd_server::list::list(s).map_err(|e| e.to_string())
+                nbd_server::list::list_tls(s, tls).map_err(|e| e.to_string())
             })
     } else {
         let host = cli.bind.clone().unwrap_or_else(|| "localhost".into());
         let addr = format!("{host}:{}", cli.port.unwrap_or(10809));
         std::net::TcpStream::connect(&addr).map_err(|e| format!("Failed to connect to '{addr}': {e}")).and_then(|s| {
             let _ = s.set_read_timeout(timeout);
-            nbd_server::list::list(s).map_err(|e| e.to_string())
+            nbd_server::list::list_tls(s, tls).map_err(|e| e.to_string())
         })
     };
     match r {
@@ -290,8 +455,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // fuser warns about its own second unmount attempt after the mount point was unmounted: not news.
     let level = match cli.verbose {
-        0 => "warn,fuser=error",
-        1 => "info,fuser=warn",
+        0 => "warn,fuser=error,rustls=error",
+        1 => "info,fuser=warn,rustls=warn",
         _ => "debug",
     };
     tracing_subscriber::fmt()
@@ -311,6 +476,28 @@ fn main() -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    let tls = match build_tls(&cli) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    for n in &cli.tls_only {
+        if exports.find(n).is_none_or(|e| e.name != *n) {
+            return fail(format!("--tls-only '{n}': no export has that name"));
+        }
+    }
+    let mut allow = Vec::new();
+    for a in &cli.allow {
+        match nbd_server::acl::Cidr::parse(a) {
+            Ok(c) => allow.push(c),
+            Err(e) => return fail(e),
+        }
+    }
+    if !allow.is_empty() && (cli.socket.is_some() || cli.vsock.is_some()) {
+        return fail("--allow applies to TCP listeners only");
+    }
+    if (tls.is_some() || !allow.is_empty()) && (cli.connect.is_some() || cli.fuse.is_some()) {
+        return fail("TLS and --allow apply to network listeners, not to -c or --fuse");
+    }
     // Metadata commits of writable images go through a helper process that finishes them even if this
     // process is killed (qcow2::image::commit); it must be forked before any thread or listener exists.
     if exports.list.iter().any(|e| !e.is_read_only()) {
@@ -366,6 +553,8 @@ fn main() -> ExitCode {
         } else {
             Duration::from_secs(cli.handshake_limit)
         },
+        tls,
+        allow,
     };
     let mut paths = Vec::new();
     let code = rt.block_on(async {
@@ -388,6 +577,12 @@ fn main() -> ExitCode {
                         Ok(t) => ls.push(Listener::Tcp(t)),
                         Err(e) => return fail(e),
                     }
+                }
+                StdListener::Vsock(v) => {
+                    if let Err(e) = v.set_nonblocking(true) {
+                        return fail(e);
+                    }
+                    ls.push(Listener::Vsock(tokio_vsock::VsockListener::from(std::os::fd::OwnedFd::from(v))));
                 }
             }
         }

@@ -1,0 +1,247 @@
+//! TLS for NBD (proto.md "TLS support"): rustls configurations from qemu's credential layout
+//! (`--object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client` with `ca-cert.pem`, `server-cert.pem`,
+//! `server-key.pem`, `client-cert.pem`, `client-key.pem`) or from single files, client certificate checks,
+//! and the distinguished-name allow list (`--tls-authz`). TLS 1.2 and 1.3 only.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A `--object` of qemu's syntax (`type,key=value,...`, with `,,` for a literal comma).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// The object type (tls-creds-x509, tls-creds-psk, authz-simple, ...).
+    pub kind: String,
+    /// Its properties, in order.
+    pub props: Vec<(String, String)>,
+}
+
+impl Object {
+    /// Parses `type,key=value,...`.
+    pub fn parse(spec: &str) -> Result<Object, String> {
+        let mut parts = Vec::new();
+        let mut cur = String::new();
+        let mut chars = spec.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    parts.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        parts.push(cur);
+        let mut it = parts.into_iter();
+        let kind = it.next().unwrap_or_default();
+        let kind = kind.strip_prefix("qom-type=").map(str::to_string).unwrap_or(kind);
+        if kind.is_empty() || kind.contains('=') {
+            return Err(format!("--object '{spec}': the first item must be the object type"));
+        }
+        let mut props = Vec::new();
+        for p in it {
+            let Some((k, v)) = p.split_once('=') else {
+                return Err(format!("--object '{spec}': '{p}' is not key=value"));
+            };
+            props.push((k.to_string(), v.to_string()));
+        }
+        Ok(Object { kind, props })
+    }
+
+    /// Property `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.props.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The object's id.
+    pub fn id(&self) -> Option<&str> {
+        self.get("id")
+    }
+}
+
+/// qemu's boolean property values.
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("'{v}' is not on/off")),
+    }
+}
+
+/// Where a server's certificate, key and (optional) CA come from.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCreds {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// Require and check a client certificate.
+    pub verify_peer: bool,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("Cannot read the TLS {what} {}: {e}", path.display()))
+}
+
+fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(path, what)?;
+    let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("TLS {what} {}: {e:?}", path.display()))?;
+    if v.is_empty() {
+        return Err(format!("TLS {what} {}: no certificate in it", path.display()));
+    }
+    Ok(v)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read(path, "key")?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("TLS key {}: {e:?}", path.display()))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in certs(ca, "CA certificate")? {
+        r.add(c).map_err(|e| format!("TLS CA certificate {}: {e}", ca.display()))?;
+    }
+    Ok(r)
+}
+
+/// The server's rustls configuration.
+pub fn server_config(c: &ServerCreds) -> Result<Arc<rustls::ServerConfig>, String> {
+    let chain = certs(&c.cert, "certificate")?;
+    let key = key(&c.key)?;
+    let b = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS: {e}"))?;
+    let b = if c.verify_peer {
+        let ca =
+            c.ca.as_ref().ok_or("verifying client certificates needs a CA certificate (--tls-ca or ca-cert.pem)")?;
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+            .build()
+            .map_err(|e| format!("TLS client verifier: {e}"))?;
+        b.with_client_cert_verifier(v)
+    } else {
+        b.with_no_client_auth()
+    };
+    let cfg = b.with_single_cert(chain, key).map_err(|e| format!("TLS certificate and key: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Server credentials from a qemu `tls-creds-x509` directory.
+pub fn server_creds_from_dir(dir: &Path, verify_peer: bool) -> ServerCreds {
+    let ca = dir.join("ca-cert.pem");
+    ServerCreds {
+        cert: dir.join("server-cert.pem"),
+        key: dir.join("server-key.pem"),
+        ca: ca.exists().then_some(ca),
+        verify_peer,
+    }
+}
+
+/// A client configuration (for `qnbd -L`): trust the CA in `ca`, present `client-cert.pem` and
+/// `client-key.pem` from the same directory when they exist.
+pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots(&dir.join("ca-cert.pem"))?);
+    let (cert, key_file) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+    let cfg = if cert.exists() && key_file.exists() {
+        b.with_client_auth_cert(certs(&cert, "certificate")?, key(&key_file)?)
+            .map_err(|e| format!("TLS client certificate: {e}"))?
+    } else {
+        b.with_no_client_auth()
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// The server name a client checks the certificate against.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_string()).map_err(|e| format!("'{host}' is not a valid TLS host name: {e}"))
+}
+
+/// A distinguished name as a set of `attribute=value` parts (order and spaces do not matter), so
+/// "CN=client,O=Example" and "O=Example, CN=client" name the same subject.
+pub fn normalize_dn(dn: &str) -> Vec<String> {
+    let mut v: Vec<String> = dn
+        .split([',', '/'])
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, val)) => format!("{}={}", k.trim().to_ascii_uppercase(), val.trim()),
+            None => p.to_string(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The subject DN of a DER certificate, as `attribute=value` parts.
+pub fn subject_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.subject().to_string())
+}
+
+/// Whether the client certificate `der` is allowed by `allowed` (distinguished names).
+pub fn authorized(der: Option<&[u8]>, allowed: &[String]) -> bool {
+    let Some(subject) = der.and_then(subject_of) else {
+        return false;
+    };
+    let got = normalize_dn(&subject);
+    allowed.iter().any(|a| normalize_dn(a) == got)
+}
+
+/// What a server does about TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The acceptor.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// FORCEDTLS or SELECTIVETLS.
+    pub policy: crate::negotiate::TlsPolicy,
+    /// Client certificate subjects allowed (empty: any client the verifier accepts).
+    pub authz: Vec<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("policy", &self.policy).field("authz", &self.authz).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_parse_as_qemu_does() {
+        let o = Object::parse("tls-creds-x509,id=tls0,dir=/etc/pki/qemu,endpoint=server").unwrap();
+        assert_eq!(o.kind, "tls-creds-x509");
+        assert_eq!(o.id(), Some("tls0"));
+        assert_eq!(o.get("dir"), Some("/etc/pki/qemu"));
+        let a = Object::parse("authz-simple,id=auth0,identity=CN=laptop,,O=Example Org,,C=GB").unwrap();
+        assert_eq!(a.get("identity"), Some("CN=laptop,O=Example Org,C=GB"));
+        assert!(Object::parse("id=x").is_err());
+        assert!(Object::parse("tls-creds-x509,novalue").is_err());
+        assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn distinguished_names_match_in_any_order() {
+        assert_eq!(normalize_dn("CN=client, O=Example"), normalize_dn("o=Example,CN=client"));
+        assert_ne!(normalize_dn("CN=client,O=Example"), normalize_dn("CN=client"));
+        assert!(!authorized(None, &["CN=x".into()]));
+        assert!(!authorized(Some(b"not a certificate"), &["CN=x".into()]));
+    }
+}
