@@ -2,7 +2,9 @@
 # Runs every test of qnbd on a fresh Debian machine with Rust: installs what the tests use (only when missing),
 # then formatting, lints, unit and integration tests against the real qemu-img / qemu-io / libnbd / fio,
 # a quick criterion run and a fuzz smoke of every target.
-# Env: FUZZ_SECONDS (default 25) per fuzz target; SKIP_FUZZ=1 and SKIP_BENCH=1 to skip those parts.
+# Then the kernel NBD client test: qnbd -c/-d and --vsock inside an emulated Debian machine
+# (scripts/kernel-nbd-test.sh; packages cached in /var/tmp/qnbd-vmtest/cache between runs).
+# Env: FUZZ_SECONDS (default 25) per fuzz target; SKIP_FUZZ=1, SKIP_BENCH=1, SKIP_VM=1 to skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/bin:$PATH   # Debian's python3 (for nbdsh) before any pyenv shim
@@ -14,6 +16,10 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v fio >/dev/null || need+=(fio)
+# the FUSE + loop test and the kernel NBD test (an emulated machine, packages fetched with apt-get download)
+for t in losetup:mount mkfs.ext4:e2fsprogs debugfs:e2fsprogs objcopy:binutils dpkg-deb:dpkg md5sum:coreutils; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq
@@ -29,6 +35,11 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 
 step "cargo test (release)"
 cargo test --workspace --release -q 2>&1 | grep -Ev '^$|^running 0 tests|^test result: ok. 0 passed'
+
+if [ "${SKIP_VM:-0}" != 1 ]; then
+  step "kernel NBD client and vsock in an emulated machine"
+  scripts/kernel-nbd-test.sh --qnbd target/release/qnbd
+fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "criterion benches (quick)"
