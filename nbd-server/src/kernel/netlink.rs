@@ -236,7 +236,7 @@ mod tests {
     fn get_family_golden_bytes() {
         let m = get_family(7, "nbd");
         let mut want = Vec::new();
-        want.extend_from_slice(&24u32.to_ne_bytes());
+        want.extend_from_slice(&28u32.to_ne_bytes());
         want.extend_from_slice(&0x10u16.to_ne_bytes());
         want.extend_from_slice(&5u16.to_ne_bytes());
         want.extend_from_slice(&7u32.to_ne_bytes());
