@@ -1,7 +1,8 @@
-//! The handshake state machine from the server's side: any sequence of options, any client flags.
+//! The handshake state machine from the server's side: any sequence of options, any client flags, under each TLS
+//! policy (chosen by the input's length, so seeds keep their meaning); STARTTLS is taken as succeeding.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use nbd_server::negotiate::{Catalog, ExportMeta, Negotiation, Step};
+use nbd_server::negotiate::{Catalog, ExportMeta, Negotiation, Step, TlsPolicy};
 
 struct Two;
 impl Catalog for Two {
@@ -18,13 +19,18 @@ impl Catalog for Two {
     fn list(&self) -> Vec<ExportMeta> {
         ["a", "disk"].iter().filter_map(|n| self.lookup(n)).collect()
     }
+    fn tls_only(&self, name: &str) -> bool {
+        name == "a"
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let Some(mut n) = Negotiation::new(u32::from_be_bytes([data[0], data[1], data[2], data[3]])) else { return };
+    let policy = [TlsPolicy::NoTls, TlsPolicy::Forced, TlsPolicy::Selective][data.len() % 3];
+    let Some(n) = Negotiation::new(u32::from_be_bytes([data[0], data[1], data[2], data[3]])) else { return };
+    let mut n = n.with_tls(policy);
     let mut rest = &data[4..];
     let mut out = Vec::new();
     while rest.len() >= 6 {
@@ -47,7 +53,20 @@ fuzz_target!(|data: &[u8]| {
         }
         match step {
             Step::Continue => {}
-            Step::Close | Step::Transmit(_) => return,
+            Step::StartTls => {
+                assert_ne!(policy, TlsPolicy::NoTls, "STARTTLS accepted without TLS");
+                assert!(!n.tls_active(), "STARTTLS accepted twice");
+                n.tls_started();
+            }
+            Step::Transmit(t) => {
+                // Nothing enters transmission before TLS where the policy forbids it.
+                if !n.tls_active() {
+                    assert_ne!(policy, TlsPolicy::Forced);
+                    assert!(policy != TlsPolicy::Selective || t.export.name != "a");
+                }
+                return;
+            }
+            Step::Close => return,
         }
         rest = &rest[4 + len..];
     }
