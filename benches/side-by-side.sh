@@ -1,65 +1,190 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: the same images served by qnbd and by qemu-nbd over unix sockets, alternating, driven
-# by the same client (fio's nbd engine). Prints IOPS for each, the ratio qnbd / qemu-nbd and each server's
-# peak RSS. Usage: benches/side-by-side.sh [SECONDS_PER_RUN=10] [REPEATS=2]
-# Cases: 4 KiB random write QD32 into a fresh qcow2 and into an overlay of a raw base (copy-on-write on every
-# first touch), 4 KiB random read QD1 and QD32 on a fully allocated qcow2.
+# Side-by-side benchmark: the same image files served by qnbd and by qemu-nbd over unix sockets, alternating,
+# driven by the same clients (fio's nbd engine; nbdcopy for the streaming cases). Prints one table: IOPS or MiB/s
+# for each server, the ratio qnbd / qemu-nbd, and each server's peak RSS.
+#
+# Usage: benches/side-by-side.sh [SECONDS_PER_RUN=5] [REPEATS=1] [CASES...]
+# qemu-nbd runs with its defaults; cases ending in "/uring" run it with --cache=none --aio=io_uring instead
+# (qnbd has one mode: buffered positioned I/O on the page cache, the counterpart of qemu-nbd's defaults).
+# Cases (default: all):
+#   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
+#   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
+#   cow cow-extl2               4 KiB random write QD32 into an overlay of a raw base (with extended L2)
+#   read-chain3                 4 KiB random read QD32 through a 3-deep backing chain
+#   seq-read seq-write          1 MiB sequential read / write, QD4
+#   raw-seq-read                the same sequential read of the raw base served by qnbd (the qcow2 ceiling)
+#   nbdcopy1 nbdcopy4           nbdcopy of the whole 1 GiB qcow2 to null: with 1 and 4 connections (multi-conn)
+#   raw-nbdcopy4                nbdcopy of the raw base through qnbd (the ceiling for nbdcopy4)
+#   overlays50                  50 overlays of one base: one qnbd with 50 exports against 50 qemu-nbd processes,
+#                               each read in turn (64 MiB sequential); total peak RSS (KiB) is the number
+#   read-qd32/uring write-alloc/uring cow/uring seq-read/uring
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-10}
-reps=${2:-2}
+secs=${1:-5}
+reps=${2:-1}
+shift 2 2>/dev/null || shift $#
+cases=("$@")
+[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-alloc cow cow-extl2 read-chain3 seq-read seq-write
+  raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring)
 export PATH=/usr/bin:$PATH
 cargo build --release -q -p nbd-server
 qnbd=$PWD/target/release/qnbd
 dir=$(mktemp -d /var/tmp/qnbd-bench.XXXXXX)
-trap 'pkill -f "$dir" 2>/dev/null || true; rm -rf "$dir"' EXIT
+trap 'pkill -f "$dir" 2>/dev/null || true; sleep 0.2; rm -rf "$dir"' EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
 qemu-io -f raw -c 'write -P 0x5a 0 1G' "$dir/base.raw" >/dev/null
 qemu-img convert -O qcow2 "$dir/base.raw" "$dir/full.qcow2"
+# a 3-deep chain: every layer holds a quarter of the data
+qemu-img create -q -f qcow2 "$dir/c1.qcow2" 1G
+qemu-io -f qcow2 -c 'write -P 1 0 256M' "$dir/c1.qcow2" >/dev/null
+qemu-img create -q -f qcow2 -b c1.qcow2 -F qcow2 "$dir/c2.qcow2"
+qemu-io -f qcow2 -c 'write -P 2 256M 256M' "$dir/c2.qcow2" >/dev/null
+qemu-img create -q -f qcow2 -b c2.qcow2 -F qcow2 "$dir/c3.qcow2"
+qemu-io -f qcow2 -c 'write -P 3 512M 256M' "$dir/c3.qcow2" >/dev/null
 
-prep() { # case -> image path (fresh each run)
-  case $1 in
-    write-fresh) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G ;;
-    write-overlay) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2" ;;
-    read-*) cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2" ;;
+prep() { # case -> the image to serve (made fresh for each run)
+  rm -f "$dir/img.qcow2"
+  case ${1%/uring} in
+    write-fresh | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
+    cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
+    cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
+    read-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
+    raw-*) echo "$dir/base.raw" ;;
+    *) cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
   esac
 }
 
 fio_args() {
-  case $1 in
-    write-*) echo "--rw=randwrite --iodepth=32" ;;
-    read-qd1) echo "--rw=randread --iodepth=1" ;;
-    read-qd32) echo "--rw=randread --iodepth=32" ;;
+  case ${1%/uring} in
+    write-* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    read-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
+    read-qd32 | read-chain3) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    seq-read | raw-seq-read) echo "--rw=read --bs=1M --iodepth=4" ;;
+    seq-write) echo "--rw=write --bs=1M --iodepth=4" ;;
   esac
 }
 
-run_one() { # server case -> "iops rss_kib"
-  local server=$1 case=$2 sock="$dir/s.sock" pid iops rss
+start() { # server image sock [uring] -> pid
+  local server=$1 img=$2 sock=$3 uring=${4:-} fmt=qcow2
+  case $img in *.raw) fmt=raw ;; esac
   rm -f "$sock"
-  prep "$case"
   if [ "$server" = qnbd ]; then
-    "$qnbd" -t -e 4 -f qcow2 -k "$sock" "$dir/img.qcow2" & pid=$!
+    "$qnbd" -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+  elif [ -n "$uring" ]; then
+    qemu-nbd -t -e 8 -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
   else
-    qemu-nbd -t -e 4 -f qcow2 -k "$sock" "$dir/img.qcow2" & pid=$!
+    qemu-nbd -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
   fi
-  for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.02; done
-  # shellcheck disable=SC2046
-  iops=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --bs=4k --size=1G --time_based \
-    --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))')
-  rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "$iops $rss"
+  local pid=$!
+  for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
+  echo "$pid"
 }
 
-printf '%-14s %12s %12s %8s %12s %12s\n' case qnbd_iops qemu_iops ratio qnbd_rss_kb qemu_rss_kb
-for case in write-fresh write-overlay read-qd1 read-qd32; do
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+stop() { # pid sock: stop the server and wait until it (and qnbd's commit helper, same command line) is gone,
+  # so the next run's image is not still locked or flushed by this one
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 500); do pgrep -f -- "$2" >/dev/null || return 0; sleep 0.02; done
+  pkill -9 -f -- "$2" || true
+}
+
+run_one() { # server case -> "value rss_kib"
+  local server=$1 case=$2 sock="$dir/s.sock" img pid val uring=
+  case $case in */uring) uring=1 ;; esac
+  img=$(prep "$case")
+  pid=$(start "$server" "$img" "$sock" $uring)
+  case ${case%/uring} in
+    nbdcopy* | raw-nbdcopy*)
+      local n=${case##*nbdcopy} t0 t1
+      t0=$(date +%s.%N)
+      nbdcopy --connections="$n" "nbd+unix:///?socket=$sock" null: 2>/dev/null
+      t1=$(date +%s.%N)
+      val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 1024/(b-a)}') ;;
+    *)
+      local field=iops
+      case $case in seq-* | raw-seq-*) field=bw ;; esac
+      # shellcheck disable=SC2046
+      val=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --size=1G --time_based \
+        --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; f=sys.argv[1]
+v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field") ;;
+  esac
+  local r; r=$(rss "$pid")
+  stop "$pid" "$sock"
+  echo "$val $r"
+}
+
+overlays50() { # server -> "total_peak_rss_kib seconds"
+  local server=$1 i pids=() t0 t1 total=0
+  for i in $(seq 50); do
+    qemu-img create -q -f qcow2 -b "$dir/full.qcow2" -F qcow2 "$dir/ov$i.qcow2"
+  done
+  t0=$(date +%s.%N)
+  if [ "$server" = qnbd ]; then
+    local args=()
+    for i in $(seq 50); do args+=(-x "ov$i"); done
+    for i in $(seq 50); do args+=("$dir/ov$i.qcow2"); done
+    rm -f "$dir/o.sock"
+    "$qnbd" -t -e 8 -f qcow2 -k "$dir/o.sock" "${args[@]}" >/dev/null 2>&1 & pids=($!)
+    for _ in $(seq 250); do [ -S "$dir/o.sock" ] && break; sleep 0.02; done
+    for i in $(seq 50); do
+      fio --name=b --ioengine=nbd --uri="nbd+unix:///ov$i?socket=$dir/o.sock" --rw=read --bs=1M --size=64M \
+        --output-format=json >/dev/null 2>&1
+    done
+  else
+    for i in $(seq 50); do
+      rm -f "$dir/o$i.sock"
+      qemu-nbd -t -f qcow2 -k "$dir/o$i.sock" "$dir/ov$i.qcow2" >/dev/null 2>&1 & pids+=($!)
+    done
+    for i in $(seq 50); do
+      for _ in $(seq 250); do [ -S "$dir/o$i.sock" ] && break; sleep 0.02; done
+      fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$dir/o$i.sock" --rw=read --bs=1M --size=64M \
+        --output-format=json >/dev/null 2>&1
+    done
+  fi
+  t1=$(date +%s.%N)
+  for p in "${pids[@]}"; do total=$((total + $(rss "$p"))); done
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 500); do pgrep -f -- "$dir/o" >/dev/null || break; sleep 0.02; done
+  rm -f "$dir"/ov*.qcow2
+  echo "$total $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')"
+}
+
+unit() {
+  case $1 in
+    seq-* | raw-seq-* | nbdcopy* | raw-nbdcopy*) echo MiB/s ;;
+    overlays50) echo "RSS KiB" ;;
+    *) echo IOPS ;;
+  esac
+}
+
+echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd $(git rev-parse --short HEAD 2>/dev/null)"
+printf '%-18s %-8s %12s %12s %7s %12s %12s\n' case unit qnbd qemu-nbd ratio qnbd_rss_kb qemu_rss_kb
+for case in "${cases[@]}"; do
+  if [ "$case" = overlays50 ]; then
+    read -r q qt < <(overlays50 qnbd)
+    read -r m mt < <(overlays50 qemu-nbd)
+    # lower is better here: the ratio is qnbd / qemu-nbd of total RSS
+    printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "RSS-KiB" "$q" "$m" \
+      "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", a/b}')" "(${qt}s)" "(${mt}s)"
+    continue
+  fi
+  server_b=qemu-nbd
+  case $case in raw-*) server_b=skip ;; esac
   qs=(); ms=(); qr=0; mr=0
   for ((r = 0; r < reps; r++)); do
     read -r a b < <(run_one qnbd "$case"); qs+=("$a"); qr=$((b > qr ? b : qr))
-    read -r a b < <(run_one qemu-nbd "$case"); ms+=("$a"); mr=$((b > mr ? b : mr))
+    if [ "$server_b" != skip ]; then
+      read -r a b < <(run_one qemu-nbd "$case"); ms+=("$a"); mr=$((b > mr ? b : mr))
+    fi
   done
   q=$(printf '%s\n' "${qs[@]}" | sort -n | tail -1)
+  if [ "$server_b" = skip ]; then
+    printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "$(unit "$case")" "$q" - - "$qr" -
+    continue
+  fi
   m=$(printf '%s\n' "${ms[@]}" | sort -n | tail -1)
-  printf '%-14s %12s %12s %8s %12s %12s\n' "$case" "$q" "$m" "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", a/b}')" "$qr" "$mr"
+  printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "$(unit "$case")" "$q" "$m" \
+    "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')" "$qr" "$mr"
 done

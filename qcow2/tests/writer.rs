@@ -416,3 +416,51 @@ fn unknown_autoclear_bits_are_cleared_and_unknown_extensions_kept() {
     assert_eq!(after.extensions, before.extensions, "header extensions must be kept byte for byte");
     assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(0));
 }
+
+/// A thread that looked up an L2 table remembers it (a lock-free cache hit); a write from another thread that
+/// changes the table, or allocates a new one, must be seen by that thread's next read, never the stale table.
+#[test]
+fn tables_remembered_by_a_reading_thread_never_go_stale() {
+    let dir = tmpdir();
+    let img = dir.path().join("t.qcow2");
+    create(&img, "cluster_size=65536", "1G");
+    let image = Image::open(p(&img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let (to_reader, reads) = std::sync::mpsc::channel::<(u64, u8)>();
+    let (to_writer, done) = std::sync::mpsc::channel::<()>();
+    let reader = {
+        let image = image.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            for (off, want) in reads {
+                image.read_at(&mut buf, off).unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == want),
+                    "offset {off}: stale read (wanted {want:#x}, got {:#x})",
+                    buf[0]
+                );
+                // read a neighbour in the same table too, so the table is remembered before the next change
+                image.read_at(&mut buf, off ^ 65536).unwrap();
+                to_writer.send(()).unwrap();
+            }
+        })
+    };
+    // Offsets in the first table (allocated clusters change it), then in a table that does not exist yet.
+    let offs = [0u64, 3 << 16, 7 << 16, 5 << 16, (600 << 20) + 4096, (600 << 20) + (9 << 16)];
+    for (i, &off) in offs.iter().enumerate() {
+        to_reader.send((off, 0)).unwrap();
+        done.recv().unwrap();
+        let pat = 0x10 + i as u8;
+        image.write_at(&vec![pat; 4096], off, false).unwrap();
+        to_reader.send((off, pat)).unwrap();
+        done.recv().unwrap();
+        image.write_zeroes(off, 4096, true, false).unwrap();
+        to_reader.send((off, 0)).unwrap();
+        done.recv().unwrap();
+    }
+    drop(to_reader);
+    reader.join().unwrap();
+    image.flush().unwrap();
+    drop(image);
+    let check = ok("qemu-img", &["check", p(&img)]);
+    assert!(check.contains("No errors"), "{check}");
+}

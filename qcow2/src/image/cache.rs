@@ -7,36 +7,129 @@
 
 use lru::LruCache;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One decoded L2 table.
 pub type L2Table = Arc<Vec<u64>>;
 
-#[derive(Debug)]
+/// Hashes a cluster-aligned host offset: the keys are this process's own numbers, not an attacker's choice of
+/// strings, so a multiply-shift is enough and keeps a cache hit in tens of nanoseconds.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Offsets are multiples of the cluster size: fold the high bits down before the multiply.
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(26);
+    }
+}
+
+type Fast = BuildHasherDefault<OffsetHasher>;
+
 struct Inner {
-    lru: LruCache<u64, L2Table>,
-    pinned: HashMap<u64, L2Table>,
+    lru: LruCache<u64, L2Table, Fast>,
+    pinned: HashMap<u64, L2Table, Fast>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("cached", &self.lru.len()).field("pinned", &self.pinned.len()).finish()
+    }
 }
 
 /// A bounded cache of clean L2 tables plus the dirty ones waiting to be written.
+///
+/// Each thread also remembers the table of its last lookup (`HOT`), valid while the cache's generation is
+/// unchanged: every change to a cached table and every L1 change bumps the generation (after the change is
+/// visible), so a remembered table is never stale. A lookup that hits it takes no lock and no reference.
 #[derive(Debug)]
 pub struct L2Cache {
     inner: Mutex<Inner>,
+    id: u64,
+    generation: AtomicU64,
+}
+
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
+
+struct Hot {
+    cache: u64,
+    generation: u64,
+    l1_index: u64,
+    table: L2Table,
+}
+
+/// Remembered tables per thread: one per image of a short backing chain.
+const HOT_SLOTS: usize = 4;
+
+thread_local! {
+    static HOT: std::cell::RefCell<[Option<Hot>; HOT_SLOTS]> = const { std::cell::RefCell::new([None, None, None, None]) };
 }
 
 impl L2Cache {
     /// A cache holding at most `tables` clean tables (at least one).
     pub fn new(tables: usize) -> Self {
         let cap = NonZeroUsize::new(tables.max(1)).unwrap_or(NonZeroUsize::MIN);
-        L2Cache { inner: Mutex::new(Inner { lru: LruCache::new(cap), pinned: HashMap::new() }) }
+        L2Cache {
+            inner: Mutex::new(Inner { lru: LruCache::with_hasher(cap, Fast::default()), pinned: HashMap::default() }),
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The current generation; read it before looking up the L1 entry and the table.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Invalidates every thread's remembered table: call after any L1 change (table changes call it here).
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Runs `f` on the table this thread remembered for L1 index `l1_index`, if it is still current.
+    pub fn with_hot<R>(&self, generation: u64, l1_index: u64, f: impl FnOnce(&[u64]) -> R) -> Option<R> {
+        HOT.with(|h| {
+            let h = h.try_borrow().ok()?;
+            let hot = h.iter().flatten().find(|x| x.cache == self.id)?;
+            (hot.generation == generation && hot.l1_index == l1_index).then(|| f(&hot.table))
+        })
+    }
+
+    /// Remembers `table` as this thread's last lookup, made when the generation was `generation`.
+    pub fn set_hot(&self, generation: u64, l1_index: u64, table: &L2Table) {
+        HOT.with(|h| {
+            if let Ok(mut h) = h.try_borrow_mut() {
+                // This cache's slot, else an empty one, else the slot of the image used least recently
+                // (slot 0 is the most recent: entries move down as others are set).
+                let i = h
+                    .iter()
+                    .position(|x| x.as_ref().is_some_and(|x| x.cache == self.id))
+                    .or_else(|| h.iter().position(Option::is_none))
+                    .unwrap_or(HOT_SLOTS - 1);
+                h[..=i].rotate_right(1);
+                h[0] = Some(Hot { cache: self.id, generation, l1_index, table: table.clone() });
+            }
+        })
     }
 
     /// The table at host offset `off`, if cached.
     pub fn get(&self, off: u64) -> Option<L2Table> {
         let mut g = self.inner.lock().ok()?;
-        if let Some(t) = g.pinned.get(&off) {
-            return Some(t.clone());
+        if !g.pinned.is_empty() {
+            if let Some(t) = g.pinned.get(&off) {
+                return Some(t.clone());
+            }
         }
         g.lru.get(&off).cloned()
     }
@@ -62,12 +155,14 @@ impl L2Cache {
         let Some(mut t) = t else { return false };
         f(Arc::make_mut(&mut t));
         g.pinned.insert(off, t);
+        self.changed();
         true
     }
 
     /// Takes the table at `off` out of the cache (to change it in place).
     pub fn take(&self, off: u64) -> Option<L2Table> {
         let mut g = self.inner.lock().ok()?;
+        self.changed();
         if let Some(t) = g.pinned.remove(&off) {
             return Some(t);
         }
@@ -79,6 +174,7 @@ impl L2Cache {
         if let Ok(mut g) = self.inner.lock() {
             g.lru.pop(&off);
             g.pinned.insert(off, table);
+            self.changed();
         }
     }
 

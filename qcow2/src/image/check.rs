@@ -327,6 +327,8 @@ impl Qcow2 {
                     if let Some(e) = l1.get_mut(idx) {
                         *e = if set { *e | OFLAG_COPIED } else { *e & !OFLAG_COPIED };
                     }
+                    drop(l1);
+                    self.l2_cache.changed();
                     st.mark_l1_dirty();
                 } else {
                     let t = self.l2_table(l2)?;

@@ -69,6 +69,11 @@ impl Qcow2 {
         let l1_idx = cluster / self.l2_entries;
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
+        // This thread's last table, if nothing changed since: no lock, no reference count.
+        let generation = self.l2_cache.generation();
+        if let Some(r) = self.l2_cache.with_hot(generation, l1_idx, |t| self.map_in(t, guest, lim)) {
+            return r;
+        }
         let l2_off = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx as usize).copied()) {
             Some(e) => table::l1_l2_offset(e),
             None => 0,
@@ -78,13 +83,19 @@ impl Qcow2 {
             return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
         }
         let t = self.l2_table(l2_off)?;
-        let first = self.classify(&t, guest)?;
+        self.l2_cache.set_hot(generation, l1_idx, &t);
+        let _ = cs;
+        self.map_in(&t, guest, lim)
+    }
+
+    /// The mapping at `guest` and its run up to `lim`, from L2 table `t`.
+    fn map_in(&self, t: &[u64], guest: u64, lim: u64) -> Result<(Mapping, u64)> {
+        let first = self.classify(t, guest)?;
         if let Mapping::Compressed { .. } = first {
-            let cluster_end = ((guest >> cb) + 1) << cb;
+            let cluster_end = ((guest >> self.cluster_bits) + 1) << self.cluster_bits;
             return Ok((first, cluster_end.min(lim) - guest));
         }
-        let _ = cs;
-        Ok((first, self.extend(first, guest, lim, |p| self.classify(&t, p))?))
+        Ok((first, self.extend(first, guest, lim, |p| self.classify(t, p))?))
     }
 
     /// Extends the run that starts at `guest` with mapping `first` over following units up to `lim`.

@@ -222,6 +222,8 @@ impl Qcow2 {
         }
         let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
         l1[l1_idx] = new | OFLAG_COPIED;
+        drop(l1);
+        self.l2_cache.changed();
         st.l1_dirty = true;
         Ok(new)
     }
@@ -750,6 +752,7 @@ impl Qcow2 {
                 st.refs.free_later((old_off >> self.cluster_bits) + c);
             }
             *self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
+            self.l2_cache.changed();
             hdr_l1 = Some((off, need as u32));
         }
         // Header bytes 24-47 (size, crypt_method, l1_size, l1_table_offset) in one write.
