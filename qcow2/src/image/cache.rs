@@ -98,6 +98,7 @@ impl L2Cache {
     }
 
     /// Runs `f` on the table this thread remembered for L1 index `l1_index`, if it is still current.
+    #[inline]
     pub fn with_hot<R>(&self, generation: u64, l1_index: u64, f: impl FnOnce(&[u64]) -> R) -> Option<R> {
         HOT.with(|h| {
             let h = h.try_borrow().ok()?;

@@ -66,7 +66,8 @@ impl Qcow2 {
         let cs = 1u64 << cb;
         let end = guest + max_len.min(size - guest);
         let cluster = guest >> cb;
-        let l1_idx = cluster / self.l2_entries;
+        // l2_entries is a power of two: shifts and masks, not divisions, on the hot path.
+        let l1_idx = cluster >> self.l2_entries.trailing_zeros();
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
         // This thread's last table, if nothing changed since: no lock, no reference count.
@@ -89,6 +90,7 @@ impl Qcow2 {
     }
 
     /// The mapping at `guest` and its run up to `lim`, from L2 table `t`.
+    #[inline]
     fn map_in(&self, t: &[u64], guest: u64, lim: u64) -> Result<(Mapping, u64)> {
         let first = self.classify(t, guest)?;
         if let Mapping::Compressed { .. } = first {
@@ -119,10 +121,11 @@ impl Qcow2 {
     }
 
     /// What the L2 table `t` says about the byte at `guest`.
+    #[inline]
     fn classify(&self, t: &[u64], guest: u64) -> Result<Mapping> {
         let cb = self.cluster_bits;
         let cs = 1u64 << cb;
-        let idx = ((guest >> cb) % self.l2_entries) as usize;
+        let idx = ((guest >> cb) & (self.l2_entries - 1)) as usize;
         let has_data_file = self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         let in_cluster = guest & (cs - 1);
         let kind = if self.header.extended_l2() {

@@ -235,7 +235,7 @@ impl Qcow2 {
     /// Where the L2 entry of guest offset `pos` lives: (L1 index, index in the table).
     fn indices(&self, pos: u64) -> (usize, usize) {
         let c = pos >> self.cluster_bits;
-        ((c / self.l2_entries) as usize, (c % self.l2_entries) as usize)
+        ((c >> self.l2_entries.trailing_zeros()) as usize, (c & (self.l2_entries - 1)) as usize)
     }
 
     /// The current L2 entry state of `pos` without allocating, for the lock-free fast path.
