@@ -25,6 +25,8 @@ pub struct ImageFs {
     started: SystemTime,
     uid: u32,
     gid: u32,
+    /// Mode bits for group and others too (with allow_other).
+    others: bool,
 }
 
 impl ImageFs {
@@ -32,7 +34,7 @@ impl ImageFs {
     pub fn new(device: Arc<dyn BlockDevice>, read_only: bool, file_name: Option<String>) -> ImageFs {
         // SAFETY: getuid/getgid cannot fail and have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        ImageFs { device, read_only, file_name, started: SystemTime::now(), uid, gid }
+        ImageFs { device, read_only, file_name, started: SystemTime::now(), uid, gid, others: false }
     }
 
     fn file_ino(&self) -> INodeNo {
@@ -49,10 +51,13 @@ impl ImageFs {
             return None;
         }
         let size = if dir { 0 } else { self.device.size() };
-        let perm = match (dir, self.read_only) {
-            (true, _) => 0o755,
-            (false, true) => 0o444,
-            (false, false) => 0o644,
+        let perm = match (dir, self.read_only, self.others) {
+            (true, _, true) => 0o755,
+            (true, _, false) => 0o700,
+            (false, true, true) => 0o444,
+            (false, false, true) => 0o644,
+            (false, true, false) => 0o400,
+            (false, false, false) => 0o600,
         };
         Some(FileAttr {
             ino,
@@ -263,6 +268,8 @@ pub struct FuseOptions {
     pub file_name: String,
     /// Refuse writes.
     pub read_only: bool,
+    /// Let every user reach the file (FUSE allow_other); otherwise only the mounting user.
+    pub allow_other: bool,
 }
 
 /// Mounts `device`; the returned session serves it on its own threads until unmounted.
@@ -288,27 +295,35 @@ pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> Result<fuser::Bac
     if o.read_only {
         config.mount_options.push(fuser::MountOption::RO);
     }
-    config.acl = fuser::SessionACL::All;
+    config.acl = if o.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     config.n_threads = Some(4);
-    let fs = ImageFs::new(device, o.read_only, file_name);
+    let mut fs = ImageFs::new(device, o.read_only, file_name);
+    fs.others = o.allow_other;
     fuser::spawn_mount(fs, &o.mountpoint, &config)
         .map_err(|e| format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display()))
 }
 
 /// Unmounts `path` (lazily if it is still in use, e.g. by a loop device: the session then serves until the
-/// last user lets go).
-pub fn unmount(path: &std::path::Path) {
+/// last user lets go). Without the privilege to unmount, fusermount3 (or fusermount) does it.
+pub fn unmount(path: &std::path::Path) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| "mount point has a NUL byte")?;
     // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            tracing::warn!("{} is busy: detaching it lazily; serving until its last user lets go", path.display());
-            // SAFETY: as above.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        tracing::warn!("{} is busy: detaching it lazily; serving until its last user lets go", path.display());
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
         }
     }
+    for tool in ["fusermount3", "fusermount"] {
+        if std::process::Command::new(tool).arg("-u").arg("-z").arg(path).status().is_ok_and(|s| s.success()) {
+            return Ok(());
+        }
+    }
+    Err(format!("cannot unmount {}: {e}", path.display()))
 }

@@ -343,6 +343,12 @@ impl Negotiation {
     }
 
     fn meta_context(&mut self, opt: u32, data: &[u8], cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
+        // A TLS-only export's contexts are not told before TLS (proto.md: NBD_REP_ERR_TLS_REQD).
+        if let Some(name) = Reader::new(data).string() {
+            if self.needs_tls(name, cat) {
+                return Self::err(out, opt, NBD_REP_ERR_TLS_REQD, &format!("export '{name}' requires TLS"));
+            }
+        }
         let set = opt == NBD_OPT_SET_META_CONTEXT;
         if set && self.style == Style::Simple {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "structured replies must be negotiated first");

@@ -59,7 +59,8 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(self.config.handshake_timeout).unwrap_or(now + Duration::from_secs(1 << 40));
         let exports = &self.config.exports;
         let policy = self.config.tls.as_ref().map(|t| t.policy).unwrap_or(TlsPolicy::NoTls);
         let timed_out = || {
@@ -220,12 +221,19 @@ impl Server {
             return;
         }
         self.served.fetch_add(1, Ordering::SeqCst);
+        /// Gives the connection's slot back however the connection ends (even by a panic).
+        struct Slot(Arc<Server>);
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.0.active.fetch_sub(1, Ordering::SeqCst);
+                self.0.idle.notify_one();
+            }
+        }
         tokio::spawn(async move {
-            if let Err(e) = self.serve_connection(s).await {
+            let slot = Slot(self);
+            if let Err(e) = slot.0.serve_connection(s).await {
                 tracing::debug!("connection ended: {e}");
             }
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            self.idle.notify_one();
         });
     }
 }

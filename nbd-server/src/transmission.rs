@@ -37,9 +37,17 @@ const SLOW: Duration = Duration::from_micros(500);
 /// Requests sent to the blocking pool after a slow inline one.
 const OFFLOAD_RUN: u32 = 512;
 
-/// Whether a request may block for long whatever the cache holds (durability, deallocation).
+/// Largest READ or WRITE run inline: bigger ones may hold a runtime worker for long on a cold disk.
+const INLINE_MAX: u64 = 1 << 20;
+
+/// Whether a request may block for long whatever the cache holds: durability, deallocation, zeroing and block
+/// status of ranges of any size, large transfers.
 fn always_offload(req: &Request) -> bool {
-    matches!(req.kind, NBD_CMD_FLUSH | NBD_CMD_TRIM) || req.flags & NBD_CMD_FLAG_FUA != 0
+    match req.kind {
+        NBD_CMD_READ | NBD_CMD_WRITE => req.flags & NBD_CMD_FLAG_FUA != 0 || req.length > INLINE_MAX,
+        NBD_CMD_CACHE => false,
+        _ => true,
+    }
 }
 
 /// The errno for a device error (proto.md "Error values").

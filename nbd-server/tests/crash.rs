@@ -9,20 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+mod common;
+use common::*;
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 4096; // 16 MiB
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn block(idx: u64, seq: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK];
@@ -41,24 +31,6 @@ fn parse(b: &[u8]) -> Option<(u64, u64)> {
     let crc = u32::from_le_bytes(b[0..4].try_into().ok()?);
     (crc == crc32fast::hash(&b[8..]) && b[8..].iter().any(|&x| x != 0))
         .then(|| (u64::from_le_bytes(b[8..16].try_into().unwrap()), u64::from_le_bytes(b[16..24].try_into().unwrap())))
-}
-
-/// Waits until no process runs with `needle` in its command line (qnbd's commit helper, a fork of the
-/// server, may still be finishing the last metadata batch after the server was killed).
-fn wait_gone(needle: &str) {
-    let t = Instant::now();
-    loop {
-        let busy = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()).any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        });
-        if !busy {
-            return;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "a process with '{needle}' did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 struct Client(UnixStream);

@@ -2,10 +2,11 @@
 //! 127.0.0.1. Where a client's view can differ by server, qnbd's answers are compared with qemu-nbd's.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+mod common;
+use common::*;
 
 struct Srv {
     child: Child,
@@ -53,25 +54,6 @@ fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
     }
     std::thread::sleep(Duration::from_millis(50));
     srv
-}
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (the README's test command installs it): {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A qcow2 chain (raw base <- qcow2 overlay) with data, zeros and holes.

@@ -3,88 +3,16 @@
 //! exit after the last client, and clear errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A server process that is killed when the test ends, even by a panic (a leftover server would keep the
-/// test harness's output pipes open).
-struct Srv(Child);
-
-impl std::ops::Deref for Srv {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Srv {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::*;
 
 fn spawn(args: &[&str], sock: &Path) -> Srv {
     let c = Srv(Command::new(QNBD).args(args).arg("-k").arg(sock).stdout(Stdio::null()).spawn().unwrap());
     wait_for(sock);
     c
-}
-
-/// Waits until no process runs with `needle` in its command line: after SIGKILL, qnbd's commit helper may
-/// still be finishing the last metadata batch (it shares the server's command line, being a fork).
-fn wait_gone(needle: &str) {
-    let t = Instant::now();
-    loop {
-        let busy = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()).any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        });
-        if !busy {
-            return;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "a process with '{needle}' did not exit");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn uri(sock: &Path) -> String {

@@ -54,6 +54,17 @@ fn leaf(ca: &Ca, cn: &str, server: bool, expired: bool) -> (String, String) {
     (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
 }
 
+/// A client certificate whose only attribute is a CN that looks like two: `CN=client1, O=qnbd test`.
+fn crafted_client(ca: &Ca) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "client1, O=qnbd test");
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let issuer = Issuer::from_params(&ca.params, &ca.key);
+    (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+}
+
 /// The directories the test uses, in qemu's layout.
 struct Pki {
     server: PathBuf,
@@ -63,6 +74,7 @@ struct Pki {
     no_cert: PathBuf,
     wrong_ca: PathBuf,
     expired_client: PathBuf,
+    crafted: PathBuf,
 }
 
 fn write_dir(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
@@ -82,6 +94,7 @@ fn pki(root: &Path) -> Pki {
     let (c2, k2) = leaf(&a, "client2", false, false);
     let (ce, ke) = leaf(&a, "client1", false, true);
     let (cb, kb) = leaf(&b, "client1", false, false);
+    let (cc, kc) = crafted_client(&a);
     Pki {
         server: write_dir(
             &root.join("server"),
@@ -108,6 +121,10 @@ fn pki(root: &Path) -> Pki {
         expired_client: write_dir(
             &root.join("xclient"),
             &[("ca-cert.pem", &a.pem), ("client-cert.pem", &ce), ("client-key.pem", &ke)],
+        ),
+        crafted: write_dir(
+            &root.join("crafted"),
+            &[("ca-cert.pem", &a.pem), ("client-cert.pem", &cc), ("client-key.pem", &kc)],
         ),
     }
 }
@@ -364,6 +381,7 @@ fn authz_list_admits_only_named_subjects() {
     size_ok(&nbdinfo_size(&tls_uri(&sock, &p.client)));
     refused(&nbdinfo_size(&tls_uri(&sock, &p.client2)), "CN=client2, not in the authz list");
     refused(&qemu_img_info(&p.client2, &sock), "qemu-img with CN=client2");
+    refused(&nbdinfo_size(&tls_uri(&sock, &p.crafted)), "a CN that spells out another subject");
     size_ok(&nbdinfo_size(&tls_uri(&sock, &p.client)));
 }
 
@@ -497,8 +515,19 @@ fn bad_tls_and_access_options_are_clear_errors() {
             "Invalid TLS mode",
         ),
         (
-            vec!["--object".into(), srv_obj, "--tls-creds".into(), "tls0".into(), "--tls-only".into(), "zzz".into()],
+            vec![
+                "--object".into(),
+                format!("{srv_obj},verify-peer=off"),
+                "--tls-creds".into(),
+                "tls0".into(),
+                "--tls-only".into(),
+                "zzz".into(),
+            ],
             "no export",
+        ),
+        (
+            vec!["--object".into(), srv_obj.clone(), "--tls-creds".into(), "tls0".into(), "--tls=on".into()],
+            "plaintext clients",
         ),
         (vec!["--allow".into(), "10.0.0.0/40".into()], "prefix length"),
         (vec!["--allow".into(), "10.0.0.0/8".into(), "-k".into(), sock.clone()], "TCP listeners only"),

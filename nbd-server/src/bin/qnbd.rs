@@ -116,6 +116,10 @@ struct Cli {
     /// SIGTERM flushes the image and ends the process.
     #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["connect", "list"])]
     fuse: Option<String>,
+    /// With --fuse: let every user reach the file (FUSE allow_other, mode 0644); by default only the user who
+    /// mounted it can (mode 0600).
+    #[arg(long = "fuse-allow-other")]
+    fuse_allow_other: bool,
     /// Log more (repeat for more).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -333,6 +337,24 @@ fn build_tls(cli: &Cli) -> Result<Option<tls::ServerTls>, String> {
     if !authz.is_empty() && !creds.verify_peer {
         return Err("--tls-authz needs client certificates: --tls-verify-peer and a CA (or verify-peer=on)".into());
     }
+    // Under SELECTIVETLS a plaintext client skips every certificate check: allowed only when every export
+    // needs TLS anyway.
+    if policy == TlsPolicy::Selective && (creds.verify_peer || !authz.is_empty()) {
+        let all_tls_only = !cli.files.is_empty()
+            && (0..cli.files.len()).all(|i| {
+                let name = cli.export_name.get(i).map(String::as_str).unwrap_or(if cli.files.len() == 1 {
+                    ""
+                } else {
+                    &cli.files[i]
+                });
+                cli.tls_only.iter().any(|t| t == name)
+            });
+        if !all_tls_only {
+            return Err("--tls=on lets plaintext clients reach exports not named by --tls-only, without any certificate \
+                        check: client certificates (--tls-authz, verify-peer) need --tls=force or every export in --tls-only"
+                .into());
+        }
+    }
     let config = tls::server_config(&creds)?;
     Ok(Some(tls::ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(config), policy, authz }))
 }
@@ -497,6 +519,9 @@ fn main() -> ExitCode {
     }
     if (tls.is_some() || !allow.is_empty()) && (cli.connect.is_some() || cli.fuse.is_some()) {
         return fail("TLS and --allow apply to network listeners, not to -c or --fuse");
+    }
+    if cli.fresh_per_connection && (cli.connect.is_some() || cli.fuse.is_some()) {
+        return fail("--fresh-per-connection is for network clients; use -s for a throwaway overlay with -c or --fuse");
     }
     // Metadata commits of writable images go through a helper process that finishes them even if this
     // process is killed (qcow2::image::commit); it must be forked before any thread or listener exists.
@@ -769,7 +794,7 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
     };
     // The kernel holds its own references to its ends.
     drop(kernel_ends);
-    match kernel::wait_ready(&dev, Duration::from_secs(30)) {
+    match kernel::wait_ready(&dev, export.device.size(), Duration::from_secs(30)) {
         Ok(parts) => tracing::info!("{dev_path} is ready: {} bytes, partitions {parts:?}", export.device.size()),
         Err(e) => {
             let _ = kernel::request_disconnect(&dev);
@@ -873,6 +898,7 @@ fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
         mountpoint: mountpoint.into(),
         file_name: cli.export_name.first().cloned().unwrap_or_else(|| "nbd".into()),
         read_only: export.is_read_only(),
+        allow_other: cli.fuse_allow_other,
     };
     let session = match nbd_server::fuse::mount(export.device.clone(), &o) {
         Ok(s) => s,
@@ -883,11 +909,20 @@ fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
     while !session.guard.is_finished() {
         if !asked && STOP.load(std::sync::atomic::Ordering::SeqCst) {
             asked = true;
-            nbd_server::fuse::unmount(&o.mountpoint);
+            if let Err(e) = nbd_server::fuse::unmount(&o.mountpoint) {
+                // Cannot unmount: stop serving anyway (dropping the session tries once more), after the flush.
+                tracing::warn!("{e}");
+                break;
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ended = session.join().map_err(|e| format!("FUSE session: {e}"));
+    let ended = if session.guard.is_finished() {
+        session.join().map_err(|e| format!("FUSE session: {e}"))
+    } else {
+        drop(session);
+        Ok(())
+    };
     let result =
         if export.is_read_only() { Ok(()) } else { export.device.flush().map_err(|e| format!("flush failed: {e}")) };
     if let Some(p) = &cli.pid_file {

@@ -254,25 +254,33 @@ pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &Attach
         return Err(busy(dev));
     }
     let path = dev.path.display();
-    if !o.force_ioctl {
-        let mut g = Genl::open().map_err(|e| format!("netlink: {e}"))?;
-        if let Some(family) = g.nbd_family().map_err(|e| format!("netlink: {e}"))? {
-            let c = netlink::Connect {
-                index: dev.index,
-                size,
-                block_size: BLOCK_SIZE,
-                server_flags: u64::from(flags),
-                timeout: o.timeout,
-                dead_conn_timeout: o.dead_conn_timeout,
-                sockets: sockets.to_vec(),
-            };
-            return match g.request(|seq| netlink::connect(family, seq, &c)).map_err(|e| format!("netlink: {e}"))? {
-                Ok(_) => Ok(Link::Netlink),
-                Err(e) if e == libc::EBUSY => Err(busy(dev)),
-                Err(e) => Err(format!("Failed to connect {path}: {}", io::Error::from_raw_os_error(e))),
-            };
+    // Netlink where it works; the ioctls where the family is missing or netlink is refused to us.
+    let netlink = if o.force_ioctl {
+        None
+    } else {
+        match Genl::open().and_then(|mut g| Ok(g.nbd_family()?.map(|f| (g, f)))) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!("netlink unusable ({e}): using the ioctls");
+                None
+            }
         }
-        tracing::info!("no nbd netlink family: using the ioctls");
+    };
+    if let Some((mut g, family)) = netlink {
+        let c = netlink::Connect {
+            index: dev.index,
+            size,
+            block_size: BLOCK_SIZE,
+            server_flags: u64::from(flags),
+            timeout: o.timeout,
+            dead_conn_timeout: o.dead_conn_timeout,
+            sockets: sockets.to_vec(),
+        };
+        return match g.request(|seq| netlink::connect(family, seq, &c)).map_err(|e| format!("netlink: {e}"))? {
+            Ok(_) => Ok(Link::Netlink),
+            Err(e) if e == libc::EBUSY => Err(busy(dev)),
+            Err(e) => Err(format!("Failed to connect {path}: {}", io::Error::from_raw_os_error(e))),
+        };
     }
     let f =
         File::options().read(true).write(true).open(&dev.path).map_err(|e| format!("Failed to open {path}: {e}"))?;
@@ -321,11 +329,14 @@ fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
 }
 
 /// Waits until `dev` is usable: connected, its size visible, its partition table read (this process opens
-/// the device and asks for a rescan; it does not rely on udev) and every partition's node present.
-/// Returns the partition names.
-pub fn wait_ready(dev: &Device, limit: Duration) -> Result<Vec<String>, String> {
+/// the device and asks for a rescan; it does not rely on udev) and every partition's node present, all within
+/// one deadline. Returns the partition names.
+pub fn wait_ready(dev: &Device, size: u64, limit: Duration) -> Result<Vec<String>, String> {
     let path = dev.path.display();
-    if !wait_until(limit, || dev.pid().is_some() && dev.sectors() > 0) {
+    let end = Instant::now() + limit;
+    let left = || end.saturating_duration_since(Instant::now());
+    // An export under one sector has zero sectors: then being connected is all there is to see.
+    if !wait_until(left(), || dev.pid().is_some() && (size < 512 || dev.sectors() > 0)) {
         return Err(format!("{path} did not come up within {} s", limit.as_secs()));
     }
     // The kernel reads the partition table on the first open after the size is set; BLKRRPART makes sure.
@@ -335,9 +346,11 @@ pub fn wait_ready(dev: &Device, limit: Duration) -> Result<Vec<String>, String> 
     }
     drop(f);
     let parts = dev.partitions();
-    let dev_dir = dev.path.parent().unwrap_or(Path::new("/dev")).to_path_buf();
+    // Partition nodes sit beside the real device node (DEV may be a symlink such as /dev/disk/by-id/...).
+    let real = std::fs::canonicalize(&dev.path).unwrap_or_else(|_| dev.path.clone());
+    let dev_dir = real.parent().unwrap_or(Path::new("/dev")).to_path_buf();
     for p in &parts {
-        if !wait_until(limit, || dev_dir.join(p).exists()) {
+        if !wait_until(left(), || dev_dir.join(p).exists()) {
             return Err(format!("partition node {} did not appear", dev_dir.join(p).display()));
         }
     }
@@ -362,6 +375,13 @@ pub fn request_disconnect(dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether process `pid` still runs: gone from /proc, or a zombie waiting to be reaped, both count as exited.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with(['Z', 'X']))
+        .unwrap_or(false)
+}
+
 /// The process a thread belongs to.
 fn tgid(tid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
@@ -380,7 +400,7 @@ pub fn detach(dev: &Device, limit: Duration) -> Result<(), String> {
     if !wait_until(limit, || dev.pid().is_none()) {
         return Err(format!("{path} was not released within {} s", limit.as_secs()));
     }
-    if !wait_until(limit, || !Path::new(&format!("/proc/{server}")).exists()) {
+    if !wait_until(limit, || !alive(server)) {
         return Err(format!("the server of {path} (process {server}) did not exit within {} s", limit.as_secs()));
     }
     match std::fs::read_to_string(dev.status_file()) {

@@ -82,3 +82,15 @@ impl Drop for Srv {
 pub fn md5(path: &Path) -> String {
     ok("md5sum", &[s(path)]).split_whitespace().next().unwrap_or_default().to_string()
 }
+
+/// Waits until no process runs with `needle` in its command line: after SIGKILL, qnbd's commit helper (a fork
+/// of the server, with the same command line) may still be finishing the last metadata batch.
+pub fn wait_gone(needle: &str) {
+    wait_until(&format!("processes with '{needle}' exit"), Duration::from_secs(10), || {
+        !std::fs::read_dir("/proc").into_iter().flatten().filter_map(|e| e.ok()).any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+    });
+}

@@ -62,11 +62,13 @@ pub struct L2Cache {
 
 static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A table remembered weakly: it neither keeps a dropped image's tables alive nor makes the writer copy a
+/// table it changes (`Arc::make_mut` moves the data out when only weak references remain).
 struct Hot {
     cache: u64,
     generation: u64,
     l1_index: u64,
-    table: L2Table,
+    table: std::sync::Weak<Vec<u64>>,
 }
 
 /// Remembered tables per thread: one per image of a short backing chain.
@@ -103,7 +105,11 @@ impl L2Cache {
         HOT.with(|h| {
             let h = h.try_borrow().ok()?;
             let hot = h.iter().flatten().find(|x| x.cache == self.id)?;
-            (hot.generation == generation && hot.l1_index == l1_index).then(|| f(&hot.table))
+            if hot.generation != generation || hot.l1_index != l1_index {
+                return None;
+            }
+            let t = hot.table.upgrade()?;
+            Some(f(&t))
         })
     }
 
@@ -119,7 +125,7 @@ impl L2Cache {
                     .or_else(|| h.iter().position(Option::is_none))
                     .unwrap_or(HOT_SLOTS - 1);
                 h[..=i].rotate_right(1);
-                h[0] = Some(Hot { cache: self.id, generation, l1_index, table: table.clone() });
+                h[0] = Some(Hot { cache: self.id, generation, l1_index, table: Arc::downgrade(table) });
             }
         })
     }
@@ -135,11 +141,13 @@ impl L2Cache {
         g.lru.get(&off).cloned()
     }
 
-    /// Caches a clean `table` read from disk at host offset `off`, unless a copy is already cached (that copy
-    /// may be newer than what the disk held when this one was read).
-    pub fn put(&self, off: u64, table: L2Table) {
+    /// Caches a clean `table` read from disk at host offset `off` when the generation was `generation` before
+    /// the read, unless a copy is already cached (that copy may be newer than what the disk held when this one
+    /// was read) or anything changed meanwhile (a table changed, written and evicted during the read would
+    /// otherwise come back old).
+    pub fn put(&self, off: u64, table: L2Table, generation: u64) {
         if let Ok(mut g) = self.inner.lock() {
-            if !g.pinned.contains_key(&off) && !g.lru.contains(&off) {
+            if self.generation() == generation && !g.pinned.contains_key(&off) && !g.lru.contains(&off) {
                 g.lru.put(off, table);
             }
         }
