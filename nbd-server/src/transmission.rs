@@ -38,7 +38,7 @@ const SLOW: Duration = Duration::from_micros(500);
 const OFFLOAD_RUN: u32 = 512;
 
 /// Largest READ or WRITE run inline: bigger ones may hold a runtime worker for long on a cold disk.
-const INLINE_MAX: u64 = 1 << 20;
+const INLINE_MAX: u64 = 128 << 10;
 
 /// Whether a request may block for long whatever the cache holds: durability, deallocation, zeroing and block
 /// status of ranges of any size, large transfers.
