@@ -684,6 +684,16 @@ impl Ready {
         }
     }
 
+    /// Goes to the background (when `background`) and writes the pid file; `Err` carries the exit code of a
+    /// parent that waited for its child, or of a failure.
+    fn start(background: bool, cli: &Cli) -> Result<Ready, ExitCode> {
+        let mut ready = if background { Ready::background()? } else { Ready::foreground() };
+        match write_pid_file(cli) {
+            Ok(()) => Ok(ready),
+            Err(e) => Err(ready.fail(e)),
+        }
+    }
+
     /// Reports success; a background server lets go of the caller's terminal and pipes.
     fn ok(&mut self) {
         use std::io::Write;
@@ -750,17 +760,10 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
         return fail(format!("{dev_path} is busy: already connected (served by process {p})"));
     }
     let export = exports.list[0].clone();
-    let mut ready = if cli.verbose == 0 {
-        match Ready::background() {
-            Ok(r) => r,
-            Err(code) => return code,
-        }
-    } else {
-        Ready::foreground()
+    let mut ready = match Ready::start(cli.verbose == 0, cli) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
-    if let Err(e) = write_pid_file(cli) {
-        return ready.fail(e);
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return ready.fail(format!("cannot start the runtime: {e}")),
@@ -878,17 +881,10 @@ fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
         return fail("--fuse serves exactly one image");
     }
     let export = exports.list[0].clone();
-    let mut ready = if cli.fork {
-        match Ready::background() {
-            Ok(r) => r,
-            Err(code) => return code,
-        }
-    } else {
-        Ready::foreground()
+    let mut ready = match Ready::start(cli.fork, cli) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
-    if let Err(e) = write_pid_file(cli) {
-        return ready.fail(e);
-    }
     let handler = on_stop_signal as extern "C" fn(libc::c_int);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
