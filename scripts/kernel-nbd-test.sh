@@ -240,11 +240,17 @@ gone "$pid" || fail "ioctl server still running"
 step "C done"
 
 # E: errors
-timeout 60 qnbd -c /dev/nbd3 -f qcow2 /img/spare.qcow2 || fail "qnbd -c nbd3"
+timeout 60 qnbd -c /dev/nbd3 -f qcow2 --pid-file /run/e.pid /img/spare.qcow2 || fail "qnbd -c nbd3"
 if timeout 60 qnbd -c /dev/nbd3 -f qcow2 /img/blank.qcow2 2>/tmp/busy.err; then fail "-c on a busy device succeeded"; fi
 grep -q busy /tmp/busy.err || { cat /tmp/busy.err; fail "no 'busy' in the error"; }
 step "busy: $(cat /tmp/busy.err)"
-timeout 90 qnbd -d /dev/nbd3 || fail "qnbd -d nbd3"
+# SIGTERM to a -c server: it disconnects the device, flushes and exits (data written with fsync survives)
+dd if=/dev/zero bs=65536 count=16 2>/dev/null | tr '\000' 'Z' | dd of=/dev/nbd3 bs=65536 conv=fsync 2>/dev/null || fail "write nbd3"
+pid=$(cat /run/e.pid)
+kill -TERM "$pid"
+gone "$pid" || fail "SIGTERM did not stop the -c server"
+i=0; while [ -e /sys/block/nbd3/pid ]; do i=$((i+1)); [ $i -gt 100 ] && fail "nbd3 still connected after SIGTERM"; sleep 0.1; done
+step "SIGTERM: server gone, nbd3 released"
 if timeout 30 qnbd -d /dev/nbd3 2>/tmp/nc.err; then fail "-d on a disconnected device succeeded"; fi
 grep -q "not connected" /tmp/nc.err || { cat /tmp/nc.err; fail "no 'not connected' in the error"; }
 step "not connected: $(cat /tmp/nc.err)"
@@ -311,6 +317,8 @@ partition "$SHARE/blank.qcow2" b
 partition "$SHARE/ioctl.qcow2" c
 [ "$(cat_file c /ioctl.txt)" = "written over the ioctl path" ] || die "ioctl.txt"
 qemu-img check -q "$SHARE/spare.qcow2" || die "spare.qcow2 check"
+qemu-io -f qcow2 -c 'read -P 0x5a 0 1M' "$SHARE/spare.qcow2" | grep -q '^read 1048576' || die "data written before SIGTERM is lost"
+log "spare.qcow2: the 1 MiB written before SIGTERM reads back"
 qemu-img check -q "$SHARE/vsock.qcow2" || die "vsock.qcow2 check"
 [ "$(md5sum < "$SHARE/base.qcow2")" = "$BASE_MD5" ] || die "the base image changed"
 grep -q "V done" "$SHARE/guest.log" && log "vsock in the guest: served and read"

@@ -764,6 +764,9 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    // A stop signal before the runtime's handlers exist is remembered, not fatal: the device must be
+    // disconnected, not left pointing at a dead server.
+    catch_stop_signals();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return ready.fail(format!("cannot start the runtime: {e}")),
@@ -826,11 +829,13 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
         else {
             return all.await;
         };
-        tokio::select! {
-            r = &mut all => return r,
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
+        if !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::select! {
+                r = &mut all => return r,
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
+            }
         }
         // Asked to stop: disconnect the device so the kernel ends its connections, then finish serving them.
         let _ = tokio::task::spawn_blocking(move || kernel::request_disconnect(&dev2)).await;
@@ -875,6 +880,15 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// SIGTERM, SIGINT and SIGHUP set [`STOP`] instead of killing the process.
+fn catch_stop_signals() {
+    let handler = on_stop_signal as extern "C" fn(libc::c_int);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
 /// `--fuse MOUNTPOINT`: serve the image as a file until the mount point is unmounted or a signal arrives.
 fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
     if exports.list.len() != 1 {
@@ -885,11 +899,7 @@ fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let handler = on_stop_signal as extern "C" fn(libc::c_int);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
+    catch_stop_signals();
     let o = nbd_server::fuse::FuseOptions {
         mountpoint: mountpoint.into(),
         file_name: cli.export_name.first().cloned().unwrap_or_else(|| "nbd".into()),
