@@ -88,6 +88,19 @@ impl ImageFs {
     }
 }
 
+impl ImageFs {
+    /// Flushes the image (nothing to do read-only) and answers.
+    fn make_durable(&self, reply: ReplyEmpty) {
+        if self.read_only {
+            return reply.ok();
+        }
+        match self.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(eio(e)),
+        }
+    }
+}
+
 fn eio(e: impl std::fmt::Display) -> Errno {
     tracing::warn!("I/O error: {e}");
     Errno::EIO
@@ -215,23 +228,11 @@ impl fuser::Filesystem for ImageFs {
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(2): make what was written durable, as a block device's last close does not promise but
         // users of a file expect.
-        if self.read_only {
-            return reply.ok();
-        }
-        match self.device.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(eio(e)),
-        }
+        self.make_durable(reply)
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        if self.read_only {
-            return reply.ok();
-        }
-        match self.device.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(eio(e)),
-        }
+        self.make_durable(reply)
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -756,8 +756,9 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    if let Some(p) = dev.pid() {
-        return fail(format!("{dev_path} is busy: already connected (served by process {p})"));
+    // Checked before going to the background too, so the error reaches the caller's terminal directly.
+    if let Err(e) = kernel::ensure_free(&dev) {
+        return fail(e);
     }
     let export = exports.list[0].clone();
     let mut ready = match Ready::start(cli.verbose == 0, cli) {

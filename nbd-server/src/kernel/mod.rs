@@ -241,6 +241,14 @@ fn ioctl(fd: RawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
     }
 }
 
+/// `Err` with a clear message if `dev` is already connected.
+pub fn ensure_free(dev: &Device) -> Result<(), String> {
+    match dev.pid() {
+        Some(_) => Err(busy(dev)),
+        None => Ok(()),
+    }
+}
+
 fn busy(dev: &Device) -> String {
     match dev.pid() {
         Some(p) => format!("{} is busy: already connected (served by process {p})", dev.path.display()),
@@ -250,9 +258,7 @@ fn busy(dev: &Device) -> String {
 
 /// Gives `sockets` to the kernel for `dev`, as an export of `size` bytes with transmission `flags`.
 pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &AttachOptions) -> Result<Link, String> {
-    if dev.pid().is_some() {
-        return Err(busy(dev));
-    }
+    ensure_free(dev)?;
     let path = dev.path.display();
     // Netlink where it works; the ioctls where the family is missing or netlink is refused to us.
     let netlink = if o.force_ioctl {

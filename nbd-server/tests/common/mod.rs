@@ -78,6 +78,18 @@ impl Drop for Srv {
     }
 }
 
+/// `qemu-img check` finds the image clean (exit 0); `what` says which case failed.
+pub fn assert_check_clean(img: &Path, what: &str) {
+    let chk = run("qemu-img", &["check", s(img)]);
+    assert_eq!(
+        chk.status.code(),
+        Some(0),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&chk.stdout),
+        String::from_utf8_lossy(&chk.stderr)
+    );
+}
+
 /// md5 of a file, as md5sum prints it.
 pub fn md5(path: &Path) -> String {
     ok("md5sum", &[s(path)]).split_whitespace().next().unwrap_or_default().to_string()
