@@ -1,19 +1,60 @@
 //! The L2 table cache: a bounded LRU of decoded tables, keyed by host offset.
 //!
-//! Metadata is cached; guest data never is. Tables are stored decoded (native-endian u64 words; extended L2
-//! tables hold two words per entry) behind an `Arc`, so a lookup holds the lock only to clone the pointer.
-//! Tables changed by the writer are *pinned* (never evicted) until a metadata flush writes them; readers see
-//! them at once, since the data they publish was written before the change (see `alloc.rs`).
+//! Metadata is cached; guest data never is. Tables are stored decoded (extended L2 tables hold two words per
+//! entry) behind an `Arc`, so a lookup holds the lock only to clone the pointer. Tables changed by the writer
+//! are *pinned* (never evicted) until a metadata flush writes them; readers see them at once, since the data
+//! they publish was written before the change (see `alloc.rs`).
+//!
+//! A table changes in place: its words are atomics, and every change runs under the cache lock inside a
+//! sequence count (odd while a change is in progress), so a reader that must see an entry and its subcluster
+//! bitmap together reads without a lock and retries if a change overlapped ([`L2Cache::read`]).
 
 use lru::LruCache;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// One decoded L2 table.
-pub type L2Table = Arc<Vec<u64>>;
+/// One decoded L2 table: native-endian words, changed only through [`L2Cache::modify`].
+#[derive(Debug)]
+pub struct Table(Box<[AtomicU64]>);
+
+impl Table {
+    /// A table holding `words`.
+    pub fn new(words: Vec<u64>) -> Table {
+        Table(words.into_iter().map(AtomicU64::new).collect())
+    }
+
+    /// Word `i` (panics past the end, like indexing: callers index inside the table's entry count).
+    #[inline]
+    pub fn word(&self, i: usize) -> u64 {
+        self.0[i].load(Ordering::Relaxed)
+    }
+
+    /// Sets word `i`; only inside [`L2Cache::modify`], which makes the change visible consistently.
+    pub fn set(&self, i: usize, v: u64) {
+        self.0[i].store(v, Ordering::Relaxed)
+    }
+
+    /// Number of words.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the table has no words.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A copy of the words.
+    pub fn to_vec(&self) -> Vec<u64> {
+        self.0.iter().map(|w| w.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// A shared decoded L2 table.
+pub type L2Table = Arc<Table>;
 
 /// Hashes a cluster-aligned host offset: the keys are this process's own numbers, not an attacker's choice of
 /// strings, so a multiply-shift is enough and keeps a cache hit in tens of nanoseconds.
@@ -50,32 +91,60 @@ impl std::fmt::Debug for Inner {
 
 /// A bounded cache of clean L2 tables plus the dirty ones waiting to be written.
 ///
-/// Each thread also remembers the table of its last lookup (`HOT`), valid while the cache's generation is
-/// unchanged: every change to a cached table and every L1 change bumps the generation (after the change is
-/// visible), so a remembered table is never stale. A lookup that hits it takes no lock and no reference.
+/// Each thread also remembers the table of its last lookup (`HOT`) with the L1 entry that led to it, valid
+/// while the cache's *epoch* is unchanged: every L1 change, every eviction and every table replaced bumps the
+/// epoch (after the change is visible), so a remembered table is the one the cache holds for that L1 index.
+/// Changes inside a table do not bump the epoch: they are made in place and seen through [`L2Cache::read`].
+/// A lookup that hits the remembered table takes no lock and no reference.
 #[derive(Debug)]
 pub struct L2Cache {
     inner: Mutex<Inner>,
     id: u64,
-    generation: AtomicU64,
+    epoch: AtomicU64,
+    /// Sequence count of in-place changes: odd while one is in progress (changes run under `inner`).
+    seq: AtomicU64,
 }
 
 static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A table remembered weakly: it neither keeps a dropped image's tables alive nor makes the writer copy a
-/// table it changes (`Arc::make_mut` moves the data out when only weak references remain).
+/// A table a thread remembers. It holds the table strongly: at most [`HOT_SLOTS`] tables per thread stay
+/// alive after the cache let them go.
 struct Hot {
     cache: u64,
-    generation: u64,
+    epoch: u64,
     l1_index: u64,
-    table: std::sync::Weak<Vec<u64>>,
+    l1_entry: u64,
+    table: L2Table,
 }
 
 /// Remembered tables per thread: one per image of a short backing chain.
 const HOT_SLOTS: usize = 4;
 
+/// Lock-free attempts of [`L2Cache::read`] before it takes the lock.
+const READ_TRIES: usize = 4;
+
 thread_local! {
     static HOT: std::cell::RefCell<[Option<Hot>; HOT_SLOTS]> = const { std::cell::RefCell::new([None, None, None, None]) };
+    /// How many [`L2Cache::with_hot`] calls this thread is inside: the remembered tables stay put meanwhile.
+    static BUSY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as inside [`L2Cache::with_hot`] (a count: lookups may nest) while alive.
+struct Busy;
+
+impl Busy {
+    #[inline(always)]
+    fn enter() -> Busy {
+        BUSY.with(|b| b.set(b.get() + 1));
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    #[inline(always)]
+    fn drop(&mut self) {
+        BUSY.with(|b| b.set(b.get() - 1));
+    }
 }
 
 impl L2Cache {
@@ -85,36 +154,85 @@ impl L2Cache {
         L2Cache {
             inner: Mutex::new(Inner { lru: LruCache::with_hasher(cap, Fast::default()), pinned: HashMap::default() }),
             id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
-            generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
         }
     }
 
-    /// The current generation; read it before looking up the L1 entry and the table.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The data under the lock stays consistent even if a holder panicked: every change is one step.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Invalidates every thread's remembered table: call after any L1 change (table changes call it here).
+    /// The current epoch; read it before looking up the L1 entry and the table.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Invalidates every thread's remembered table: call after any L1 change (table replacements and
+    /// evictions call it here).
     pub fn changed(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Runs `f` on the table this thread remembered for L1 index `l1_index`, if it is still current.
-    #[inline]
-    pub fn with_hot<R>(&self, generation: u64, l1_index: u64, f: impl FnOnce(&[u64]) -> R) -> Option<R> {
-        HOT.with(|h| {
+    /// Runs `f`, which reads words of cached tables, so that it sees no change half made: lock-free while no
+    /// change overlaps it, else under the lock that changes run under. `f` may run more than once and must
+    /// tolerate (and not act on) torn values: only the result of a consistent run is returned.
+    #[inline(always)]
+    pub fn read<R>(&self, f: impl Fn() -> R) -> R {
+        let s = self.seq.load(Ordering::Acquire);
+        let r = f();
+        fence(Ordering::Acquire);
+        if s & 1 == 0 && self.seq.load(Ordering::Relaxed) == s {
+            return r;
+        }
+        self.read_again(f)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_again<R>(&self, f: impl Fn() -> R) -> R {
+        for _ in 0..READ_TRIES {
+            std::hint::spin_loop();
+            let s = self.seq.load(Ordering::Acquire);
+            if s & 1 == 0 {
+                let r = f();
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == s {
+                    return r;
+                }
+            }
+        }
+        let _g = self.lock();
+        f()
+    }
+
+    /// Runs `f` on the table (and L1 entry) this thread remembered for L1 index `l1_index`, if it is still
+    /// the cache's table for it; consistently, as [`L2Cache::read`] does.
+    #[inline(always)]
+    pub fn with_hot<R>(&self, l1_index: u64, f: impl Fn(&Table, u64) -> R) -> Option<R> {
+        let epoch = self.epoch();
+        // Only a pointer leaves the thread-local: a result passed out through it was copied several times
+        // and cost more than the lookup itself.
+        let (table, l1_entry) = HOT.with(|h| {
             let h = h.try_borrow().ok()?;
             let hot = h.iter().flatten().find(|x| x.cache == self.id)?;
-            if hot.generation != generation || hot.l1_index != l1_index {
-                return None;
-            }
-            let t = hot.table.upgrade()?;
-            Some(f(&t))
-        })
+            (hot.epoch == epoch && hot.l1_index == l1_index).then_some((Arc::as_ptr(&hot.table), hot.l1_entry))
+        })?;
+        let _busy = Busy::enter();
+        // SAFETY: the slot's `Arc` keeps the table alive until this thread replaces the slot or exits. Neither
+        // happens before `_busy` is dropped: `set_hot` replaces nothing while this thread is inside `with_hot`
+        // (even if `f` looked up again), and a thread does not exit in the middle of a call.
+        let table = unsafe { &*table };
+        Some(self.read(|| f(table, l1_entry)))
     }
 
-    /// Remembers `table` as this thread's last lookup, made when the generation was `generation`.
-    pub fn set_hot(&self, generation: u64, l1_index: u64, table: &L2Table) {
+    /// Remembers `table`, found through L1 entry `l1_entry` at `l1_index` when the epoch was `epoch`, as this
+    /// thread's last lookup.
+    pub fn set_hot(&self, epoch: u64, l1_index: u64, l1_entry: u64, table: &L2Table) {
+        if BUSY.with(|b| b.get()) != 0 {
+            return;
+        }
         HOT.with(|h| {
             if let Ok(mut h) = h.try_borrow_mut() {
                 // This cache's slot, else an empty one, else the slot of the image used least recently
@@ -125,14 +243,14 @@ impl L2Cache {
                     .or_else(|| h.iter().position(Option::is_none))
                     .unwrap_or(HOT_SLOTS - 1);
                 h[..=i].rotate_right(1);
-                h[0] = Some(Hot { cache: self.id, generation, l1_index, table: Arc::downgrade(table) });
+                h[0] = Some(Hot { cache: self.id, epoch, l1_index, l1_entry, table: table.clone() });
             }
         })
     }
 
     /// The table at host offset `off`, if cached.
     pub fn get(&self, off: u64) -> Option<L2Table> {
-        let mut g = self.inner.lock().ok()?;
+        let mut g = self.lock();
         if !g.pinned.is_empty() {
             if let Some(t) = g.pinned.get(&off) {
                 return Some(t.clone());
@@ -141,75 +259,141 @@ impl L2Cache {
         g.lru.get(&off).cloned()
     }
 
-    /// Caches a clean `table` read from disk at host offset `off` when the generation was `generation` before
-    /// the read, unless a copy is already cached (that copy may be newer than what the disk held when this one
-    /// was read) or anything changed meanwhile (a table changed, written and evicted during the read would
+    /// Caches a clean `table` read from disk at host offset `off` when the epoch was `epoch` before the read,
+    /// unless a copy is already cached (that copy may be newer than what the disk held when this one was
+    /// read) or the epoch moved meanwhile (a table changed, written and evicted during the read would
     /// otherwise come back old).
-    pub fn put(&self, off: u64, table: L2Table, generation: u64) {
-        if let Ok(mut g) = self.inner.lock() {
-            if self.generation() == generation && !g.pinned.contains_key(&off) && !g.lru.contains(&off) {
-                g.lru.put(off, table);
-            }
-        }
-    }
-
-    /// Changes the cached table at `off` in place, under the cache lock, and pins it; returns false if the
-    /// table is not cached. Readers never see the table missing while it changes.
-    pub fn modify(&self, off: u64, f: impl FnOnce(&mut Vec<u64>)) -> bool {
-        let Ok(mut g) = self.inner.lock() else { return false };
-        let t = match g.pinned.remove(&off) {
-            Some(t) => Some(t),
-            None => g.lru.pop(&off),
-        };
-        let Some(mut t) = t else { return false };
-        f(Arc::make_mut(&mut t));
-        g.pinned.insert(off, t);
-        self.changed();
-        true
-    }
-
-    /// Takes the table at `off` out of the cache (to change it in place).
-    pub fn take(&self, off: u64) -> Option<L2Table> {
-        let mut g = self.inner.lock().ok()?;
-        self.changed();
-        if let Some(t) = g.pinned.remove(&off) {
-            return Some(t);
-        }
-        g.lru.pop(&off)
-    }
-
-    /// Stores a changed table, pinned until [`L2Cache::mark_clean`].
-    pub fn pin(&self, off: u64, table: L2Table) {
-        if let Ok(mut g) = self.inner.lock() {
-            g.lru.pop(&off);
-            g.pinned.insert(off, table);
+    pub fn put(&self, off: u64, table: L2Table, epoch: u64) {
+        let mut g = self.lock();
+        if self.epoch() == epoch
+            && !g.pinned.contains_key(&off)
+            && !g.lru.contains(&off)
+            && g.lru.push(off, table).is_some()
+        {
             self.changed();
         }
     }
 
+    /// Changes the cached table at `off` in place, under the cache lock, and pins it; returns false if the
+    /// table is not cached. Readers never see the table missing while it changes, and [`L2Cache::read`]
+    /// never returns what it computed from a change half made.
+    pub fn modify(&self, off: u64, f: impl FnOnce(&Table)) -> bool {
+        let mut g = self.lock();
+        let t = match g.pinned.remove(&off) {
+            Some(t) => Some(t),
+            None => g.lru.pop(&off),
+        };
+        let Some(t) = t else { return false };
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        f(&t);
+        self.seq.fetch_add(1, Ordering::Release);
+        g.pinned.insert(off, t);
+        true
+    }
+
+    /// Stores a new table, pinned until [`L2Cache::mark_clean`].
+    pub fn pin(&self, off: u64, table: L2Table) {
+        let mut g = self.lock();
+        g.lru.pop(&off);
+        g.pinned.insert(off, table);
+        self.changed();
+    }
+
     /// Number of pinned (dirty) tables.
     pub fn pinned(&self) -> usize {
-        self.inner.lock().map(|g| g.pinned.len()).unwrap_or(0)
+        self.lock().pinned.len()
     }
 
     /// The dirty tables, to be written; they stay pinned until [`L2Cache::mark_clean`].
     pub fn dirty(&self) -> Vec<(u64, L2Table)> {
-        self.inner.lock().map(|g| g.pinned.iter().map(|(k, v)| (*k, v.clone())).collect()).unwrap_or_default()
+        self.lock().pinned.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// Moves the tables at `offs` from the pinned set to the clean LRU.
     pub fn mark_clean(&self, offs: &[u64]) {
-        if let Ok(mut g) = self.inner.lock() {
-            for o in offs {
-                if let Some(t) = g.pinned.remove(o) {
-                    g.lru.put(*o, t);
-                }
+        let mut g = self.lock();
+        let mut evicted = false;
+        for o in offs {
+            if let Some(t) = g.pinned.remove(o) {
+                evicted |= g.lru.push(*o, t).is_some_and(|(k, _)| k != *o);
             }
+        }
+        if evicted {
+            self.changed();
         }
     }
 
     /// Number of clean tables the cache may hold.
     pub fn capacity(&self) -> usize {
-        self.inner.lock().map(|g| g.lru.cap().get()).unwrap_or(0)
+        self.lock().lru.cap().get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An extended L2 entry is two words: a reader must never see one word of a change without the other,
+    /// through the remembered table or a table taken from the cache.
+    #[test]
+    fn readers_never_see_an_entry_and_its_bitmap_torn_apart() {
+        let cache = Arc::new(L2Cache::new(4));
+        let off = 65536;
+        let mut words = vec![0; 16];
+        words[3] = !0;
+        cache.put(off, Arc::new(Table::new(words)), cache.epoch());
+        let rounds = 200_000u64;
+        let writer = {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                for k in 1..=rounds {
+                    assert!(cache.modify(off, |t| {
+                        t.set(2, k);
+                        t.set(3, !k);
+                    }));
+                }
+            })
+        };
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    let t = cache.get(off).expect("cached");
+                    cache.set_hot(cache.epoch(), 0, off, &t);
+                    let mut last = 0;
+                    let mut seen = 0u64;
+                    while last < rounds && seen < 50_000_000 {
+                        let (a, b) = match cache.with_hot(0, |t, _| (t.word(2), t.word(3))) {
+                            Some(p) => p,
+                            None => cache.read(|| (t.word(2), t.word(3))),
+                        };
+                        assert_eq!(b, !a, "torn entry: {a:#x} with bitmap {b:#x}");
+                        assert!(a >= last, "went back from {last} to {a}");
+                        last = a;
+                        seen += 1;
+                    }
+                })
+            })
+            .collect();
+        writer.join().expect("writer");
+        for r in readers {
+            r.join().expect("reader");
+        }
+        assert_eq!(cache.get(off).map(|t| (t.word(2), t.word(3))), Some((rounds, !rounds)));
+    }
+
+    /// The remembered table is the cache's only while the epoch holds: an eviction ends it.
+    #[test]
+    fn an_eviction_forgets_the_remembered_table() {
+        let cache = L2Cache::new(1);
+        cache.put(65536, Arc::new(Table::new(vec![7; 8])), cache.epoch());
+        let t = cache.get(65536).expect("cached");
+        cache.set_hot(cache.epoch(), 3, 65536, &t);
+        assert_eq!(cache.with_hot(3, |t, e| (t.word(0), e)), Some((7, 65536)));
+        assert_eq!(cache.with_hot(4, |t, _| t.word(0)), None, "another L1 index");
+        cache.put(2 * 65536, Arc::new(Table::new(vec![9; 8])), cache.epoch());
+        assert!(cache.get(65536).is_none(), "evicted");
+        assert_eq!(cache.with_hot(3, |t, _| t.word(0)), None, "an evicted table is not used");
     }
 }

@@ -135,7 +135,7 @@ impl Qcow2 {
                     l2_refs.push((l2, e, i));
                 }
                 let t = match self.l2_table(l2) {
-                    Ok(t) => t,
+                    Ok(t) => self.l2_cache.read(|| t.to_vec()),
                     Err(_) => {
                         r.check_errors += 1;
                         continue;
@@ -333,8 +333,8 @@ impl Qcow2 {
                 } else {
                     let t = self.l2_table(l2)?;
                     let step = if self.header.extended_l2() { 2 } else { 1 };
-                    let e = t[idx * step];
-                    let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
+                    let e = t.word(idx * step);
+                    let bm = if step == 2 { t.word(idx * 2 + 1) } else { 0 };
                     let e = if set { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
                     drop(t);
                     self.set_entry(l2, idx, e, bm)?;

@@ -1,5 +1,6 @@
 //! Guest range → host range, through the L1 table and the L2 cache (qcow2.rst, "Cluster mapping").
 
+use super::cache::Table;
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header;
@@ -63,39 +64,40 @@ impl Qcow2 {
             return Err(Error::new(crate::ErrorKind::OutOfBounds, format!("mapping at {guest} is past the end")));
         }
         let cb = self.cluster_bits;
-        let cs = 1u64 << cb;
         let end = guest + max_len.min(size - guest);
         let cluster = guest >> cb;
         // l2_entries is a power of two: shifts and masks, not divisions, on the hot path.
         let l1_idx = cluster >> self.l2_entries.trailing_zeros();
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
-        // This thread's last table, if nothing changed since: no lock, no reference count.
-        let generation = self.l2_cache.generation();
-        if let Some(r) = self.l2_cache.with_hot(generation, l1_idx, |t| self.map_in(t, guest, lim)) {
+        // This thread's last table, if it is still the table for this L1 index: no lock, no reference count.
+        if let Some(r) = self.l2_cache.with_hot(l1_idx, |t, _| self.map_in(t, guest, lim)) {
             return r;
         }
-        let l2_off = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx as usize).copied()) {
-            Some(e) => table::l1_l2_offset(e),
-            None => 0,
-        };
+        let epoch = self.l2_cache.epoch();
+        let l1_entry = self.l1.read().ok().and_then(|l1| l1.get(l1_idx as usize).copied()).unwrap_or(0);
+        let l2_off = table::l1_l2_offset(l1_entry);
         if l2_off == 0 {
             let m = self.unallocated_at(guest);
             return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
         }
         let t = self.l2_table(l2_off)?;
-        self.l2_cache.set_hot(generation, l1_idx, &t);
-        let _ = cs;
-        self.map_in(&t, guest, lim)
+        self.l2_cache.set_hot(epoch, l1_idx, l1_entry, &t);
+        self.l2_cache.read(|| self.map_in(&t, guest, lim))
     }
 
     /// The mapping at `guest` and its run up to `lim`, from L2 table `t`.
-    #[inline]
-    fn map_in(&self, t: &[u64], guest: u64, lim: u64) -> Result<(Mapping, u64)> {
+    #[inline(always)]
+    fn map_in(&self, t: &Table, guest: u64, lim: u64) -> Result<(Mapping, u64)> {
         let first = self.classify(t, guest)?;
         if let Mapping::Compressed { .. } = first {
             let cluster_end = ((guest >> self.cluster_bits) + 1) << self.cluster_bits;
             return Ok((first, cluster_end.min(lim) - guest));
+        }
+        // A run inside one unit (a 4 KiB read in a cluster): nothing to extend.
+        let unit_end = ((guest >> self.sc_bits) + 1) << self.sc_bits;
+        if unit_end >= lim {
+            return Ok((first, lim - guest));
         }
         Ok((first, self.extend(first, guest, lim, |p| self.classify(t, p))?))
     }
@@ -121,44 +123,32 @@ impl Qcow2 {
     }
 
     /// What the L2 table `t` says about the byte at `guest`.
-    #[inline]
-    fn classify(&self, t: &[u64], guest: u64) -> Result<Mapping> {
+    #[inline(always)]
+    fn classify(&self, t: &Table, guest: u64) -> Result<Mapping> {
         let cb = self.cluster_bits;
         let cs = 1u64 << cb;
         let idx = ((guest >> cb) & (self.l2_entries - 1)) as usize;
         let has_data_file = self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         let in_cluster = guest & (cs - 1);
         let kind = if self.header.extended_l2() {
-            let (e, bm) = (t[2 * idx], t[2 * idx + 1]);
+            let (e, bm) = (t.word(2 * idx), t.word(2 * idx + 1));
             if e & table::OFLAG_COMPRESSED != 0 && bm != 0 {
-                return Err(Error::corrupt(format!(
-                    "compressed cluster at guest offset {guest:#x} has a non-zero subcluster bitmap"
-                )));
+                return Err(bad_bitmap(bm, guest, true));
             }
             let sc = (in_cluster >> self.sc_bits) as u32;
-            table::decode_l2_ext(e, bm, sc, cb, has_data_file).ok_or_else(|| {
-                Error::corrupt(format!("invalid subcluster bitmap {bm:#018x} at guest offset {guest:#x}"))
-            })?
+            match table::decode_l2_ext(e, bm, sc, cb, has_data_file) {
+                Some(k) => k,
+                None => return Err(bad_bitmap(bm, guest, false)),
+            }
         } else {
-            table::decode_l2(t[idx], cb, self.header.version >= 3, has_data_file)
+            table::decode_l2(t.word(idx), cb, self.header.version >= 3, has_data_file)
         };
         let check_host = |h: u64| -> Result<u64> {
-            if h & (cs - 1) != 0 {
-                return Err(Error::corrupt(format!(
-                    "cluster offset {h:#x} for guest offset {guest:#x} is not aligned to the cluster size"
-                )));
+            if h & (cs - 1) == 0 && (has_data_file || (h != 0 && h < self.file_len())) {
+                Ok(h + in_cluster)
+            } else {
+                Err(self.bad_host(h, guest, has_data_file))
             }
-            if !has_data_file && h >= self.file_len() {
-                return Err(Error::corrupt(format!(
-                    "data cluster for guest offset {guest:#x} at host offset {h:#x} lies past the end of the \
-                     file ({} bytes)",
-                    self.file_len()
-                )));
-            }
-            if !has_data_file && h == 0 {
-                return Err(Error::corrupt(format!("data cluster for guest offset {guest:#x} points at the header")));
-            }
-            Ok(h + in_cluster)
         };
         Ok(match kind {
             L2Kind::Data { host } => Mapping::Data { host: check_host(host)? },
@@ -178,5 +168,34 @@ impl Qcow2 {
                 Mapping::Compressed { desc, in_cluster }
             }
         })
+    }
+
+    /// Why host offset `h` for guest offset `guest` is refused (off the hot path: only built on corruption).
+    #[cold]
+    #[inline(never)]
+    fn bad_host(&self, h: u64, guest: u64, has_data_file: bool) -> Error {
+        if h & (self.cluster_size() - 1) != 0 {
+            Error::corrupt(format!(
+                "cluster offset {h:#x} for guest offset {guest:#x} is not aligned to the cluster size"
+            ))
+        } else if !has_data_file && h == 0 {
+            Error::corrupt(format!("data cluster for guest offset {guest:#x} points at the header"))
+        } else {
+            Error::corrupt(format!(
+                "data cluster for guest offset {guest:#x} at host offset {h:#x} lies past the end of the file ({} \
+                 bytes)",
+                self.file_len()
+            ))
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn bad_bitmap(bm: u64, guest: u64, compressed: bool) -> Error {
+    if compressed {
+        Error::corrupt(format!("compressed cluster at guest offset {guest:#x} has a non-zero subcluster bitmap"))
+    } else {
+        Error::corrupt(format!("invalid subcluster bitmap {bm:#018x} at guest offset {guest:#x}"))
     }
 }

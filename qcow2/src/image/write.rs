@@ -6,6 +6,7 @@
 //! discard, flush) holds the one writer mutex.
 
 use super::alloc::Refcounts;
+use super::cache::Table;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header;
@@ -114,9 +115,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn state_of(&self, t: &[u64], idx: usize) -> ClusterState {
+    fn state_of(&self, t: &Table, idx: usize) -> ClusterState {
         let ext = self.header.extended_l2();
-        let (e, bm) = if ext { (t[2 * idx], t[2 * idx + 1]) } else { (t[idx], 0) };
+        let (e, bm) = if ext { (t.word(2 * idx), t.word(2 * idx + 1)) } else { (t.word(idx), 0) };
         let cb = self.cluster_bits;
         if e & OFLAG_COMPRESSED != 0 {
             return ClusterState {
@@ -182,12 +183,12 @@ impl Qcow2 {
     /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
     pub(super) fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
         let ext = self.header.extended_l2();
-        let apply = |v: &mut Vec<u64>| {
+        let apply = |t: &Table| {
             if ext {
-                v[2 * idx] = entry;
-                v[2 * idx + 1] = bitmap;
+                t.set(2 * idx, entry);
+                t.set(2 * idx + 1, bitmap);
             } else {
-                v[idx] = entry;
+                t.set(idx, entry);
             }
         };
         // Load the table into the cache first if needed; then change it under the cache lock.
@@ -212,10 +213,10 @@ impl Qcow2 {
             return Ok(off);
         }
         let words = (self.cluster_size() / 8) as usize;
-        let new_table: Vec<u64> = if off == 0 { vec![0; words] } else { self.l2_table(off)?.as_ref().clone() };
+        let new_table: Vec<u64> = if off == 0 { vec![0; words] } else { self.l2_table(off)?.to_vec() };
         let new = st.refs.alloc(self.file.as_ref(), 1)?;
         self.grow_file_len(&st.refs);
-        self.l2_cache.pin(new, Arc::new(new_table));
+        self.l2_cache.pin(new, Arc::new(Table::new(new_table)));
         if off != 0 {
             // The shared table keeps serving the snapshot; this L1 drops its reference.
             st.refs.free_later(off >> self.cluster_bits);
@@ -238,21 +239,35 @@ impl Qcow2 {
         ((c >> self.l2_entries.trailing_zeros()) as usize, (c & (self.l2_entries - 1)) as usize)
     }
 
-    /// The current L2 entry state of `pos` without allocating, for the lock-free fast path.
+    /// The current L2 entry state of `pos` without allocating, for the lock-free fast path: `None` unless
+    /// this image owns the L2 table alone.
     fn peek(&self, pos: u64) -> Result<Option<ClusterState>> {
         let (l1_idx, idx) = self.indices(pos);
-        let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
-            Some(e) => e,
-            None => return Ok(None),
+        let owned = |e: u64| e & OFFSET_MASK != 0 && e & OFLAG_COPIED != 0;
+        // This thread's last table, if still current; changes made meanwhile are read consistently.
+        let s = match self.l2_cache.with_hot(l1_idx as u64, |t, e| owned(e).then(|| self.state_of(t, idx))) {
+            Some(s) => s,
+            None => {
+                let epoch = self.l2_cache.epoch();
+                let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
+                    Some(e) => e,
+                    None => return Ok(None),
+                };
+                if !owned(e) {
+                    return Ok(None);
+                }
+                let t = self.l2_table(e & OFFSET_MASK)?;
+                self.l2_cache.set_hot(epoch, l1_idx as u64, e, &t);
+                Some(self.l2_cache.read(|| self.state_of(&t, idx)))
+            }
         };
-        let off = e & OFFSET_MASK;
-        if off == 0 || e & OFLAG_COPIED == 0 {
-            return Ok(None);
+        match s {
+            Some(s) => {
+                self.validate(&s, pos)?;
+                Ok(Some(s))
+            }
+            None => Ok(None),
         }
-        let t = self.l2_table(off)?;
-        let s = self.state_of(&t, idx);
-        self.validate(&s, pos)?;
-        Ok(Some(s))
     }
 
     fn touched(&self, a: u64, b: u64) -> u32 {
@@ -649,7 +664,7 @@ impl Qcow2 {
         let mut offs = Vec::with_capacity(dirty_l2.len());
         for (off, t) in &dirty_l2 {
             let mut raw = Vec::with_capacity(t.len() * 8);
-            for w in t.iter() {
+            for w in t.to_vec() {
                 raw.extend_from_slice(&w.to_be_bytes());
             }
             ops.push((0, Some((*off, raw))));
