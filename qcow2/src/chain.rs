@@ -1,7 +1,7 @@
 //! Images with their backing chains: format probing, relative backing names, loop and depth guards, and the
 //! chain-wide read and block status.
 
-use crate::device::{BlockDevice, Status};
+use crate::device::{push_piece, BlockDevice, Piece, Source, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Mapping, Qcow2, Qcow2Options};
 use crate::storage::{FileStorage, Storage};
@@ -351,6 +351,47 @@ impl Image {
         }
     }
 
+    /// Plans `len` bytes at `offset` of this layer and its backing chain (the range inside this layer);
+    /// `top` is the same offset in the device the plan is for (pieces only `read_at` can produce are read
+    /// there).
+    fn plan_layer(&self, offset: u64, len: u64, top: u64, out: &mut Vec<Piece>) -> Result<()> {
+        let q = match &self.layer {
+            Layer::Raw(s) => {
+                let source = match s.raw_fd() {
+                    Some(_) => Source::File { storage: s.clone(), offset },
+                    None => Source::Read { offset: top },
+                };
+                push_piece(out, len, source);
+                return Ok(());
+            }
+            Layer::Qcow2(q) => q,
+        };
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let (m, n) = q.mapping(pos, len - done)?;
+            match m {
+                Mapping::Data { host } => match q.data_storage().raw_fd() {
+                    Some(_) => push_piece(out, n, Source::File { storage: q.data_storage().clone(), offset: host }),
+                    None => push_piece(out, n, Source::Read { offset: top + done }),
+                },
+                Mapping::Zero { .. } => push_piece(out, n, Source::Zero),
+                Mapping::Compressed { .. } => push_piece(out, n, Source::Read { offset: top + done }),
+                Mapping::Unallocated { .. } => match &self.backing {
+                    // Past the end of a shorter backing file: zeros (as `read_backing`).
+                    Some(b) if pos < b.size => {
+                        let k = n.min(b.size - pos);
+                        b.plan_layer(pos, k, top + done, out)?;
+                        push_piece(out, n - k, Source::Zero);
+                    }
+                    _ => push_piece(out, n, Source::Zero),
+                },
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     /// The file that holds this layer's host offsets (the external data file for qcow2 with one).
     fn data_filename(&self) -> Arc<str> {
         if let Layer::Qcow2(q) = &self.layer {
@@ -387,6 +428,11 @@ impl BlockDevice for Image {
             done += n as usize;
         }
         Ok(())
+    }
+
+    fn plan_read(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.plan_layer(offset, len, offset, out)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {

@@ -1,6 +1,69 @@
 //! The block device trait the NBD server consumes, and the block status it reports.
 
 use crate::error::Result;
+use crate::storage::Storage;
+use std::sync::Arc;
+
+/// Where one piece of a planned read comes from (see [`BlockDevice::plan_read`]).
+#[derive(Clone)]
+pub enum Source {
+    /// Bytes of a file from `offset` on, readable as they are (bytes past the file's end read as zeros).
+    File {
+        /// The file.
+        storage: Arc<dyn Storage>,
+        /// Offset of the piece's first byte in the file.
+        offset: u64,
+    },
+    /// Zeros.
+    Zero,
+    /// Bytes that only [`BlockDevice::read_at`] can produce (compressed data, memory storage): read them from
+    /// the device at `offset`.
+    Read {
+        /// Device offset of the piece's first byte.
+        offset: u64,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File { offset, .. } => write!(f, "File@{offset}"),
+            Source::Zero => f.write_str("Zero"),
+            Source::Read { offset } => write!(f, "Read@{offset}"),
+        }
+    }
+}
+
+/// A run of a planned read.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// Where the bytes come from.
+    pub source: Source,
+}
+
+/// Appends `len` bytes from `source` to a plan, merging with the last piece where they continue it.
+pub fn push_piece(out: &mut Vec<Piece>, len: u64, source: Source) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        let merged = match (&last.source, &source) {
+            (Source::Zero, Source::Zero) => true,
+            (Source::File { storage: a, offset: x }, Source::File { storage: b, offset: y }) => {
+                Arc::ptr_eq(a, b) && x.checked_add(last.len) == Some(*y)
+            }
+            (Source::Read { offset: x }, Source::Read { offset: y }) => x.checked_add(last.len) == Some(*y),
+            _ => false,
+        };
+        if merged {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Piece { len, source });
+}
 
 /// The status of a run of guest bytes, with qemu's meaning of each flag (qemu's `BDRV_BLOCK_*` as
 /// `qemu-img map` prints them).
@@ -34,6 +97,13 @@ pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset`; the range must lie inside the device.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Plans a read of `len` bytes at `offset` (inside the device) without reading any data: appends to `out`
+    /// the pieces that make up the range, in order, so that a server can send file bytes straight from the
+    /// page cache (`sendfile`). The plan is what [`BlockDevice::read_at`] would read at this moment.
+    fn plan_read(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
+        push_piece(out, len, Source::Read { offset });
+        Ok(())
+    }
     /// The status of the run starting at `offset`, at most `len` bytes (`offset` inside the device).
     fn block_status(&self, offset: u64, len: u64) -> Result<Status>;
     /// Whether writes are refused.

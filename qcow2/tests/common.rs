@@ -119,8 +119,43 @@ pub fn assert_convert_equal(img: &Path, dir: &Path) {
     std::fs::remove_file(&b).ok();
 }
 
-/// All three comparisons.
+/// A planned read (what the NBD server sends with `sendfile`) carried out piece by piece gives exactly the
+/// bytes `read_at` gives, for reads of several sizes at aligned and odd offsets.
+pub fn assert_plan_equal(img: &Path) {
+    use qcow2::{BlockDevice, Source};
+    let image = qcow2::Image::open(p(img), &qcow2::OpenOptions::default()).unwrap();
+    let size = image.size();
+    let limit = size.min(64 << 20);
+    for (step, len) in [(1u64 << 20, 1u64 << 20), (300_001, 200_003), (65536 * 3 + 512, 4096), (7 << 20, 5 << 20)] {
+        let mut off = 0u64;
+        while off < limit {
+            let n = len.min(size - off);
+            let mut want = vec![0u8; n as usize];
+            image.read_at(&mut want, off).unwrap();
+            let mut plan = Vec::new();
+            image.plan_read(off, n, &mut plan).unwrap();
+            let mut got = Vec::with_capacity(n as usize);
+            for piece in &plan {
+                let mut b = vec![0u8; piece.len as usize];
+                match &piece.source {
+                    Source::File { storage, offset } => storage.read_at(&mut b, *offset).unwrap(),
+                    Source::Zero => {}
+                    Source::Read { offset } => image.read_at(&mut b, *offset).unwrap(),
+                }
+                got.extend_from_slice(&b);
+            }
+            assert_eq!(got.len(), want.len(), "plan of {}+{n} in {} covers the range", off, img.display());
+            if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+                panic!("plan of {off}+{n} in {} differs from read_at at byte {i}: {plan:?}", img.display());
+            }
+            off += step;
+        }
+    }
+}
+
+/// All comparisons.
 pub fn assert_all_equal(img: &Path, dir: &Path) {
+    assert_plan_equal(img);
     assert_map_equal(img);
     assert_info_equal(img, &[]);
     assert_convert_equal(img, dir);
