@@ -6,6 +6,7 @@ use crate::negotiate::{Negotiation, Step, TlsPolicy};
 use crate::proto::option::{self, OPTION_HEADER_LEN};
 use crate::proto::MAX_OPTION_LEN;
 use crate::transmission;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,8 +55,9 @@ impl Server {
         Arc::new(Server { config, active: AtomicUsize::new(0), served: AtomicUsize::new(0), idle: Notify::new() })
     }
 
-    /// Runs the whole connection: handshake (with STARTTLS when configured), then transmission.
-    pub async fn serve_connection<S>(self: &Arc<Self>, mut stream: S) -> std::io::Result<()>
+    /// Runs the whole connection: handshake (with STARTTLS when configured), then transmission. `splice` is a
+    /// duplicate of the stream's socket, for sending large reads with `sendfile` when no TLS is in the way.
+    pub async fn serve_connection<S>(self: &Arc<Self>, mut stream: S, splice: Option<OwnedFd>) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -74,7 +76,7 @@ impl Server {
             Err(_) => return timed_out(),
         };
         match tokio::time::timeout_at(deadline, negotiate(&mut stream, neg, exports)).await {
-            Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t).await,
+            Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t, splice).await,
             Ok(Ok(Ended::Closed)) => Ok(()),
             Ok(Ok(Ended::StartTls(mut neg))) => {
                 let Some(tls) = &self.config.tls else {
@@ -101,7 +103,7 @@ impl Server {
                 }
                 neg.tls_started();
                 match tokio::time::timeout_at(deadline, negotiate(&mut s, neg, exports)).await {
-                    Ok(Ok(Ended::Transmit(t))) => self.transmit(s, t).await,
+                    Ok(Ok(Ended::Transmit(t))) => self.transmit(s, t, None).await,
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e),
                     Err(_) => timed_out(),
@@ -112,7 +114,12 @@ impl Server {
         }
     }
 
-    async fn transmit<S>(self: &Arc<Self>, stream: S, t: crate::negotiate::Transmit) -> std::io::Result<()>
+    async fn transmit<S>(
+        self: &Arc<Self>,
+        stream: S,
+        t: crate::negotiate::Transmit,
+        splice: Option<OwnedFd>,
+    ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -129,7 +136,7 @@ impl Server {
             }
         }
         let (rd, wr) = tokio::io::split(stream);
-        transmission::run(rd, wr, t, export).await
+        transmission::run_spliced(rd, wr, t, export, splice.and_then(transmission::Splice::new)).await
     }
 
     /// Accepts clients on every listener until shutdown (or, unless persistent, until the last client leaves).
@@ -174,7 +181,8 @@ impl Server {
             let r: std::io::Result<()> = match &l {
                 Listener::Unix(u, _) => match u.accept().await {
                     Ok((s, _)) => {
-                        self.clone().spawn_client(s);
+                        let fd = s.as_fd().try_clone_to_owned().ok();
+                        self.clone().spawn_client(s, fd);
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -183,7 +191,8 @@ impl Server {
                     Ok((s, peer)) => {
                         if crate::acl::allowed(&self.config.allow, peer.ip()) {
                             let _ = s.set_nodelay(true);
-                            self.clone().spawn_client(s);
+                            let fd = s.as_fd().try_clone_to_owned().ok();
+                            self.clone().spawn_client(s, fd);
                         } else {
                             // Closed before the greeting: a stranger learns nothing.
                             tracing::info!("connection from {peer} refused: not in --allow");
@@ -195,7 +204,7 @@ impl Server {
                 },
                 Listener::Vsock(v) => match v.accept().await {
                     Ok((s, _)) => {
-                        self.clone().spawn_client(s);
+                        self.clone().spawn_client(s, None);
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -208,7 +217,7 @@ impl Server {
         }
     }
 
-    fn spawn_client<S>(self: Arc<Self>, s: S)
+    fn spawn_client<S>(self: Arc<Self>, s: S, splice: Option<OwnedFd>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -231,7 +240,7 @@ impl Server {
         }
         tokio::spawn(async move {
             let slot = Slot(self);
-            if let Err(e) = slot.0.serve_connection(s).await {
+            if let Err(e) = slot.0.serve_connection(s, splice).await {
                 tracing::debug!("connection ended: {e}");
             }
         });
@@ -239,8 +248,13 @@ impl Server {
 }
 
 /// Serves a connection whose handshake happened elsewhere: a socket handed to the kernel's NBD client
-/// (`qnbd -c`), which speaks the transmission phase with simple replies only.
-pub async fn serve_kernel<S>(stream: S, export: Arc<crate::export::Export>) -> std::io::Result<()>
+/// (`qnbd -c`), which speaks the transmission phase with simple replies only. `splice` is a duplicate of the
+/// socket, for `sendfile`.
+pub async fn serve_kernel<S>(
+    stream: S,
+    export: Arc<crate::export::Export>,
+    splice: Option<OwnedFd>,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -250,7 +264,7 @@ where
         style: crate::proto::reply::Style::Simple,
         contexts: Vec::new(),
     };
-    transmission::run(rd, wr, t, export).await
+    transmission::run_spliced(rd, wr, t, export, splice.and_then(transmission::Splice::new)).await
 }
 
 /// How option haggling ended.

@@ -5,6 +5,9 @@
 //! served from the page cache, block status) run right in the reading task: no thread hop, no context switch.
 //! FLUSH, FUA and TRIM run on the blocking pool, and so does everything for a while after a request ran
 //! slowly inline (the image is not in the page cache: the disk's latency is better spent in parallel).
+//! Large reads on a plain (not TLS) socket are planned, not read: the reply names the file ranges that hold the
+//! data and the writing task `sendfile`s them from the page cache into the socket, so the server copies no
+//! guest data at all (the kernel passes page references to a unix or TCP socket).
 //! Memory is bounded whatever the client sends: at
 //! most [`MAX_IN_FLIGHT`] requests and [`MAX_BUFFERED`] payload bytes are held at once, and payloads over
 //! [`MAX_PAYLOAD`] are never buffered.
@@ -14,11 +17,15 @@ use crate::negotiate::{Context, Transmit};
 use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
 use crate::proto::*;
+use qcow2::storage::Storage;
 use qcow2::util::is_zero;
-use qcow2::ErrorKind;
+use qcow2::{ErrorKind, Source};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Most requests of one connection in flight at once.
@@ -34,11 +41,19 @@ pub const MAX_DISCARD: u64 = 1 << 32;
 /// A request handled inline that takes longer than this (plus 1 ns per byte moved) switches the connection
 /// to the blocking pool for [`OFFLOAD_RUN`] requests.
 const SLOW: Duration = Duration::from_micros(500);
-/// Requests sent to the blocking pool after a slow inline one.
+/// Requests sent to the blocking pool after slow inline ones.
 const OFFLOAD_RUN: u32 = 512;
+/// Slow requests in a row that start an offload run.
+const SLOW_IN_A_ROW: u32 = 3;
 
 /// Largest READ or WRITE run inline: bigger ones may hold a runtime worker for long on a cold disk.
 const INLINE_MAX: u64 = 128 << 10;
+
+/// Smallest READ sent with `sendfile`: below this a copy costs less than the extra system calls, and small
+/// replies are better gathered into one write.
+const SPLICE_MIN: u64 = 64 << 10;
+/// Most pieces one spliced reply may have (a fragmented image falls back to reading into a buffer).
+const SPLICE_MAX_PIECES: usize = 256;
 
 /// Whether a request may block for long whatever the cache holds: durability, deallocation, zeroing and block
 /// status of ranges of any size, large transfers.
@@ -86,6 +101,94 @@ struct Conn {
     style: Style,
     contexts: Vec<Context>,
     pool: Pool,
+    /// Requests still to send to the blocking pool after some were slow (the image is not in the page cache).
+    offload: AtomicU32,
+    /// Slow requests in a row.
+    slow: AtomicU32,
+    /// Whether large reads go out with `sendfile` (a plain socket).
+    splice: bool,
+}
+
+impl Conn {
+    /// Notes that a request took `took` to move `bytes` bytes: after [`SLOW_IN_A_ROW`] slow ones the next
+    /// requests run on the blocking pool, in parallel, instead of inline. (One slow request proves nothing on
+    /// a busy machine: the thread may just have been preempted.)
+    fn note_time(&self, took: Duration, bytes: u64) {
+        if took <= SLOW + Duration::from_nanos(bytes) {
+            self.slow.store(0, Ordering::Relaxed);
+        } else if self.slow.fetch_add(1, Ordering::Relaxed) + 1 >= SLOW_IN_A_ROW {
+            self.slow.store(0, Ordering::Relaxed);
+            self.offload.store(OFFLOAD_RUN, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the next request should run on the blocking pool (counting it down).
+    fn offloading(&self) -> bool {
+        self.offload.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+/// A reply on its way to the writing task.
+enum Out {
+    /// The whole reply.
+    Bytes(Vec<u8>),
+    /// Headers, zeros and file ranges, in order (only on connections that splice).
+    Parts(Vec<Part>),
+}
+
+/// A piece of a spliced reply.
+enum Part {
+    Bytes(Vec<u8>),
+    Zero(u64),
+    File { storage: Arc<dyn Storage>, offset: u64, len: u64 },
+}
+
+/// The socket of a plain connection, for `sendfile` (a duplicate descriptor, registered for writability on
+/// its own).
+pub struct Splice(AsyncFd<OwnedFd>);
+
+impl Splice {
+    /// Wraps a duplicate of the connection's socket; `None` if it cannot be registered.
+    pub fn new(fd: OwnedFd) -> Option<Splice> {
+        // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, as the same descriptor, until the
+        // `AsyncFd` that owns it is dropped.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok().map(Splice)
+    }
+
+    /// Sends up to `len` bytes of file `file` from `offset`; returns how many went out (fewer at the end of
+    /// the file) and the time spent in the system calls (reading the file; not waiting for the client).
+    /// Errors are the socket's or the file's.
+    async fn sendfile(&self, file: i32, mut offset: u64, len: u64) -> std::io::Result<(u64, Duration)> {
+        let mut sent = 0u64;
+        let mut busy = Duration::ZERO;
+        while sent < len {
+            let mut ready = self.0.writable().await?;
+            let want = (len - sent).min(1 << 30) as usize;
+            let r = ready.try_io(|s| {
+                let mut off = libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
+                let t0 = Instant::now();
+                // SAFETY: sendfile reads the file and writes the socket, both descriptors open for the call's
+                // duration; `off` is a valid local that the kernel updates.
+                let n = unsafe { libc::sendfile(s.get_ref().as_raw_fd(), file, &mut off, want) };
+                busy += t0.elapsed();
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as u64)
+                }
+            });
+            match r {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    sent += n;
+                    offset += n;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok((sent, busy))
+    }
 }
 
 /// Buffers kept for reuse per connection.
@@ -130,19 +233,39 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    run_spliced(rd, wr, t, export, None).await
+}
+
+/// [`run`], with the plain socket under `wr` for sending large reads with `sendfile` (`None` under TLS).
+pub async fn run_spliced<R, W>(
+    rd: R,
+    wr: W,
+    t: Transmit,
+    export: Arc<Export>,
+    splice: Option<Splice>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
-    let mut offload_left = 0u32;
-    let conn = Arc::new(Conn { export, style: t.style, contexts: t.contexts, pool: Pool(Default::default()) });
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    let conn = Arc::new(Conn {
+        export,
+        style: t.style,
+        contexts: t.contexts,
+        pool: Pool(Default::default()),
+        offload: AtomicU32::new(0),
+        slow: AtomicU32::new(0),
+        splice: splice.is_some(),
+    });
+    let (tx, mut rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-        while let Some(b) = rx.recv().await {
-            w.write_all(&b).await?;
-            wconn.pool.put(b);
-            while let Ok(b) = rx.try_recv() {
-                w.write_all(&b).await?;
-                wconn.pool.put(b);
+        while let Some(o) = rx.recv().await {
+            send(&wconn, &mut w, splice.as_ref(), o).await?;
+            while let Ok(o) = rx.try_recv() {
+                send(&wconn, &mut w, splice.as_ref(), o).await?;
             }
             w.flush().await?;
         }
@@ -199,7 +322,7 @@ where
             early = Some((NBD_EINVAL, "unsupported flags for this command"));
         }
         if let Some((e, msg)) = early {
-            if tx.send(reply::done(conn.style, req.cookie, req.offset, e, msg)).await.is_err() {
+            if tx.send(Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg))).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -212,14 +335,28 @@ where
         let Ok(mem) = memory.clone().acquire_many_owned(units).await else {
             break Ok(());
         };
-        if offload_left == 0 && !always_offload(&req) {
+        // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
+        if conn.splice
+            && req.kind == NBD_CMD_READ
+            && req.length >= SPLICE_MIN
+            && conn.offload.load(Ordering::Relaxed) == 0
+        {
+            if let Some(parts) = spliced_read(&conn, &req) {
+                let sent = tx.send(Out::Parts(parts)).await;
+                drop(mem);
+                drop(slot);
+                if sent.is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+        }
+        if !always_offload(&req) && !conn.offloading() {
             let t0 = Instant::now();
             let moved = req.length.min(MAX_PAYLOAD);
             let bytes = handle(&conn, req, payload);
-            if t0.elapsed() > SLOW + Duration::from_nanos(moved) {
-                offload_left = OFFLOAD_RUN;
-            }
-            let sent = tx.send(bytes).await;
+            conn.note_time(t0.elapsed(), moved);
+            let sent = tx.send(Out::Bytes(bytes)).await;
             drop(mem);
             drop(slot);
             if sent.is_err() {
@@ -227,13 +364,12 @@ where
             }
             continue;
         }
-        offload_left = offload_left.saturating_sub(1);
         let conn = conn.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
             if let Ok(bytes) = r {
-                let _ = tx.send(bytes).await;
+                let _ = tx.send(Out::Bytes(bytes)).await;
             }
             drop(mem);
             drop(slot);
@@ -248,6 +384,116 @@ where
         let _ = tokio::task::spawn_blocking(move || dev.flush()).await;
     }
     result.and(w)
+}
+
+/// Zeros to send from.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Writes one reply: spliced parts go out with `sendfile` after everything buffered before them.
+async fn send<W: AsyncWrite + Unpin>(
+    c: &Conn,
+    w: &mut tokio::io::BufWriter<W>,
+    splice: Option<&Splice>,
+    o: Out,
+) -> std::io::Result<()> {
+    let parts = match o {
+        Out::Bytes(b) => {
+            w.write_all(&b).await?;
+            c.pool.put(b);
+            return Ok(());
+        }
+        Out::Parts(p) => p,
+    };
+    for p in parts {
+        match p {
+            Part::Bytes(b) => w.write_all(&b).await?,
+            Part::Zero(mut n) => {
+                while n > 0 {
+                    let k = n.min(ZEROS.len() as u64) as usize;
+                    w.write_all(&ZEROS[..k]).await?;
+                    n -= k as u64;
+                }
+            }
+            Part::File { storage, offset, len } => {
+                w.flush().await?;
+                let sent = match (splice, storage.raw_fd()) {
+                    (Some(s), Some(fd)) => match s.sendfile(fd, offset, len).await {
+                        Ok((n, busy)) => {
+                            c.note_time(busy, n);
+                            n
+                        }
+                        // A file sendfile cannot read (some file systems): copy it instead.
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => 0,
+                        Err(e) => return Err(e),
+                    },
+                    _ => 0,
+                };
+                if sent < len {
+                    // The rest (past the end of the file it reads as zeros): through a buffer. The header is
+                    // out already, so a failure here can only end the connection.
+                    let mut b = c.pool.sized((len - sent) as usize);
+                    storage.read_at(&mut b, offset + sent).map_err(|e| std::io::Error::other(e.to_string()))?;
+                    w.write_all(&b).await?;
+                    c.pool.put(b);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reply to a READ as parts for [`send`], from the device's read plan; `None` when the request should be
+/// served the ordinary way (an error to report, pieces only `read_at` can produce, a fragmented range).
+fn spliced_read(c: &Conn, req: &Request) -> Option<Vec<Part>> {
+    let dev = &c.export.device;
+    let end = req.offset.checked_add(req.length)?;
+    if end > dev.size() || req.length > MAX_PAYLOAD {
+        return None;
+    }
+    let mut plan = Vec::new();
+    dev.plan_read(req.offset, req.length, &mut plan).ok()?;
+    if plan.len() > SPLICE_MAX_PIECES || plan.iter().any(|p| matches!(p.source, Source::Read { .. })) {
+        return None;
+    }
+    let data = |src: Source, len: u64| match src {
+        Source::File { storage, offset } => Part::File { storage, offset, len },
+        _ => Part::Zero(len),
+    };
+    let style = c.style;
+    let mut parts = Vec::with_capacity(plan.len() + 1);
+    let df = req.flags & NBD_CMD_FLAG_DF != 0;
+    let holes = plan.iter().any(|p| matches!(p.source, Source::Zero));
+    if style == Style::Simple || df || !holes {
+        let mut h = Vec::with_capacity(40);
+        if style == Style::Simple {
+            h.extend_from_slice(&reply::simple(req.cookie, 0));
+        } else {
+            reply::data_header(&mut h, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
+        }
+        parts.push(Part::Bytes(h));
+        parts.extend(plan.into_iter().map(|p| data(p.source, p.len)));
+        return Some(parts);
+    }
+    // Holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks; the last chunk carries DONE.
+    let mut pos = req.offset;
+    let count = plan.len();
+    for (i, p) in plan.into_iter().enumerate() {
+        let flags = if i + 1 == count { NBD_REPLY_FLAG_DONE } else { 0 };
+        let mut h = Vec::with_capacity(40);
+        match p.source {
+            Source::Zero => {
+                reply::hole(&mut h, style, flags, req.cookie, req.offset, pos, u32::try_from(p.len).ok()?);
+                parts.push(Part::Bytes(h));
+            }
+            src => {
+                reply::data_header(&mut h, style, flags, req.cookie, req.offset, pos, p.len);
+                parts.push(Part::Bytes(h));
+                parts.push(data(src, p.len));
+            }
+        }
+        pos += p.len;
+    }
+    Some(parts)
 }
 
 async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {

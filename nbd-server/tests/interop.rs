@@ -247,3 +247,78 @@ fn qemu_client_with_extended_headers() {
         ok("qemu-img", &["map", "--output=json", &theirs.uri])
     );
 }
+
+/// Large reads go out with `sendfile` straight from the image files: through compressed clusters (read the
+/// ordinary way), zero clusters, copy-on-write clusters and past the end of a shorter backing file, every
+/// client reads exactly what qemu-img reads, with simple replies, structured replies (holes as chunks, or
+/// one chunk with DF) and extended-header-less nbdcopy, over unix sockets and TCP.
+#[test]
+fn large_reads_sent_from_the_page_cache_read_like_qemu() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    ok("qemu-img", &["create", "-q", "-f", "raw", &p("src.raw"), "4M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 3M", "-c", "write -P 0x34 3146240 1000", &p("src.raw")]);
+    ok("qemu-img", &["convert", "-q", "-c", "-O", "qcow2", &p("src.raw"), &p("comp.qcow2")]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "comp.qcow2", "-F", "qcow2", &p("top.qcow2"), "8M"]);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x44 1M 512k",
+            "-c",
+            "write -z 2M 256k",
+            "-c",
+            "write -P 0x55 5M 100k",
+            "-c",
+            "write -P 0x66 3100k 8k",
+            &p("top.qcow2"),
+        ],
+    );
+    ok("qemu-img", &["convert", "-O", "raw", &p("top.qcow2"), &p("want.raw")]);
+    let want = std::fs::read(p("want.raw")).unwrap();
+    for tcp in [false, true] {
+        let s = serve(QNBD, d.path(), "q", &["-r", "-t", "-e", "4", &p("top.qcow2")], tcp);
+        for (i, tool) in ["nbdcopy", "qemu-img"].iter().enumerate() {
+            let out = p(&format!("got{i}.raw"));
+            let _ = std::fs::remove_file(&out);
+            if *tool == "nbdcopy" {
+                ok("nbdcopy", &[&s.uri, &out]);
+            } else {
+                ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &s.uri, &out]);
+            }
+            assert!(std::fs::read(&out).unwrap() == want, "{tool} over {} read other bytes than qemu-img", s.uri);
+        }
+        // libnbd, request by request: 1 MiB and odd-sized reads at odd offsets, with each reply style.
+        let script = format!(
+            r#"
+import nbd
+want = open("{want}", "rb").read()
+for structured, flags in ((False, 0), (True, 0), (True, nbd.CMD_FLAG_DF)):
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.connect_uri("{uri}")
+    assert h.get_structured_replies_negotiated() == structured
+    for off, n in ((0, 8 << 20), (100, 1 << 20), (3 << 20, 1 << 20), (65536 * 3 + 7, 300001), ((8 << 20) - 70000, 70000)):
+        if flags:
+            # DF: the whole range in one data chunk.
+            chunks = []
+            buf = bytearray(n)
+            def chunk(data, o, status, err):
+                chunks.append(status)
+                buf[o - off:o - off + len(data)] = data
+                return 0
+            h.pread_structured(n, off, chunk, flags=flags)
+            assert chunks == [nbd.READ_DATA], chunks
+            got = bytes(buf)
+        else:
+            got = h.pread(n, off)
+        assert got == want[off:off + n], (structured, flags, off, n)
+    h.shutdown()
+print("ok")
+"#,
+            want = p("want.raw"),
+            uri = s.uri
+        );
+        assert_eq!(ok("/usr/bin/python3", &["-c", &script]).trim(), "ok");
+    }
+}

@@ -6,6 +6,7 @@ use nbd_server::negotiate::TlsPolicy;
 use nbd_server::server::{Listener, Server, ServerConfig};
 use nbd_server::tls;
 use qcow2::{Format, Image, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::io::FromRawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -785,7 +786,8 @@ fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return ready.fail(format!("socketpair: {e}")),
             };
-            tasks.push(rt.spawn(nbd_server::server::serve_kernel(s, export.clone())));
+            let fd = s.as_fd().try_clone_to_owned().ok();
+            tasks.push(rt.spawn(nbd_server::server::serve_kernel(s, export.clone(), fd)));
             kernel_ends.push(k);
         }
     }
