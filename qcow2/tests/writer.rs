@@ -164,9 +164,18 @@ fn extended_l2_allocates_only_touched_subclusters() {
         ],
     );
     {
+        use std::os::unix::fs::MetadataExt;
         let dev = Image::open(p(&img2), &OpenOptions { writable: true, ..Default::default() }).unwrap();
         dev.write_at(&[1u8; 4096], 128 * 1024 + 4096, false).unwrap();
+        dev.flush().unwrap();
+        // A second fresh cluster under the same L2 table: only its touched subcluster reaches the disk.
+        let before = std::fs::metadata(&img2).unwrap().blocks() * 512;
+        dev.write_at(&[2u8; 4096], 1 << 20, false).unwrap();
+        dev.flush().unwrap();
+        let grew = std::fs::metadata(&img2).unwrap().blocks() * 512 - before;
+        assert!(grew <= 16 << 10, "a 4 KiB write into a fresh cluster took {grew} bytes of disk");
     }
+    ok("qemu-io", &["-c", "read -P 2 1M 4k", "-c", "read -P 0x5a 1052672 126976", p(&img2)]);
     let map = ok("qemu-img", &["map", "--output=json", p(&img2)]);
     assert!(
         map.contains(

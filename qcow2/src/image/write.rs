@@ -380,14 +380,24 @@ impl Qcow2 {
         let target = if in_place { s.host.unwrap_or(0) } else { self.alloc_data(st, pos)? };
         let ss = 1u64 << self.sc_bits;
         let nsub = self.subclusters();
-        // The range rebuilt: touched subclusters in place; the whole cluster when moving.
-        let (r0, r1) = if in_place {
-            let s0 = u64::from(touched.trailing_zeros());
-            let s1 = 32 - u64::from(touched.leading_zeros());
-            let s1 = if nsub == 1 { 1 } else { s1 };
+        // The range rebuilt: touched subclusters in place; when moving, the touched subclusters and those that
+        // hold data. Untouched unallocated subclusters of a new cluster are never read, so (as qemu does) they
+        // are not written: a first 4 KiB write into an extended-L2 overlay writes 4 KiB, not a cluster.
+        let span = |bits: u32| {
+            let s0 = u64::from(bits.trailing_zeros());
+            let s1 = 32 - u64::from(bits.leading_zeros());
             (s0 * ss, s1 * ss)
+        };
+        let (r0, r1) = if nsub == 1 || s.compressed.is_some() {
+            if in_place {
+                (0, ss)
+            } else {
+                (0, cs)
+            }
+        } else if in_place {
+            span(touched)
         } else {
-            (0, cs)
+            span(touched | s.alloc)
         };
         let mut out = vec![0u8; (r1 - r0) as usize];
         let mut decompressed: Option<Vec<u8>> = None;
