@@ -1,10 +1,11 @@
 //! Opens any byte string as an in-memory qcow2 image over an in-memory raw backing file, walks its block
-//! status and reads ranges chosen by the input: no panic, no hang, bounded memory.
+//! status and reads ranges chosen by the input: no panic, no hang, bounded memory. Each read is also planned
+//! (what the server sends with sendfile): a plan covers the range exactly and carries the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use qcow2::image::{Qcow2, Qcow2Options};
 use qcow2::storage::{MemStorage, Storage};
-use qcow2::{BlockDevice, Image, Layer};
+use qcow2::{BlockDevice, Image, Layer, Source};
 use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
@@ -41,6 +42,29 @@ fuzz_target!(|data: &[u8]| {
         }
         let off = (u64::from(w[0]) << 8 | u64::from(*w.get(1).unwrap_or(&0))) * 4099 % size;
         let len = (size - off).min(buf.len() as u64) as usize;
-        let _ = image.read_at(&mut buf[..len], off);
+        let read = image.read_at(&mut buf[..len], off);
+        let mut plan = Vec::new();
+        if image.plan_read(off, len as u64, &mut plan).is_err() {
+            continue;
+        }
+        assert_eq!(plan.iter().map(|p| p.len).sum::<u64>(), len as u64, "a plan covers its range");
+        if read.is_err() {
+            continue;
+        }
+        let mut at = 0usize;
+        let mut piece = Vec::new();
+        for p in &plan {
+            piece.clear();
+            piece.resize(p.len as usize, 0);
+            let ok = match &p.source {
+                Source::Zero => true,
+                Source::Read { offset } => image.read_at(&mut piece, *offset).is_ok(),
+                Source::File { storage, offset } => storage.read_at(&mut piece, *offset).is_ok(),
+            };
+            if ok {
+                assert!(piece[..] == buf[at..at + p.len as usize], "a plan reads what read_at reads");
+            }
+            at += p.len as usize;
+        }
     }
 });
