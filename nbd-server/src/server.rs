@@ -79,6 +79,8 @@ impl Server {
             Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t, splice).await,
             Ok(Ok(Ended::Closed)) => Ok(()),
             Ok(Ok(Ended::StartTls(mut neg))) => {
+                // TLS owns the socket from here: nothing is sent around it.
+                drop(splice);
                 let Some(tls) = &self.config.tls else {
                     return Ok(());
                 };
