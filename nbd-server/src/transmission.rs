@@ -52,6 +52,9 @@ const INLINE_MAX: u64 = 128 << 10;
 /// Smallest READ sent with `sendfile`: below this a copy costs less than the extra system calls, and small
 /// replies are better gathered into one write.
 const SPLICE_MIN: u64 = 64 << 10;
+/// Largest READ sent with `sendfile`: the writing task runs on a runtime worker, and on a cold page cache a
+/// larger read would hold it for long (larger reads go to the blocking pool).
+const SPLICE_MAX: u64 = 4 << 20;
 /// Most pieces one spliced reply may have (a fragmented image falls back to reading into a buffer).
 const SPLICE_MAX_PIECES: usize = 256;
 
@@ -148,6 +151,12 @@ enum Part {
 pub struct Splice(AsyncFd<OwnedFd>);
 
 impl Splice {
+    /// Shuts the socket down both ways.
+    fn shutdown(&self) {
+        // SAFETY: shutdown on a descriptor this value owns; no memory is passed.
+        unsafe { libc::shutdown(self.0.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
     /// Wraps a duplicate of the connection's socket; `None` if it cannot be registered.
     pub fn new(fd: OwnedFd) -> Option<Splice> {
         // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, as the same descriptor, until the
@@ -156,8 +165,9 @@ impl Splice {
     }
 
     /// Sends up to `len` bytes of file `file` from `offset`; returns how many went out (fewer at the end of
-    /// the file) and the time spent in the system calls (reading the file; not waiting for the client).
-    /// Errors are the socket's or the file's.
+    /// the file, or where the file cannot be spliced: the caller sends the rest another way) and the time
+    /// spent in the system calls (reading the file; not waiting for the client). Errors are the socket's or
+    /// the file's.
     async fn sendfile(&self, file: i32, mut offset: u64, len: u64) -> std::io::Result<(u64, Duration)> {
         let mut sent = 0u64;
         let mut busy = Duration::ZERO;
@@ -183,6 +193,8 @@ impl Splice {
                     sent += n;
                     offset += n;
                 }
+                // A file sendfile cannot read (some file systems).
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => break,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -262,15 +274,26 @@ where
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-        while let Some(o) = rx.recv().await {
-            send(&wconn, &mut w, splice.as_ref(), o).await?;
-            while let Ok(o) = rx.try_recv() {
+        let r = async {
+            while let Some(o) = rx.recv().await {
                 send(&wconn, &mut w, splice.as_ref(), o).await?;
+                while let Ok(o) = rx.try_recv() {
+                    send(&wconn, &mut w, splice.as_ref(), o).await?;
+                }
+                w.flush().await?;
             }
-            w.flush().await?;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        if r.is_err() {
+            // A reply broke off (its header may be out already): end the connection both ways, so that neither
+            // the client nor the reading task waits for bytes that never come.
+            if let Some(s) = &splice {
+                s.shutdown();
+            }
         }
         w.shutdown().await.ok();
-        Ok::<(), std::io::Error>(())
+        r
     });
     let inflight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let memory = Arc::new(Semaphore::new(MAX_BUFFERED >> 10));
@@ -338,7 +361,7 @@ where
         // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
         if conn.splice
             && req.kind == NBD_CMD_READ
-            && req.length >= SPLICE_MIN
+            && (SPLICE_MIN..=SPLICE_MAX).contains(&req.length)
             && conn.offload.load(Ordering::Relaxed) == 0
         {
             if let Some(parts) = spliced_read(&conn, &req) {
@@ -417,15 +440,11 @@ async fn send<W: AsyncWrite + Unpin>(
             Part::File { storage, offset, len } => {
                 w.flush().await?;
                 let sent = match (splice, storage.raw_fd()) {
-                    (Some(s), Some(fd)) => match s.sendfile(fd, offset, len).await {
-                        Ok((n, busy)) => {
-                            c.note_time(busy, n);
-                            n
-                        }
-                        // A file sendfile cannot read (some file systems): copy it instead.
-                        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => 0,
-                        Err(e) => return Err(e),
-                    },
+                    (Some(s), Some(fd)) => {
+                        let (n, busy) = s.sendfile(fd, offset, len).await?;
+                        c.note_time(busy, n);
+                        n
+                    }
                     _ => 0,
                 };
                 if sent < len {

@@ -101,6 +101,9 @@ pub struct L2Cache {
     inner: Mutex<Inner>,
     id: u64,
     epoch: AtomicU64,
+    /// Counts changes to tables and to the L1 table (not evictions): a table read from disk is cached only if
+    /// none happened during the read.
+    generation: AtomicU64,
     /// Sequence count of in-place changes: odd while one is in progress (changes run under `inner`).
     seq: AtomicU64,
 }
@@ -155,6 +158,7 @@ impl L2Cache {
             inner: Mutex::new(Inner { lru: LruCache::with_hasher(cap, Fast::default()), pinned: HashMap::default() }),
             id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             seq: AtomicU64::new(0),
         }
     }
@@ -169,9 +173,19 @@ impl L2Cache {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Invalidates every thread's remembered table: call after any L1 change (table replacements and
-    /// evictions call it here).
+    /// The current generation; read it before reading a table from disk (see [`L2Cache::put`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Call after any L1 change: counts a change and invalidates every thread's remembered table.
     pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.forget_hot();
+    }
+
+    /// Invalidates every thread's remembered table (evictions and replaced tables).
+    fn forget_hot(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -259,19 +273,27 @@ impl L2Cache {
         g.lru.get(&off).cloned()
     }
 
-    /// Caches a clean `table` read from disk at host offset `off` when the epoch was `epoch` before the read,
-    /// unless a copy is already cached (that copy may be newer than what the disk held when this one was
-    /// read) or the epoch moved meanwhile (a table changed, written and evicted during the read would
-    /// otherwise come back old).
-    pub fn put(&self, off: u64, table: L2Table, epoch: u64) {
+    /// Caches a clean `table` read from disk at host offset `off` when the generation was `generation` before
+    /// the read, and returns the table to use: the cached copy if there is one already (it may be newer than
+    /// what the disk held when this one was read, and it is the one changes go to). If anything changed during
+    /// the read (a table changed, written and evicted meanwhile would otherwise come back old), `table` is
+    /// returned uncached, and remembered tables are forgotten so that no thread keeps using it.
+    pub fn put(&self, off: u64, table: L2Table, generation: u64) -> L2Table {
         let mut g = self.lock();
-        if self.epoch() == epoch
-            && !g.pinned.contains_key(&off)
-            && !g.lru.contains(&off)
-            && g.lru.push(off, table).is_some()
-        {
-            self.changed();
+        if let Some(t) = g.pinned.get(&off) {
+            return t.clone();
         }
+        if let Some(t) = g.lru.get(&off) {
+            return t.clone();
+        }
+        if self.generation() != generation {
+            self.forget_hot();
+            return table;
+        }
+        if g.lru.push(off, table.clone()).is_some() {
+            self.forget_hot();
+        }
+        table
     }
 
     /// Changes the cached table at `off` in place, under the cache lock, and pins it; returns false if the
@@ -288,6 +310,7 @@ impl L2Cache {
         fence(Ordering::Release);
         f(&t);
         self.seq.fetch_add(1, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         g.pinned.insert(off, t);
         true
     }
@@ -320,7 +343,7 @@ impl L2Cache {
             }
         }
         if evicted {
-            self.changed();
+            self.forget_hot();
         }
     }
 
@@ -342,7 +365,7 @@ mod tests {
         let off = 65536;
         let mut words = vec![0; 16];
         words[3] = !0;
-        cache.put(off, Arc::new(Table::new(words)), cache.epoch());
+        cache.put(off, Arc::new(Table::new(words)), cache.generation());
         let rounds = 200_000u64;
         let writer = {
             let cache = cache.clone();
@@ -387,13 +410,32 @@ mod tests {
     #[test]
     fn an_eviction_forgets_the_remembered_table() {
         let cache = L2Cache::new(1);
-        cache.put(65536, Arc::new(Table::new(vec![7; 8])), cache.epoch());
+        cache.put(65536, Arc::new(Table::new(vec![7; 8])), cache.generation());
         let t = cache.get(65536).expect("cached");
         cache.set_hot(cache.epoch(), 3, 65536, &t);
         assert_eq!(cache.with_hot(3, |t, e| (t.word(0), e)), Some((7, 65536)));
         assert_eq!(cache.with_hot(4, |t, _| t.word(0)), None, "another L1 index");
-        cache.put(2 * 65536, Arc::new(Table::new(vec![9; 8])), cache.epoch());
+        cache.put(2 * 65536, Arc::new(Table::new(vec![9; 8])), cache.generation());
         assert!(cache.get(65536).is_none(), "evicted");
         assert_eq!(cache.with_hot(3, |t, _| t.word(0)), None, "an evicted table is not used");
+    }
+
+    /// Two threads that read the same table from disk end up with the one cached copy: a private copy would
+    /// never see the writer's changes.
+    #[test]
+    fn a_table_read_twice_is_shared_and_a_stale_read_is_not_remembered() {
+        let cache = L2Cache::new(4);
+        let g = cache.generation();
+        let a = cache.put(65536, Arc::new(Table::new(vec![1; 8])), g);
+        let b = cache.put(65536, Arc::new(Table::new(vec![1; 8])), g);
+        assert!(Arc::ptr_eq(&a, &b), "the second reader gets the cached copy");
+        assert!(cache.modify(65536, |t| t.set(0, 5)));
+        assert_eq!(b.word(0), 5, "and sees the change");
+        // A read that began before a change is not cached, and no thread may keep it.
+        let epoch = cache.epoch();
+        let stale = cache.put(2 * 65536, Arc::new(Table::new(vec![0; 8])), g);
+        assert!(cache.get(2 * 65536).is_none());
+        cache.set_hot(epoch, 1, 2 * 65536, &stale);
+        assert_eq!(cache.with_hot(1, |t, _| t.word(0)), None);
     }
 }

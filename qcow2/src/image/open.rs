@@ -264,7 +264,7 @@ impl Qcow2 {
 
     /// Loads (through the cache) the L2 table at `off`, checking it lies inside the file.
     pub(crate) fn l2_table(&self, off: u64) -> Result<super::cache::L2Table> {
-        let epoch = self.l2_cache.epoch();
+        let generation = self.l2_cache.generation();
         if let Some(t) = self.l2_cache.get(off) {
             return Ok(t);
         }
@@ -283,7 +283,6 @@ impl Qcow2 {
         }
         let words = cs / 8;
         let t = std::sync::Arc::new(super::cache::Table::new(read_table(self.file.as_ref(), off, words)?));
-        self.l2_cache.put(off, t.clone(), epoch);
-        Ok(t)
+        Ok(self.l2_cache.put(off, t, generation))
     }
 }
