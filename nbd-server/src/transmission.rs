@@ -359,44 +359,42 @@ where
             break Ok(());
         };
         // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
-        if conn.splice
+        let splice = conn.splice
             && req.kind == NBD_CMD_READ
             && (SPLICE_MIN..=SPLICE_MAX).contains(&req.length)
-            && conn.offload.load(Ordering::Relaxed) == 0
-        {
-            if let Some(parts) = spliced_read(&conn, &req) {
-                let sent = tx.send(Out::Parts(parts)).await;
-                drop(mem);
-                drop(slot);
-                if sent.is_err() {
-                    break Ok(());
-                }
-                continue;
+            && conn.offload.load(Ordering::Relaxed) == 0;
+        // The permits go with the reply: released once it is queued for the writer.
+        let permits = (mem, slot);
+        let out = match splice.then(|| spliced_read(&conn, &req)).flatten() {
+            Some(parts) => Some((Out::Parts(parts), permits)),
+            None if !always_offload(&req) && !conn.offloading() => {
+                let t0 = Instant::now();
+                let moved = req.length.min(MAX_PAYLOAD);
+                let bytes = handle(&conn, req, payload);
+                conn.note_time(t0.elapsed(), moved);
+                Some((Out::Bytes(bytes), permits))
             }
-        }
-        if !always_offload(&req) && !conn.offloading() {
-            let t0 = Instant::now();
-            let moved = req.length.min(MAX_PAYLOAD);
-            let bytes = handle(&conn, req, payload);
-            conn.note_time(t0.elapsed(), moved);
-            let sent = tx.send(Out::Bytes(bytes)).await;
-            drop(mem);
-            drop(slot);
+            None => {
+                let conn = conn.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
+                    if let Ok(bytes) = r {
+                        let _ = tx.send(Out::Bytes(bytes)).await;
+                    }
+                    drop(permits);
+                });
+                None
+            }
+        };
+        if let Some((out, permits)) = out {
+            // Answered here: the reply goes out in order with the others.
+            let sent = tx.send(out).await;
+            drop(permits);
             if sent.is_err() {
                 break Ok(());
             }
-            continue;
         }
-        let conn = conn.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
-            if let Ok(bytes) = r {
-                let _ = tx.send(Out::Bytes(bytes)).await;
-            }
-            drop(mem);
-            drop(slot);
-        });
     };
     // DISC or EOF: let every request in flight finish and its reply go out (proto.md, NBD_CMD_DISC).
     let _ = inflight.acquire_many(MAX_IN_FLIGHT as u32).await;
