@@ -118,7 +118,10 @@ impl Conn {
     /// a busy machine: the thread may just have been preempted.)
     fn note_time(&self, took: Duration, bytes: u64) {
         if took <= SLOW + Duration::from_nanos(bytes) {
-            self.slow.store(0, Ordering::Relaxed);
+            // Read first: the common case writes nothing to the shared line.
+            if self.slow.load(Ordering::Relaxed) != 0 {
+                self.slow.store(0, Ordering::Relaxed);
+            }
         } else if self.slow.fetch_add(1, Ordering::Relaxed) + 1 >= SLOW_IN_A_ROW {
             self.slow.store(0, Ordering::Relaxed);
             self.offload.store(OFFLOAD_RUN, Ordering::Relaxed);

@@ -356,14 +356,7 @@ impl Image {
     /// there).
     fn plan_layer(&self, offset: u64, len: u64, top: u64, out: &mut Vec<Piece>) -> Result<()> {
         let q = match &self.layer {
-            Layer::Raw(s) => {
-                let source = match s.raw_fd() {
-                    Some(_) => Source::File { storage: s.clone(), offset },
-                    None => Source::Read { offset: top },
-                };
-                push_piece(out, len, source);
-                return Ok(());
-            }
+            Layer::Raw(s) => return plan_file(s, offset, top, len, true, out),
             Layer::Qcow2(q) => q,
         };
         let mut done = 0u64;
@@ -371,10 +364,10 @@ impl Image {
             let pos = offset + done;
             let (m, n) = q.mapping(pos, len - done)?;
             match m {
-                Mapping::Data { host } => match q.data_storage().raw_fd() {
-                    Some(_) => push_piece(out, n, Source::File { storage: q.data_storage().clone(), offset: host }),
-                    None => push_piece(out, n, Source::Read { offset: top + done }),
-                },
+                // Holes of the host file count only with metadata preallocation (as in `layer_status`).
+                Mapping::Data { host } => {
+                    plan_file(q.data_storage(), host, top + done, n, q.metadata_preallocated(), out)?
+                }
                 Mapping::Zero { .. } => push_piece(out, n, Source::Zero),
                 Mapping::Compressed { .. } => push_piece(out, n, Source::Read { offset: top + done }),
                 Mapping::Unallocated { .. } => match &self.backing {
@@ -401,6 +394,23 @@ impl Image {
         }
         self.filename.clone()
     }
+}
+
+/// Plans `len` bytes of storage `s` from `at` (`top` in the device): file pieces, zeros for the file's holes
+/// where `holes` (as block status reports them), or pieces for `read_at` when the storage has no descriptor.
+fn plan_file(s: &Arc<dyn Storage>, at: u64, top: u64, len: u64, holes: bool, out: &mut Vec<Piece>) -> Result<()> {
+    if s.raw_fd().is_none() {
+        push_piece(out, len, Source::Read { offset: top });
+        return Ok(());
+    }
+    let mut done = 0u64;
+    while done < len {
+        let (data, n) = if holes { s.extent(at + done, len - done)? } else { (true, len - done) };
+        let n = n.clamp(1, len - done);
+        push_piece(out, n, if data { Source::File { storage: s.clone(), offset: at + done } } else { Source::Zero });
+        done += n;
+    }
+    Ok(())
 }
 
 impl BlockDevice for Image {

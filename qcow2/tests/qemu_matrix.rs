@@ -240,3 +240,21 @@ fn human_output_matches_qemu() {
     assert_eq!(ok(QIMG, &["map", p(&img)]), ok("qemu-img", &["map", p(&img)]));
     assert_eq!(ok(QIMG, &["info", p(&img)]), ok("qemu-img", &["info", p(&img)]));
 }
+
+/// A read plan of a sparse raw file gives its holes as zeros (the server sends them as hole chunks, as block
+/// status reports them) and its data as file ranges.
+#[test]
+fn read_plan_of_a_sparse_raw_file_has_its_holes() {
+    use qcow2::{BlockDevice, Source};
+    let d = tmpdir();
+    let img = d.path().join("sparse.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&img), "4M"]);
+    io(&img, "raw", &["write -P 0x7 1M 64k"]);
+    let image = qcow2::Image::open(p(&img), &qcow2::OpenOptions::default()).unwrap();
+    let mut plan = Vec::new();
+    image.plan_read(0, 4 << 20, &mut plan).unwrap();
+    let kinds: Vec<(u64, bool)> = plan.iter().map(|x| (x.len, matches!(x.source, Source::Zero))).collect();
+    // (qemu-img create writes the first 4 KiB of a raw file; the rest up to 1 MiB is a hole.)
+    assert!(kinds.ends_with(&[(1044480, true), (65536, false), ((3 << 20) - 65536, true)]), "{plan:?}");
+    assert_plan_equal(&img);
+}
