@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let (ops, img) = data.split_at(8);
     let file: Arc<dyn Storage> = Arc::new(MemStorage::new(img.to_vec(), img.len() as u64));
-    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 20), snapshot: None, writable: false };
+    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 20), snapshot: None, writable: false, ..Default::default() };
     let Ok(q) = Qcow2::open(file, None, &opts) else { return };
     let base: Arc<dyn Storage> = Arc::new(MemStorage::new(vec![0x5a; 3000], 3000));
     let Ok(base) = Image::from_layer(Layer::Raw(base), None, "base") else { return };

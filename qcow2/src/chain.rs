@@ -55,6 +55,9 @@ pub struct OpenOptions {
     /// Backing images already open, shared between the chains opened with the same set: one copy of a
     /// common base (its L2 cache included) serves every overlay on it.
     pub shared: Option<SharedImages>,
+    /// Where the metadata commits of a writable qcow2 image run (qnbd's commit helper); `None`: in the
+    /// calling thread.
+    pub commit_sink: Option<Arc<dyn crate::image::commit::CommitSink>>,
 }
 
 /// Open read-only backing images by file identity (device, inode).
@@ -70,6 +73,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             snapshot: None,
             shared: None,
+            commit_sink: None,
         }
     }
 }
@@ -199,6 +203,7 @@ impl Image {
                     l2_cache_bytes: opts.l2_cache_bytes,
                     snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
                     writable,
+                    commit_sink: opts.commit_sink.clone(),
                 };
                 let q = Self::open_qcow2(storage, writable, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
@@ -248,13 +253,14 @@ impl Image {
         Qcow2::open(storage, data, o)
     }
 
-    /// Builds an image from an already open layer (tests, fuzzing, in-memory images).
+    /// Builds an image from an already open layer (tests, fuzzing, in-memory images). It is writable when
+    /// the layer is a qcow2 image opened for writing.
     pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
-        let size = match &layer {
-            Layer::Raw(s) => s.len()?,
-            Layer::Qcow2(q) => q.size(),
+        let (size, writable) = match &layer {
+            Layer::Raw(s) => (s.len()?, false),
+            Layer::Qcow2(q) => (q.size(), q.is_writable()),
         };
-        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable: false }))
+        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable }))
     }
 
     /// The file name as opened (backing names resolved against the overlay's folder).

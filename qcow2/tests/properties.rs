@@ -102,7 +102,7 @@ fn new_image(s: &Shape) -> Arc<MemStorage> {
 /// Runs `ops` on a writable image over `file`; returns the model and, for each op, whether a FLUSH had
 /// completed by then.
 fn run_ops(s: &Shape, file: Arc<MemStorage>, ops: &[Op]) -> (Qcow2, Vec<u8>) {
-    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 16), snapshot: None, writable: true };
+    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 16), snapshot: None, writable: true, ..Default::default() };
     let q = Qcow2::open(file as Arc<dyn Storage>, None, &opts).unwrap();
     let base = backing_data();
     let mut model: Vec<u8> = vec![0; SIZE as usize];
@@ -194,7 +194,7 @@ proptest! {
     ) {
         let file = new_image(&s);
         file.crash_after(cut);
-        let opts = Qcow2Options { l2_cache_bytes: Some(1 << 16), snapshot: None, writable: true };
+        let opts = Qcow2Options { l2_cache_bytes: Some(1 << 16), snapshot: None, writable: true, ..Default::default() };
         let q = Qcow2::open(file.clone() as Arc<dyn Storage>, None, &opts).unwrap();
         let base = backing_data();
         let unit = 1u64 << if s.extended_l2 { s.cluster_bits - 5 } else { s.cluster_bits };

@@ -216,6 +216,8 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
             snapshot,
             max_chain_depth: cli.max_chain_depth,
             shared: Some(shared.clone()),
+            // Commits go to the helper process once it is installed below (in this thread until then).
+            commit_sink: Some(std::sync::Arc::new(qcow2::image::commit::HelperSink)),
             ..Default::default()
         };
         let img = Image::open(f, &opts).map_err(|e| e.to_string())?;

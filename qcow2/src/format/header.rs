@@ -463,3 +463,104 @@ mod tests {
         assert!(e.to_string().contains("LUKS"), "{e}");
     }
 }
+
+/// A header field that changes while an image is open, with its place in the header (qcow2.rst, "Header").
+/// Writers change header fields only through [`Field::encode`], never at literal offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// Bytes 24-31: `size`.
+    Size,
+    /// Bytes 32-35: `crypt_method`.
+    CryptMethod,
+    /// Bytes 36-39: `l1_size`.
+    L1Size,
+    /// Bytes 40-47: `l1_table_offset`.
+    L1TableOffset,
+    /// Bytes 48-55: `refcount_table_offset`.
+    RefcountTableOffset,
+    /// Bytes 56-59: `refcount_table_clusters`.
+    RefcountTableClusters,
+    /// Bytes 72-79 (v3): `incompatible_features`.
+    IncompatibleFeatures,
+    /// Bytes 88-95 (v3): `autoclear_features`.
+    AutoclearFeatures,
+}
+
+impl Field {
+    /// Byte offset in the header and width in bytes.
+    pub fn place(self) -> (u64, usize) {
+        match self {
+            Field::Size => (24, 8),
+            Field::CryptMethod => (32, 4),
+            Field::L1Size => (36, 4),
+            Field::L1TableOffset => (40, 8),
+            Field::RefcountTableOffset => (48, 8),
+            Field::RefcountTableClusters => (56, 4),
+            Field::IncompatibleFeatures => (72, 8),
+            Field::AutoclearFeatures => (88, 8),
+        }
+    }
+
+    /// The write that stores `value` in this field: (offset in the image file, big-endian bytes). A 4-byte
+    /// field keeps the low 32 bits of `value`; callers check the range first.
+    pub fn encode(self, value: u64) -> (u64, Vec<u8>) {
+        let (off, width) = self.place();
+        let bytes = if width == 4 { (value as u32).to_be_bytes().to_vec() } else { value.to_be_bytes().to_vec() };
+        (off, bytes)
+    }
+
+    /// Several fields that sit next to each other (in the order given) as one write, so that they reach
+    /// the disk in one sector. `None` if they are not contiguous.
+    pub fn encode_run(fields: &[(Field, u64)]) -> Option<(u64, Vec<u8>)> {
+        let (first, _) = fields.first()?;
+        let start = first.place().0;
+        let mut out = Vec::new();
+        for (f, v) in fields {
+            let (off, bytes) = f.encode(*v);
+            if off != start + out.len() as u64 {
+                return None;
+            }
+            out.extend_from_slice(&bytes);
+        }
+        Some((start, out))
+    }
+}
+
+#[cfg(test)]
+mod field_tests {
+    use super::*;
+
+    #[test]
+    fn header_fields_encode_at_the_spec_offsets() {
+        assert_eq!(Field::IncompatibleFeatures.encode(3), (72, vec![0, 0, 0, 0, 0, 0, 0, 3]));
+        assert_eq!(Field::RefcountTableClusters.encode(0x0102_0304), (56, vec![1, 2, 3, 4]));
+        let run = Field::encode_run(&[(Field::RefcountTableOffset, 0x10000), (Field::RefcountTableClusters, 2)]);
+        assert_eq!(run, Some((48, vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 2])));
+        assert_eq!(Field::encode_run(&[(Field::Size, 1), (Field::L1Size, 1)]), None);
+    }
+
+    #[test]
+    fn fields_agree_with_the_parser() {
+        let mut h = vec![0u8; 104];
+        h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        for (f, v) in [
+            (Field::Size, 1u64 << 30),
+            (Field::L1Size, 2),
+            (Field::L1TableOffset, 0x30000),
+            (Field::RefcountTableOffset, 0x10000),
+            (Field::RefcountTableClusters, 1),
+            (Field::IncompatibleFeatures, 0),
+            (Field::AutoclearFeatures, 0),
+        ] {
+            let (off, b) = f.encode(v);
+            h[off as usize..off as usize + b.len()].copy_from_slice(&b);
+        }
+        let p = Header::parse(&h).expect("parses");
+        assert_eq!((p.size, p.l1_size, p.l1_table_offset), (1 << 30, 2, 0x30000));
+        assert_eq!((p.refcount_table_offset, p.refcount_table_clusters), (0x10000, 1));
+    }
+}

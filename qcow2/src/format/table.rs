@@ -14,6 +14,20 @@ pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry (1-8, 56-61).
 pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
+/// Encodes table entries (L1, L2, refcount table) as big-endian words: the one table encoder.
+pub fn encode_table(words: &[u64]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        raw.extend_from_slice(&w.to_be_bytes());
+    }
+    raw
+}
+
+/// Decodes big-endian table words; a trailing partial word is ignored.
+pub fn decode_table(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
+}
+
 /// Offset of the L2 table an L1 entry points to (0: none).
 pub fn l1_l2_offset(entry: u64) -> u64 {
     entry & OFFSET_MASK
@@ -105,6 +119,14 @@ pub fn decode_l2_ext(entry: u64, bitmap: u64, sc: u32, cluster_bits: u32, has_da
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_round_trip_as_big_endian_words() {
+        let w = [1u64, 0x0102_0304_0506_0708, u64::MAX];
+        let raw = encode_table(&w);
+        assert_eq!(&raw[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(decode_table(&raw), w);
+    }
 
     #[test]
     fn compressed_descriptor_round_trips_for_every_cluster_size() {

@@ -1,23 +1,35 @@
 //! Cluster allocation and refcounts (qcow2.rst, "Reference counts").
 //!
-//! # Ordering rules (enforced here and in [`super::write`], nowhere else)
-//! 1. **Allocation**: a new cluster's refcount is raised in a refcount block *before* any L2 or L1 entry
-//!    that points at it reaches the disk. Refcount blocks are written first in every metadata flush, then
-//!    the image is synced, then L2 tables and L1 are written.
-//! 2. **Data before mapping**: guest data is written to a newly allocated cluster before the L2 entry that
-//!    publishes it is changed in memory, and the data file is synced before that L2 entry is written.
-//! 3. **Freeing**: an L2 entry is cleared (on disk, synced) *before* the refcount of the cluster it pointed
-//!    to is lowered. Freed clusters are never handed out again while the image is open, so a request still
-//!    in flight can never write into a cluster that has a new owner.
-//!
-//! New clusters are always taken at the end of the file: sequential writers get contiguous clusters, and a
-//! crash (even kill -9 between two writes) leaves at worst clusters past the last referenced one.
+//! Refcounts change only in memory here; [`Refcounts::add_to`] hands the changed blocks and table to a
+//! [`MetaCommit`], whose module states the order they reach the disk in. Two rules live here:
+//! - **No reuse while open**: new clusters are always taken at the end of the file, and a freed cluster is
+//!   never handed out again while the image is open, so a request still in flight (or a `sendfile` of a
+//!   planned read) can never touch a cluster that has a new owner. Sequential writers get contiguous
+//!   clusters, and a crash leaves at worst leaked clusters.
+//! - **Lowered only after unpublishing**: [`Refcounts::free_later`] queues a decrement; it is applied by
+//!   [`Refcounts::apply_frees`] only after the commit that removed the last on-disk pointer completed.
+//!   [`Refcounts::unreserve`] is the one exception: a cluster reserved for a write that failed before
+//!   anything pointed at it.
 
+use super::commit::{MetaCommit, Stage};
+use super::overlap::{Kind, Map};
 use crate::error::{Error, Result};
+use crate::format::header::Field;
 use crate::format::refcount;
 use crate::format::table::OFFSET_MASK;
 use crate::storage::Storage;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// What [`Refcounts::add_to`] put into a commit, to mark clean once that commit completed.
+#[derive(Debug, Default)]
+pub struct Included {
+    blocks: Vec<u64>,
+    /// Host offsets of the blocks included (for the overlap check before they are written).
+    pub offsets: Vec<u64>,
+    table: bool,
+    moved: bool,
+}
 
 /// The refcount table and the refcount blocks touched since open.
 pub struct Refcounts {
@@ -29,14 +41,18 @@ pub struct Refcounts {
     pub table_offset: u64,
     /// See `table_offset`.
     pub table_clusters: u64,
-    /// Whether the table (or its location) changed and must be written with the header.
+    /// Whether the table changed and must be written.
     pub table_dirty: bool,
+    /// Whether the table moved: the header must then point at its new place.
+    pub table_moved: bool,
     /// Loaded refcount blocks, by table index, with their dirty flag.
     blocks: HashMap<u64, (Vec<u8>, bool)>,
     /// First cluster index past every allocated cluster: new clusters come from here.
     pub end_cluster: u64,
     /// Decrements waiting for the L2 entries that referenced the clusters to reach the disk.
     pub pending_free: BTreeMap<u64, u64>,
+    /// The image's metadata clusters: new refcount blocks and tables are added as they are placed.
+    overlap: Arc<Map>,
 }
 
 impl Refcounts {
@@ -48,6 +64,7 @@ impl Refcounts {
         table_offset: u64,
         table_clusters: u64,
         file_len: u64,
+        overlap: Arc<Map>,
     ) -> Self {
         let cs = 1u64 << cluster_bits;
         Refcounts {
@@ -57,9 +74,11 @@ impl Refcounts {
             table_offset,
             table_clusters,
             table_dirty: false,
+            table_moved: false,
             blocks: HashMap::new(),
             end_cluster: file_len.div_ceil(cs),
             pending_free: BTreeMap::new(),
+            overlap,
         }
     }
 
@@ -148,6 +167,7 @@ impl Refcounts {
         let c = self.next_free(file)?;
         self.end_cluster = c + 1;
         self.table[bi as usize] = c << self.cluster_bits;
+        self.overlap.add(c, Kind::RefcountBlock);
         self.table_dirty = true;
         self.blocks.insert(bi, (vec![0u8; self.cs() as usize], true));
         self.update(file, c, 1)
@@ -165,6 +185,7 @@ impl Refcounts {
         self.table.resize(new_entries, 0);
         let start = self.next_free_run(file, clusters)?;
         self.end_cluster = start + clusters;
+        self.overlap.add_range(start << self.cluster_bits, clusters * cs, self.cluster_bits, Kind::RefcountTable);
         for c in start..start + clusters {
             self.update(file, c, 1)?;
         }
@@ -172,6 +193,7 @@ impl Refcounts {
         self.table_offset = start << self.cluster_bits;
         self.table_clusters = clusters;
         self.table_dirty = true;
+        self.table_moved = true;
         // The old table's clusters are freed once the header points at the new one.
         for c in 0..old_clusters {
             *self.pending_free.entry((old_off >> self.cluster_bits) + c).or_insert(0) += 1;
@@ -254,58 +276,67 @@ impl Refcounts {
         self.table_dirty || self.blocks.values().any(|(_, d)| *d)
     }
 
-    /// Takes the pending writes: dirty refcount blocks and, if it changed, the table, as (offset, bytes),
-    /// plus whether the table changed (the header must then point at it). Marks them clean.
-    pub fn take_writes(&mut self) -> (Vec<(u64, Vec<u8>)>, bool) {
-        let mut v = Vec::new();
-        for (bi, (b, dirty)) in self.blocks.iter_mut() {
+    /// Adds the changed refcount structures to `c`: dirty blocks to [`Stage::RefcountBlocks`] (or
+    /// [`Stage::Frees`] for a commit of lowered counts), the table to [`Stage::RefcountTable`] and a moved
+    /// table's header fields to [`Stage::RefcountHeader`]. Nothing is marked clean until
+    /// [`Refcounts::committed`] is called with the result, after the commit completed.
+    pub fn add_to(&self, c: &mut MetaCommit, frees: bool) -> Included {
+        let mut inc = Included::default();
+        let stage = if frees { Stage::Frees } else { Stage::RefcountBlocks };
+        for (bi, (b, dirty)) in &self.blocks {
             if *dirty {
-                v.push((self.table[*bi as usize] & OFFSET_MASK, b.clone()));
-                *dirty = false;
+                let off = self.table.get(*bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
+                if off != 0 {
+                    c.add(stage, off, b.clone());
+                    inc.blocks.push(*bi);
+                    inc.offsets.push(off);
+                }
             }
         }
-        let moved = self.table_dirty;
-        if moved {
-            let mut raw = Vec::with_capacity((self.table_clusters * self.cs()) as usize);
-            for e in &self.table {
-                raw.extend_from_slice(&e.to_be_bytes());
+        if self.table_dirty && !frees {
+            let bytes = (self.table_clusters * self.cs()) as usize;
+            let mut raw = crate::format::table::encode_table(&self.table);
+            raw.resize(bytes, 0);
+            c.add(Stage::RefcountTable, self.table_offset, raw);
+            inc.table = true;
+            if self.table_moved {
+                let run = Field::encode_run(&[
+                    (Field::RefcountTableOffset, self.table_offset),
+                    (Field::RefcountTableClusters, self.table_clusters),
+                ]);
+                if let Some((off, bytes)) = run {
+                    c.add(Stage::RefcountHeader, off, bytes);
+                    inc.moved = true;
+                }
             }
-            raw.resize((self.table_clusters * self.cs()) as usize, 0);
-            v.push((self.table_offset, raw));
+        }
+        inc
+    }
+
+    /// Marks what `inc` names clean: the commit that carried it completed.
+    pub fn committed(&mut self, inc: &Included) {
+        for bi in &inc.blocks {
+            if let Some((_, d)) = self.blocks.get_mut(bi) {
+                *d = false;
+            }
+        }
+        if inc.table {
             self.table_dirty = false;
+        }
+        if inc.moved {
+            self.table_moved = false;
         }
         // Keep memory bounded: drop clean blocks once they add up to 32 MiB.
         if self.blocks.len() as u64 * self.cs() > 32 << 20 {
             self.blocks.retain(|_, (_, d)| *d);
         }
-        (v, moved)
     }
 
-    /// Writes dirty refcount blocks and, if it changed, the table (the caller then updates the header).
-    /// Returns whether the table moved or changed.
-    pub fn write_back(&mut self, file: &dyn Storage) -> Result<bool> {
-        for (bi, (b, dirty)) in self.blocks.iter_mut() {
-            if *dirty {
-                let off = self.table[*bi as usize] & OFFSET_MASK;
-                file.write_at(b, off)?;
-                *dirty = false;
-            }
-        }
-        if self.table_dirty {
-            let mut raw = Vec::with_capacity((self.table_clusters * self.cs()) as usize);
-            for e in &self.table {
-                raw.extend_from_slice(&e.to_be_bytes());
-            }
-            raw.resize((self.table_clusters * self.cs()) as usize, 0);
-            file.write_at(&raw, self.table_offset)?;
-            self.table_dirty = false;
-            return Ok(true);
-        }
-        // Keep memory bounded: drop clean blocks when many are loaded.
-        if self.blocks.len() > 4096 {
-            self.blocks.retain(|_, (_, d)| *d);
-        }
-        Ok(false)
+    /// Gives back a cluster reserved by [`Refcounts::alloc`] for a write that failed before anything on
+    /// disk or in memory pointed at it (its count may already be on disk: lowering it is safe, since no
+    /// entry references it). The cluster is not handed out again while the image is open.
+    pub fn unreserve(&mut self, file: &dyn Storage, c: u64) -> Result<()> {
+        self.update(file, c, -1)
     }
 
     /// Applies the pending decrements (after the L2 entries were written and synced).

@@ -329,7 +329,7 @@ impl Qcow2 {
                     }
                     drop(l1);
                     self.l2_cache.changed();
-                    st.mark_l1_dirty();
+                    st.mark_l1_dirty(idx);
                 } else {
                     let t = self.l2_table(l2)?;
                     let step = if self.header.extended_l2() { 2 } else { 1 };

@@ -11,6 +11,7 @@ pub mod compressed;
 pub mod create;
 mod mapping;
 mod open;
+pub mod overlap;
 mod write;
 
 pub use mapping::Mapping;
@@ -53,6 +54,10 @@ pub struct Qcow2 {
     data_file_raw: bool,
     /// Whether sparse data clusters exist (qemu's metadata preallocation detection; block status recurses).
     metadata_prealloc: std::sync::OnceLock<bool>,
+    /// Every metadata cluster, for the overlap check (filled only for a writable image).
+    overlap: Arc<overlap::Map>,
+    /// Where metadata commits run (qnbd's commit helper), or `None` for the calling thread.
+    commit_sink: Option<Arc<dyn commit::CommitSink>>,
 }
 
 impl std::fmt::Debug for Qcow2 {

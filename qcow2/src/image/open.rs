@@ -19,12 +19,14 @@ pub struct Qcow2Options {
     pub snapshot: Option<String>,
     /// Open for writing.
     pub writable: bool,
+    /// Where metadata commits run; `None`: in the calling thread.
+    pub commit_sink: Option<Arc<dyn super::commit::CommitSink>>,
 }
 
 pub(crate) fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
     let mut raw = vec![0u8; (entries * 8) as usize];
     s.read_at(&mut raw, off)?;
-    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+    Ok(table::decode_table(&raw))
 }
 
 /// A named region of metadata, for the overlap check.
@@ -167,6 +169,7 @@ impl Qcow2 {
         let cache_bytes = opts.l2_cache_bytes.unwrap_or(limits::DEFAULT_L2_CACHE_MAX);
         let tables = (cache_bytes / cs).clamp(1, needed_tables) as usize;
         let data_file_raw = has_data_file && header.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let overlap = Arc::new(super::overlap::Map::default());
         let writer = if opts.writable {
             if opts.snapshot.is_some() {
                 return Err(Error::new(ErrorKind::ReadOnly, "an internal snapshot can only be opened read-only"));
@@ -182,6 +185,7 @@ impl Qcow2 {
                 header.refcount_table_offset,
                 u64::from(header.refcount_table_clusters),
                 file_len,
+                overlap.clone(),
             );
             Some(std::sync::Mutex::new(super::write::WriteState::new(refs)))
         } else {
@@ -203,12 +207,55 @@ impl Qcow2 {
             file_len: std::sync::atomic::AtomicU64::new(file_len),
             data_file_raw,
             metadata_prealloc: std::sync::OnceLock::new(),
+            overlap,
+            commit_sink: opts.commit_sink.clone(),
             header,
         };
         if img.writer.is_some() {
+            img.map_metadata(&regions)?;
             img.open_for_writing()?;
         }
         Ok(img)
+    }
+
+    /// Fills the overlap map (see `overlap.rs`) of an image opened read-write.
+    fn map_metadata(&self, regions: &[Region]) -> Result<()> {
+        use super::overlap::Kind;
+        let cb = self.cluster_bits;
+        let m = &self.overlap;
+        for r in regions {
+            let kind = match r.name {
+                "header" => Kind::Header,
+                "L1 table" => Kind::L1Table,
+                "refcount table" => Kind::RefcountTable,
+                _ => continue,
+            };
+            m.add_range(r.start, r.len, cb, kind);
+        }
+        if self.header.nb_snapshots > 0 {
+            let bytes: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
+            m.add_range(self.header.snapshots_offset, bytes, cb, Kind::SnapshotTable);
+        }
+        for s in &self.snapshots {
+            m.add_range(s.l1_table_offset, u64::from(s.l1_size) * 8, cb, Kind::SnapshotL1);
+        }
+        if let Some(b) = &self.header.bitmaps {
+            m.add_range(b.directory_offset, b.directory_size, cb, Kind::BitmapDirectory);
+        }
+        for e in self.refcount_table()? {
+            let off = e & table::OFFSET_MASK;
+            if off != 0 {
+                m.add(off >> cb, Kind::RefcountBlock);
+            }
+        }
+        let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+        for e in l1.iter() {
+            let off = table::l1_l2_offset(*e);
+            if off != 0 {
+                m.add(off >> cb, Kind::L2Table);
+            }
+        }
+        Ok(())
     }
 
     /// qemu's `qcow2_detect_metadata_preallocation`: if the image file holds clearly fewer clusters on the

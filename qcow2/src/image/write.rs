@@ -7,15 +7,15 @@
 
 use super::alloc::Refcounts;
 use super::cache::Table;
+use super::commit::{self, MetaCommit, Stage};
+use super::overlap::Kind;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::header;
+use crate::format::header::{self, Field};
 use crate::format::table::{self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// One step of a metadata flush: (0 = image file / 1 = data file, a write at an offset or, if `None`, a sync).
-type MetaStep = (u8, Option<(u64, Vec<u8>)>);
 
 /// Most bytes of dirty L2 tables kept before a metadata flush is forced.
 const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
@@ -23,7 +23,8 @@ const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
 /// Mutable state of a writable image.
 pub struct WriteState {
     refs: Refcounts,
-    l1_dirty: bool,
+    /// L1 entries changed since the last commit (by index).
+    l1_dirty: BTreeSet<usize>,
     /// Set once an inconsistency was found: no more writes.
     corrupt: bool,
 }
@@ -31,7 +32,7 @@ pub struct WriteState {
 impl WriteState {
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
-        WriteState { refs, l1_dirty: false, corrupt: false }
+        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false }
     }
 
     /// Sets a cluster's refcount (repair).
@@ -39,9 +40,9 @@ impl WriteState {
         self.refs.set_value(file, c, v)
     }
 
-    /// The L1 table changed (repair).
-    pub fn mark_l1_dirty(&mut self) {
-        self.l1_dirty = true;
+    /// L1 entry `idx` changed (repair).
+    pub fn mark_l1_dirty(&mut self, idx: usize) {
+        self.l1_dirty.insert(idx);
     }
 }
 
@@ -102,17 +103,32 @@ impl Qcow2 {
             let report = self.check()?;
             self.repair(&report, true)?;
             let bits = h.incompatible_features & !header::INCOMPAT_DIRTY;
-            self.file.write_at(&bits.to_be_bytes(), 72)?;
-            self.file.flush()?;
+            self.commit_header(&[(Field::IncompatibleFeatures, bits)])?;
         }
         if h.version >= 3 {
             let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
             if keep != h.autoclear_features {
-                self.file.write_at(&keep.to_be_bytes(), 88)?;
-                self.file.flush()?;
+                self.commit_header(&[(Field::AutoclearFeatures, keep)])?;
             }
         }
         Ok(())
+    }
+
+    /// Writes header fields (contiguous, in order) as a commit of their own.
+    fn commit_header(&self, fields: &[(Field, u64)]) -> Result<()> {
+        let (off, bytes) = Field::encode_run(fields)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "header fields written together must be adjacent"))?;
+        let mut c = MetaCommit::new(self.has_separate_data());
+        c.add(Stage::Pointers, off, bytes);
+        self.run_commit(&c)
+    }
+
+    fn has_separate_data(&self) -> bool {
+        !Arc::ptr_eq(&self.data, &self.file)
+    }
+
+    fn run_commit(&self, c: &MetaCommit) -> Result<()> {
+        commit::run(c, self.file.as_ref(), self.data.as_ref(), self.commit_sink.as_deref())
     }
 
     fn state_of(&self, t: &Table, idx: usize) -> ClusterState {
@@ -163,17 +179,13 @@ impl Qcow2 {
             None if s.alloc != 0 => bad("allocated subclusters without a host cluster"),
             Some(h) if h % cs != 0 => bad("host cluster offset not aligned to the cluster size"),
             Some(h) if !self.has_data_file() => {
-                let l1 = self.l1_offset();
-                let l1_len = self.l1.read().map(|l| l.len() as u64 * 8).unwrap_or(0);
-                let rt = self.header.refcount_table_offset;
-                let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
-                let overlaps = |o: u64, l: u64| l > 0 && h < o + l && o < h + cs;
                 if h == 0 || h >= file_len {
                     bad("host cluster at the header or past the end of the file")
-                } else if overlaps(l1, l1_len) || overlaps(rt, rt_len) {
-                    bad("host cluster overlaps the L1 or refcount table")
                 } else {
-                    Ok(())
+                    // The overlap check: a data cluster that is really metadata (see `overlap.rs`).
+                    self.overlap
+                        .check_data(h >> self.cluster_bits)
+                        .map_err(|e| e.context(format!("guest offset {pos:#x}")))
                 }
             }
             _ => Ok(()),
@@ -209,6 +221,7 @@ impl Qcow2 {
         };
         let off = e & OFFSET_MASK;
         if off != 0 && e & OFLAG_COPIED != 0 {
+            self.overlap.expect(off >> self.cluster_bits, Kind::L2Table)?;
             self.l2_table(off)?;
             return Ok(off);
         }
@@ -221,11 +234,12 @@ impl Qcow2 {
             // The shared table keeps serving the snapshot; this L1 drops its reference.
             st.refs.free_later(off >> self.cluster_bits);
         }
+        self.overlap.add(new >> self.cluster_bits, Kind::L2Table);
         let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
         l1[l1_idx] = new | OFLAG_COPIED;
         drop(l1);
         self.l2_cache.changed();
-        st.l1_dirty = true;
+        st.l1_dirty.insert(l1_idx);
         Ok(new)
     }
 
@@ -298,7 +312,17 @@ impl Qcow2 {
             let chunk = &buf[done..done + n];
             // Fast path: a cluster this image owns alone, with every touched subcluster allocated.
             let touched = self.touched(in_cluster, in_cluster + n as u64);
-            match self.peek(pos)? {
+            let peeked = match self.peek(pos) {
+                Ok(p) => p,
+                Err(e) => {
+                    let r = Err(e);
+                    if let Ok(mut st) = self.lock() {
+                        self.note_corruption(&mut st, &r);
+                    }
+                    return r;
+                }
+            };
+            match peeked {
                 Some(s) if s.copied && s.compressed.is_none() && s.host.is_some() && s.alloc & touched == touched => {
                     let host = s.host.unwrap_or(0) + in_cluster;
                     self.data.write_at(chunk, host)?;
@@ -322,15 +346,18 @@ impl Qcow2 {
         self.l2_cache.pinned() as u64 * self.cluster_size() > MAX_DIRTY_L2_BYTES
     }
 
-    /// Marks the image corrupt on disk when the writer met an inconsistency (qcow2.rst, incompatible bit 1).
+    /// Marks the image corrupt on disk when the writer met an inconsistency (qcow2.rst, incompatible bit 1,
+    /// as qemu's `qcow2_signal_corruption` does): from then on it is read-only for this process.
     fn note_corruption<T>(&self, st: &mut WriteState, r: &Result<T>) {
         if let Err(e) = r {
             if e.kind() == ErrorKind::Corrupt && !st.corrupt {
                 st.corrupt = true;
                 self.poisoned.store(true, Ordering::Release);
+                eprintln!("qcow2: marking the image as corrupt: {e}; further writes are refused");
                 let bits = (self.header.incompatible_features & !header::INCOMPAT_DIRTY) | header::INCOMPAT_CORRUPT;
                 if self.header.version >= 3 {
-                    let _ = self.file.write_at(&bits.to_be_bytes(), 72);
+                    let (off, bytes) = Field::IncompatibleFeatures.encode(bits);
+                    let _ = self.file.write_at(&bytes, off);
                     let _ = self.file.flush();
                 }
             }
@@ -375,9 +402,44 @@ impl Qcow2 {
         let s = self.state_of(&t, idx);
         drop(t);
         self.validate(&s, pos)?;
-        let touched = self.touched(a, b);
         let in_place = s.copied && s.compressed.is_none() && s.host.is_some();
         let target = if in_place { s.host.unwrap_or(0) } else { self.alloc_data(st, pos)? };
+        let r = self.fill_cluster(&s, chunk, pos, target, in_place, backing);
+        if let Err(e) = r {
+            // Nothing points at a new cluster yet: give it back (ENOSPC or EIO fails the request only).
+            if !in_place && !self.has_data_file() {
+                st.refs.unreserve(self.file.as_ref(), target >> self.cluster_bits)?;
+            }
+            return Err(e);
+        }
+        let touched = self.touched(a, b);
+        let (alloc, zero) =
+            if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
+        let entry = target | OFLAG_COPIED;
+        let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
+        self.set_entry(l2, idx, entry, bitmap)?;
+        if !in_place {
+            self.release(st, &s);
+        }
+        Ok(())
+    }
+
+    /// Writes one cluster's new contents at host `target`: the guest's `chunk` at `pos`, merged with what the
+    /// cluster read before (copy-on-write from its old place, a compressed cluster or the backing file).
+    fn fill_cluster(
+        &self,
+        s: &ClusterState,
+        chunk: &[u8],
+        pos: u64,
+        target: u64,
+        in_place: bool,
+        backing: BackingReader<'_>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let cluster_start = pos & !(cs - 1);
+        let a = pos - cluster_start;
+        let b = a + chunk.len() as u64;
+        let touched = self.touched(a, b);
         let ss = 1u64 << self.sc_bits;
         let nsub = self.subclusters();
         // The range rebuilt: touched subclusters in place; when moving, the touched subclusters and those that
@@ -450,14 +512,6 @@ impl Qcow2 {
             }
         } else {
             self.data.write_at(&out, target + r0)?;
-        }
-        let (alloc, zero) =
-            if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
-        let entry = target | OFLAG_COPIED;
-        let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
-        self.set_entry(l2, idx, entry, bitmap)?;
-        if !in_place {
-            self.release(st, &s);
         }
         Ok(())
     }
@@ -632,95 +686,74 @@ impl Qcow2 {
 
     pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         if st.corrupt {
-            return Err(Error::corrupt("an earlier metadata commit failed: nothing more is written"));
+            return Err(commit::refused());
         }
+        // A failed commit (ENOSPC, EIO) leaves everything dirty for the next one: the image stays usable.
+        // Only an inconsistency found on the way (an impossible refcount) makes it corrupt.
         let r = self.flush_inner(st);
-        if r.is_err() {
-            // What reached the disk is unknown now: stop writing rather than guess.
-            st.corrupt = true;
-            self.poisoned.store(true, Ordering::Release);
-        }
+        self.note_corruption(st, &r);
         r
     }
 
+    /// The whole flush as two commits (see `commit/mod.rs` for the order): everything that publishes or
+    /// counts, then the lowered refcounts of what stopped being referenced.
     fn flush_inner(&self, st: &mut WriteState) -> Result<()> {
-        use super::commit::Op;
         let dirty_l2 = self.l2_cache.dirty();
-        let nothing = dirty_l2.is_empty() && !st.l1_dirty && !st.refs.is_dirty() && st.refs.pending_free.is_empty();
-        let separate_data = !Arc::ptr_eq(&self.data, &self.file);
-        if nothing {
-            if separate_data {
-                self.data.flush()?;
-            }
-            return self.file.flush();
+        let mut c = MetaCommit::new(self.has_separate_data());
+        let refs = st.refs.add_to(&mut c, false);
+        let cb = self.cluster_bits;
+        for off in &refs.offsets {
+            self.overlap.expect(off >> cb, Kind::RefcountBlock)?;
         }
-        // The whole commit as one batch (see `commit.rs`): 0 = image file, 1 = data file.
-        let mut ops: Vec<MetaStep> = Vec::new();
-        // 1. Refcounts (and a moved refcount table) first, then everything durable, guest data included.
-        let (writes, moved) = st.refs.take_writes();
-        ops.extend(writes.into_iter().map(|w| (0, Some(w))));
-        if separate_data {
-            ops.push((1, None));
-        }
-        ops.push((0, None));
-        if moved {
-            let mut hdr = Vec::with_capacity(12);
-            hdr.extend_from_slice(&st.refs.table_offset.to_be_bytes());
-            hdr.extend_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
-            ops.push((0, Some((48, hdr))));
-            ops.push((0, None));
-        }
-        // 2. L2 tables, then the L1 table that points at new ones.
         let mut offs = Vec::with_capacity(dirty_l2.len());
         for (off, t) in &dirty_l2 {
-            let mut raw = Vec::with_capacity(t.len() * 8);
-            for w in t.to_vec() {
-                raw.extend_from_slice(&w.to_be_bytes());
-            }
-            ops.push((0, Some((*off, raw))));
+            self.overlap.expect(off >> cb, Kind::L2Table)?;
+            c.add(Stage::Tables, *off, table::encode_table(&t.to_vec()));
             offs.push(*off);
         }
-        if st.l1_dirty {
-            let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
-            let mut raw = Vec::with_capacity(l1.len() * 8);
-            for e in &l1 {
-                raw.extend_from_slice(&e.to_be_bytes());
-            }
-            ops.push((0, Some((self.l1_offset(), raw))));
-            st.l1_dirty = false;
-        }
-        ops.push((0, None));
-        // 3. Only after that may freed clusters lose their references (never reused while open).
-        if !st.refs.pending_free.is_empty() {
-            st.refs.apply_frees(self.file.as_ref())?;
-            let (writes, _) = st.refs.take_writes();
-            ops.extend(writes.into_iter().map(|w| (0, Some(w))));
-            ops.push((0, None));
-        }
-        let r = match (self.file.raw_fd(), self.data.raw_fd()) {
-            (Some(f), Some(d)) => {
-                let batch: Vec<Op> = ops
-                    .into_iter()
-                    .map(|(t, w)| {
-                        let fd = if t == 0 { f } else { d };
-                        match w {
-                            Some((offset, data)) => Op::Write { fd, offset, data },
-                            None => Op::Sync { fd },
-                        }
-                    })
-                    .collect();
-                super::commit::commit(&batch)
-            }
-            _ => ops.into_iter().try_for_each(|(t, w)| {
-                let s = if t == 0 { &self.file } else { &self.data };
-                match w {
-                    Some((offset, data)) => s.write_at(&data, offset),
-                    None => s.flush(),
-                }
-            }),
-        };
-        r?;
+        let l1_written = self.add_l1_entries(st, &mut c)?;
+        self.run_commit(&c)?;
+        st.refs.committed(&refs);
         self.l2_cache.mark_clean(&offs);
+        for i in &l1_written {
+            st.l1_dirty.remove(i);
+        }
+        self.commit_frees(st)
+    }
+
+    /// Adds the 512-byte sectors of the L1 table that hold changed entries to `c` (qemu writes L1 entries a
+    /// sector at a time too); returns the entries included.
+    fn add_l1_entries(&self, st: &WriteState, c: &mut MetaCommit) -> Result<Vec<usize>> {
+        if st.l1_dirty.is_empty() {
+            return Ok(Vec::new());
+        }
+        let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
+        let per_sector = 512 / 8;
+        let mut sectors: Vec<usize> = st.l1_dirty.iter().map(|i| i / per_sector).collect();
+        sectors.dedup();
+        for s in sectors {
+            let first = s * per_sector;
+            let last = (first + per_sector).min(l1.len());
+            if first < last {
+                c.add(Stage::Pointers, self.l1_offset() + (first as u64) * 8, table::encode_table(&l1[first..last]));
+            }
+        }
+        Ok(st.l1_dirty.iter().copied().collect())
+    }
+
+    /// Applies the queued refcount decrements, now that the entries that pointed at those clusters are
+    /// durable, and commits them.
+    fn commit_frees(&self, st: &mut WriteState) -> Result<()> {
+        if st.refs.pending_free.is_empty() {
+            return Ok(());
+        }
+        st.refs.apply_frees(self.file.as_ref())?;
+        let mut c = MetaCommit::new(false);
+        let inc = st.refs.add_to(&mut c, true);
+        // If this commit fails, the lowered counts stay dirty and go out with the next commit's refcount
+        // blocks: the unpublishing writes are durable already, so that order is still safe.
+        self.run_commit(&c)?;
+        st.refs.committed(&inc);
         Ok(())
     }
 }
@@ -730,6 +763,12 @@ impl Qcow2 {
     /// the end of the file if it must grow; the header changes only after the new table is durable.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         let mut st = self.lock()?;
+        let r = self.resize_locked(&mut st, new_size);
+        self.note_corruption(&mut st, &r);
+        r
+    }
+
+    fn resize_locked(&self, st: &mut WriteState, new_size: u64) -> Result<()> {
         let old = self.size();
         if new_size < old {
             return Err(Error::new(ErrorKind::InvalidArgument, "shrinking qcow2 images is not supported"));
@@ -740,63 +779,57 @@ impl Qcow2 {
         if !self.snapshots.is_empty() && self.header.version < 3 {
             return Err(Error::new(ErrorKind::Unsupported, "cannot resize a v2 image with snapshots"));
         }
-        self.flush_locked(&mut st)?;
+        self.flush_locked(st)?;
         let cs = self.cluster_size();
         let need = new_size.div_ceil(cs * self.l2_entries);
         let cur = self.l1.read().map(|l| l.len() as u64).unwrap_or(0);
-        let mut hdr_l1 = None;
-        if need > cur {
+        let mut c = MetaCommit::new(self.has_separate_data());
+        let mut moved = None;
+        let inc = if need > cur {
             if need * 8 > crate::limits::MAX_L1_BYTES {
                 return Err(Error::new(ErrorKind::InvalidArgument, "the new size needs an L1 table over 32 MiB"));
             }
             let clusters = (need * 8).div_ceil(cs);
             let off = st.refs.alloc(self.file.as_ref(), clusters)?;
             self.grow_file_len(&st.refs);
+            for k in 0..clusters {
+                self.overlap.add((off >> self.cluster_bits) + k, Kind::L1Table);
+            }
             let mut l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
             l1.resize(need as usize, 0);
-            let mut raw = Vec::with_capacity((clusters * cs) as usize);
-            for e in &l1 {
-                raw.extend_from_slice(&e.to_be_bytes());
-            }
+            let mut raw = table::encode_table(&l1);
             raw.resize((clusters * cs) as usize, 0);
-            // Refcounts first (and the header's refcount table fields if the table moved), then the new L1.
-            let moved = st.refs.write_back(self.file.as_ref())?;
-            self.file.flush()?;
-            if moved {
-                let mut hdr = Vec::with_capacity(12);
-                hdr.extend_from_slice(&st.refs.table_offset.to_be_bytes());
-                hdr.extend_from_slice(&(st.refs.table_clusters as u32).to_be_bytes());
-                self.file.write_at(&hdr, 48)?;
-                self.file.flush()?;
-            }
-            self.file.write_at(&raw, off)?;
-            self.file.flush()?;
+            // Refcounts of the new table, then the table, then the header that points at it.
+            let inc = st.refs.add_to(&mut c, false);
+            c.add(Stage::Tables, off, raw);
+            moved = Some((off, l1));
+            inc
+        } else {
+            st.refs.add_to(&mut c, false)
+        };
+        let (l1_off, l1_n) = moved.as_ref().map(|(o, l)| (*o, l.len() as u64)).unwrap_or((self.l1_offset(), cur));
+        // Header bytes 24-47 (size, crypt_method, l1_size, l1_table_offset) in one write, inside one sector.
+        let (hoff, hdr) = Field::encode_run(&[
+            (Field::Size, new_size),
+            (Field::CryptMethod, u64::from(self.header.crypt_method)),
+            (Field::L1Size, l1_n),
+            (Field::L1TableOffset, l1_off),
+        ])
+        .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "header fields are not adjacent"))?;
+        c.add(Stage::Pointers, hoff, hdr);
+        self.run_commit(&c)?;
+        st.refs.committed(&inc);
+        if let Some((off, l1)) = moved {
             let old_off = self.l1_offset();
-            let old_clusters = (cur * 8).div_ceil(cs);
-            for c in 0..old_clusters {
-                st.refs.free_later((old_off >> self.cluster_bits) + c);
+            for k in 0..(cur * 8).div_ceil(cs) {
+                st.refs.free_later((old_off >> self.cluster_bits) + k);
             }
             *self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))? = l1;
+            self.l1_offset.store(off, Ordering::Release);
             self.l2_cache.changed();
-            hdr_l1 = Some((off, need as u32));
         }
-        // Header bytes 24-47 (size, crypt_method, l1_size, l1_table_offset) in one write.
-        let (l1_off, l1_n) = hdr_l1.unwrap_or((self.l1_offset(), cur as u32));
-        let mut hdr = Vec::with_capacity(24);
-        hdr.extend_from_slice(&new_size.to_be_bytes());
-        hdr.extend_from_slice(&self.header.crypt_method.to_be_bytes());
-        hdr.extend_from_slice(&l1_n.to_be_bytes());
-        hdr.extend_from_slice(&l1_off.to_be_bytes());
-        self.file.write_at(&hdr, 24)?;
-        self.file.flush()?;
-        self.l1_offset.store(l1_off, Ordering::Release);
         self.size.store(new_size, Ordering::Release);
-        if !st.refs.pending_free.is_empty() {
-            st.refs.apply_frees(self.file.as_ref())?;
-            st.refs.write_back(self.file.as_ref())?;
-            self.file.flush()?;
-        }
-        Ok(())
+        self.commit_frees(st)
     }
 
     fn l1_offset(&self) -> u64 {

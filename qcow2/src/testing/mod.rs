@@ -15,7 +15,7 @@ pub fn write_case(data: &[u8]) -> Result<(), String> {
     let (ops, img) = data.split_at(64);
     // Room to grow: writes may allocate up to 8 MiB past the image.
     let file: Arc<dyn Storage> = Arc::new(MemStorage::new(img.to_vec(), img.len() as u64 + (8 << 20)));
-    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 20), snapshot: None, writable: false };
+    let opts = Qcow2Options { l2_cache_bytes: Some(1 << 20), snapshot: None, writable: false, ..Default::default() };
     let Ok(ro) = Qcow2::open(file.clone(), None, &opts) else { return Ok(()) };
     let Ok(before) = ro.check() else { return Ok(()) };
     if before.corruptions != 0 || before.leaks != 0 || before.check_errors != 0 {
@@ -69,3 +69,4 @@ pub fn write_case(data: &[u8]) -> Result<(), String> {
         Err(format!("the writer corrupted a clean image: {real:?}"))
     }
 }
+pub mod crash;

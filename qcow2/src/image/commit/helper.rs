@@ -1,8 +1,7 @@
-//! Metadata commits that survive the death of the process.
+//! The commit helper: metadata commits that survive the death of the process.
 //!
-//! A metadata flush is a short sequence of writes and syncs whose order the crash rules in `alloc.rs`
-//! fix (refcount blocks, sync, L2 tables and L1, sync, freed refcounts, sync). If the process is killed in
-//! the middle (kill -9), the writes issued so far persist and the rest never happen: between the refcount
+//! A metadata commit is a short sequence of writes and syncs whose order the rules in [`super`] fix. If the
+//! process is killed in the middle (kill -9), the writes issued so far persist and the rest never happen: between the refcount
 //! blocks and the L2 tables that is a window of leaked clusters. To close it, a server can install a
 //! *commit helper*: a child process, forked while the process is still single-threaded, that shares the
 //! image file descriptors. A whole batch is handed to it before any of it is applied, and the helper applies
@@ -207,31 +206,34 @@ pub unsafe fn install_helper() -> Result<()> {
         .map_err(|_| Error::new(ErrorKind::InvalidArgument, "the commit helper is already installed"))
 }
 
-/// Runs a metadata commit: through the helper when every descriptor in it is one the helper shares, else
-/// in this thread.
-pub fn commit(ops: &[Op]) -> Result<()> {
-    if let Some(h) = HELPER.get() {
-        let known = ops.iter().all(|op| {
-            let fd = match op {
-                Op::Write { fd, .. } | Op::Sync { fd } => *fd,
-            };
-            fd_id(fd).is_some_and(|(dev, ino)| h.fds.iter().any(|&(f, d, i)| f == fd && d == dev && i == ino))
-        });
-        if known {
-            let mut g = h.pipes.lock().map_err(|_| Error::new(ErrorKind::Io, "commit helper lock poisoned"))?;
-            let (w, r) = &mut *g;
-            w.write_all(&encode(ops)).map_err(|e| Error::io("commit helper", e))?;
-            let mut code = [0u8; 4];
-            r.read_exact(&mut code).map_err(|e| Error::io("commit helper", e))?;
-            let code = i32::from_le_bytes(code);
-            return if code == 0 {
-                Ok(())
-            } else {
-                Err(Error::io("metadata commit", std::io::Error::from_raw_os_error(code)))
-            };
-        }
+/// Runs a metadata commit through the helper, if one is installed and shares every descriptor in it;
+/// `None` otherwise (the caller then runs it itself).
+pub fn commit_if_installed(ops: &[Op]) -> Option<Result<()>> {
+    let h = HELPER.get()?;
+    let known = ops.iter().all(|op| {
+        let fd = match op {
+            Op::Write { fd, .. } | Op::Sync { fd } => *fd,
+        };
+        fd_id(fd).is_some_and(|(dev, ino)| h.fds.iter().any(|&(f, d, i)| f == fd && d == dev && i == ino))
+    });
+    if !known {
+        return None;
     }
-    apply(ops).map_err(|e| Error::io("metadata commit", std::io::Error::from_raw_os_error(e)))
+    Some(send(h, ops))
+}
+
+fn send(h: &Helper, ops: &[Op]) -> Result<()> {
+    let mut g = h.pipes.lock().map_err(|_| Error::new(ErrorKind::Io, "commit helper lock poisoned"))?;
+    let (w, r) = &mut *g;
+    w.write_all(&encode(ops)).map_err(|e| Error::io("commit helper", e))?;
+    let mut code = [0u8; 4];
+    r.read_exact(&mut code).map_err(|e| Error::io("commit helper", e))?;
+    let code = i32::from_le_bytes(code);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::io("metadata commit", std::io::Error::from_raw_os_error(code)))
+    }
 }
 
 #[cfg(test)]
