@@ -66,6 +66,8 @@ struct DiskState {
     states: Vec<CrashState>,
     /// How many syncs were seen.
     syncs: u64,
+    /// Enumerate every subset of the pending writes (whole, not torn) when there are few enough.
+    exhaustive: bool,
     cap: u64,
 }
 
@@ -95,6 +97,7 @@ impl CrashDisk {
                 per_sample,
                 states: Vec::new(),
                 syncs: 0,
+                exhaustive: false,
                 cap,
             }),
         })
@@ -109,6 +112,12 @@ impl CrashDisk {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DiskState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, each sample is every subset of the pending writes (of all files together) when there
+    /// are at most 12 of them; with more, `per_sample` random states as before.
+    pub fn set_exhaustive(&self, on: bool) {
+        self.lock().exhaustive = on;
     }
 
     /// Draws crash states from what is durable and pending right now.
@@ -195,7 +204,51 @@ fn apply_write(d: &mut Vec<u8>, offset: u64, data: &[u8], sectors: Option<&[bool
     }
 }
 
+/// Every subset of the pending writes of all files, each kept whole.
+fn sample_all(st: &mut DiskState, label: &str) -> bool {
+    let writes: Vec<(usize, usize)> =
+        st.files.iter().enumerate().flat_map(|(i, f)| f.pending.iter().enumerate().map(move |(j, _)| (i, j))).collect();
+    if writes.len() > 12 {
+        return false;
+    }
+    for mask in 0u32..(1 << writes.len()) {
+        let mut how = format!("{label}, subset {mask:#b} of");
+        let files = st
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let mut d = f.durable.clone();
+                for (j, p) in f.pending.iter().enumerate() {
+                    let bit = writes.iter().position(|&w| w == (i, j)).unwrap_or(0);
+                    let keep = mask & (1 << bit) != 0;
+                    match p {
+                        Pending::Write { offset, data } => {
+                            how.push_str(&format!(
+                                " f{i}w{j}@{offset:#x}+{}{}",
+                                data.len(),
+                                if keep { "" } else { "(lost)" }
+                            ));
+                            if keep {
+                                apply_write(&mut d, *offset, data, None);
+                            }
+                        }
+                        Pending::SetLen(l) if keep => d.resize(*l as usize, 0),
+                        Pending::SetLen(_) => {}
+                    }
+                }
+                d
+            })
+            .collect();
+        st.states.push(CrashState { files, how });
+    }
+    true
+}
+
 fn sample(st: &mut DiskState, label: &str) {
+    if st.exhaustive && sample_all(st, label) {
+        return;
+    }
     for n in 0..st.per_sample {
         let mut files = Vec::with_capacity(st.files.len());
         let mut how = format!("{label}, state {n}:");
