@@ -6,7 +6,7 @@
 //! (leaks are allowed), hold every byte acknowledged before the last completed FLUSH, and hold either the old
 //! or a newly written value everywhere else. Some states also go through `qemu-img check`.
 //!
-//! `CRASH_CASES` raises the number of random cases (default 40) for long runs.
+//! `CRASH_CASES` raises the number of random cases (default 120) for long runs.
 
 mod common;
 use common::*;
@@ -195,12 +195,26 @@ fn check_state(fx: &Fixture, st: &CrashState, exp: &Expect, qemu: bool) -> Resul
     let data: Option<Arc<dyn Storage>> =
         fx.data_file.as_ref().map(|_| Arc::new(MemStorage::new(st.files[1].clone(), CAP)) as Arc<dyn Storage>);
     if qemu {
-        let img = fx.dir.join("crash.qcow2");
+        // Tests run in parallel: each state gets files of its own (the backing file is shared, unchanged).
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let img = fx.dir.join(format!("crash-{n}.qcow2"));
         std::fs::write(&img, &st.files[0]).unwrap();
-        if let Some((d, _)) = &fx.data_file {
-            std::fs::write(d, &st.files[1]).unwrap();
-        }
-        let out = run("qemu-img", &["check", "-f", "qcow2", p(&img)]);
+        let name = match &fx.data_file {
+            Some(_) => {
+                let d = fx.dir.join(format!("crash-{n}.data"));
+                std::fs::write(&d, &st.files[1]).unwrap();
+                format!(
+                    r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"data-file":{{"driver":"file","filename":"{}"}}}}"#,
+                    p(&img),
+                    p(&d)
+                )
+            }
+            None => p(&img).to_string(),
+        };
+        let out = run("qemu-img", &["check", &name]);
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(fx.dir.join(format!("crash-{n}.data")));
         // 0: clean, 3: leaks only. 2 is corruption.
         if !matches!(out.status.code(), Some(0) | Some(3)) {
             return Err(format!(
@@ -323,8 +337,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+static STATES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static CASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn cases() -> u32 {
-    std::env::var("CRASH_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
+    std::env::var("CRASH_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(120)
 }
 
 proptest! {
@@ -336,8 +353,14 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..10),
         seed in any::<u64>(),
     ) {
-        if let Err(e) = run_case(kind, &ops, seed) {
-            prop_assert!(false, "{}", e);
+        match run_case(kind, &ops, seed) {
+            Ok(n) => {
+                let total = STATES.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                if CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == cases() {
+                    eprintln!("{total} crash states checked in {} cases", cases());
+                }
+            }
+            Err(e) => prop_assert!(false, "{}", e),
         }
     }
 }
