@@ -235,6 +235,17 @@ fn errors_are_clear_and_exit_non_zero() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown driver 'vmdk'"));
     assert!(!sock.exists());
+    // A header whose backing_file_offset is 2^64-1: refused by name, exit 1, no panic.
+    let img = d.path().join("bo.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    let mut b = std::fs::read(&img).unwrap();
+    b[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+    b[16..20].copy_from_slice(&37u32.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    let out = run(QNBD, &["-k", s(&sock), s(&img)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("backing_file_offset") && !err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -147,6 +147,24 @@ fn backing_name_outside_cluster_zero() {
     assert_refused(&img, "outside the first cluster");
 }
 
+/// The patched header of the hostile-input issue: `backing_file_offset` 2^64-1 made offset + size overflow
+/// and both binaries panic. Now each exits 1 naming the field, as qemu-img refuses it ("Invalid backing file
+/// offset").
+#[test]
+fn backing_file_offset_at_the_top_of_the_range_is_refused_by_name() {
+    let d = tmpdir();
+    let img = d.path().join("bo.qcow2");
+    create(&img, "", "4M");
+    patch(&img, 8, &u64::MAX.to_be_bytes());
+    patch(&img, 16, &37u32.to_be_bytes());
+    let (code, err) = qimg_bounded(&["info", p(&img)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("backing_file_offset"), "{err}");
+    assert_refused(&img, "backing_file_offset");
+    let qemu = run("qemu-img", &["info", p(&img)]);
+    assert!(!qemu.status.success(), "qemu-img opens it");
+}
+
 #[test]
 fn garbage_compressed_cluster() {
     let d = tmpdir();

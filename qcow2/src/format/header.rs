@@ -358,12 +358,14 @@ impl Header {
             return Err(Error::invalid(format!("backing_file_size {size} is too large (max 1023)")));
         }
         let start = self.backing_file_offset;
-        let end = start + u64::from(size);
-        if end > self.cluster_size() || end > buf.len() as u64 {
+        // qcow2.rst, Header bytes 8-15: the name lies inside the first cluster. Checked arithmetic: the
+        // offset is any 64-bit value a hostile image holds.
+        let end = start.checked_add(u64::from(size)).filter(|&e| e <= self.cluster_size() && e <= buf.len() as u64);
+        let Some(end) = end else {
             return Err(Error::invalid(format!(
-                "backing file name at offset {start} (length {size}) lies outside the first cluster"
+                "Invalid backing file offset: backing_file_offset {start:#x} (backing_file_size {size}) lies outside the first cluster"
             )));
-        }
+        };
         if size == 0 {
             return Ok(());
         }
@@ -453,6 +455,15 @@ mod tests {
         b[16..20].copy_from_slice(&10u32.to_be_bytes());
         let e = Header::parse(&b).unwrap_err();
         assert!(e.to_string().contains("outside the first cluster"), "{e}");
+    }
+
+    #[test]
+    fn a_backing_name_offset_that_overflows_is_refused_not_a_panic() {
+        let mut b = minimal_v3();
+        b[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        b[16..20].copy_from_slice(&37u32.to_be_bytes());
+        let e = Header::parse(&b).unwrap_err();
+        assert!(e.to_string().contains("backing_file_offset"), "{e}");
     }
 
     #[test]
