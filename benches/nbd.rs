@@ -44,6 +44,9 @@ impl BlockDevice for Ram {
         self.0.write().expect("lock")[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
+    fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        Some(self.write_at(buf, offset, false))
+    }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool, _fua: bool) -> Result<()> {
         self.0.write().expect("lock")[offset as usize..(offset + len) as usize].fill(0);
         Ok(())

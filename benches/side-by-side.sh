@@ -9,6 +9,8 @@
 # Cases (default: all):
 #   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
 #   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
+#   write-fresh-4c              4 clients (4 connections), each 4 KiB random write QD32 into its own quarter of a
+#                               fresh qcow2 (different clusters): allocating writers in parallel
 #   cow cow-extl2               4 KiB random write QD32 into an overlay of a raw base (with extended L2)
 #   read-chain3                 4 KiB random read QD32 through a 3-deep backing chain
 #   seq-read seq-write          1 MiB sequential read / write, QD4
@@ -24,11 +26,14 @@ secs=${1:-5}
 reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-alloc cow cow-extl2 read-chain3 seq-read seq-write
+[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c write-alloc cow cow-extl2 read-chain3 seq-read seq-write
   raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring)
 export PATH=/usr/bin:$PATH
-cargo build --release -q -p nbd-server
-qnbd=$PWD/target/release/qnbd
+# QNBD=path runs another qnbd binary (say, a build of an older commit, for a before/after table).
+if [ -z "${QNBD:-}" ]; then
+  cargo build --release -q -p nbd-server
+fi
+qnbd=${QNBD:-$PWD/target/release/qnbd}
 dir=$(mktemp -d /var/tmp/qnbd-bench.XXXXXX)
 trap 'pkill -f "$dir" 2>/dev/null || true; sleep 0.2; rm -rf "$dir"' EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
@@ -45,7 +50,7 @@ qemu-io -f qcow2 -c 'write -P 3 512M 256M' "$dir/c3.qcow2" >/dev/null
 prep() { # case -> the image to serve (made fresh for each run)
   rm -f "$dir/img.qcow2"
   case ${1%/uring} in
-    write-fresh | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
+    write-fresh | write-fresh-4c | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     read-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
@@ -56,6 +61,7 @@ prep() { # case -> the image to serve (made fresh for each run)
 
 fio_args() {
   case ${1%/uring} in
+    write-fresh-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=256M --group_reporting" ;;
     write-* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     read-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
     read-qd32 | read-chain3) echo "--rw=randread --bs=4k --iodepth=32" ;;
@@ -102,10 +108,10 @@ run_one() { # server case -> "value rss_kib"
       t1=$(date +%s.%N)
       val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 1024/(b-a)}') ;;
     *)
-      local field=iops
-      case $case in seq-* | raw-seq-*) field=bw ;; esac
+      local field=iops size=1G
+      case $case in seq-* | raw-seq-*) field=bw ;; write-fresh-4c) size=256M ;; esac
       # shellcheck disable=SC2046
-      val=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --size=1G --time_based \
+      val=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --size="$size" --time_based \
         --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
         python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; f=sys.argv[1]
 v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field") ;;
@@ -159,7 +165,7 @@ unit() {
   esac
 }
 
-echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd $(git rev-parse --short HEAD 2>/dev/null)"
+echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd ${QNBD:-$(git rev-parse --short HEAD 2>/dev/null)}"
 printf '%-18s %-8s %12s %12s %7s %12s %12s\n' case unit qnbd qemu-nbd ratio qnbd_rss_kb qemu_rss_kb
 for case in "${cases[@]}"; do
   if [ "$case" = overlays50 ]; then

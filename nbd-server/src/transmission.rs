@@ -373,20 +373,19 @@ where
             None if !always_offload(&req) && !conn.offloading() => {
                 let t0 = Instant::now();
                 let moved = req.length.min(MAX_PAYLOAD);
-                let bytes = handle(&conn, req, payload);
-                conn.note_time(t0.elapsed(), moved);
-                Some((Out::Bytes(bytes), permits))
+                match inline(&conn, req, payload) {
+                    Ok(bytes) => {
+                        conn.note_time(t0.elapsed(), moved);
+                        Some((Out::Bytes(bytes), permits))
+                    }
+                    Err((req, payload)) => {
+                        offload(&conn, &tx, req, payload, permits);
+                        None
+                    }
+                }
             }
             None => {
-                let conn = conn.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
-                    if let Ok(bytes) = r {
-                        let _ = tx.send(Out::Bytes(bytes)).await;
-                    }
-                    drop(permits);
-                });
+                offload(&conn, &tx, req, payload, permits);
                 None
             }
         };
@@ -527,6 +526,44 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
 }
 
 /// Runs one request and returns its whole reply; the payload buffer goes back to the pool.
+/// Runs a request on the blocking pool; its reply goes to the writer when done.
+fn offload<P: Send + 'static>(conn: &Arc<Conn>, tx: &mpsc::Sender<Out>, req: Request, payload: Vec<u8>, permits: P) {
+    let conn = conn.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
+        if let Ok(bytes) = r {
+            let _ = tx.send(Out::Bytes(bytes)).await;
+        }
+        drop(permits);
+    });
+}
+
+/// Handles a quick request on the runtime thread that read it. A WRITE runs here only if the device can
+/// do it without touching metadata ([`qcow2::BlockDevice::write_quick`]: no lock, no allocation, no sync);
+/// otherwise it is handed back, to run on the blocking pool.
+fn inline(c: &Conn, req: Request, payload: Vec<u8>) -> std::result::Result<Vec<u8>, (Request, Vec<u8>)> {
+    if req.kind != NBD_CMD_WRITE {
+        return Ok(handle(c, req, payload));
+    }
+    let ex = &c.export;
+    let in_range = req.offset.checked_add(req.length).is_some_and(|e| e <= ex.device.size());
+    if ex.is_read_only() || !in_range || (ex.detect_zeroes != DetectZeroes::Off && is_zero(&payload)) {
+        // Errors and zero detection: the general path.
+        return Ok(handle(c, req, payload));
+    }
+    match ex.device.write_quick(&payload, req.offset) {
+        None => Err((req, payload)),
+        Some(r) => {
+            c.pool.put(payload);
+            Ok(match r {
+                Ok(()) => reply::done(c.style, req.cookie, req.offset, 0, ""),
+                Err(e) => reply::done(c.style, req.cookie, req.offset, errno(&e), &e.to_string()),
+            })
+        }
+    }
+}
+
 fn handle(c: &Conn, req: Request, payload: Vec<u8>) -> Vec<u8> {
     let r = execute(c, req, &payload);
     c.pool.put(payload);

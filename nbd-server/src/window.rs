@@ -34,6 +34,9 @@ impl BlockDevice for Window {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.inner.write_at(buf, offset + self.offset, fua)
     }
+    fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        self.inner.write_quick(buf, offset + self.offset)
+    }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
         self.inner.write_zeroes(offset + self.offset, len, may_unmap, fua)
     }

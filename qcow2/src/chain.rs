@@ -513,6 +513,14 @@ impl BlockDevice for Image {
         Ok(())
     }
 
+    fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        self.check_writable(offset, buf.len() as u64).ok()?;
+        match &self.layer {
+            Layer::Raw(s) => Some(s.write_at(buf, offset)),
+            Layer::Qcow2(q) => q.write_quick(buf, offset),
+        }
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         match &self.layer {

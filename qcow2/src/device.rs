@@ -110,6 +110,13 @@ pub trait BlockDevice: Send + Sync {
     fn is_read_only(&self) -> bool;
     /// Writes `buf` at `offset`; with `fua`, durable before returning.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+    /// Writes `buf` at `offset` only if that changes no metadata: no lock, no allocation, no sync, so a
+    /// server may run it on an event-loop thread. `None`: nothing was written; call
+    /// [`BlockDevice::write_at`] (off the event loop).
+    fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        let _ = (buf, offset);
+        None
+    }
     /// Makes the range read as zeros; may deallocate it if `may_unmap`.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()>;
     /// Whether [`BlockDevice::write_zeroes`] is cheap (no data written) for this device.

@@ -2,14 +2,17 @@
 //!
 //! Refcounts change only in memory here; [`Refcounts::add_to`] hands the changed blocks and table to a
 //! [`MetaCommit`], whose module states the order they reach the disk in. Two rules live here:
-//! - **No reuse while open**: new clusters are always taken at the end of the file, and a freed cluster is
-//!   never handed out again while the image is open, so a request still in flight (or a `sendfile` of a
-//!   planned read) can never touch a cluster that has a new owner. Sequential writers get contiguous
-//!   clusters, and a crash leaves at worst leaked clusters.
+//! - **No reuse while open**: new clusters are always taken at or past the end the file had when it was
+//!   opened, and a freed cluster is never handed out again while the image is open, so a request still in
+//!   flight (or a `sendfile` of a planned read) can never touch a cluster that has a new owner, and a new
+//!   data cluster reads as zeros until its writer writes it (`write.rs` relies on that and writes only the
+//!   guest's bytes into a new cluster that would otherwise be zero-filled). Sequential writers get
+//!   contiguous clusters, and a crash leaves at worst leaked clusters.
 //! - **Lowered only after unpublishing**: [`Refcounts::free_later`] queues a decrement; it is applied by
 //!   [`Refcounts::apply_frees`] only after the commit that removed the last on-disk pointer completed.
-//!   [`Refcounts::unreserve`] is the one exception: a cluster reserved for a write that failed before
-//!   anything pointed at it.
+//! - **Counted when published**: a data cluster is [`Refcounts::reserve`]d while its data is written and
+//!   counted ([`Refcounts::count`]) under the same lock that publishes its L2 entry, so a commit never
+//!   carries the refcount of a cluster whose write is still in flight.
 
 use super::commit::{MetaCommit, Stage};
 use super::overlap::{Kind, Map};
@@ -233,8 +236,21 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// Allocates `n` contiguous new clusters at the end; returns the host offset of the first.
+    /// Allocates `n` contiguous new clusters at the end, counted; returns the host offset of the first.
     pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let off = self.reserve(file, n)?;
+        let start = off >> self.cluster_bits;
+        for c in start..start + n {
+            self.update(file, c, 1)?;
+        }
+        Ok(off)
+    }
+
+    /// Reserves `n` contiguous new clusters at the end without counting them yet (their refcount blocks
+    /// exist afterwards): a writer fills them outside the lock and counts each with [`Refcounts::count`]
+    /// when it publishes it. A reservation that fails is simply forgotten: nothing counts or points at it,
+    /// so a commit (or a kill -9) in between leaks nothing, and the clusters are never handed out again.
+    pub fn reserve(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         // Make sure refcount blocks for the whole range exist first (they may themselves take clusters).
         loop {
             self.end_cluster = self.next_free_run(file, n)?;
@@ -254,16 +270,18 @@ impl Refcounts {
         if start != self.end_cluster {
             // A stale refcount sat in the way of a block placed above: place the blocks again.
             self.end_cluster = start;
-            return self.alloc(file, n);
+            return self.reserve(file, n);
         }
         if (start + n) << self.cluster_bits > crate::limits::MAX_HOST_OFFSET {
             return Err(Error::new(crate::ErrorKind::NoSpace, "the image file has reached the largest host offset"));
         }
-        for c in start..start + n {
-            self.update(file, c, 1)?;
-        }
         self.end_cluster = start + n;
         Ok(start << self.cluster_bits)
+    }
+
+    /// Counts a cluster reserved by [`Refcounts::reserve`], as its first reference is published.
+    pub fn count(&mut self, file: &dyn Storage, c: u64) -> Result<()> {
+        self.update(file, c, 1)
     }
 
     /// Schedules a decrement of cluster `c` for after the L2 entries no longer pointing at it are durable.
@@ -330,13 +348,6 @@ impl Refcounts {
         if self.blocks.len() as u64 * self.cs() > 32 << 20 {
             self.blocks.retain(|_, (_, d)| *d);
         }
-    }
-
-    /// Gives back a cluster reserved by [`Refcounts::alloc`] for a write that failed before anything on
-    /// disk or in memory pointed at it (its count may already be on disk: lowering it is safe, since no
-    /// entry references it). The cluster is not handed out again while the image is open.
-    pub fn unreserve(&mut self, file: &dyn Storage, c: u64) -> Result<()> {
-        self.update(file, c, -1)
     }
 
     /// Applies the pending decrements (after the L2 entries were written and synced).

@@ -46,6 +46,8 @@ pub struct Qcow2 {
     poisoned: std::sync::atomic::AtomicBool,
     /// Write state (refcounts, dirty flags); `None` for a read-only image.
     writer: Option<Mutex<write::WriteState>>,
+    /// Signalled when an allocating write of a busy guest cluster finished (see `write.rs`).
+    writer_cv: std::sync::Condvar,
     snapshots: Vec<Snapshot>,
     /// Virtual size (the snapshot's when one is loaded); grows with resize.
     size: AtomicU64,

@@ -202,6 +202,7 @@ impl Qcow2 {
             l2_cache: L2Cache::new(tables),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             writer,
+            writer_cv: std::sync::Condvar::new(),
             snapshots,
             size: std::sync::atomic::AtomicU64::new(size),
             file_len: std::sync::atomic::AtomicU64::new(file_len),

@@ -13,9 +13,10 @@ use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, Field};
 use crate::format::table::{self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::MutexGuard;
 
 /// Most bytes of dirty L2 tables kept before a metadata flush is forced.
 const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
@@ -27,12 +28,25 @@ pub struct WriteState {
     l1_dirty: BTreeSet<usize>,
     /// Set once an inconsistency was found: no more writes.
     corrupt: bool,
+    /// Guest clusters whose allocating write is copying and writing data outside the lock: other writers,
+    /// zero writes and discards of those clusters wait on `Qcow2::writer_cv` (qemu's cluster allocation
+    /// dependencies).
+    busy: HashSet<u64>,
+}
+
+/// A host cluster chosen for one guest cluster's write, under the lock, before its data is written.
+struct Reservation {
+    l2: u64,
+    idx: usize,
+    state: ClusterState,
+    target: u64,
+    in_place: bool,
 }
 
 impl WriteState {
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
-        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false }
+        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false, busy: HashSet::new() }
     }
 
     /// Sets a cluster's refcount (repair).
@@ -84,13 +98,29 @@ impl Qcow2 {
         }
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
-        let w = self.writer.as_ref().ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is read-only"))?;
-        let g = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+    fn lock(&self) -> Result<MutexGuard<'_, WriteState>> {
+        let g = self.lock_any()?;
         if g.corrupt {
             return Err(Error::corrupt("the image was found corrupt: writes are refused"));
         }
         Ok(g)
+    }
+
+    /// The writer lock, also when the image was found corrupt (to finish what is in flight).
+    fn lock_any(&self) -> Result<MutexGuard<'_, WriteState>> {
+        let w = self.writer.as_ref().ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is read-only"))?;
+        w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))
+    }
+
+    /// Waits (releasing the lock meanwhile) until no allocating write is in flight on guest cluster `gc`.
+    fn wait_cluster<'a>(&'a self, mut st: MutexGuard<'a, WriteState>, gc: u64) -> Result<MutexGuard<'a, WriteState>> {
+        while st.busy.contains(&gc) {
+            st = self.writer_cv.wait(st).map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+        }
+        if st.corrupt {
+            return Err(Error::corrupt("the image was found corrupt: writes are refused"));
+        }
+        Ok(st)
     }
 
     /// Called once when opened read-write: unknown autoclear bits are cleared (qcow2.rst: a program that
@@ -327,19 +357,43 @@ impl Qcow2 {
                     let host = s.host.unwrap_or(0) + in_cluster;
                     self.data.write_at(chunk, host)?;
                 }
-                _ => {
-                    let mut st = self.lock()?;
-                    let r = self.write_cluster(&mut st, chunk, pos, backing);
-                    self.note_corruption(&mut st, &r);
-                    r?;
-                    if self.too_many_dirty() {
-                        self.flush_locked(&mut st)?;
-                    }
-                }
+                _ => self.write_cluster_unlocked(chunk, pos, backing)?,
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// The lock-free part of [`Qcow2::write`] alone: writes `buf` only if every cluster it touches is owned
+    /// by this image with every touched subcluster allocated (no metadata changes); `None` otherwise, before
+    /// anything is written.
+    pub fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        if self.writer.is_none() || self.poisoned.load(Ordering::Acquire) {
+            return None;
+        }
+        let cs = self.cluster_size();
+        let mut hosts: Vec<(u64, usize, usize)> = Vec::with_capacity(4);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.checked_add(done as u64)?;
+            let in_cluster = pos & (cs - 1);
+            let n = ((cs - in_cluster) as usize).min(buf.len() - done);
+            let touched = self.touched(in_cluster, in_cluster + n as u64);
+            // A lookup error is the slow path's to report (and to mark the image corrupt for).
+            match self.peek(pos).ok()? {
+                Some(s) if s.copied && s.compressed.is_none() && s.alloc & touched == touched => {
+                    hosts.push((s.host? + in_cluster, done, n));
+                }
+                _ => return None,
+            }
+            done += n;
+        }
+        for (host, at, n) in hosts {
+            if let Err(e) = self.data.write_at(&buf[at..at + n], host) {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(()))
     }
 
     fn too_many_dirty(&self) -> bool {
@@ -390,36 +444,80 @@ impl Qcow2 {
         }
     }
 
-    /// Slow path for one cluster: allocate or copy as needed, merging COW data with the guest's data.
+    /// Slow path for one cluster, with the data I/O outside the writer lock: the host cluster is reserved
+    /// (and the guest cluster marked busy) under the lock; the copy-on-write source is read, decompressed and
+    /// written with the guest's bytes without it; the new mapping is published under the lock again. Writers
+    /// to other clusters run meanwhile; writers to this one wait for it.
+    fn write_cluster_unlocked(&self, chunk: &[u8], pos: u64, backing: BackingReader<'_>) -> Result<()> {
+        let gc = pos >> self.cluster_bits;
+        let mut st = self.wait_cluster(self.lock()?, gc)?;
+        let r = self.reserve(&mut st, pos);
+        self.note_corruption(&mut st, &r);
+        let res = r?;
+        st.busy.insert(gc);
+        drop(st);
+        let filled = self.fill_cluster(&res.state, chunk, pos, res.target, res.in_place, backing);
+        let mut st = self.lock_any()?;
+        st.busy.remove(&gc);
+        self.writer_cv.notify_all();
+        let r = self.finish(&mut st, &res, chunk.len(), pos, filled);
+        self.note_corruption(&mut st, &r);
+        r?;
+        if self.too_many_dirty() {
+            self.flush_locked(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// The same under a lock the caller holds (zero writes that must write zeros; rare).
     fn write_cluster(&self, st: &mut WriteState, chunk: &[u8], pos: u64, backing: BackingReader<'_>) -> Result<()> {
-        let cs = self.cluster_size();
-        let cluster_start = pos & !(cs - 1);
-        let a = pos - cluster_start;
-        let b = a + chunk.len() as u64;
+        let res = self.reserve(st, pos)?;
+        let filled = self.fill_cluster(&res.state, chunk, pos, res.target, res.in_place, backing);
+        self.finish(st, &res, chunk.len(), pos, filled)
+    }
+
+    /// Chooses where guest cluster `pos` is written: in place if this image owns it, else a new cluster
+    /// (its refcount raised in memory; nothing points at it yet).
+    fn reserve(&self, st: &mut WriteState, pos: u64) -> Result<Reservation> {
         let (l1_idx, idx) = self.indices(pos);
         let l2 = self.l2_for_write(st, l1_idx)?;
         let t = self.l2_table(l2)?;
-        let s = self.state_of(&t, idx);
+        let state = self.state_of(&t, idx);
         drop(t);
-        self.validate(&s, pos)?;
-        let in_place = s.copied && s.compressed.is_none() && s.host.is_some();
-        let target = if in_place { s.host.unwrap_or(0) } else { self.alloc_data(st, pos)? };
-        let r = self.fill_cluster(&s, chunk, pos, target, in_place, backing);
-        if let Err(e) = r {
-            // Nothing points at a new cluster yet: give it back (ENOSPC or EIO fails the request only).
-            if !in_place && !self.has_data_file() {
-                st.refs.unreserve(self.file.as_ref(), target >> self.cluster_bits)?;
-            }
-            return Err(e);
+        self.validate(&state, pos)?;
+        let in_place = state.copied && state.compressed.is_none() && state.host.is_some();
+        let target = if in_place {
+            state.host.unwrap_or(0)
+        } else if self.has_data_file() {
+            pos & !(self.cluster_size() - 1)
+        } else {
+            let h = st.refs.reserve(self.file.as_ref(), 1)?;
+            self.grow_file_len(&st.refs);
+            h
+        };
+        Ok(Reservation { l2, idx, state, target, in_place })
+    }
+
+    /// Publishes a filled reservation (data before mapping: the data write completed): the new cluster is
+    /// counted and the L2 entry changed together. A failed data write (ENOSPC, EIO) fails the request only;
+    /// its reserved cluster was never counted.
+    fn finish(&self, st: &mut WriteState, res: &Reservation, len: usize, pos: u64, filled: Result<()>) -> Result<()> {
+        filled?;
+        if st.corrupt {
+            return Err(Error::corrupt("the image was found corrupt: writes are refused"));
         }
-        let touched = self.touched(a, b);
+        if !res.in_place && !self.has_data_file() {
+            st.refs.count(self.file.as_ref(), res.target >> self.cluster_bits)?;
+        }
+        let a = pos & (self.cluster_size() - 1);
+        let touched = self.touched(a, a + len as u64);
+        let s = &res.state;
         let (alloc, zero) =
             if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
-        let entry = target | OFLAG_COPIED;
         let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
-        self.set_entry(l2, idx, entry, bitmap)?;
-        if !in_place {
-            self.release(st, &s);
+        self.set_entry(res.l2, res.idx, res.target | OFLAG_COPIED, bitmap)?;
+        if !res.in_place {
+            self.release(st, s);
         }
         Ok(())
     }
@@ -463,6 +561,9 @@ impl Qcow2 {
         };
         let mut out = vec![0u8; (r1 - r0) as usize];
         let mut decompressed: Option<Vec<u8>> = None;
+        // Whether everything around the guest's bytes is zeros by definition (no old data, no backing file).
+        let no_backing = self.header.backing_file.is_none();
+        let mut zero_fill = true;
         for sc in (r0 / ss)..(r1 / ss) {
             let bit = 1u32 << sc;
             let seg = &mut out[(sc * ss - r0) as usize..((sc + 1) * ss - r0) as usize];
@@ -481,12 +582,15 @@ impl Qcow2 {
                 if let Some(full) = &decompressed {
                     seg.copy_from_slice(&full[seg_start as usize..(seg_start + ss) as usize]);
                 }
+                zero_fill = false;
             } else if s.alloc & bit != 0 {
                 self.data.read_at(seg, s.host.unwrap_or(0) + seg_start)?;
+                zero_fill = false;
             } else if s.zero & bit != 0 {
                 // Already zeros.
-            } else if touched & bit != 0 {
+            } else if touched & bit != 0 && !no_backing {
                 backing(seg, cluster_start + seg_start)?;
+                zero_fill = false;
             }
         }
         out[(a - r0) as usize..(b - r0) as usize].copy_from_slice(chunk);
@@ -510,6 +614,11 @@ impl Qcow2 {
             for (x, y) in pieces {
                 self.data.write_at(&out[(x - r0) as usize..(y - r0) as usize], target + x)?;
             }
+        } else if zero_fill && !self.has_data_file() {
+            // A new cluster always comes from past the end the file had when it was opened and is never
+            // handed out twice (`alloc.rs`), so it reads as zeros already: only the guest's bytes are written
+            // (qemu writes zeros there with write_zeroes; a hole is the same on every file system).
+            self.data.write_at(chunk, target + a)?;
         } else {
             self.data.write_at(&out, target + r0)?;
         }
@@ -570,7 +679,7 @@ impl Qcow2 {
             let cs = self.cluster_size();
             let cluster_end = ((pos / cs) + 1) * cs;
             let span_end = cluster_end.min(end / gran * gran);
-            let mut st = self.lock()?;
+            let mut st = self.wait_cluster(self.lock()?, pos >> self.cluster_bits)?;
             let r = self.zero_units(&mut st, pos, span_end, may_unmap, has_backing, backing);
             self.note_corruption(&mut st, &r);
             r?;
@@ -698,6 +807,12 @@ impl Qcow2 {
     /// The whole flush as two commits (see `commit/mod.rs` for the order): everything that publishes or
     /// counts, then the lowered refcounts of what stopped being referenced.
     fn flush_inner(&self, st: &mut WriteState) -> Result<()> {
+        // New clusters whose writer wrote only the guest's bytes (`fill_cluster`) may end past the end of
+        // the file: give the file its full length first, as qemu's cluster-sized writes would have.
+        let end = st.refs.end_cluster << self.cluster_bits;
+        if self.file.len()? < end {
+            self.file.set_len(end)?;
+        }
         let dirty_l2 = self.l2_cache.dirty();
         let mut c = MetaCommit::new(self.has_separate_data());
         let refs = st.refs.add_to(&mut c, false);
