@@ -82,43 +82,116 @@ pub fn encode_compressed(d: CompressedDesc, cluster_bits: u32) -> u64 {
     OFLAG_COMPRESSED | (sectors << x) | d.offset
 }
 
+/// How the L2 entries of one image are laid out (qcow2.rst, "Cluster mapping" and "Extended L2 Entries").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L2Layout {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Extended L2 entries (128 bits: the entry and a subcluster bitmap).
+    pub extended: bool,
+    /// Bit 0 of a standard entry means "reads as zeros" (version 3 without extended L2).
+    pub zero_flag: bool,
+    /// The image has an external data file (a host offset of 0 with `COPIED` is a real cluster).
+    pub data_file: bool,
+}
+
+/// One L2 entry decoded for its whole cluster: the single decoder of L2 entries, used by the mapper, the
+/// writer and the checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L2Entry {
+    /// Host cluster offset, when one is set.
+    pub host: Option<u64>,
+    /// `QCOW_OFLAG_COPIED`: this image's reference is the only one.
+    pub copied: bool,
+    /// The compressed descriptor of a compressed cluster.
+    pub compressed: Option<CompressedDesc>,
+    /// Allocated subclusters, bit 0 first (a standard entry is one subcluster).
+    pub alloc: u32,
+    /// Subclusters that read as zeros.
+    pub zero: u32,
+}
+
+impl L2Layout {
+    /// Decodes `entry` (and, for extended entries, its `bitmap`).
+    pub fn decode(&self, entry: u64, bitmap: u64) -> L2Entry {
+        if entry & OFLAG_COMPRESSED != 0 {
+            let d = decode_compressed(entry, self.cluster_bits);
+            return L2Entry { host: None, copied: false, compressed: Some(d), alloc: 0, zero: 0 };
+        }
+        let off = entry & OFFSET_MASK;
+        let copied = entry & OFLAG_COPIED != 0;
+        let host = if off != 0 || (self.data_file && copied) { Some(off) } else { None };
+        let (alloc, zero) = if self.extended {
+            (bitmap as u32, (bitmap >> 32) as u32)
+        } else if self.zero_flag && entry & OFLAG_ZERO != 0 {
+            (0, 1)
+        } else if host.is_some() {
+            (1, 0)
+        } else {
+            (0, 0)
+        };
+        L2Entry { host, copied, compressed: None, alloc, zero }
+    }
+
+    /// Encodes an entry for a host cluster (with `COPIED`) or none, and its bitmap (0 for standard entries,
+    /// where a zero subcluster becomes the zero flag).
+    pub fn encode(&self, host: Option<u64>, alloc: u32, zero: u32) -> (u64, u64) {
+        let base = host.map_or(0, |h| h | OFLAG_COPIED);
+        if self.extended {
+            (base, u64::from(alloc) | (u64::from(zero) << 32))
+        } else if zero != 0 {
+            (base | OFLAG_ZERO, 0)
+        } else {
+            (base, 0)
+        }
+    }
+
+    /// What subcluster `sc` of a decoded entry says; `None` for an invalid entry (a subcluster both
+    /// allocated and zero, or allocated without a host cluster).
+    pub fn kind(&self, e: &L2Entry, sc: u32) -> Option<L2Kind> {
+        if let Some(d) = e.compressed {
+            return Some(L2Kind::Compressed(d));
+        }
+        let bit = if self.extended { 1u32.checked_shl(sc)? } else { 1 };
+        match (e.alloc & bit != 0, e.zero & bit != 0) {
+            (true, true) => None,
+            (true, false) => e.host.map(|h| L2Kind::Data { host: h }),
+            (false, true) => Some(L2Kind::Zero { host: e.host }),
+            (false, false) => Some(L2Kind::Unallocated { host: if self.extended { e.host } else { None } }),
+        }
+    }
+}
+
 /// Decodes a standard L2 entry (no subclusters). `zero_bit_valid` is false for v2 and extended L2.
 pub fn decode_l2(entry: u64, cluster_bits: u32, zero_bit_valid: bool, has_data_file: bool) -> L2Kind {
-    if entry & OFLAG_COMPRESSED != 0 {
-        return L2Kind::Compressed(decode_compressed(entry, cluster_bits));
-    }
-    let off = entry & OFFSET_MASK;
-    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) { Some(off) } else { None };
-    if zero_bit_valid && entry & OFLAG_ZERO != 0 {
-        return L2Kind::Zero { host };
-    }
-    match host {
-        Some(h) => L2Kind::Data { host: h },
-        None => L2Kind::Unallocated { host: None },
-    }
+    let l = L2Layout { cluster_bits, extended: false, zero_flag: zero_bit_valid, data_file: has_data_file };
+    l.kind(&l.decode(entry, 0), 0).unwrap_or(L2Kind::Unallocated { host: None })
 }
 
 /// Decodes subcluster `sc` (0..32) of an extended L2 entry `(entry, bitmap)`.
 /// Returns `None` for an invalid bitmap (a subcluster both allocated and zero, or allocated without offset).
 pub fn decode_l2_ext(entry: u64, bitmap: u64, sc: u32, cluster_bits: u32, has_data_file: bool) -> Option<L2Kind> {
-    if entry & OFLAG_COMPRESSED != 0 {
-        return Some(L2Kind::Compressed(decode_compressed(entry, cluster_bits)));
-    }
-    let off = entry & OFFSET_MASK;
-    let host = if off != 0 || (has_data_file && entry & OFLAG_COPIED != 0) { Some(off) } else { None };
-    let alloc = bitmap & (1u64 << sc) != 0;
-    let zero = bitmap & (1u64 << (sc + 32)) != 0;
-    match (alloc, zero) {
-        (true, true) => None,
-        (true, false) => host.map(|h| L2Kind::Data { host: h }),
-        (false, true) => Some(L2Kind::Zero { host }),
-        (false, false) => Some(L2Kind::Unallocated { host }),
-    }
+    let l = L2Layout { cluster_bits, extended: true, zero_flag: false, data_file: has_data_file };
+    l.kind(&l.decode(entry, bitmap), sc)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_encode_and_decode_back() {
+        for extended in [false, true] {
+            let l = L2Layout { cluster_bits: 16, extended, zero_flag: !extended, data_file: false };
+            let (alloc, zero) = if extended { (0b0110, 0b1000) } else { (1, 0) };
+            let (e, bm) = l.encode(Some(0x30000), alloc, zero);
+            let d = l.decode(e, bm);
+            assert_eq!((d.host, d.copied, d.alloc, d.zero), (Some(0x30000), true, alloc, zero));
+            let (e, bm) = l.encode(None, 0, 1);
+            let z = l.decode(e, bm);
+            assert_eq!(l.kind(&z, 0), Some(L2Kind::Zero { host: None }));
+        }
+    }
 
     #[test]
     fn tables_round_trip_as_big_endian_words() {

@@ -8,7 +8,7 @@ use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header;
 use crate::format::refcount;
-use crate::format::table::{self, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::format::table::{OFFSET_MASK, OFLAG_COPIED};
 use std::collections::HashMap;
 
 /// The result of a check.
@@ -143,8 +143,9 @@ impl Qcow2 {
                 };
                 for idx in 0..(t.len() / step) {
                     let ent = t[idx * step];
-                    if ent & OFLAG_COMPRESSED != 0 {
-                        let d = table::decode_compressed(ent, cb);
+                    let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
+                    let decoded = self.layout.decode(ent, bm);
+                    if let Some(d) = decoded.compressed {
                         add(&mut r, d.offset & !511, (d.offset & 511) + d.len, "compressed cluster");
                         if *is_active {
                             r.allocated_clusters += 1;
@@ -153,7 +154,8 @@ impl Qcow2 {
                         }
                         continue;
                     }
-                    let off = ent & OFFSET_MASK;
+                    // Offset 0 is no cluster in the image file (a data file's cluster 0 is not counted here).
+                    let off = decoded.host.unwrap_or(0);
                     if off == 0 {
                         continue;
                     }

@@ -130,18 +130,19 @@ impl Qcow2 {
         let idx = ((guest >> cb) & (self.l2_entries - 1)) as usize;
         let has_data_file = self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         let in_cluster = guest & (cs - 1);
-        let kind = if self.header.extended_l2() {
+        let kind = if self.layout.extended {
             let (e, bm) = (t.word(2 * idx), t.word(2 * idx + 1));
             if e & table::OFLAG_COMPRESSED != 0 && bm != 0 {
                 return Err(bad_bitmap(bm, guest, true));
             }
             let sc = (in_cluster >> self.sc_bits) as u32;
-            match table::decode_l2_ext(e, bm, sc, cb, has_data_file) {
+            match self.layout.kind(&self.layout.decode(e, bm), sc) {
                 Some(k) => k,
                 None => return Err(bad_bitmap(bm, guest, false)),
             }
         } else {
-            table::decode_l2(t.word(idx), cb, self.header.version >= 3, has_data_file)
+            let d = self.layout.decode(t.word(idx), 0);
+            self.layout.kind(&d, 0).unwrap_or(L2Kind::Unallocated { host: None })
         };
         let check_host = |h: u64| -> Result<u64> {
             if h & (cs - 1) == 0 && (has_data_file || (h != 0 && h < self.file_len())) {

@@ -37,6 +37,8 @@ pub struct Qcow2 {
     l2_entries: u64,
     /// log2 of the subcluster size (equal to cluster_bits without extended L2).
     sc_bits: u32,
+    /// How L2 entries are laid out, for the one L2 entry decoder (`format::table`).
+    layout: crate::format::table::L2Layout,
     l1: RwLock<Vec<u64>>,
     /// Where the active L1 table lives (moves when resize grows it).
     l1_offset: AtomicU64,

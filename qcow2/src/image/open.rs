@@ -197,6 +197,12 @@ impl Qcow2 {
             cluster_bits,
             l2_entries,
             sc_bits: if ext { cluster_bits - 5 } else { cluster_bits },
+            layout: table::L2Layout {
+                cluster_bits,
+                extended: ext,
+                zero_flag: header.version >= 3 && !ext,
+                data_file: has_data_file,
+            },
             l1: std::sync::RwLock::new(l1),
             l1_offset: std::sync::atomic::AtomicU64::new(l1_off),
             l2_cache: L2Cache::new(tables),

@@ -12,7 +12,7 @@ use super::overlap::Kind;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, Field};
-use crate::format::table::{self, CompressedDesc, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::table::{self, OFFSET_MASK, OFLAG_COPIED};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,14 +63,8 @@ impl WriteState {
 /// Reads guest data from the backing chain (or zeros) for copy-on-write.
 pub type BackingReader<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 
-/// What one cluster's L2 entry says, in the terms the writer needs.
-struct ClusterState {
-    host: Option<u64>,
-    copied: bool,
-    compressed: Option<CompressedDesc>,
-    alloc: u32,
-    zero: u32,
-}
+/// What one cluster's L2 entry says, in the terms the writer needs (the format's one decoder).
+type ClusterState = table::L2Entry;
 
 impl Qcow2 {
     /// Whether the image was opened for writing.
@@ -162,31 +156,8 @@ impl Qcow2 {
     }
 
     fn state_of(&self, t: &Table, idx: usize) -> ClusterState {
-        let ext = self.header.extended_l2();
-        let (e, bm) = if ext { (t.word(2 * idx), t.word(2 * idx + 1)) } else { (t.word(idx), 0) };
-        let cb = self.cluster_bits;
-        if e & OFLAG_COMPRESSED != 0 {
-            return ClusterState {
-                host: None,
-                copied: false,
-                compressed: Some(table::decode_compressed(e, cb)),
-                alloc: 0,
-                zero: 0,
-            };
-        }
-        let off = e & OFFSET_MASK;
-        let copied = e & OFLAG_COPIED != 0;
-        let host = if off != 0 || (self.has_data_file() && copied) { Some(off) } else { None };
-        let (alloc, zero) = if ext {
-            (bm as u32, (bm >> 32) as u32)
-        } else if self.header.version >= 3 && e & OFLAG_ZERO != 0 {
-            (0, 1)
-        } else if host.is_some() {
-            (1, 0)
-        } else {
-            (0, 0)
-        };
-        ClusterState { host, copied, compressed: None, alloc, zero }
+        let (e, bm) = if self.layout.extended { (t.word(2 * idx), t.word(2 * idx + 1)) } else { (t.word(idx), 0) };
+        self.layout.decode(e, bm)
     }
 
     /// Refuses a cluster state the writer must not act on: a host offset that is misaligned, at the header,
@@ -222,7 +193,14 @@ impl Qcow2 {
         }
     }
 
-    /// Stores the new entry (and bitmap) for index `idx` of the L2 table at `l2`.
+    /// Maps index `idx` of the L2 table at `l2` to `host` (with `COPIED`) or to no cluster, with these
+    /// allocated and zero subclusters (the format's one encoder).
+    fn set_mapping(&self, l2: u64, idx: usize, host: Option<u64>, alloc: u32, zero: u32) -> Result<()> {
+        let (entry, bitmap) = self.layout.encode(host, alloc, zero);
+        self.set_entry(l2, idx, entry, bitmap)
+    }
+
+    /// Stores a raw entry (and bitmap) for index `idx` of the L2 table at `l2`.
     pub(super) fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
         let ext = self.header.extended_l2();
         let apply = |t: &Table| {
@@ -514,8 +492,7 @@ impl Qcow2 {
         let s = &res.state;
         let (alloc, zero) =
             if s.compressed.is_some() { (self.all_bits(), 0) } else { (s.alloc | touched, s.zero & !touched) };
-        let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
-        self.set_entry(res.l2, res.idx, res.target | OFLAG_COPIED, bitmap)?;
+        self.set_mapping(res.l2, res.idx, Some(res.target), alloc, zero)?;
         if !res.in_place {
             self.release(st, s);
         }
@@ -718,7 +695,7 @@ impl Qcow2 {
                 let t = self.l2_table(l2)?;
                 let s = self.state_of(&t, idx);
                 drop(t);
-                self.set_entry(l2, idx, 0, 0)?;
+                self.set_mapping(l2, idx, None, 0, 0)?;
                 self.release(st, &s);
                 return Ok(());
             }
@@ -739,30 +716,34 @@ impl Qcow2 {
                 return self.write_cluster(st, &buf, a, backing);
             }
             let keep_host = !whole || !may_unmap;
-            let (entry, alloc, release) = match (s.host, s.copied, keep_host && s.compressed.is_none()) {
-                (Some(h), true, true) => (h | OFLAG_COPIED, s.alloc & !touched, false),
-                _ => (0, 0, true),
+            let kept = match (s.host, s.copied, keep_host && s.compressed.is_none()) {
+                (Some(h), true, true) => Some(h),
+                _ => None,
             };
-            let zero = if entry == 0 { s.zero | touched } else { (s.zero | touched) & !alloc };
+            let alloc = if kept.is_some() { s.alloc & !touched } else { 0 };
+            let zero = if kept.is_none() { s.zero | touched } else { (s.zero | touched) & !alloc };
             // Dropping the host when other subclusters still hold data would lose them.
-            if entry == 0 && s.alloc & !touched != 0 {
+            if kept.is_none() && s.alloc & !touched != 0 {
                 let zeros = vec![0u8; (b - a) as usize];
                 return self.write_cluster(st, &zeros, a, backing);
             }
-            let zero =
-                if entry == 0 { zero | (!s.alloc & !s.zero & if has_backing { 0 } else { u32::MAX }) } else { zero };
-            self.set_entry(l2, idx, entry, u64::from(alloc) | (u64::from(zero) << 32))?;
-            if release {
+            let zero = if kept.is_none() {
+                zero | (!s.alloc & !s.zero & if has_backing { 0 } else { u32::MAX })
+            } else {
+                zero
+            };
+            self.set_mapping(l2, idx, kept, alloc, zero)?;
+            if kept.is_none() {
                 self.release(st, &s);
             }
             return Ok(());
         }
         // Standard L2, whole cluster: the zero flag, keeping a cluster this image owns unless unmapping.
-        let (entry, release) = match (s.host, s.copied, may_unmap, s.compressed) {
-            (Some(h), true, false, None) => (h | OFLAG_COPIED | OFLAG_ZERO, false),
-            _ => (OFLAG_ZERO, true),
+        let (kept, release) = match (s.host, s.copied, may_unmap, s.compressed) {
+            (Some(h), true, false, None) => (Some(h), false),
+            _ => (None, true),
         };
-        self.set_entry(l2, idx, entry, 0)?;
+        self.set_mapping(l2, idx, kept, 0, 1)?;
         if release {
             self.release(st, &s);
         }
@@ -978,8 +959,7 @@ impl Qcow2 {
             drop(t);
             if s.host.is_none() && s.compressed.is_none() {
                 let host = self.alloc_data(&mut st, pos)?;
-                let bitmap = if self.header.extended_l2() { u64::from(u32::MAX) } else { 0 };
-                self.set_entry(l2, idx, host | OFLAG_COPIED, bitmap)?;
+                self.set_mapping(l2, idx, Some(host), self.all_bits(), 0)?;
             }
             if self.too_many_dirty() {
                 self.flush_locked(&mut st)?;
