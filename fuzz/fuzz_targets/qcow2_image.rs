@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             let ok = match &p.source {
                 Source::Zero => true,
                 Source::Read { offset } => image.read_at(&mut piece, *offset).is_ok(),
-                Source::File { storage, offset } => storage.read_at(&mut piece, *offset).is_ok(),
+                Source::File { file, offset } => file.read_at(&mut piece, *offset).is_ok(),
             };
             if ok {
                 assert!(piece[..] == buf[at..at + p.len as usize], "a plan reads what read_at reads");

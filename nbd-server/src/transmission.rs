@@ -17,9 +17,8 @@ use crate::negotiate::{Context, Transmit};
 use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
 use crate::proto::*;
-use qcow2::storage::Storage;
 use qcow2::util::is_zero;
-use qcow2::{ErrorKind, Source};
+use qcow2::{ErrorKind, Source, SpliceFile};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -146,7 +145,7 @@ enum Out {
 enum Part {
     Bytes(Vec<u8>),
     Zero(u64),
-    File { storage: Arc<dyn Storage>, offset: u64, len: u64 },
+    File { file: SpliceFile, offset: u64, len: u64 },
 }
 
 /// The socket of a plain connection, for `sendfile` (a duplicate descriptor, registered for writability on
@@ -437,9 +436,9 @@ async fn send<W: AsyncWrite + Unpin>(
                     n -= k as u64;
                 }
             }
-            Part::File { storage, offset, len } => {
+            Part::File { file, offset, len } => {
                 w.flush().await?;
-                let sent = match (splice, storage.raw_fd()) {
+                let sent = match (splice, file.fd()) {
                     (Some(s), Some(fd)) => {
                         let (n, busy) = s.sendfile(fd, offset, len).await?;
                         c.note_time(busy, n);
@@ -451,7 +450,7 @@ async fn send<W: AsyncWrite + Unpin>(
                     // The rest (past the end of the file it reads as zeros): through a buffer. The header is
                     // out already, so a failure here can only end the connection.
                     let mut b = c.pool.sized((len - sent) as usize);
-                    storage.read_at(&mut b, offset + sent).map_err(|e| std::io::Error::other(e.to_string()))?;
+                    file.read_at(&mut b, offset + sent).map_err(|e| std::io::Error::other(e.to_string()))?;
                     w.write_all(&b).await?;
                     c.pool.put(b);
                 }
@@ -475,7 +474,7 @@ fn spliced_read(c: &Conn, req: &Request) -> Option<Vec<Part>> {
         return None;
     }
     let data = |src: Source, len: u64| match src {
-        Source::File { storage, offset } => Part::File { storage, offset, len },
+        Source::File { file, offset } => Part::File { file, offset, len },
         _ => Part::Zero(len),
     };
     let style = c.style;

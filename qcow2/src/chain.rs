@@ -1,7 +1,7 @@
 //! Images with their backing chains: format probing, relative backing names, loop and depth guards, and the
 //! chain-wide read and block status.
 
-use crate::device::{push_piece, BlockDevice, Piece, Source, Status};
+use crate::device::{push_piece, BlockDevice, Piece, Source, SpliceFile, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Mapping, Qcow2, Qcow2Options};
 use crate::storage::{FileStorage, Storage};
@@ -253,6 +253,37 @@ impl Image {
         Qcow2::open(storage, data, o)
     }
 
+    /// Creates a new qcow2 overlay file at `path` (which must not exist yet) backed by this image, named by
+    /// its absolute path, and opens it read-write with `opts` (the backing image itself is shared through
+    /// `opts.shared` when set).
+    pub fn create_overlay(self: &Arc<Image>, path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
+        use std::io::Write;
+        let abs = std::fs::canonicalize(self.filename())
+            .map_err(|e| Error::io(format!("cannot resolve '{}'", self.filename()), e))?;
+        let co = crate::image::create::CreateOptions {
+            size: self.size,
+            backing_file: Some(abs.to_string_lossy().into_owned()),
+            backing_format: Some(self.format().name().to_string()),
+            ..Default::default()
+        };
+        let bytes = crate::image::create::build(&co)?;
+        let name = path.to_string_lossy().into_owned();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot create '{name}'"), e))?;
+        let written = f.write_all(&bytes).map_err(|e| Error::io(format!("cannot write '{name}'"), e));
+        drop(f);
+        let o = OpenOptions { format: Some(Format::Qcow2), writable: true, snapshot: None, ..opts.clone() };
+        let r = written.and_then(|_| Image::open(&name, &o));
+        if r.is_err() {
+            // Nothing half-made is left behind.
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
     /// Builds an image from an already open layer (tests, fuzzing, in-memory images). It is writable when
     /// the layer is a qcow2 image opened for writing.
     pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
@@ -413,7 +444,8 @@ fn plan_file(s: &Arc<dyn Storage>, at: u64, top: u64, len: u64, holes: bool, out
     while done < len {
         let (data, n) = if holes { s.extent(at + done, len - done)? } else { (true, len - done) };
         let n = n.clamp(1, len - done);
-        push_piece(out, n, if data { Source::File { storage: s.clone(), offset: at + done } } else { Source::Zero });
+        let source = if data { Source::File { file: SpliceFile::new(s), offset: at + done } } else { Source::Zero };
+        push_piece(out, n, source);
         done += n;
     }
     Ok(())

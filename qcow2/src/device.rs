@@ -4,13 +4,44 @@ use crate::error::Result;
 use crate::storage::Storage;
 use std::sync::Arc;
 
+/// A file that a planned read's bytes come from, as much of it as a server needs: a descriptor to
+/// `sendfile` from, and a positioned read for what `sendfile` cannot send. Nothing else of the image (its
+/// metadata, its writers) is reachable through it.
+///
+/// The bytes stay valid while the server sends them: a cluster is never handed to a new owner while the
+/// image is open (`image/alloc.rs`, "No reuse while open"), so at worst a concurrent write to the same
+/// guest range shows through, as it would for a read done a moment later.
+#[derive(Clone)]
+pub struct SpliceFile(Arc<dyn Storage>);
+
+impl SpliceFile {
+    pub(crate) fn new(storage: &Arc<dyn Storage>) -> SpliceFile {
+        SpliceFile(storage.clone())
+    }
+
+    /// The descriptor to `sendfile` from, if the file has one.
+    pub fn fd(&self) -> Option<i32> {
+        self.0.raw_fd()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the file (zeros past its end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_at(buf, offset)
+    }
+
+    /// Whether two pieces come from the same file.
+    pub fn same_file(&self, other: &SpliceFile) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// Where one piece of a planned read comes from (see [`BlockDevice::plan_read`]).
 #[derive(Clone)]
 pub enum Source {
     /// Bytes of a file from `offset` on, readable as they are (bytes past the file's end read as zeros).
     File {
         /// The file.
-        storage: Arc<dyn Storage>,
+        file: SpliceFile,
         /// Offset of the piece's first byte in the file.
         offset: u64,
     },
@@ -51,8 +82,8 @@ pub fn push_piece(out: &mut Vec<Piece>, len: u64, source: Source) {
     if let Some(last) = out.last_mut() {
         let merged = match (&last.source, &source) {
             (Source::Zero, Source::Zero) => true,
-            (Source::File { storage: a, offset: x }, Source::File { storage: b, offset: y }) => {
-                Arc::ptr_eq(a, b) && x.checked_add(last.len) == Some(*y)
+            (Source::File { file: a, offset: x }, Source::File { file: b, offset: y }) => {
+                a.same_file(b) && x.checked_add(last.len) == Some(*y)
             }
             (Source::Read { offset: x }, Source::Read { offset: y }) => x.checked_add(last.len) == Some(*y),
             _ => false,

@@ -15,5 +15,5 @@ pub mod testing;
 pub mod util;
 
 pub use chain::{Format, Image, Layer, OpenOptions};
-pub use device::{BlockDevice, Piece, Source, Status};
+pub use device::{BlockDevice, Piece, Source, SpliceFile, Status};
 pub use error::{Error, ErrorKind, Result};

@@ -138,7 +138,7 @@ pub fn assert_plan_equal(img: &Path) {
             for piece in &plan {
                 let mut b = vec![0u8; piece.len as usize];
                 match &piece.source {
-                    Source::File { storage, offset } => storage.read_at(&mut b, *offset).unwrap(),
+                    Source::File { file, offset } => file.read_at(&mut b, *offset).unwrap(),
                     Source::Zero => {}
                     Source::Read { offset } => image.read_at(&mut b, *offset).unwrap(),
                 }
