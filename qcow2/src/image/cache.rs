@@ -1,19 +1,20 @@
-//! The L2 table cache: a bounded LRU of decoded tables, keyed by host offset.
+//! The L2 table cache: a bounded LRU of decoded tables, keyed by host offset, behind one mutex.
 //!
 //! Metadata is cached; guest data never is. Tables are stored decoded (extended L2 tables hold two words per
-//! entry) behind an `Arc`, so a lookup holds the lock only to clone the pointer. Tables changed by the writer
-//! are *pinned* (never evicted) until a metadata flush writes them; readers see them at once, since the data
-//! they publish was written before the change (see `alloc.rs`).
+//! entry) behind an `Arc`. Tables changed by the writer are *pinned* (never evicted) until a metadata commit
+//! writes them; readers see them at once, since the data they publish was written before the change (see
+//! `write.rs`).
 //!
-//! A table changes in place: its words are atomics, and every change runs under the cache lock inside a
-//! sequence count (odd while a change is in progress), so a reader that must see an entry and its subcluster
-//! bitmap together reads without a lock and retries if a change overlapped ([`L2Cache::read`]).
+//! A table changes in place ([`L2Cache::modify`]) and is read ([`L2Cache::read`]) under the cache lock, so a
+//! reader never sees an extended entry without its subcluster bitmap. (An earlier lock-free design, with
+//! per-thread remembered tables and a sequence lock, measured within 3 % of this one on every read and write
+//! case of `benches/side-by-side.sh` on 2 cores, so the simpler design stayed.)
 
 use lru::LruCache;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One decoded L2 table: native-endian words, changed only through [`L2Cache::modify`].
@@ -90,64 +91,12 @@ impl std::fmt::Debug for Inner {
 }
 
 /// A bounded cache of clean L2 tables plus the dirty ones waiting to be written.
-///
-/// Each thread also remembers the table of its last lookup (`HOT`) with the L1 entry that led to it, valid
-/// while the cache's *epoch* is unchanged: every L1 change, every eviction and every table replaced bumps the
-/// epoch (after the change is visible), so a remembered table is the one the cache holds for that L1 index.
-/// Changes inside a table do not bump the epoch: they are made in place and seen through [`L2Cache::read`].
-/// A lookup that hits the remembered table takes no lock and no reference.
 #[derive(Debug)]
 pub struct L2Cache {
     inner: Mutex<Inner>,
-    id: u64,
-    epoch: AtomicU64,
     /// Counts changes to tables and to the L1 table (not evictions): a table read from disk is cached only if
     /// none happened during the read.
     generation: AtomicU64,
-    /// Sequence count of in-place changes: odd while one is in progress (changes run under `inner`).
-    seq: AtomicU64,
-}
-
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A table a thread remembers. It holds the table strongly: at most [`HOT_SLOTS`] tables per thread stay
-/// alive after the cache let them go.
-struct Hot {
-    cache: u64,
-    epoch: u64,
-    l1_index: u64,
-    l1_entry: u64,
-    table: L2Table,
-}
-
-/// Remembered tables per thread: one per image of a short backing chain.
-const HOT_SLOTS: usize = 4;
-
-/// Lock-free attempts of [`L2Cache::read`] before it takes the lock.
-const READ_TRIES: usize = 4;
-
-thread_local! {
-    static HOT: std::cell::RefCell<[Option<Hot>; HOT_SLOTS]> = const { std::cell::RefCell::new([None, None, None, None]) };
-    /// How many [`L2Cache::with_hot`] calls this thread is inside: the remembered tables stay put meanwhile.
-    static BUSY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks this thread as inside [`L2Cache::with_hot`] (a count: lookups may nest) while alive.
-struct Busy;
-
-impl Busy {
-    #[inline(always)]
-    fn enter() -> Busy {
-        BUSY.with(|b| b.set(b.get() + 1));
-        Busy
-    }
-}
-
-impl Drop for Busy {
-    #[inline(always)]
-    fn drop(&mut self) {
-        BUSY.with(|b| b.set(b.get() - 1));
-    }
 }
 
 impl L2Cache {
@@ -156,10 +105,7 @@ impl L2Cache {
         let cap = NonZeroUsize::new(tables.max(1)).unwrap_or(NonZeroUsize::MIN);
         L2Cache {
             inner: Mutex::new(Inner { lru: LruCache::with_hasher(cap, Fast::default()), pinned: HashMap::default() }),
-            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
-            epoch: AtomicU64::new(0),
             generation: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
         }
     }
 
@@ -168,98 +114,22 @@ impl L2Cache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current epoch; read it before looking up the L1 entry and the table.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
     /// The current generation; read it before reading a table from disk (see [`L2Cache::put`]).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Call after any L1 change: counts a change and invalidates every thread's remembered table.
+    /// Call after any L1 change: counts a change.
     pub fn changed(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.forget_hot();
     }
 
-    /// Invalidates every thread's remembered table (evictions and replaced tables).
-    fn forget_hot(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Runs `f`, which reads words of cached tables, so that it sees no change half made: lock-free while no
-    /// change overlaps it, else under the lock that changes run under. `f` may run more than once and must
-    /// tolerate (and not act on) torn values: only the result of a consistent run is returned.
-    #[inline(always)]
-    pub fn read<R>(&self, f: impl Fn() -> R) -> R {
-        let s = self.seq.load(Ordering::Acquire);
-        let r = f();
-        fence(Ordering::Acquire);
-        if s & 1 == 0 && self.seq.load(Ordering::Relaxed) == s {
-            return r;
-        }
-        self.read_again(f)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn read_again<R>(&self, f: impl Fn() -> R) -> R {
-        for _ in 0..READ_TRIES {
-            std::hint::spin_loop();
-            let s = self.seq.load(Ordering::Acquire);
-            if s & 1 == 0 {
-                let r = f();
-                fence(Ordering::Acquire);
-                if self.seq.load(Ordering::Relaxed) == s {
-                    return r;
-                }
-            }
-        }
+    /// Runs `f`, which reads words of cached tables, under the lock that changes run under: it sees no
+    /// change half made.
+    #[inline]
+    pub fn read<R>(&self, f: impl FnOnce() -> R) -> R {
         let _g = self.lock();
         f()
-    }
-
-    /// Runs `f` on the table (and L1 entry) this thread remembered for L1 index `l1_index`, if it is still
-    /// the cache's table for it; consistently, as [`L2Cache::read`] does.
-    #[inline(always)]
-    pub fn with_hot<R>(&self, l1_index: u64, f: impl Fn(&Table, u64) -> R) -> Option<R> {
-        let epoch = self.epoch();
-        // Only a pointer leaves the thread-local: a result passed out through it was copied several times
-        // and cost more than the lookup itself.
-        let (table, l1_entry) = HOT.with(|h| {
-            let h = h.try_borrow().ok()?;
-            let hot = h.iter().flatten().find(|x| x.cache == self.id)?;
-            (hot.epoch == epoch && hot.l1_index == l1_index).then_some((Arc::as_ptr(&hot.table), hot.l1_entry))
-        })?;
-        let _busy = Busy::enter();
-        // SAFETY: the slot's `Arc` keeps the table alive until this thread replaces the slot or exits. Neither
-        // happens before `_busy` is dropped: `set_hot` replaces nothing while this thread is inside `with_hot`
-        // (even if `f` looked up again), and a thread does not exit in the middle of a call.
-        let table = unsafe { &*table };
-        Some(self.read(|| f(table, l1_entry)))
-    }
-
-    /// Remembers `table`, found through L1 entry `l1_entry` at `l1_index` when the epoch was `epoch`, as this
-    /// thread's last lookup.
-    pub fn set_hot(&self, epoch: u64, l1_index: u64, l1_entry: u64, table: &L2Table) {
-        if BUSY.with(|b| b.get()) != 0 {
-            return;
-        }
-        HOT.with(|h| {
-            if let Ok(mut h) = h.try_borrow_mut() {
-                // This cache's slot, else an empty one, else the slot of the image used least recently
-                // (slot 0 is the most recent: entries move down as others are set).
-                let i = h
-                    .iter()
-                    .position(|x| x.as_ref().is_some_and(|x| x.cache == self.id))
-                    .or_else(|| h.iter().position(Option::is_none))
-                    .unwrap_or(HOT_SLOTS - 1);
-                h[..=i].rotate_right(1);
-                h[0] = Some(Hot { cache: self.id, epoch, l1_index, l1_entry, table: table.clone() });
-            }
-        })
     }
 
     /// The table at host offset `off`, if cached.
@@ -277,7 +147,7 @@ impl L2Cache {
     /// the read, and returns the table to use: the cached copy if there is one already (it may be newer than
     /// what the disk held when this one was read, and it is the one changes go to). If anything changed during
     /// the read (a table changed, written and evicted meanwhile would otherwise come back old), `table` is
-    /// returned uncached, and remembered tables are forgotten so that no thread keeps using it.
+    /// returned uncached.
     pub fn put(&self, off: u64, table: L2Table, generation: u64) -> L2Table {
         let mut g = self.lock();
         if let Some(t) = g.pinned.get(&off) {
@@ -287,18 +157,15 @@ impl L2Cache {
             return t.clone();
         }
         if self.generation() != generation {
-            self.forget_hot();
             return table;
         }
-        if g.lru.push(off, table.clone()).is_some() {
-            self.forget_hot();
-        }
+        g.lru.push(off, table.clone());
         table
     }
 
     /// Changes the cached table at `off` in place, under the cache lock, and pins it; returns false if the
     /// table is not cached. Readers never see the table missing while it changes, and [`L2Cache::read`]
-    /// never returns what it computed from a change half made.
+    /// never sees a change half made.
     pub fn modify(&self, off: u64, f: impl FnOnce(&Table)) -> bool {
         let mut g = self.lock();
         let t = match g.pinned.remove(&off) {
@@ -306,10 +173,7 @@ impl L2Cache {
             None => g.lru.pop(&off),
         };
         let Some(t) = t else { return false };
-        self.seq.fetch_add(1, Ordering::Relaxed);
-        fence(Ordering::Release);
         f(&t);
-        self.seq.fetch_add(1, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
         g.pinned.insert(off, t);
         true
@@ -336,14 +200,10 @@ impl L2Cache {
     /// Moves the tables at `offs` from the pinned set to the clean LRU.
     pub fn mark_clean(&self, offs: &[u64]) {
         let mut g = self.lock();
-        let mut evicted = false;
         for o in offs {
             if let Some(t) = g.pinned.remove(o) {
-                evicted |= g.lru.push(*o, t).is_some_and(|(k, _)| k != *o);
+                g.lru.push(*o, t);
             }
-        }
-        if evicted {
-            self.forget_hot();
         }
     }
 
@@ -357,8 +217,7 @@ impl L2Cache {
 mod tests {
     use super::*;
 
-    /// An extended L2 entry is two words: a reader must never see one word of a change without the other,
-    /// through the remembered table or a table taken from the cache.
+    /// An extended L2 entry is two words: a reader must never see one word of a change without the other.
     #[test]
     fn readers_never_see_an_entry_and_its_bitmap_torn_apart() {
         let cache = Arc::new(L2Cache::new(4));
@@ -366,7 +225,7 @@ mod tests {
         let mut words = vec![0; 16];
         words[3] = !0;
         cache.put(off, Arc::new(Table::new(words)), cache.generation());
-        let rounds = 200_000u64;
+        let rounds = 100_000u64;
         let writer = {
             let cache = cache.clone();
             std::thread::spawn(move || {
@@ -383,14 +242,10 @@ mod tests {
                 let cache = cache.clone();
                 std::thread::spawn(move || {
                     let t = cache.get(off).expect("cached");
-                    cache.set_hot(cache.epoch(), 0, off, &t);
                     let mut last = 0;
                     let mut seen = 0u64;
                     while last < rounds && seen < 50_000_000 {
-                        let (a, b) = match cache.with_hot(0, |t, _| (t.word(2), t.word(3))) {
-                            Some(p) => p,
-                            None => cache.read(|| (t.word(2), t.word(3))),
-                        };
+                        let (a, b) = cache.read(|| (t.word(2), t.word(3)));
                         assert_eq!(b, !a, "torn entry: {a:#x} with bitmap {b:#x}");
                         assert!(a >= last, "went back from {last} to {a}");
                         last = a;
@@ -406,20 +261,6 @@ mod tests {
         assert_eq!(cache.get(off).map(|t| (t.word(2), t.word(3))), Some((rounds, !rounds)));
     }
 
-    /// The remembered table is the cache's only while the epoch holds: an eviction ends it.
-    #[test]
-    fn an_eviction_forgets_the_remembered_table() {
-        let cache = L2Cache::new(1);
-        cache.put(65536, Arc::new(Table::new(vec![7; 8])), cache.generation());
-        let t = cache.get(65536).expect("cached");
-        cache.set_hot(cache.epoch(), 3, 65536, &t);
-        assert_eq!(cache.with_hot(3, |t, e| (t.word(0), e)), Some((7, 65536)));
-        assert_eq!(cache.with_hot(4, |t, _| t.word(0)), None, "another L1 index");
-        cache.put(2 * 65536, Arc::new(Table::new(vec![9; 8])), cache.generation());
-        assert!(cache.get(65536).is_none(), "evicted");
-        assert_eq!(cache.with_hot(3, |t, _| t.word(0)), None, "an evicted table is not used");
-    }
-
     /// Two threads that read the same table from disk end up with the one cached copy: a private copy would
     /// never see the writer's changes.
     #[test]
@@ -431,11 +272,8 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "the second reader gets the cached copy");
         assert!(cache.modify(65536, |t| t.set(0, 5)));
         assert_eq!(b.word(0), 5, "and sees the change");
-        // A read that began before a change is not cached, and no thread may keep it.
-        let epoch = cache.epoch();
-        let stale = cache.put(2 * 65536, Arc::new(Table::new(vec![0; 8])), g);
+        // A read that began before a change is not cached.
+        let _stale = cache.put(2 * 65536, Arc::new(Table::new(vec![0; 8])), g);
         assert!(cache.get(2 * 65536).is_none());
-        cache.set_hot(epoch, 1, 2 * 65536, &stale);
-        assert_eq!(cache.with_hot(1, |t, _| t.word(0)), None);
     }
 }

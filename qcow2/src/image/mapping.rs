@@ -71,10 +71,6 @@ impl Qcow2 {
         let cover_end = (l1_idx + 1).saturating_mul(self.l2_entries << cb);
         let lim = end.min(cover_end);
         // This thread's last table, if it is still the table for this L1 index: no lock, no reference count.
-        if let Some(r) = self.l2_cache.with_hot(l1_idx, |t, _| self.map_in(t, guest, lim)) {
-            return r;
-        }
-        let epoch = self.l2_cache.epoch();
         let l1_entry = self.l1.read().ok().and_then(|l1| l1.get(l1_idx as usize).copied()).unwrap_or(0);
         let l2_off = table::l1_l2_offset(l1_entry);
         if l2_off == 0 {
@@ -82,7 +78,6 @@ impl Qcow2 {
             return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
         }
         let t = self.l2_table(l2_off)?;
-        self.l2_cache.set_hot(epoch, l1_idx, l1_entry, &t);
         self.l2_cache.read(|| self.map_in(&t, guest, lim))
     }
 

@@ -261,35 +261,21 @@ impl Qcow2 {
         ((c >> self.l2_entries.trailing_zeros()) as usize, (c & (self.l2_entries - 1)) as usize)
     }
 
-    /// The current L2 entry state of `pos` without allocating, for the lock-free fast path: `None` unless
-    /// this image owns the L2 table alone.
+    /// The current L2 entry state of `pos` without allocating, for the fast path that takes no writer lock:
+    /// `None` unless this image owns the L2 table alone.
     fn peek(&self, pos: u64) -> Result<Option<ClusterState>> {
         let (l1_idx, idx) = self.indices(pos);
-        let owned = |e: u64| e & OFFSET_MASK != 0 && e & OFLAG_COPIED != 0;
-        // This thread's last table, if still current; changes made meanwhile are read consistently.
-        let s = match self.l2_cache.with_hot(l1_idx as u64, |t, e| owned(e).then(|| self.state_of(t, idx))) {
-            Some(s) => s,
-            None => {
-                let epoch = self.l2_cache.epoch();
-                let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
-                    Some(e) => e,
-                    None => return Ok(None),
-                };
-                if !owned(e) {
-                    return Ok(None);
-                }
-                let t = self.l2_table(e & OFFSET_MASK)?;
-                self.l2_cache.set_hot(epoch, l1_idx as u64, e, &t);
-                Some(self.l2_cache.read(|| self.state_of(&t, idx)))
-            }
+        let e = match self.l1.read().ok().and_then(|l1| l1.get(l1_idx).copied()) {
+            Some(e) => e,
+            None => return Ok(None),
         };
-        match s {
-            Some(s) => {
-                self.validate(&s, pos)?;
-                Ok(Some(s))
-            }
-            None => Ok(None),
+        if e & OFFSET_MASK == 0 || e & OFLAG_COPIED == 0 {
+            return Ok(None);
         }
+        let t = self.l2_table(e & OFFSET_MASK)?;
+        let s = self.l2_cache.read(|| self.state_of(&t, idx));
+        self.validate(&s, pos)?;
+        Ok(Some(s))
     }
 
     fn touched(&self, a: u64, b: u64) -> u32 {
