@@ -2,6 +2,7 @@
 //! The images are made by qemu-img / qemu-io (installed by the README's test command).
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use qcow2::format::offset::GuestOffset;
 use qcow2::{BlockDevice, Image, OpenOptions};
 use std::hint::black_box;
 use std::path::Path;
@@ -34,7 +35,9 @@ fn lookup(c: &mut Criterion) {
     let (one, top) = make(dir.path());
     let img = Image::open(&one, &OpenOptions::default()).unwrap();
     let q = img.qcow2().unwrap();
-    c.bench_function("l2_cache_hit", |b| b.iter(|| black_box(q.mapping(black_box(65536 * 3), 4096).unwrap())));
+    c.bench_function("l2_cache_hit", |b| {
+        b.iter(|| black_box(q.mapping(black_box(GuestOffset(65536 * 3)), 4096).unwrap()))
+    });
 
     // A cache of one table, alternating between two tables: every lookup misses and reads the table.
     let small = OpenOptions { l2_cache_bytes: Some(65536), ..Default::default() };
@@ -44,7 +47,7 @@ fn lookup(c: &mut Criterion) {
     c.bench_function("l2_cache_miss", |b| {
         b.iter(|| {
             flip = !flip;
-            black_box(q2.mapping(if flip { 0 } else { 1 << 30 }, 4096).unwrap())
+            black_box(q2.mapping(GuestOffset(if flip { 0 } else { 1 << 30 }), 4096).unwrap())
         })
     });
 

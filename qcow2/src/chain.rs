@@ -3,6 +3,7 @@
 
 use crate::device::{push_piece, BlockDevice, Piece, Source, SpliceFile, Status};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::offset::GuestOffset;
 use crate::image::{Mapping, Qcow2, Qcow2Options};
 use crate::storage::{FileStorage, Storage};
 use crate::{format::header, limits};
@@ -368,9 +369,10 @@ impl Image {
                 Ok((data, !data, false, Some(offset), n))
             }
             Layer::Qcow2(q) => {
-                let (m, n) = q.mapping(offset, len)?;
+                let (m, n) = q.mapping(GuestOffset(offset), len)?;
                 Ok(match m {
                     Mapping::Data { host } => {
+                        let host = host.get();
                         if q.metadata_preallocated() {
                             // qemu recurses into the host file for data clusters of metadata-preallocated
                             // images: a hole there reads as zeros.
@@ -380,8 +382,8 @@ impl Image {
                             (true, false, false, Some(host), n)
                         }
                     }
-                    Mapping::Zero { host } => (false, true, false, host, n),
-                    Mapping::Unallocated { host } => (false, false, false, host, n),
+                    Mapping::Zero { host } => (false, true, false, host.map(|h| h.get()), n),
+                    Mapping::Unallocated { host } => (false, false, false, host.map(|h| h.get()), n),
                     Mapping::Compressed { .. } => (true, false, true, None, n),
                 })
             }
@@ -399,11 +401,11 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            let (m, n) = q.mapping(pos, len - done)?;
+            let (m, n) = q.mapping(GuestOffset(pos), len - done)?;
             match m {
                 // Holes of the host file count only with metadata preallocation (as in `layer_status`).
                 Mapping::Data { host } => {
-                    plan_file(q.data_storage(), host, top + done, n, q.metadata_preallocated(), out)?
+                    plan_file(q.data_storage(), host.get(), top + done, n, q.metadata_preallocated(), out)?
                 }
                 Mapping::Zero { .. } => push_piece(out, n, Source::Zero),
                 Mapping::Compressed { .. } => push_piece(out, n, Source::Read { offset: top + done }),
@@ -465,10 +467,10 @@ impl BlockDevice for Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let (m, n) = q.mapping(pos, (buf.len() - done) as u64)?;
+            let (m, n) = q.mapping(GuestOffset(pos), (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + n as usize];
             match m {
-                Mapping::Data { host } => q.data_storage().read_at(chunk, host)?,
+                Mapping::Data { host } => q.data_storage().read_at(chunk, host.get())?,
                 Mapping::Zero { .. } => chunk.fill(0),
                 Mapping::Compressed { desc, in_cluster } => q.read_compressed(desc, in_cluster, chunk)?,
                 Mapping::Unallocated { .. } => self.read_backing(chunk, pos)?,
@@ -549,7 +551,7 @@ impl BlockDevice for Image {
         self.check_writable(offset, buf.len() as u64).ok()?;
         match &self.layer {
             Layer::Raw(s) => Some(s.write_at(buf, offset)),
-            Layer::Qcow2(q) => q.write_quick(buf, offset),
+            Layer::Qcow2(q) => q.write_quick(buf, offset, &|b, o| self.read_backing(b, o)),
         }
     }
 

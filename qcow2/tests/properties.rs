@@ -142,10 +142,10 @@ fn read_all(q: &Qcow2, s: &Shape) -> Vec<u8> {
     let mut out = vec![0u8; SIZE as usize];
     let mut pos = 0u64;
     while pos < SIZE {
-        let (m, n) = q.mapping(pos, SIZE - pos).unwrap();
+        let (m, n) = q.mapping(qcow2::format::offset::GuestOffset(pos), SIZE - pos).unwrap();
         let chunk = &mut out[pos as usize..(pos + n) as usize];
         match m {
-            qcow2::image::Mapping::Data { host } => q.data_storage().read_at(chunk, host).unwrap(),
+            qcow2::image::Mapping::Data { host } => q.data_storage().read_at(chunk, host.get()).unwrap(),
             qcow2::image::Mapping::Zero { .. } => chunk.fill(0),
             qcow2::image::Mapping::Compressed { desc, in_cluster } => {
                 q.read_compressed(desc, in_cluster, chunk).unwrap()

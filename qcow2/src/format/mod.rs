@@ -1,6 +1,7 @@
 //! On-disk structures of qcow2, as pure codecs: no I/O happens in this module.
 
 pub mod header;
+pub mod offset;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

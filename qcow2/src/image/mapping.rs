@@ -4,6 +4,7 @@ use super::cache::Table;
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header;
+use crate::format::offset::{GuestOffset, HostOffset};
 use crate::format::table::{self, CompressedDesc, L2Kind};
 
 /// Where a run of guest bytes lives in this layer.
@@ -12,17 +13,17 @@ pub enum Mapping {
     /// Plain data at `host` (the host offset of the run's first byte).
     Data {
         /// Host offset of the first byte.
-        host: u64,
+        host: HostOffset,
     },
     /// Reads as zeros; `host` is set for preallocated zero clusters.
     Zero {
         /// Host offset of the first byte, if preallocated.
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Not allocated in this layer: the backing file (or zeros) supplies the data.
     Unallocated {
         /// Host offset of the first byte, if the cluster has one (extended L2, raw external data file).
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Inside a compressed cluster (one cluster at most).
     Compressed {
@@ -37,8 +38,8 @@ impl Mapping {
     /// The host offset this mapping gives the byte `delta` bytes into the run, if any.
     fn host_at(&self, delta: u64) -> Option<u64> {
         match *self {
-            Mapping::Data { host } => Some(host + delta),
-            Mapping::Zero { host } | Mapping::Unallocated { host } => host.map(|h| h + delta),
+            Mapping::Data { host } => host.get().checked_add(delta),
+            Mapping::Zero { host } | Mapping::Unallocated { host } => host.and_then(|h| h.get().checked_add(delta)),
             Mapping::Compressed { .. } => None,
         }
     }
@@ -58,7 +59,8 @@ impl Mapping {
 impl Qcow2 {
     /// Maps the guest range starting at `guest`, at most `max_len` bytes long, and returns the mapping of its
     /// first run and that run's length (> 0). `guest` must be below the virtual size.
-    pub fn mapping(&self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+    pub fn mapping(&self, guest: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
+        let guest = guest.get();
         let size = self.size();
         if guest >= size || max_len == 0 {
             return Err(Error::new(crate::ErrorKind::OutOfBounds, format!("mapping at {guest} is past the end")));
@@ -114,7 +116,7 @@ impl Qcow2 {
     fn unallocated_at(&self, guest: u64) -> Mapping {
         // With a raw external data file, every guest offset has the same host offset (qcow2.rst, autoclear
         // bit 1).
-        Mapping::Unallocated { host: self.data_file_raw.then_some(guest) }
+        Mapping::Unallocated { host: self.data_file_raw.then_some(HostOffset(guest)) }
     }
 
     /// What the L2 table `t` says about the byte at `guest`.
@@ -139,9 +141,9 @@ impl Qcow2 {
             let d = self.layout.decode(t.word(idx), 0);
             self.layout.kind(&d, 0).unwrap_or(L2Kind::Unallocated { host: None })
         };
-        let check_host = |h: u64| -> Result<u64> {
+        let check_host = |h: u64| -> Result<HostOffset> {
             if h & (cs - 1) == 0 && (has_data_file || (h != 0 && h < self.file_len())) {
-                Ok(h + in_cluster)
+                Ok(HostOffset(h + in_cluster))
             } else {
                 Err(self.bad_host(h, guest, has_data_file))
             }

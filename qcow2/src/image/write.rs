@@ -328,10 +328,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The lock-free part of [`Qcow2::write`] alone: writes `buf` only if every cluster it touches is owned
-    /// by this image with every touched subcluster allocated (no metadata changes); `None` otherwise, before
-    /// anything is written.
-    pub fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+    /// A write that costs the caller no waiting, for a server's event-loop thread: with no lock if every
+    /// cluster it touches is owned by this image with every touched subcluster allocated; else, if the
+    /// writer lock is free this instant, no cluster of the write is busy and no metadata commit is due, the
+    /// whole write under that lock (its data I/O is page-cache work: nothing here syncs). `None` when neither
+    /// applies, before anything was written: call [`Qcow2::write`] instead, off the event loop.
+    pub fn write_quick(&self, buf: &[u8], offset: u64, backing: BackingReader<'_>) -> Option<Result<()>> {
         if self.writer.is_none() || self.poisoned.load(Ordering::Acquire) {
             return None;
         }
@@ -348,7 +350,7 @@ impl Qcow2 {
                 Some(s) if s.copied && s.compressed.is_none() && s.alloc & touched == touched => {
                     hosts.push((s.host? + in_cluster, done, n));
                 }
-                _ => return None,
+                _ => return self.write_if_unlocked(buf, offset, backing),
             }
             done += n;
         }
@@ -356,6 +358,31 @@ impl Qcow2 {
             if let Err(e) = self.data.write_at(&buf[at..at + n], host) {
                 return Some(Err(e));
             }
+        }
+        Some(Ok(()))
+    }
+
+    /// The locked part of [`Qcow2::write_quick`].
+    fn write_if_unlocked(&self, buf: &[u8], offset: u64, backing: BackingReader<'_>) -> Option<Result<()>> {
+        let mut st = self.writer.as_ref()?.try_lock().ok()?;
+        if st.corrupt || buf.is_empty() || self.too_many_dirty() {
+            return None;
+        }
+        let last = offset.checked_add(buf.len() as u64 - 1)? >> self.cluster_bits;
+        if (offset >> self.cluster_bits..=last).any(|c| st.busy.contains(&c)) {
+            return None;
+        }
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
+            let r = self.write_cluster(&mut st, &buf[done..done + n], pos, backing);
+            self.note_corruption(&mut st, &r);
+            if r.is_err() {
+                return Some(r);
+            }
+            done += n;
         }
         Some(Ok(()))
     }
