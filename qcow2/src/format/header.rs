@@ -479,6 +479,16 @@ mod tests {
 /// Writers change header fields only through [`Field::encode`], never at literal offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
+    /// Bytes 0-3: `magic`.
+    Magic,
+    /// Bytes 4-7: `version`.
+    Version,
+    /// Bytes 8-15: `backing_file_offset`.
+    BackingFileOffset,
+    /// Bytes 16-19: `backing_file_size`.
+    BackingFileSize,
+    /// Bytes 20-23: `cluster_bits`.
+    ClusterBits,
     /// Bytes 24-31: `size`.
     Size,
     /// Bytes 32-35: `crypt_method`.
@@ -491,16 +501,39 @@ pub enum Field {
     RefcountTableOffset,
     /// Bytes 56-59: `refcount_table_clusters`.
     RefcountTableClusters,
+    /// Bytes 60-63: `nb_snapshots`.
+    NbSnapshots,
+    /// Bytes 64-71: `snapshots_offset`.
+    SnapshotsOffset,
     /// Bytes 72-79 (v3): `incompatible_features`.
     IncompatibleFeatures,
+    /// Bytes 80-87 (v3): `compatible_features`.
+    CompatibleFeatures,
     /// Bytes 88-95 (v3): `autoclear_features`.
     AutoclearFeatures,
+    /// Bytes 96-99 (v3): `refcount_order`.
+    RefcountOrder,
+    /// Bytes 100-103 (v3): `header_length`.
+    HeaderLength,
+    /// Byte 104 (v3, header_length > 104): `compression_type`.
+    CompressionType,
 }
 
 impl Field {
     /// Byte offset in the header and width in bytes.
     pub fn place(self) -> (u64, usize) {
         match self {
+            Field::Magic => (0, 4),
+            Field::Version => (4, 4),
+            Field::BackingFileOffset => (8, 8),
+            Field::BackingFileSize => (16, 4),
+            Field::ClusterBits => (20, 4),
+            Field::NbSnapshots => (60, 4),
+            Field::SnapshotsOffset => (64, 8),
+            Field::CompatibleFeatures => (80, 8),
+            Field::RefcountOrder => (96, 4),
+            Field::HeaderLength => (100, 4),
+            Field::CompressionType => (104, 1),
             Field::Size => (24, 8),
             Field::CryptMethod => (32, 4),
             Field::L1Size => (36, 4),
@@ -512,12 +545,21 @@ impl Field {
         }
     }
 
-    /// The write that stores `value` in this field: (offset in the image file, big-endian bytes). A 4-byte
-    /// field keeps the low 32 bits of `value`; callers check the range first.
+    /// The write that stores `value` in this field: (offset in the image file, big-endian bytes). A narrower
+    /// field keeps the low bits of `value`; callers check the range first.
     pub fn encode(self, value: u64) -> (u64, Vec<u8>) {
         let (off, width) = self.place();
-        let bytes = if width == 4 { (value as u32).to_be_bytes().to_vec() } else { value.to_be_bytes().to_vec() };
-        (off, bytes)
+        let bytes = value.to_be_bytes();
+        (off, bytes[8 - width..].to_vec())
+    }
+
+    /// Stores `value` in this field of the header bytes `h` (which must reach past the field).
+    pub fn put(self, h: &mut [u8], value: u64) {
+        let (off, bytes) = self.encode(value);
+        let off = off as usize;
+        if let Some(dst) = h.get_mut(off..off + bytes.len()) {
+            dst.copy_from_slice(&bytes);
+        }
     }
 
     /// Several fields that sit next to each other (in the order given) as one write, so that they reach

@@ -3,6 +3,7 @@
 //! from cluster 3 on.
 
 use crate::error::{Error, Result};
+use crate::format::header::Field;
 use crate::format::header::{self, CompressionType};
 use crate::limits;
 
@@ -138,24 +139,25 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
     let header_len: u32 = if o.version == 3 { 112 } else { 72 };
 
     let mut h = vec![0u8; header_len as usize];
-    h[0..4].copy_from_slice(&header::MAGIC.to_be_bytes());
-    h[4..8].copy_from_slice(&o.version.to_be_bytes());
-    h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
-    h[24..32].copy_from_slice(&o.size.to_be_bytes());
-    h[36..40].copy_from_slice(&(l1_size as u32).to_be_bytes());
-    h[40..48].copy_from_slice(&l1_off.to_be_bytes());
-    h[48..56].copy_from_slice(&reftable_off.to_be_bytes());
-    h[56..60].copy_from_slice(&1u32.to_be_bytes());
+    Field::Magic.put(&mut h, u64::from(header::MAGIC));
+    Field::Version.put(&mut h, u64::from(o.version));
+    Field::ClusterBits.put(&mut h, u64::from(cluster_bits));
+    Field::Size.put(&mut h, o.size);
+    Field::L1Size.put(&mut h, l1_size);
+    Field::L1TableOffset.put(&mut h, l1_off);
+    Field::RefcountTableOffset.put(&mut h, reftable_off);
+    Field::RefcountTableClusters.put(&mut h, 1);
     if o.version == 3 {
-        h[72..80].copy_from_slice(&incompat.to_be_bytes());
-        h[80..88].copy_from_slice(&compat.to_be_bytes());
-        h[88..96].copy_from_slice(&autoclear.to_be_bytes());
-        h[96..100].copy_from_slice(&order.to_be_bytes());
-        h[100..104].copy_from_slice(&header_len.to_be_bytes());
-        h[104] = match o.compression {
+        Field::IncompatibleFeatures.put(&mut h, incompat);
+        Field::CompatibleFeatures.put(&mut h, compat);
+        Field::AutoclearFeatures.put(&mut h, autoclear);
+        Field::RefcountOrder.put(&mut h, u64::from(order));
+        Field::HeaderLength.put(&mut h, u64::from(header_len));
+        let ct = match o.compression {
             CompressionType::Deflate => 0,
             CompressionType::Zstd => 1,
         };
+        Field::CompressionType.put(&mut h, ct);
     }
     if let Some(f) = &o.backing_format {
         ext(&mut h, header::EXT_BACKING_FORMAT, f.as_bytes());
@@ -183,8 +185,8 @@ pub fn build(o: &CreateOptions) -> Result<Vec<u8>> {
             return Err(Error::new(crate::ErrorKind::InvalidArgument, "Backing file name too long"));
         }
         let off = h.len() as u64;
-        h[8..16].copy_from_slice(&off.to_be_bytes());
-        h[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
+        Field::BackingFileOffset.put(&mut h, off);
+        Field::BackingFileSize.put(&mut h, b.len() as u64);
         h.extend_from_slice(b.as_bytes());
     }
     if h.len() as u64 > cs {
