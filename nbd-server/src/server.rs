@@ -307,22 +307,19 @@ where
         let Some(hdr) = option::decode_header(&h) else {
             return Ok(Ended::Closed);
         };
-        let too_long = hdr.length > MAX_OPTION_LEN;
-        let mut data = Vec::new();
-        if too_long {
-            let mut left = u64::from(hdr.length);
-            let mut sink = vec![0u8; 64 << 10];
-            while left > 0 {
-                let k = left.min(sink.len() as u64) as usize;
-                s.read_exact(&mut sink[..k]).await?;
-                left -= k as u64;
-            }
-        } else {
-            data.resize(hdr.length as usize, 0);
-            s.read_exact(&mut data).await?;
+        if hdr.length > MAX_OPTION_LEN {
+            // Refused unread: the error reply, then the connection closes (as qemu-nbd does past its limit).
+            // Reading a length of up to 4 GiB to stay in step would let one client hold the server for seconds.
+            out.clear();
+            let _ = neg.option(hdr.option, &[], true, exports, &mut out);
+            s.write_all(&out).await?;
+            s.flush().await?;
+            return Ok(Ended::Closed);
         }
+        let mut data = vec![0u8; hdr.length as usize];
+        s.read_exact(&mut data).await?;
         out.clear();
-        let step = neg.option(hdr.option, &data, too_long, exports, &mut out);
+        let step = neg.option(hdr.option, &data, false, exports, &mut out);
         s.write_all(&out).await?;
         s.flush().await?;
         match step {

@@ -9,8 +9,10 @@
 //! data and the writing task `sendfile`s them from the page cache into the socket, so the server copies no
 //! guest data at all (the kernel passes page references to a unix or TCP socket).
 //! Memory is bounded whatever the client sends: at
-//! most [`MAX_IN_FLIGHT`] requests and [`MAX_BUFFERED`] payload bytes are held at once, and payloads over
-//! [`MAX_PAYLOAD`] are never buffered.
+//! most [`MAX_IN_FLIGHT`] requests and [`MAX_BUFFERED`] payload and reply bytes are held at once, counted from
+//! the moment a request is read until its reply is written to the socket (a client that stops reading its
+//! replies makes the reading task stop reading requests), and payloads over [`MAX_PAYLOAD`] are never
+//! buffered.
 
 use crate::export::{DetectZeroes, Export};
 use crate::negotiate::{Context, Transmit};
@@ -132,6 +134,14 @@ impl Conn {
         self.offload.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 }
+
+/// What a request holds of the connection's budget (a slot among [`MAX_IN_FLIGHT`] and its share of
+/// [`MAX_BUFFERED`]) until its reply is written to the socket.
+type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
+
+/// A reply on its way to the writing task, with the budget it holds (released once it is written: a client
+/// that does not read its replies cannot make the server hold more than the budget).
+type Queued = (Out, Option<Permits>);
 
 /// A reply on its way to the writing task.
 enum Out {
@@ -272,15 +282,17 @@ where
         slow: AtomicU32::new(0),
         splice: splice.is_some(),
     });
-    let (tx, mut rx) = mpsc::channel::<Out>(MAX_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
         let r = async {
-            while let Some(o) = rx.recv().await {
+            while let Some((o, permits)) = rx.recv().await {
                 send(&wconn, &mut w, splice.as_ref(), o).await?;
-                while let Ok(o) = rx.try_recv() {
+                drop(permits);
+                while let Ok((o, permits)) = rx.try_recv() {
                     send(&wconn, &mut w, splice.as_ref(), o).await?;
+                    drop(permits);
                 }
                 w.flush().await?;
             }
@@ -347,7 +359,7 @@ where
             early = Some((NBD_EINVAL, "unsupported flags for this command"));
         }
         if let Some((e, msg)) = early {
-            if tx.send(Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg))).await.is_err() {
+            if tx.send((Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg)), None)).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -365,8 +377,8 @@ where
             && req.kind == NBD_CMD_READ
             && (SPLICE_MIN..=SPLICE_MAX).contains(&req.length)
             && conn.offload.load(Ordering::Relaxed) == 0;
-        // The permits go with the reply: released once it is queued for the writer.
-        let permits = (mem, slot);
+        // The permits go with the reply: released once the writer has written it to the socket.
+        let permits: Permits = (mem, slot);
         let out = match splice.then(|| spliced_read(&conn, &req)).flatten() {
             Some(parts) => Some((Out::Parts(parts), permits)),
             None if !always_offload(&req) && !conn.offloading() => {
@@ -390,9 +402,7 @@ where
         };
         if let Some((out, permits)) = out {
             // Answered here: the reply goes out in order with the others.
-            let sent = tx.send(out).await;
-            drop(permits);
-            if sent.is_err() {
+            if tx.send((out, Some(permits))).await.is_err() {
                 break Ok(());
             }
         }
@@ -526,15 +536,14 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
 
 /// Runs one request and returns its whole reply; the payload buffer goes back to the pool.
 /// Runs a request on the blocking pool; its reply goes to the writer when done.
-fn offload<P: Send + 'static>(conn: &Arc<Conn>, tx: &mpsc::Sender<Out>, req: Request, payload: Vec<u8>, permits: P) {
+fn offload(conn: &Arc<Conn>, tx: &mpsc::Sender<Queued>, req: Request, payload: Vec<u8>, permits: Permits) {
     let conn = conn.clone();
     let tx = tx.clone();
     tokio::spawn(async move {
         let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
         if let Ok(bytes) = r {
-            let _ = tx.send(Out::Bytes(bytes)).await;
+            let _ = tx.send((Out::Bytes(bytes), Some(permits))).await;
         }
-        drop(permits);
     });
 }
 
