@@ -164,7 +164,7 @@ impl Negotiation {
     }
 
     /// Handles one option. `data` is its payload; `too_long` says the payload exceeds [`MAX_OPTION_LEN`]
-    /// and is not read (the caller closes the connection after the error reply).
+    /// and was discarded (or, past `MAX_OPTION_DRAIN`, not read: the caller then closes the connection).
     pub fn option(&mut self, opt: u32, data: &[u8], too_long: bool, cat: &dyn Catalog, out: &mut Vec<u8>) -> Step {
         if too_long {
             if opt == NBD_OPT_EXPORT_NAME {

@@ -4,7 +4,7 @@
 use crate::export::Exports;
 use crate::negotiate::{Negotiation, Step, TlsPolicy};
 use crate::proto::option::{self, OPTION_HEADER_LEN};
-use crate::proto::MAX_OPTION_LEN;
+use crate::proto::{MAX_OPTION_DRAIN, MAX_OPTION_LEN};
 use crate::transmission;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -307,7 +307,9 @@ where
         let Some(hdr) = option::decode_header(&h) else {
             return Ok(Ended::Closed);
         };
-        if hdr.length > MAX_OPTION_LEN {
+        let too_long = hdr.length > MAX_OPTION_LEN;
+        let mut data = Vec::new();
+        if hdr.length > MAX_OPTION_DRAIN {
             // Refused unread: the error reply, then the connection closes (as qemu-nbd does past its limit).
             // Reading a length of up to 4 GiB to stay in step would let one client hold the server for seconds.
             out.clear();
@@ -315,11 +317,21 @@ where
             s.write_all(&out).await?;
             s.flush().await?;
             return Ok(Ended::Closed);
+        } else if too_long {
+            // Read and discarded, 64 KiB at a time, to stay in step.
+            let mut left = hdr.length as usize;
+            let mut sink = vec![0u8; MAX_OPTION_LEN as usize];
+            while left > 0 {
+                let k = left.min(sink.len());
+                s.read_exact(&mut sink[..k]).await?;
+                left -= k;
+            }
+        } else {
+            data.resize(hdr.length as usize, 0);
+            s.read_exact(&mut data).await?;
         }
-        let mut data = vec![0u8; hdr.length as usize];
-        s.read_exact(&mut data).await?;
         out.clear();
-        let step = neg.option(hdr.option, &data, false, exports, &mut out);
+        let step = neg.option(hdr.option, &data, too_long, exports, &mut out);
         s.write_all(&out).await?;
         s.flush().await?;
         match step {

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-const LIMITS: &str = "Limits: handshake 10 s by default (--handshake-limit); option data 64 KiB (longer: refused \
-unread, connection closed); strings 4096 bytes; payloads and reads 32 MiB; per connection 64 requests and 128 MiB of \
+const LIMITS: &str = "Limits: handshake 10 s by default (--handshake-limit); option data 64 KiB (longer: refused; \
+past 1 MiB unread, connection closed); strings 4096 bytes; payloads and reads 32 MiB; per connection 64 requests and 128 MiB of \
 request and reply buffers, held until each reply is written to the socket (so at most about 128 MiB per client, and \
 --shared times that in all); clients at once: --shared (default 1); image metadata: L1 table 32 MiB, refcount table \
 8 MiB, 65536 snapshots, backing chain depth 64.";

@@ -121,3 +121,7 @@ pub const MAX_STRING: usize = 4096;
 pub const MAX_PAYLOAD: u64 = 32 << 20;
 /// Largest option payload accepted during the handshake (longer ones are skipped and refused).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Longest option whose data the server still reads (and discards) to stay in step after refusing it with
+/// `NBD_REP_ERR_TOO_BIG`; a longer one is refused unread and the connection closed, so a header that claims
+/// 4 GiB costs nothing to read.
+pub const MAX_OPTION_DRAIN: u32 = 1 << 20;
