@@ -10,7 +10,8 @@
 #   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
 #   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
 #   write-fresh-4c              4 clients (4 connections), each 4 KiB random write QD32 into its own quarter of a
-#                               fresh qcow2 (different clusters): allocating writers in parallel
+#                               fresh 1 GiB qcow2 (different clusters; most writes soon hit allocated clusters)
+#   alloc-4c                    the same into a fresh 64 GiB qcow2 (16 GiB each): nearly every write allocates
 #   cow cow-extl2               4 KiB random write QD32 into an overlay of a raw base (with extended L2)
 #   read-chain3                 4 KiB random read QD32 through a 3-deep backing chain
 #   seq-read seq-write          1 MiB sequential read / write, QD4
@@ -26,10 +27,11 @@ secs=${1:-5}
 reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c write-alloc cow cow-extl2 read-chain3 seq-read seq-write
+[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc cow cow-extl2 read-chain3 seq-read seq-write
   raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring)
 export PATH=/usr/bin:$PATH
-# QNBD=path runs another qnbd binary (say, a build of an older commit, for a before/after table).
+# QNBD=path runs another qnbd binary; QNBD_BEFORE=path also runs that one (say, a build of an older commit) in
+# the same run, alternating with the others, and adds its numbers and the after/before ratio to the table.
 if [ -z "${QNBD:-}" ]; then
   cargo build --release -q -p nbd-server
 fi
@@ -51,6 +53,7 @@ prep() { # case -> the image to serve (made fresh for each run)
   rm -f "$dir/img.qcow2"
   case ${1%/uring} in
     write-fresh | write-fresh-4c | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
+    alloc-4c) qemu-img create -q -f qcow2 "$dir/img.qcow2" 64G; echo "$dir/img.qcow2" ;;
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     read-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
@@ -62,6 +65,7 @@ prep() { # case -> the image to serve (made fresh for each run)
 fio_args() {
   case ${1%/uring} in
     write-fresh-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=256M --group_reporting" ;;
+    alloc-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=16G --group_reporting" ;;
     write-* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     read-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
     read-qd32 | read-chain3) echo "--rw=randread --bs=4k --iodepth=32" ;;
@@ -76,6 +80,8 @@ start() { # server image sock [uring] -> pid
   rm -f "$sock"
   if [ "$server" = qnbd ]; then
     "$qnbd" -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+  elif [ "$server" = before ]; then
+    "$QNBD_BEFORE" -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ -n "$uring" ]; then
     qemu-nbd -t -e 8 -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
   else
@@ -109,7 +115,7 @@ run_one() { # server case -> "value rss_kib"
       val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 1024/(b-a)}') ;;
     *)
       local field=iops size=1G
-      case $case in seq-* | raw-seq-*) field=bw ;; write-fresh-4c) size=256M ;; esac
+      case $case in seq-* | raw-seq-*) field=bw ;; write-fresh-4c) size=256M ;; alloc-4c) size=16G ;; esac
       # shellcheck disable=SC2046
       val=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --size="$size" --time_based \
         --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
@@ -165,32 +171,49 @@ unit() {
   esac
 }
 
-echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd ${QNBD:-$(git rev-parse --short HEAD 2>/dev/null)}"
-printf '%-18s %-8s %12s %12s %7s %12s %12s\n' case unit qnbd qemu-nbd ratio qnbd_rss_kb qemu_rss_kb
+echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd ${QNBD:-$(git rev-parse --short HEAD 2>/dev/null)}${QNBD_BEFORE:+, before: $QNBD_BEFORE}"
+extra() { # before-value after-value -> the extra columns when QNBD_BEFORE is set
+  [ -n "${QNBD_BEFORE:-}" ] || return 0
+  printf ' %12s %7s' "$1" "$(awk -v a="$2" -v b="$1" 'BEGIN{if (b ~ /^[0-9]+$/ && b > 0) printf "%.2f", a/b; else print "-"}')"
+}
+printf '%-18s %-8s %12s %12s %7s %12s %12s' case unit qnbd qemu-nbd ratio qnbd_rss_kb qemu_rss_kb
+[ -z "${QNBD_BEFORE:-}" ] || printf ' %12s %7s' before after/before
+echo
 for case in "${cases[@]}"; do
   if [ "$case" = overlays50 ]; then
     read -r q qt < <(overlays50 qnbd)
     read -r m mt < <(overlays50 qemu-nbd)
     # lower is better here: the ratio is qnbd / qemu-nbd of total RSS
-    printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "RSS-KiB" "$q" "$m" \
+    printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "RSS-KiB" "$q" "$m" \
       "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", a/b}')" "(${qt}s)" "(${mt}s)"
+    extra - -
+    echo
     continue
   fi
   server_b=qemu-nbd
   case $case in raw-*) server_b=skip ;; esac
-  qs=(); ms=(); qr=0; mr=0
+  qs=(); ms=(); bs=(); qr=0; mr=0
   for ((r = 0; r < reps; r++)); do
     read -r a b < <(run_one qnbd "$case"); qs+=("$a"); qr=$((b > qr ? b : qr))
     if [ "$server_b" != skip ]; then
       read -r a b < <(run_one qemu-nbd "$case"); ms+=("$a"); mr=$((b > mr ? b : mr))
     fi
+    if [ -n "${QNBD_BEFORE:-}" ]; then
+      read -r a b < <(run_one before "$case"); bs+=("$a")
+    fi
   done
   q=$(printf '%s\n' "${qs[@]}" | sort -n | tail -1)
+  bq=-
+  [ ${#bs[@]} -eq 0 ] || bq=$(printf '%s\n' "${bs[@]}" | sort -n | tail -1)
   if [ "$server_b" = skip ]; then
-    printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "$(unit "$case")" "$q" - - "$qr" -
+    printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" - - "$qr" -
+    extra "$bq" "$q"
+    echo
     continue
   fi
   m=$(printf '%s\n' "${ms[@]}" | sort -n | tail -1)
-  printf '%-18s %-8s %12s %12s %7s %12s %12s\n' "$case" "$(unit "$case")" "$q" "$m" \
+  printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" "$m" \
     "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')" "$qr" "$mr"
+  extra "$bq" "$q"
+  echo
 done

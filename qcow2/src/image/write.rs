@@ -803,9 +803,11 @@ impl Qcow2 {
     fn flush_inner(&self, st: &mut WriteState) -> Result<()> {
         // New clusters whose writer wrote only the guest's bytes (`fill_cluster`) may end past the end of
         // the file: give the file its full length first, as qemu's cluster-sized writes would have.
+        // Best effort: bytes past the end read as zeros anyway, and a file that cannot change its length (a
+        // block device) must still commit.
         let end = st.refs.end_cluster << self.cluster_bits;
-        if self.file.len()? < end {
-            self.file.set_len(end)?;
+        if self.file.len().is_ok_and(|l| l < end) {
+            let _ = self.file.set_len(end);
         }
         let dirty_l2 = self.l2_cache.dirty();
         let mut c = MetaCommit::new(self.has_separate_data());
