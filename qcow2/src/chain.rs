@@ -230,6 +230,7 @@ impl Image {
                     _ => None,
                 };
                 let size = q.size();
+                q.set_has_backing(backing.is_some());
                 Ok(Arc::new(Image { layer: Layer::Qcow2(Box::new(q)), backing, filename, size, writable }))
             }
         }
@@ -290,7 +291,10 @@ impl Image {
     pub fn from_layer(layer: Layer, backing: Option<Arc<Image>>, filename: &str) -> Result<Arc<Image>> {
         let (size, writable) = match &layer {
             Layer::Raw(s) => (s.len()?, false),
-            Layer::Qcow2(q) => (q.size(), q.is_writable()),
+            Layer::Qcow2(q) => {
+                q.set_has_backing(backing.is_some());
+                (q.size(), q.is_writable())
+            }
         };
         Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable }))
     }

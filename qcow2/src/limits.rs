@@ -35,3 +35,8 @@ pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 /// Largest compressed cluster we read: the descriptor can name at most this many bytes (two clusters, as
 /// qemu's decompression buffer allows).
 pub const MAX_COMPRESSED_FACTOR: u64 = 2;
+/// Largest bitmap directory accepted, in bytes (qemu: `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`, 64 MiB).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
+/// Most metadata clusters the overlap check tracks for an image opened read-write (about 1 GiB of map at
+/// worst; real images hold a tiny fraction of that).
+pub const MAX_TRACKED_METADATA_CLUSTERS: usize = 1 << 24;

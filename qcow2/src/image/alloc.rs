@@ -228,7 +228,9 @@ impl Refcounts {
                     "the image file has reached the largest host offset",
                 ));
             }
-            if self.get(file, c)? != 0 {
+            // A cluster the overlap map knows as metadata is in use even if its refcount says 0 (a hostile
+            // refcount table may point at blocks past the end of the file).
+            if self.get(file, c)? != 0 || self.overlap.kind(c).is_some() {
                 start = c + 1;
             }
             c += 1;

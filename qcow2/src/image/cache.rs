@@ -179,6 +179,19 @@ impl L2Cache {
         true
     }
 
+    /// Like [`L2Cache::modify`], but if the table at `off` is no longer cached (readers evicted it), `loaded`
+    /// (a current copy the caller read under the writer lock) is changed and pinned instead.
+    pub fn modify_loaded(&self, off: u64, loaded: &L2Table, f: impl FnOnce(&Table)) {
+        let mut g = self.lock();
+        let t = match g.pinned.remove(&off) {
+            Some(t) => t,
+            None => g.lru.pop(&off).unwrap_or_else(|| loaded.clone()),
+        };
+        f(&t);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        g.pinned.insert(off, t);
+    }
+
     /// Stores a new table, pinned until [`L2Cache::mark_clean`].
     pub fn pin(&self, off: u64, table: L2Table) {
         let mut g = self.lock();

@@ -58,6 +58,9 @@ pub struct Qcow2 {
     data_file_raw: bool,
     /// Whether sparse data clusters exist (qemu's metadata preallocation detection; block status recurses).
     metadata_prealloc: std::sync::OnceLock<bool>,
+    /// Whether reads of unallocated clusters come from a backing image (set by the chain that holds this
+    /// layer); without one, copy-on-write sources are zeros.
+    has_backing: std::sync::atomic::AtomicBool,
     /// Every metadata cluster, for the overlap check (filled only for a writable image).
     overlap: Arc<overlap::Map>,
     /// Where metadata commits run (qnbd's commit helper), or `None` for the calling thread.
@@ -71,6 +74,11 @@ impl std::fmt::Debug for Qcow2 {
 }
 
 impl Qcow2 {
+    /// Says whether the chain holding this layer gives it a backing image.
+    pub fn set_has_backing(&self, yes: bool) {
+        self.has_backing.store(yes, Ordering::Relaxed);
+    }
+
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header

@@ -214,6 +214,7 @@ impl Qcow2 {
             file_len: std::sync::atomic::AtomicU64::new(file_len),
             data_file_raw,
             metadata_prealloc: std::sync::OnceLock::new(),
+            has_backing: std::sync::atomic::AtomicBool::new(header.backing_file.is_some()),
             overlap,
             commit_sink: opts.commit_sink.clone(),
             header,
@@ -239,15 +240,25 @@ impl Qcow2 {
             };
             m.add_range(r.start, r.len, cb, kind);
         }
+        // Ranges from the image are bounded (qemu's limits) and clipped to the file: what lies past its end
+        // holds nothing yet, and a hostile size must not make this map huge.
+        let file_len = self.file_len();
+        let clip = |start: u64, len: u64, max: u64| (start, len.min(max).min(file_len.saturating_sub(start)));
         if self.header.nb_snapshots > 0 {
             let bytes: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
-            m.add_range(self.header.snapshots_offset, bytes, cb, Kind::SnapshotTable);
+            let (o, l) = clip(self.header.snapshots_offset, bytes, limits::MAX_SNAPSHOT_TABLE_BYTES);
+            m.add_range(o, l, cb, Kind::SnapshotTable);
         }
         for s in &self.snapshots {
-            m.add_range(s.l1_table_offset, u64::from(s.l1_size) * 8, cb, Kind::SnapshotL1);
+            let (o, l) = clip(s.l1_table_offset, u64::from(s.l1_size) * 8, limits::MAX_L1_BYTES);
+            m.add_range(o, l, cb, Kind::SnapshotL1);
+            if m.len() > limits::MAX_TRACKED_METADATA_CLUSTERS {
+                return Err(Error::invalid("the image has too many metadata clusters to write to it safely"));
+            }
         }
         if let Some(b) = &self.header.bitmaps {
-            m.add_range(b.directory_offset, b.directory_size, cb, Kind::BitmapDirectory);
+            let (o, l) = clip(b.directory_offset, b.directory_size, limits::MAX_BITMAP_DIRECTORY_BYTES);
+            m.add_range(o, l, cb, Kind::BitmapDirectory);
         }
         for e in self.refcount_table()? {
             let off = e & table::OFFSET_MASK;
@@ -258,9 +269,13 @@ impl Qcow2 {
         let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
         for e in l1.iter() {
             let off = table::l1_l2_offset(*e);
-            if off != 0 {
+            // An L2 table past the end of the file is refused where it is used (`l2_table`).
+            if off != 0 && off < file_len {
                 m.add(off >> cb, Kind::L2Table);
             }
+        }
+        if m.len() > limits::MAX_TRACKED_METADATA_CLUSTERS {
+            return Err(Error::invalid("the image has too many metadata clusters to write to it safely"));
         }
         Ok(())
     }

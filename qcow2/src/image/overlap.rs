@@ -79,6 +79,16 @@ impl Map {
         }
     }
 
+    /// How many clusters are known.
+    pub fn len(&self) -> usize {
+        self.clusters.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no cluster is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// What cluster `c` holds, if it is metadata.
     pub fn kind(&self, c: u64) -> Option<Kind> {
         self.clusters.read().ok().and_then(|m| m.get(&c).copied())

@@ -200,7 +200,8 @@ impl Qcow2 {
         self.set_entry(l2, idx, entry, bitmap)
     }
 
-    /// Stores a raw entry (and bitmap) for index `idx` of the L2 table at `l2`.
+    /// Stores a raw entry (and bitmap) for index `idx` of the L2 table at `l2` (the writer lock is held, so
+    /// the table loaded here is current even if readers evict it meanwhile).
     pub(super) fn set_entry(&self, l2: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
         let ext = self.header.extended_l2();
         let apply = |t: &Table| {
@@ -211,14 +212,9 @@ impl Qcow2 {
                 t.set(idx, entry);
             }
         };
-        // Load the table into the cache first if needed; then change it under the cache lock.
-        for _ in 0..3 {
-            if self.l2_cache.modify(l2, apply) {
-                return Ok(());
-            }
-            self.l2_table(l2)?;
-        }
-        Err(Error::new(ErrorKind::Io, "L2 table could not be kept in the cache"))
+        let loaded = self.l2_table(l2)?;
+        self.l2_cache.modify_loaded(l2, &loaded, apply);
+        Ok(())
     }
 
     /// The L2 table for L1 index `l1_idx`, allocated (or copied, if shared with a snapshot) if needed.
@@ -552,7 +548,7 @@ impl Qcow2 {
         let mut out = vec![0u8; (r1 - r0) as usize];
         let mut decompressed: Option<Vec<u8>> = None;
         // Whether everything around the guest's bytes is zeros by definition (no old data, no backing file).
-        let no_backing = self.header.backing_file.is_none();
+        let no_backing = !self.has_backing.load(Ordering::Relaxed);
         let mut zero_fill = true;
         for sc in (r0 / ss)..(r1 / ss) {
             let bit = 1u32 << sc;
@@ -928,7 +924,17 @@ impl Qcow2 {
         ])
         .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "header fields are not adjacent"))?;
         c.add(Stage::Pointers, hoff, hdr);
-        self.run_commit(&c)?;
+        if let Err(e) = self.run_commit(&c) {
+            if moved.is_some() {
+                // The header may or may not point at the new L1 table now (a sync failed after its write):
+                // later L1 updates could go to the wrong table, so this process writes no more. The image on
+                // disk is consistent either way (both tables hold the same entries).
+                st.corrupt = true;
+                self.poisoned.store(true, Ordering::Release);
+                eprintln!("qcow2: moving the L1 table failed ({e}); the image is read-only until it is reopened");
+            }
+            return Err(e);
+        }
         st.refs.committed(&inc);
         if let Some((off, l1)) = moved {
             let old_off = self.l1_offset();
