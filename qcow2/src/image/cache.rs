@@ -132,6 +132,19 @@ impl L2Cache {
         f()
     }
 
+    /// Runs `f` on the cached table at `off` under the cache lock (one lock, no reference count); `None` if
+    /// the table is not cached.
+    #[inline]
+    pub fn with<R>(&self, off: u64, f: impl FnOnce(&Table) -> R) -> Option<R> {
+        let mut g = self.lock();
+        if !g.pinned.is_empty() {
+            if let Some(t) = g.pinned.get(&off) {
+                return Some(f(t));
+            }
+        }
+        g.lru.get(&off).map(|t| f(t))
+    }
+
     /// The table at host offset `off`, if cached.
     pub fn get(&self, off: u64) -> Option<L2Table> {
         let mut g = self.lock();

@@ -79,6 +79,9 @@ impl Qcow2 {
             let m = self.unallocated_at(guest);
             return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
         }
+        if let Some(r) = self.l2_cache.with(l2_off, |t| self.map_in(t, guest, lim)) {
+            return r;
+        }
         let t = self.l2_table(l2_off)?;
         self.l2_cache.read(|| self.map_in(&t, guest, lim))
     }

@@ -268,8 +268,14 @@ impl Qcow2 {
         if e & OFFSET_MASK == 0 || e & OFLAG_COPIED == 0 {
             return Ok(None);
         }
-        let t = self.l2_table(e & OFFSET_MASK)?;
-        let s = self.l2_cache.read(|| self.state_of(&t, idx));
+        let off = e & OFFSET_MASK;
+        let s = match self.l2_cache.with(off, |t| self.state_of(t, idx)) {
+            Some(s) => s,
+            None => {
+                let t = self.l2_table(off)?;
+                self.l2_cache.read(|| self.state_of(&t, idx))
+            }
+        };
         self.validate(&s, pos)?;
         Ok(Some(s))
     }
