@@ -291,11 +291,6 @@ impl Refcounts {
         *self.pending_free.entry(c).or_insert(0) += 1;
     }
 
-    /// Whether any refcount block or the table has unwritten changes.
-    pub fn is_dirty(&self) -> bool {
-        self.table_dirty || self.blocks.values().any(|(_, d)| *d)
-    }
-
     /// Adds the changed refcount structures to `c`: dirty blocks to [`Stage::RefcountBlocks`] (or
     /// [`Stage::Frees`] for a commit of lowered counts), the table to [`Stage::RefcountTable`] and a moved
     /// table's header fields to [`Stage::RefcountHeader`]. Nothing is marked clean until

@@ -131,51 +131,9 @@ impl CrashDisk {
         std::mem::take(&mut self.lock().states)
     }
 
-    /// How many syncs the files have seen.
-    pub fn syncs(&self) -> u64 {
-        self.lock().syncs
-    }
-
     /// The current (not necessarily durable) contents of file `i`.
     pub fn current(&self, i: usize) -> Vec<u8> {
         self.lock().files.get(i).map(|f| f.current.clone()).unwrap_or_default()
-    }
-
-    /// The writes of file `i` pending since its last sync: (offset, length) each.
-    pub fn pending(&self, i: usize) -> Vec<(u64, u64)> {
-        let st = self.lock();
-        let Some(f) = st.files.get(i) else { return Vec::new() };
-        f.pending
-            .iter()
-            .filter_map(|p| match p {
-                Pending::Write { offset, data } => Some((*offset, data.len() as u64)),
-                Pending::SetLen(_) => None,
-            })
-            .collect()
-    }
-
-    /// The state of file `i` if the power failed now and kept, of its pending writes, exactly those for
-    /// which `keep(offset, len)` is true (whole, not torn); other files keep only what is durable.
-    pub fn crash_keeping(&self, keep: impl Fn(u64, u64) -> bool) -> CrashState {
-        let st = self.lock();
-        let files = st
-            .files
-            .iter()
-            .map(|f| {
-                let mut d = f.durable.clone();
-                for p in &f.pending {
-                    match p {
-                        Pending::Write { offset, data } if keep(*offset, data.len() as u64) => {
-                            apply_write(&mut d, *offset, data, None)
-                        }
-                        Pending::Write { .. } => {}
-                        Pending::SetLen(l) => d.resize(*l as usize, 0),
-                    }
-                }
-                d
-            })
-            .collect();
-        CrashState { files, how: "chosen writes kept".into() }
     }
 }
 
