@@ -87,6 +87,7 @@ fn whole_requests(c: &mut Criterion) {
         allocation_depth: false,
         multi_conn: false,
         fresh: None,
+        cache: Default::default(),
     });
     let t = Transmit { export: export.meta(), style: Style::Simple, contexts: Vec::new() };
     let (mut client, server) = tokio::io::duplex(1 << 20);

@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
             allocation_depth: true,
             multi_conn: true,
             fresh: None,
+            cache: Default::default(),
         });
         let exports = Exports { list: vec![export], ..Default::default() };
         let (mut client, server) = tokio::io::duplex(1 << 16);

@@ -36,6 +36,17 @@ pub struct Export {
     pub multi_conn: bool,
     /// Give every connection its own throwaway overlay on this image (`--fresh-per-connection`).
     pub fresh: Option<Fresh>,
+    /// What the cache mode asks of writes and FLUSH.
+    pub cache: Cache,
+}
+
+/// The parts of qemu's cache modes that act on requests (`O_DIRECT` is the image's business).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cache {
+    /// Every write is durable before its reply (`writethrough`, `directsync`): as if each had FUA.
+    pub writethrough: bool,
+    /// FLUSH does nothing (`unsafe`, `cache.no-flush=on`); the image is still flushed when the server stops.
+    pub ignore_flush: bool,
 }
 
 /// What a fresh per-connection overlay is made from.
@@ -60,6 +71,7 @@ impl Export {
             allocation_depth: self.allocation_depth,
             multi_conn: false,
             fresh: None,
+            cache: self.cache,
         }
     }
 }
@@ -112,7 +124,11 @@ impl Export {
             size: self.device.size(),
             flags: self.flags(),
             allocation_depth: self.allocation_depth,
-            block_size: BLOCK_SIZE,
+            block_size: (
+                self.device.min_block_size().max(BLOCK_SIZE.0),
+                BLOCK_SIZE.1.max(self.device.min_block_size()),
+                BLOCK_SIZE.2,
+            ),
         }
     }
 }

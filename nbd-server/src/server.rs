@@ -18,8 +18,11 @@ use tokio::sync::Notify;
 pub struct ServerConfig {
     /// The exports.
     pub exports: Exports,
-    /// Most clients served at once (qemu-nbd `-e`); extra clients are closed at once, not left waiting.
+    /// Most clients served at once (qemu-nbd `-e`; 0: no limit).
     pub max_connections: usize,
+    /// Close a client that comes when every slot is taken, instead of letting it wait in the listen queue
+    /// until a slot is free (qemu-nbd's behaviour, and the default).
+    pub refuse_extra: bool,
     /// Keep serving after the last client leaves (qemu-nbd `-t`).
     pub persistent: bool,
     /// Time a client has to finish the handshake (qemu 10: 10 s).
@@ -43,6 +46,8 @@ pub enum Listener {
 /// The shared state of a running server.
 pub struct Server {
     config: ServerConfig,
+    /// Free client slots, when clients wait for one (`refuse_extra` off and a limit set).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     active: AtomicUsize,
     /// Connections ever accepted (for the "exit after the last client" rule).
     served: AtomicUsize,
@@ -52,7 +57,15 @@ pub struct Server {
 impl Server {
     /// A server for `config`.
     pub fn new(config: ServerConfig) -> Arc<Server> {
-        Arc::new(Server { config, active: AtomicUsize::new(0), served: AtomicUsize::new(0), idle: Notify::new() })
+        let slots = (config.max_connections > 0 && !config.refuse_extra)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_connections)));
+        Arc::new(Server {
+            config,
+            slots,
+            active: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
     }
 
     /// Runs the whole connection: handshake (with STARTTLS when configured), then transmission. `splice` is a
@@ -180,11 +193,20 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, l: Listener) {
         loop {
+            // With every slot taken, the next client waits in the listen queue (as with qemu-nbd, which stops
+            // accepting): it is greeted as soon as a slot is free, however quickly it came.
+            let mut slot = None;
+            if let Some(sem) = &self.slots {
+                match sem.clone().acquire_owned().await {
+                    Ok(p) => slot = Some(p),
+                    Err(_) => return,
+                }
+            }
             let r: std::io::Result<()> = match &l {
                 Listener::Unix(u, _) => match u.accept().await {
                     Ok((s, _)) => {
                         let fd = s.as_fd().try_clone_to_owned().ok();
-                        self.clone().spawn_client(s, fd);
+                        self.clone().spawn_client(s, fd, slot.take());
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -194,7 +216,7 @@ impl Server {
                         if crate::acl::allowed(&self.config.allow, peer.ip()) {
                             let _ = s.set_nodelay(true);
                             let fd = s.as_fd().try_clone_to_owned().ok();
-                            self.clone().spawn_client(s, fd);
+                            self.clone().spawn_client(s, fd, slot.take());
                         } else {
                             // Closed before the greeting: a stranger learns nothing.
                             tracing::info!("connection from {peer} refused: not in --allow");
@@ -206,7 +228,7 @@ impl Server {
                 },
                 Listener::Vsock(v) => match v.accept().await {
                     Ok((s, _)) => {
-                        self.clone().spawn_client(s, None);
+                        self.clone().spawn_client(s, None, slot.take());
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -219,12 +241,16 @@ impl Server {
         }
     }
 
-    fn spawn_client<S>(self: Arc<Self>, s: S, splice: Option<OwnedFd>)
-    where
+    fn spawn_client<S>(
+        self: Arc<Self>,
+        s: S,
+        splice: Option<OwnedFd>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let n = self.active.fetch_add(1, Ordering::SeqCst);
-        if n >= self.config.max_connections {
+        if self.config.max_connections > 0 && permit.is_none() && n >= self.config.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
             // Refuse cleanly: close at once, so the client fails fast instead of hanging.
             tracing::info!("connection limit ({}) reached: refusing a client", self.config.max_connections);
@@ -241,6 +267,8 @@ impl Server {
             }
         }
         tokio::spawn(async move {
+            // The waiting slot is given back after the count above (drop order: `slot` first).
+            let _permit = permit;
             let slot = Slot(self);
             if let Err(e) = slot.0.serve_connection(s, splice).await {
                 tracing::debug!("connection ended: {e}");

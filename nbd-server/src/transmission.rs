@@ -74,7 +74,7 @@ pub fn errno(e: &qcow2::Error) -> u32 {
     match e.kind() {
         ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => NBD_EINVAL,
         ErrorKind::NoSpace => NBD_ENOSPC,
-        ErrorKind::ReadOnly => NBD_EPERM,
+        ErrorKind::ReadOnly | ErrorKind::NotPermitted => NBD_EPERM,
         ErrorKind::Unsupported => NBD_ENOTSUP,
         _ => match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
@@ -89,14 +89,16 @@ pub fn errno(e: &qcow2::Error) -> u32 {
 fn allowed_flags(kind: u16, style: Style) -> u16 {
     let df = if style == Style::Simple { 0 } else { NBD_CMD_FLAG_DF };
     let payload = if style == Style::Extended { NBD_CMD_FLAG_PAYLOAD_LEN } else { 0 };
-    match kind {
-        NBD_CMD_READ => NBD_CMD_FLAG_FUA | df,
-        NBD_CMD_WRITE => NBD_CMD_FLAG_FUA | payload,
-        NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
-        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE | payload,
-        _ => 0,
-    }
+    // proto.md, NBD_CMD_FLAG_FUA: a server that advertised NBD_FLAG_SEND_FUA accepts it on every command
+    // (it is a no-op where nothing is written).
+    NBD_CMD_FLAG_FUA
+        | match kind {
+            NBD_CMD_READ => df,
+            NBD_CMD_WRITE => payload,
+            NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+            NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE | payload,
+            _ => 0,
+        }
 }
 
 /// Everything a request handler needs from the connection.
@@ -320,10 +322,18 @@ where
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
         }
-        let Ok(req) = request::decode(&hdr[..hlen], ext) else {
+        let Ok(mut req) = request::decode(&hdr[..hlen], ext) else {
             tracing::debug!("bad request magic: closing");
             break Ok(());
         };
+        if conn.export.cache.writethrough && matches!(req.kind, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES | NBD_CMD_TRIM) {
+            // writethrough/directsync: every write is durable before its reply, as if the client set FUA.
+            req.flags |= NBD_CMD_FLAG_FUA;
+        }
+        if conn.export.cache.ignore_flush {
+            // unsafe / cache.no-flush: FUA is a flush too, and flushes are ignored.
+            req.flags &= !NBD_CMD_FLAG_FUA;
+        }
         if req.kind == NBD_CMD_DISC {
             break Ok(());
         }
@@ -597,6 +607,11 @@ fn execute(c: &Conn, req: Request, payload: &[u8]) -> Vec<u8> {
             if req.length > MAX_PAYLOAD {
                 return fail(NBD_EINVAL, "read larger than the maximum block size");
             }
+            if req.length == 0 {
+                // A data chunk must carry at least one byte (proto.md, NBD_REPLY_TYPE_OFFSET_DATA): nothing to
+                // send but the final chunk.
+                return ok();
+            }
             read(c, &req)
         }
         NBD_CMD_WRITE => {
@@ -617,6 +632,7 @@ fn execute(c: &Conn, req: Request, payload: &[u8]) -> Vec<u8> {
                 Err(e) => fail(errno(&e), &e.to_string()),
             }
         }
+        NBD_CMD_FLUSH if ex.cache.ignore_flush => ok(),
         NBD_CMD_FLUSH => match dev.flush() {
             Ok(()) => ok(),
             Err(e) => fail(errno(&e), &e.to_string()),

@@ -49,4 +49,7 @@ impl BlockDevice for Window {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    fn min_block_size(&self) -> u32 {
+        self.inner.min_block_size()
+    }
 }

@@ -5,6 +5,7 @@ use crate::device::{push_piece, BlockDevice, Piece, Source, SpliceFile, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::offset::GuestOffset;
 use crate::image::{Mapping, Qcow2, Qcow2Options};
+use crate::spec::{BackingSpec, ImageSpec};
 use crate::storage::{FileStorage, Storage};
 use crate::{format::header, limits};
 use std::path::Path;
@@ -59,6 +60,12 @@ pub struct OpenOptions {
     /// Where the metadata commits of a writable qcow2 image run (qnbd's commit helper); `None`: in the
     /// calling thread.
     pub commit_sink: Option<Arc<dyn crate::image::commit::CommitSink>>,
+    /// Open every file with `O_DIRECT` (qemu `cache.direct=on`).
+    pub direct: bool,
+    /// Take qemu-compatible image locks (qemu `file.locking`, on by default).
+    pub locking: bool,
+    /// Read-only use that lets others write (qemu `-U`/`force-share=on`): no lock that stops a writer.
+    pub force_share: bool,
 }
 
 /// Open read-only backing images by file identity (device, inode).
@@ -75,6 +82,9 @@ impl Default for OpenOptions {
             snapshot: None,
             shared: None,
             commit_sink: None,
+            direct: false,
+            locking: true,
+            force_share: false,
         }
     }
 }
@@ -94,6 +104,10 @@ pub struct Image {
     filename: Arc<str>,
     size: u64,
     writable: bool,
+    /// A raw image whose format was probed: writes that would make it probe as another format are refused.
+    probed_raw: bool,
+    /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, else 1).
+    min_block: u32,
 }
 
 impl std::fmt::Debug for Image {
@@ -113,13 +127,19 @@ pub fn resolve_relative(base: &str, name: &str) -> String {
     }
 }
 
-/// Guesses the format of a file from its first bytes, as qemu's probe does for the formats qnbd knows.
+/// Guesses the format of a file from its first bytes, as qemu's probe does. A format qemu knows and qnbd
+/// does not read is refused by name (never served as raw).
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    let mut magic = [0u8; 4];
-    if storage.len()? >= 4 {
-        storage.read_at(&mut magic, 0)?;
+    use crate::format::probe::{detect, Detected, PROBE_BYTES};
+    let mut first = vec![0u8; storage.len()?.min(PROBE_BYTES as u64) as usize];
+    storage.read_at(&mut first, 0)?;
+    match detect(&first) {
+        Detected::Qcow2 => Ok(Format::Qcow2),
+        Detected::Raw => Ok(Format::Raw),
+        Detected::Other(name) => Err(Error::unsupported(format!(
+            "the image is in the '{name}' format, which qnbd does not support (only qcow2 and raw)"
+        ))),
     }
-    Ok(if u32::from_be_bytes(magic) == header::MAGIC { Format::Qcow2 } else { Format::Raw })
 }
 
 fn file_id(path: &str) -> Option<(u64, u64)> {
@@ -127,30 +147,39 @@ fn file_id(path: &str) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-fn refuse_protocol(name: &str) -> Result<()> {
-    if name.starts_with("json:") || name.contains("://") {
-        return Err(Error::unsupported(format!("backing file '{name}' uses a protocol qnbd cannot open")));
-    }
-    Ok(())
+/// What the caller knows of one image of the chain while opening it.
+struct Opening<'a> {
+    spec: &'a ImageSpec,
+    writable: bool,
+    depth: usize,
+    /// The name to show and to resolve relative backing names against.
+    path: String,
 }
 
 impl Image {
-    /// Opens the image at `path` and, unless told not to, its whole backing chain.
-    pub fn open(path: &str, opts: &OpenOptions) -> Result<Arc<Image>> {
-        let mut seen = Vec::new();
-        Self::open_at(path, opts.format, opts.writable, opts, 0, &mut seen)
+    /// Opens the image named `name` (a file name, `json:{...}` or `file:NAME`; see [`ImageSpec`]) and, unless
+    /// told not to, its whole backing chain.
+    pub fn open(name: &str, opts: &OpenOptions) -> Result<Arc<Image>> {
+        Self::open_spec(&ImageSpec::parse_filename(name)?, opts)
     }
 
-    fn open_at(
-        path: &str,
-        format: Option<Format>,
-        writable: bool,
-        opts: &OpenOptions,
-        depth: usize,
-        seen: &mut Vec<(u64, u64)>,
-    ) -> Result<Arc<Image>> {
-        let img = Self::open_one(path, format, writable, opts, depth, seen)?;
-        if let (Some(shared), Some(id), false) = (&opts.shared, file_id(path), writable) {
+    /// Opens the image `spec` describes (`--image-opts`, `json:`) and its chain.
+    pub fn open_spec(spec: &ImageSpec, opts: &OpenOptions) -> Result<Arc<Image>> {
+        let mut seen = Vec::new();
+        let writable = opts.writable && spec.read_only != Some(true);
+        let mut spec = spec.clone();
+        // qemu-nbd -f wins over the driver of a json: name.
+        if opts.format.is_some() {
+            spec.format = opts.format;
+        }
+        let path = spec.file.filename.clone();
+        Self::open_at(Opening { spec: &spec, writable, depth: 0, path }, opts, &mut seen)
+    }
+
+    fn open_at(o: Opening<'_>, opts: &OpenOptions, seen: &mut Vec<(u64, u64)>) -> Result<Arc<Image>> {
+        let (writable, path) = (o.writable, o.path.clone());
+        let img = Self::open_one(o, opts, seen)?;
+        if let (Some(shared), Some(id), false) = (&opts.shared, file_id(&path), writable) {
             if let Ok(mut m) = shared.lock() {
                 m.retain(|_, w| w.strong_count() > 0);
                 m.entry(id).or_insert_with(|| Arc::downgrade(&img));
@@ -159,21 +188,51 @@ impl Image {
         Ok(img)
     }
 
-    fn open_one(
-        path: &str,
-        format: Option<Format>,
+    /// Opens one file of the chain with the options and locks its role needs.
+    fn open_file(
+        file: &crate::spec::FileSpec,
         writable: bool,
+        spec: &ImageSpec,
         opts: &OpenOptions,
-        depth: usize,
-        seen: &mut Vec<(u64, u64)>,
-    ) -> Result<Arc<Image>> {
+    ) -> Result<FileStorage> {
+        let fo = crate::storage::FileOptions {
+            writable,
+            direct: spec.cache_direct.unwrap_or(opts.direct),
+            host_device: file.host_device,
+        };
+        FileStorage::open_with(&file.filename, &fo)
+    }
+
+    /// Takes qemu's locks for this role (see [`crate::lock`]).
+    fn lock(
+        s: &FileStorage,
+        u: crate::lock::Use,
+        file: &crate::spec::FileSpec,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+    ) -> Result<()> {
+        if !file.locking.unwrap_or(opts.locking) {
+            return Ok(());
+        }
+        let u = if spec.force_share.unwrap_or(opts.force_share) { crate::lock::Use::shared_reader() } else { u };
+        crate::lock::apply(s.file(), u, &file.filename)
+    }
+
+    fn open_one(o: Opening<'_>, opts: &OpenOptions, seen: &mut Vec<(u64, u64)>) -> Result<Arc<Image>> {
+        let Opening { spec, writable, depth, path } = o;
         if depth > opts.max_chain_depth {
             return Err(Error::new(
                 ErrorKind::BackingChain,
                 format!("backing chain is deeper than {} images (at '{path}')", opts.max_chain_depth),
             ));
         }
-        if let Some(id) = file_id(path) {
+        if writable && spec.force_share.unwrap_or(opts.force_share) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        if let Some(id) = file_id(&path) {
             if seen.contains(&id) {
                 return Err(Error::new(ErrorKind::BackingChain, format!("backing chain loops back to '{path}'")));
             }
@@ -187,26 +246,56 @@ impl Image {
                 }
             }
         }
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
-        let format = match format {
-            Some(f) => f,
-            None => probe(storage.as_ref())?,
+        let file = Self::open_file(&spec.file, writable, spec, opts)?;
+        let (format, probed) = match spec.format {
+            Some(f) => (f, false),
+            None => (probe(&file).map_err(|e| e.context(format!("Could not open '{path}'")))?, true),
         };
-        let filename: Arc<str> = Arc::from(path);
+        let min_block = u32::try_from(file.alignment()).unwrap_or(4096);
+        let filename: Arc<str> = Arc::from(path.as_str());
         match format {
             Format::Raw => {
+                let role =
+                    if depth == 0 { crate::lock::Use::raw_top(writable) } else { crate::lock::Use::shared_reader() };
+                Self::lock(&file, role, &spec.file, spec, opts)
+                    .map_err(|e| e.context(format!("Could not open '{path}'")))?;
+                let mut storage: Arc<dyn Storage> = Arc::new(file);
+                if spec.offset.is_some() || spec.size.is_some() {
+                    storage = Arc::new(crate::storage::SliceStorage::new(storage, spec.offset, spec.size)?);
+                }
                 // qemu sizes block nodes in 512-byte sectors: a raw file's size rounds up to a sector.
                 let size = storage.len()?.div_ceil(512) * 512;
-                Ok(Arc::new(Image { layer: Layer::Raw(storage), backing: None, filename, size, writable }))
+                if probed && depth == 0 && writable {
+                    eprintln!(
+                        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+                         Automatically detecting the format is dangerous for raw images, write operations on \
+                         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the \
+                         restrictions."
+                    );
+                }
+                let probed_raw = probed && writable;
+                let min_block = if probed_raw { min_block.max(512) } else { min_block };
+                Ok(Arc::new(Image {
+                    layer: Layer::Raw(storage),
+                    backing: None,
+                    filename,
+                    size,
+                    writable,
+                    probed_raw,
+                    min_block,
+                }))
             }
             Format::Qcow2 => {
+                Self::lock(&file, crate::lock::Use::qcow2(writable), &spec.file, spec, opts)
+                    .map_err(|e| e.context(format!("Could not open '{path}'")))?;
+                let storage: Arc<dyn Storage> = Arc::new(file);
                 let hdr_opts = Qcow2Options {
-                    l2_cache_bytes: opts.l2_cache_bytes,
+                    l2_cache_bytes: spec.l2_cache_size.or(opts.l2_cache_bytes),
                     snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
                     writable,
                     commit_sink: opts.commit_sink.clone(),
                 };
-                let q = Self::open_qcow2(storage, writable, &hdr_opts)
+                let q = Self::open_qcow2(storage, writable, spec, opts, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
                 let h = q.header();
                 if writable && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
@@ -214,43 +303,87 @@ impl Image {
                         "Could not open '{path}': the image is marked corrupt; it can only be opened read-only"
                     )));
                 }
-                let backing = match (&h.backing_file, opts.open_backing) {
-                    (Some(name), true) => {
-                        refuse_protocol(name)?;
-                        let full = resolve_relative(path, name);
-                        let fmt = h.backing_format.as_deref().map(Format::parse).transpose()?;
-                        Some(Self::open_at(&full, fmt, false, opts, depth + 1, seen).map_err(|e| {
-                            if e.kind() == ErrorKind::BackingChain {
-                                e
-                            } else {
-                                e.context(format!("Could not open backing file of '{path}'"))
-                            }
-                        })?)
+                let backing = match (&spec.backing, &h.backing_file, opts.open_backing) {
+                    (_, _, false) | (BackingSpec::None, _, _) | (BackingSpec::Header, None, _) => None,
+                    (BackingSpec::Image(b), _, true) => {
+                        let bpath = b.file.filename.clone();
+                        Some(Self::open_at(
+                            Opening { spec: b, writable: false, depth: depth + 1, path: bpath },
+                            opts,
+                            seen,
+                        )?)
                     }
-                    _ => None,
+                    (BackingSpec::Header, Some(name), true) => {
+                        let mut bspec = ImageSpec::parse_filename(name)
+                            .map_err(|e| e.context(format!("Could not open backing file of '{path}'")))?;
+                        if !name.starts_with("json:") {
+                            bspec.file.filename = resolve_relative(&path, &bspec.file.filename);
+                        }
+                        if bspec.format.is_none() {
+                            bspec.format = h.backing_format.as_deref().map(Format::parse).transpose()?;
+                        }
+                        let bpath = bspec.file.filename.clone();
+                        Some(
+                            Self::open_at(
+                                Opening { spec: &bspec, writable: false, depth: depth + 1, path: bpath },
+                                opts,
+                                seen,
+                            )
+                            .map_err(|e| {
+                                if e.kind() == ErrorKind::BackingChain {
+                                    e
+                                } else {
+                                    e.context(format!("Could not open backing file of '{path}'"))
+                                }
+                            })?,
+                        )
+                    }
                 };
                 let size = q.size();
                 q.set_has_backing(backing.is_some());
-                Ok(Arc::new(Image { layer: Layer::Qcow2(Box::new(q)), backing, filename, size, writable }))
+                Ok(Arc::new(Image {
+                    layer: Layer::Qcow2(Box::new(q)),
+                    backing,
+                    filename,
+                    size,
+                    writable,
+                    probed_raw: false,
+                    min_block,
+                }))
             }
         }
     }
 
-    fn open_qcow2(storage: Arc<dyn Storage>, writable: bool, o: &Qcow2Options) -> Result<Qcow2> {
+    fn open_qcow2(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        spec: &ImageSpec,
+        opts: &OpenOptions,
+        o: &Qcow2Options,
+    ) -> Result<Qcow2> {
         // The external data file name comes from the header; read it first.
         let mut first = vec![0u8; storage.len()?.min(limits::MAX_HEADER_BYTES) as usize];
         storage.read_at(&mut first, 0)?;
-        let data = match header::Header::parse(&first) {
-            Ok(h) => match &h.data_file {
-                Some(name) => {
-                    refuse_protocol(name)?;
-                    // qemu opens the data file name as written (relative to the working directory), unlike
-                    // backing file names.
-                    Some(Arc::new(FileStorage::open(name, writable)?) as Arc<dyn Storage>)
+        let h = header::Header::parse(&first)?;
+        let data_spec = match (&spec.data_file, &h.data_file) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(name)) => {
+                if name.starts_with("json:") || name.contains("://") {
+                    return Err(Error::unsupported(format!("data file '{name}' uses a protocol qnbd cannot open")));
                 }
-                None => None,
-            },
-            Err(e) => return Err(e),
+                // qemu opens the data file name as written (relative to the working directory), unlike
+                // backing file names.
+                Some(crate::spec::FileSpec { filename: name.clone(), ..Default::default() })
+            }
+            (None, None) => None,
+        };
+        let data = match data_spec {
+            Some(d) => {
+                let f = Self::open_file(&d, writable, spec, opts)?;
+                Self::lock(&f, crate::lock::Use::qcow2(writable), &d, spec, opts)?;
+                Some(Arc::new(f) as Arc<dyn Storage>)
+            }
+            None => None,
         };
         Qcow2::open(storage, data, o)
     }
@@ -296,7 +429,15 @@ impl Image {
                 (q.size(), q.is_writable())
             }
         };
-        Ok(Arc::new(Image { layer, backing, filename: Arc::from(filename), size, writable }))
+        Ok(Arc::new(Image {
+            layer,
+            backing,
+            filename: Arc::from(filename),
+            size,
+            writable,
+            probed_raw: false,
+            min_block: 1,
+        }))
     }
 
     /// The file name as opened (backing names resolved against the overlay's folder).
@@ -541,6 +682,7 @@ impl BlockDevice for Image {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
+        self.check_probed_write(buf, offset)?;
         match &self.layer {
             Layer::Raw(s) => s.write_at(buf, offset)?,
             Layer::Qcow2(q) => q.write(buf, offset, &|b, o| self.read_backing(b, o))?,
@@ -553,6 +695,9 @@ impl BlockDevice for Image {
 
     fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         self.check_writable(offset, buf.len() as u64).ok()?;
+        if self.probed_raw && offset < crate::format::probe::PROBE_BYTES as u64 {
+            return None;
+        }
         match &self.layer {
             Layer::Raw(s) => Some(s.write_at(buf, offset)),
             Layer::Qcow2(q) => q.write_quick(buf, offset, &|b, o| self.read_backing(b, o)),
@@ -598,9 +743,47 @@ impl BlockDevice for Image {
         }
         Ok(())
     }
+
+    fn min_block_size(&self) -> u32 {
+        self.min_block
+    }
 }
 
 impl Image {
+    /// qemu's `raw_co_pwritev` rule for a raw image whose format was probed: a write to its first sector must
+    /// leave it probing as raw, or a guest could make the next open read it as qcow2 with a backing file
+    /// of its choosing (a host file). Refused with EPERM.
+    fn check_probed_write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        use crate::format::probe::{detect, Detected, PROBE_BYTES};
+        let Layer::Raw(s) = &self.layer else {
+            return Ok(());
+        };
+        if !self.probed_raw || offset >= PROBE_BYTES as u64 || buf.is_empty() {
+            return Ok(());
+        }
+        let mut first = [0u8; PROBE_BYTES];
+        s.read_at(&mut first, 0)?;
+        let at = offset as usize;
+        let n = buf.len().min(PROBE_BYTES - at);
+        first[at..at + n].copy_from_slice(&buf[..n]);
+        match detect(&first) {
+            Detected::Raw => Ok(()),
+            Detected::Qcow2 => Err(self.probe_refusal("qcow2")),
+            Detected::Other(name) => Err(self.probe_refusal(name)),
+        }
+    }
+
+    fn probe_refusal(&self, name: &str) -> Error {
+        Error::new(
+            ErrorKind::NotPermitted,
+            format!(
+                "write to block 0 of '{}' refused: the format was probed as raw and the write would make it probe as \
+                 {name} (give the format, -f raw, to allow it)",
+                self.filename
+            ),
+        )
+    }
+
     fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));

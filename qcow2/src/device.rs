@@ -158,4 +158,10 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// The smallest request size the device handles without a read-modify-write or a check of the whole
+    /// sector (NBD's minimum block size): 1 normally, 512 for a probed raw image (qemu restricts its first
+    /// sector), the `O_DIRECT` alignment with `cache.direct`.
+    fn min_block_size(&self) -> u32 {
+        1
+    }
 }

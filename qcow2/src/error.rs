@@ -25,6 +25,10 @@ pub enum ErrorKind {
     BackingChain,
     /// The device has no room left.
     NoSpace,
+    /// Another process holds a conflicting image lock.
+    Locked,
+    /// The operation is not permitted (a write that would change how a probed raw image is probed).
+    NotPermitted,
 }
 
 /// An error with its kind, a human message and, for I/O errors, the OS error. Boxed: one pointer wide, so a

@@ -10,6 +10,8 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod limits;
+pub mod lock;
+pub mod spec;
 pub mod storage;
 pub mod testing;
 pub mod util;

@@ -40,3 +40,5 @@ pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
 /// Most metadata clusters the overlap check tracks for an image opened read-write (about 1 GiB of map at
 /// worst; real images hold a tiny fraction of that).
 pub const MAX_TRACKED_METADATA_CLUSTERS: usize = 1 << 24;
+/// Longest `json:` image name or `--image-opts` list parsed.
+pub const MAX_SPEC_BYTES: usize = 64 << 10;

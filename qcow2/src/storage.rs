@@ -40,37 +40,134 @@ pub trait Storage: Send + Sync {
     fn raw_fd(&self) -> Option<i32> {
         None
     }
+    /// The alignment transfers need to be efficient (`O_DIRECT`: smaller ones are read, patched and written).
+    fn alignment(&self) -> u64 {
+        1
+    }
 }
 
-/// A file opened for positioned I/O.
+/// How to open a file or block device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Open for writing.
+    pub writable: bool,
+    /// Bypass the host page cache (`O_DIRECT`; qemu's `cache.direct=on`, `--cache=none|directsync`).
+    pub direct: bool,
+    /// The name must be a block or character device (qemu's `host_device` driver).
+    pub host_device: bool,
+}
+
+/// A file or block device opened for positioned I/O.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     name: String,
+    /// A block device: its size comes from the device, it cannot grow, and writes past its end fail with ENOSPC.
+    block_device: bool,
+    direct: Option<Direct>,
+}
+
+/// `O_DIRECT` state: transfers must be aligned in memory, offset and length. Unaligned requests go through an
+/// aligned bounce buffer; a partial block is read, patched and written back under the write side of `rmw`,
+/// while aligned writes take its read side, so no write is lost to a concurrent read-modify-write.
+#[derive(Debug)]
+struct Direct {
+    align: u64,
+    rmw: RwLock<()>,
+}
+
+/// Alignment of bounce buffers (a page: enough for every device's memory alignment).
+const BOUNCE_ALIGN: usize = 4096;
+
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Page([u8; BOUNCE_ALIGN]);
+
+/// A zeroed, page-aligned buffer of whole pages.
+struct Bounce(Vec<Page>);
+
+impl Bounce {
+    fn new(len: usize) -> Bounce {
+        Bounce(vec![Page([0; BOUNCE_ALIGN]); len.div_ceil(BOUNCE_ALIGN)])
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        let n = self.0.len() * BOUNCE_ALIGN;
+        // SAFETY: `Page` is `repr(C)` around a byte array with no padding, so the vector's storage is `n`
+        // initialised bytes, borrowed mutably for the lifetime of `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), n) }
+    }
+}
+
+fn is_aligned(buf: &[u8], offset: u64, align: u64) -> bool {
+    offset.is_multiple_of(align)
+        && (buf.len() as u64).is_multiple_of(align)
+        && (buf.as_ptr() as usize).is_multiple_of(BOUNCE_ALIGN)
 }
 
 impl FileStorage {
     /// Opens `path`, read-only or read-write.
     pub fn open(path: &str, writable: bool) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        Self::open_with(path, &FileOptions { writable, ..Default::default() })
+    }
+
+    /// Opens `path` with `o`.
+    pub fn open_with(path: &str, o: &FileOptions) -> Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let mut oo = std::fs::OpenOptions::new();
+        oo.read(true).write(o.writable);
+        if o.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(|e| {
+            if o.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::io(format!("Could not open '{path}': the file system does not support O_DIRECT"), e)
+            } else {
+                Error::io(format!("Could not open '{path}'"), e)
+            }
+        })?;
+        let ft = file.metadata().map_err(|e| Error::io(format!("stat of '{path}'"), e))?.file_type();
+        if ft.is_dir() {
             return Err(Error::invalid(format!("'{path}' is a directory")));
         }
-        Ok(FileStorage { file, name: path.to_string() })
+        if o.host_device && !(ft.is_block_device() || ft.is_char_device()) {
+            return Err(Error::new(
+                crate::ErrorKind::InvalidArgument,
+                format!("'host_device' driver requires '{path}' to be either a character or block device"),
+            ));
+        }
+        let mut s = FileStorage { file, name: path.to_string(), block_device: ft.is_block_device(), direct: None };
+        if o.direct {
+            s.direct = Some(Direct { align: s.probe_alignment(), rmw: RwLock::new(()) });
+        }
+        Ok(s)
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File, name: &str) -> Self {
-        FileStorage { file, name: name.to_string() }
+        use std::os::unix::fs::FileTypeExt;
+        let block_device = file.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false);
+        FileStorage { file, name: name.to_string(), block_device, direct: None }
     }
 
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The smallest transfer `O_DIRECT` accepts here, as qemu's `raw_probe_alignment` finds it: 512 if an
+    /// aligned 512-byte read works, else 4096.
+    fn probe_alignment(&self) -> u64 {
+        let mut b = Bounce::new(BOUNCE_ALIGN);
+        match self.file.read_at(&mut b.bytes()[..512], 0) {
+            Ok(_) => 512,
+            Err(_) => 4096,
+        }
+    }
+
+    /// The I/O alignment the storage needs (1 unless opened with `O_DIRECT`).
+    pub fn alignment(&self) -> u64 {
+        self.direct.as_ref().map_or(1, |d| d.align)
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
@@ -79,10 +176,8 @@ impl FileStorage {
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
         u64::try_from(r).ok()
     }
-}
 
-impl Storage for FileStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn pread_all(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -98,15 +193,112 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn pwrite_all(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            // A block device answers a write past its end with ENOSPC, or with a short write.
+            let e = if self.block_device && e.kind() == std::io::ErrorKind::WriteZero {
+                std::io::Error::from_raw_os_error(libc::ENOSPC)
+            } else {
+                e
+            };
+            let kind =
+                if e.raw_os_error() == Some(libc::ENOSPC) { crate::ErrorKind::NoSpace } else { crate::ErrorKind::Io };
+            let err = Error::io(format!("write of '{}' at {offset}", self.name), e);
+            if kind == crate::ErrorKind::NoSpace {
+                Error::new(kind, err.to_string())
+            } else {
+                err
+            }
+        })
+    }
+
+    /// `[offset, offset + len)` widened to the alignment.
+    fn widen(align: u64, offset: u64, len: usize) -> Option<(u64, usize)> {
+        let start = offset - offset % align;
+        let end = offset.checked_add(len as u64)?.checked_next_multiple_of(align)?;
+        Some((start, usize::try_from(end - start).ok()?))
+    }
+
+    fn direct_read(&self, d: &Direct, buf: &mut [u8], offset: u64) -> Result<()> {
+        if is_aligned(buf, offset, d.align) {
+            return self.pread_all(buf, offset);
+        }
+        let (start, n) = Self::widen(d.align, offset, buf.len())
+            .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "read past 2^64"))?;
+        let mut b = Bounce::new(n);
+        self.pread_all(&mut b.bytes()[..n], start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&b.bytes()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn direct_write(&self, d: &Direct, buf: &[u8], offset: u64) -> Result<()> {
+        let poisoned = || Error::new(crate::ErrorKind::Io, "poisoned lock");
+        if offset.is_multiple_of(d.align) && (buf.len() as u64).is_multiple_of(d.align) {
+            let _g = d.rmw.read().map_err(|_| poisoned())?;
+            if (buf.as_ptr() as usize).is_multiple_of(BOUNCE_ALIGN) {
+                return self.pwrite_all(buf, offset);
+            }
+            let mut b = Bounce::new(buf.len());
+            b.bytes()[..buf.len()].copy_from_slice(buf);
+            return self.pwrite_all(&b.bytes()[..buf.len()], offset);
+        }
+        let (start, n) = Self::widen(d.align, offset, buf.len())
+            .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "write past 2^64"))?;
+        let _g = d.rmw.write().map_err(|_| poisoned())?;
+        let old_len = self.len()?;
+        let mut b = Bounce::new(n);
+        self.pread_all(&mut b.bytes()[..n], start)?;
+        let skip = (offset - start) as usize;
+        b.bytes()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.pwrite_all(&b.bytes()[..n], start)?;
+        // The widened write may have grown a regular file past what was asked: trim it back.
+        let want = old_len.max(offset + buf.len() as u64);
+        if !self.block_device && start + n as u64 > want {
+            self.file.set_len(want).map_err(|e| Error::io(format!("truncate of '{}'", self.name), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.direct {
+            Some(d) => self.direct_read(d, buf, offset),
+            None => self.pread_all(buf, offset),
+        }
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| Error::io(format!("write of '{}' at {offset}", self.name), e))
+        match &self.direct {
+            Some(d) => self.direct_write(d, buf, offset),
+            None => self.pwrite_all(buf, offset),
+        }
     }
 
     fn len(&self) -> Result<u64> {
+        if self.block_device {
+            // A block device's inode says 0 bytes: the device knows its size (as BLKGETSIZE64 does).
+            use std::io::Seek;
+            return (&self.file)
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(|e| Error::io(format!("size of '{}'", self.name), e));
+        }
         self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(format!("stat of '{}'", self.name), e))
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
+        if self.block_device {
+            // A device cannot grow or shrink; anything inside it is already there.
+            return if len <= self.len()? {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    crate::ErrorKind::NoSpace,
+                    format!("'{}' is a block device of {} bytes: it cannot grow to {len}", self.name, self.len()?),
+                ))
+            };
+        }
         self.file.set_len(len).map_err(|e| Error::io(format!("truncate of '{}'", self.name), e))
     }
 
@@ -167,7 +359,16 @@ impl Storage for FileStorage {
     }
 
     fn raw_fd(&self) -> Option<i32> {
+        // With O_DIRECT every transfer must be aligned: no `sendfile` and no commit helper writing from its own
+        // buffers; everything goes through `read_at`/`write_at` and their bounce buffers.
+        if self.direct.is_some() {
+            return None;
+        }
         Some(self.file.as_raw_fd())
+    }
+
+    fn alignment(&self) -> u64 {
+        FileStorage::alignment(self)
     }
 }
 
@@ -292,5 +493,104 @@ impl Storage for MemStorage {
         }
         d[offset as usize..end as usize].fill(0);
         Ok(())
+    }
+}
+
+/// A window of another storage: qemu's raw `offset` and `size` options. Nothing outside the window is read or
+/// written; the window cannot grow.
+pub struct SliceStorage {
+    inner: std::sync::Arc<dyn Storage>,
+    offset: u64,
+    size: u64,
+}
+
+impl SliceStorage {
+    /// The window `[offset, offset + size)` of `inner` (`size` defaults to the rest of it), checked against its
+    /// length as qemu's raw driver does.
+    pub fn new(inner: std::sync::Arc<dyn Storage>, offset: Option<u64>, size: Option<u64>) -> Result<Self> {
+        let len = inner.len()?;
+        let offset = offset.unwrap_or(0);
+        let size = match size {
+            Some(s) => s,
+            None => len.checked_sub(offset).ok_or_else(|| {
+                Error::new(
+                    crate::ErrorKind::InvalidArgument,
+                    format!("Offset ({offset}) cannot be greater than size ({len})"),
+                )
+            })?,
+        };
+        if offset.checked_add(size).is_none_or(|e| e > len) {
+            return Err(Error::new(
+                crate::ErrorKind::InvalidArgument,
+                format!(
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of \
+                     the containing file ({len})"
+                ),
+            ));
+        }
+        Ok(SliceStorage { inner, offset, size })
+    }
+
+    /// The part of `[off, off + len)` inside the window, as an offset in `inner` and a length.
+    fn clip(&self, off: u64, len: u64) -> (u64, u64) {
+        let n = if off >= self.size { 0 } else { len.min(self.size - off) };
+        (self.offset + off.min(self.size), n)
+    }
+}
+
+impl Storage for SliceStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let (at, n) = self.clip(offset, buf.len() as u64);
+        buf[n as usize..].fill(0);
+        self.inner.read_at(&mut buf[..n as usize], at)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let (at, n) = self.clip(offset, buf.len() as u64);
+        if n != buf.len() as u64 {
+            return Err(Error::new(
+                crate::ErrorKind::NoSpace,
+                format!("write at {offset} past the end of the raw window"),
+            ));
+        }
+        self.inner.write_at(buf, at)
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        if len == self.size {
+            return Ok(());
+        }
+        Err(Error::unsupported("a raw image with an offset or size option cannot be resized"))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
+        let (at, n) = self.clip(offset, len);
+        if n != len {
+            return Err(Error::new(
+                crate::ErrorKind::NoSpace,
+                format!("zeroes at {offset} past the end of the raw window"),
+            ));
+        }
+        self.inner.write_zeroes(at, n, punch)
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let (at, n) = self.clip(offset, len);
+        if n == 0 {
+            return Ok((false, len));
+        }
+        self.inner.extent(at, n)
+    }
+
+    fn alignment(&self) -> u64 {
+        self.inner.alignment()
     }
 }

@@ -54,9 +54,16 @@ struct Cli {
     /// Keep serving after the last client disconnects.
     #[arg(short = 't', long)]
     persistent: bool,
-    /// Clients served at once (default 1, as qemu-nbd).
+    /// Clients served at once (default 1, as qemu-nbd; 0: no limit). A client that comes while every slot is
+    /// taken waits until one is free.
     #[arg(short = 'e', long, default_value_t = 1)]
     shared: usize,
+    /// Close a client that comes while every --shared slot is taken, instead of letting it wait.
+    #[arg(long = "refuse-extra-clients")]
+    refuse_extra_clients: bool,
+    /// Treat each FILE as a full set of image options (qemu's `driver=qcow2,file.filename=...`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Every client connection gets its own throwaway overlay on the pristine image (for fuzzing campaigns:
     /// reconnect to reset the disk).
     #[arg(long = "fresh-per-connection")]
@@ -70,13 +77,14 @@ struct Cli {
     /// Write the server's PID to this file.
     #[arg(long = "pid-file")]
     pid_file: Option<String>,
-    /// Cache mode (accepted for compatibility: none, writeback, writethrough, directsync, unsafe).
+    /// Cache mode: writeback (default: the host page cache, FLUSH syncs), none (O_DIRECT), writethrough
+    /// (every write synced before its reply), directsync (both), unsafe (FLUSH ignored).
     #[arg(long)]
     cache: Option<String>,
-    /// Same as --cache=none (accepted).
+    /// Same as --cache=none.
     #[arg(short = 'n', long)]
     nocache: bool,
-    /// AIO mode (accepted for compatibility: threads, native, io_uring).
+    /// AIO mode: threads, native or io_uring (accepted; native needs --cache=none or directsync, as in qemu).
     #[arg(long)]
     aio: Option<String>,
     /// What TRIM does: ignore (default) or unmap.
@@ -188,30 +196,108 @@ fn snapshot_name(s: &str) -> String {
     s.to_string()
 }
 
-fn build_exports(cli: &Cli) -> Result<Exports, String> {
-    let format = cli.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
-    let unmap = match cli.discard.as_str() {
+/// What `--cache` and `-n` ask for.
+#[derive(Debug, Clone, Copy, Default)]
+struct CacheMode {
+    direct: bool,
+    writethrough: bool,
+    no_flush: bool,
+}
+
+fn cache_mode(cli: &Cli) -> Result<CacheMode, String> {
+    let mode = match (cli.cache.as_deref(), cli.nocache) {
+        (Some(_), true) => return Err("-n and --cache are mutually exclusive".into()),
+        (None, true) => "none",
+        (None, false) => "writeback",
+        (Some(m), false) => m,
+    };
+    let c = match mode {
+        "writeback" => CacheMode::default(),
+        "none" | "off" => CacheMode { direct: true, ..Default::default() },
+        "writethrough" => CacheMode { writethrough: true, ..Default::default() },
+        "directsync" => CacheMode { direct: true, writethrough: true, no_flush: false },
+        "unsafe" => CacheMode { no_flush: true, ..Default::default() },
+        m => return Err(format!("Invalid cache mode `{m}'")),
+    };
+    match cli.aio.as_deref() {
+        None | Some("threads") | Some("io_uring") => {}
+        Some("native") if !c.direct => {
+            return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into())
+        }
+        Some("native") => {}
+        Some(a) => return Err(format!("Invalid aio mode '{a}'")),
+    }
+    Ok(c)
+}
+
+/// `--discard` and `--detect-zeroes`, or the image's own `discard`/`detect-zeroes` options.
+fn write_modes(discard: &str, detect: &str) -> Result<(bool, DetectZeroes), String> {
+    let unmap = match discard {
         "ignore" | "off" => false,
         "unmap" | "on" => true,
         d => return Err(format!("Invalid discard mode '{d}'")),
     };
-    let detect_zeroes = match cli.detect_zeroes.as_str() {
+    let detect_zeroes = match detect {
         "off" => DetectZeroes::Off,
         "on" => DetectZeroes::On,
         "unmap" => DetectZeroes::Unmap,
         d => return Err(format!("Invalid detect-zeroes mode '{d}'")),
     };
-    if cli.detect_zeroes == "unmap" && !unmap {
+    if detect_zeroes == DetectZeroes::Unmap && !unmap {
         return Err("--detect-zeroes=unmap requires --discard=unmap".into());
     }
+    Ok((unmap, detect_zeroes))
+}
+
+/// `--object secret,...`: checked now (qemu's rules), kept for the encrypted images a later version reads.
+fn check_secrets(cli: &Cli) -> Result<(), String> {
+    for o in objects(cli)? {
+        if o.kind != "secret" {
+            continue;
+        }
+        let id = o.id().ok_or("--object secret needs id=ID")?;
+        match (o.get("data"), o.get("file")) {
+            (Some(_), Some(_)) => return Err(format!("secret '{id}': 'data' and 'file' are mutually exclusive")),
+            (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
+            (None, Some(f)) => {
+                std::fs::metadata(f).map_err(|e| format!("Unable to read {f}: {e}"))?;
+            }
+            (Some(_), None) => {}
+        }
+        match o.get("format") {
+            None | Some("raw") | Some("base64") => {}
+            Some(f) => return Err(format!("secret '{id}': Invalid parameter 'format' value '{f}' (raw, base64)")),
+        }
+    }
+    Ok(())
+}
+
+fn build_exports(cli: &Cli) -> Result<Exports, String> {
+    let format = cli.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
+    if cli.image_opts && format.is_some() {
+        return Err("--image-opts and -f are mutually exclusive".into());
+    }
+    let cache = cache_mode(cli)?;
+    write_modes(&cli.discard, &cli.detect_zeroes)?;
+    check_secrets(cli)?;
     if cli.export_name.len() > cli.files.len() {
         return Err("more export names (-x) than files".into());
     }
     let mut list = Vec::new();
     let shared: qcow2::chain::SharedImages = Default::default();
     for (i, f) in cli.files.iter().enumerate() {
+        let spec = if cli.image_opts {
+            qcow2::spec::ImageSpec::parse_opts(f)
+        } else {
+            qcow2::spec::ImageSpec::parse_filename(f)
+        }
+        .map_err(|e| format!("Failed to open '{f}': {e}"))?;
+        let (unmap, detect_zeroes) = write_modes(
+            spec.discard.as_deref().unwrap_or(&cli.discard),
+            spec.detect_zeroes.as_deref().unwrap_or(&cli.detect_zeroes),
+        )?;
         let snapshot = cli.load_snapshot.as_deref().map(snapshot_name);
-        let read_only = cli.read_only || snapshot.is_some();
+        let read_only = cli.read_only || snapshot.is_some() || spec.read_only == Some(true);
         let opts = OpenOptions {
             format,
             writable: !read_only && !cli.snapshot && !cli.fresh_per_connection,
@@ -220,9 +306,11 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
             shared: Some(shared.clone()),
             // Commits go to the helper process once it is installed below (in this thread until then).
             commit_sink: Some(std::sync::Arc::new(qcow2::image::commit::HelperSink)),
+            direct: cache.direct,
             ..Default::default()
         };
-        let img = Image::open(f, &opts).map_err(|e| e.to_string())?;
+        let img = Image::open_spec(&spec, &opts).map_err(|e| e.to_string())?;
+        let f = &spec.display_name().to_string();
         let base = img.clone();
         let (img, read_only) = if cli.snapshot && !read_only {
             (nbd_server::overlay::temporary(&img, &opts).map_err(|e| e.to_string())?, false)
@@ -252,10 +340,14 @@ fn build_exports(cli: &Cli) -> Result<Exports, String> {
             unmap,
             detect_zeroes,
             allocation_depth: cli.allocation_depth,
-            multi_conn: (cli.shared > 1 || cli.connections > 1) && !cli.fresh_per_connection,
+            multi_conn: (cli.shared != 1 || cli.connections > 1) && !cli.fresh_per_connection,
             fresh: cli
                 .fresh_per_connection
                 .then(|| nbd_server::export::Fresh { base: base.clone(), opts: opts.clone() }),
+            cache: nbd_server::export::Cache {
+                writethrough: cache.writethrough,
+                ignore_flush: cache.no_flush || spec.cache_no_flush == Some(true),
+            },
         }));
     }
     Ok(Exports { list, tls_only: cli.tls_only.clone() })
@@ -496,9 +588,6 @@ fn main() -> ExitCode {
     if let Some(dev) = &cli.disconnect {
         return disconnect(dev);
     }
-    if cli.shared == 0 {
-        return fail("--shared must be at least 1");
-    }
     let exports = match build_exports(&cli) {
         Ok(e) => e,
         Err(e) => return fail(e),
@@ -577,6 +666,7 @@ fn main() -> ExitCode {
     let config = ServerConfig {
         exports,
         max_connections: cli.shared,
+        refuse_extra: cli.refuse_extra_clients,
         persistent: cli.persistent,
         handshake_timeout: if cli.handshake_limit == 0 {
             Duration::from_secs(u64::MAX / 4)

@@ -2,6 +2,7 @@
 
 pub mod header;
 pub mod offset;
+pub mod probe;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
