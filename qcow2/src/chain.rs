@@ -66,6 +66,9 @@ pub struct OpenOptions {
     pub locking: bool,
     /// Read-only use that lets others write (qemu `-U`/`force-share=on`): no lock that stops a writer.
     pub force_share: bool,
+    /// The image will be resized (qemu-img resize takes the "resize" permission, which raw images share
+    /// otherwise).
+    pub resize: bool,
 }
 
 /// Open read-only backing images by file identity (device, inode).
@@ -85,6 +88,7 @@ impl Default for OpenOptions {
             direct: false,
             locking: true,
             force_share: false,
+            resize: false,
         }
     }
 }
@@ -255,8 +259,11 @@ impl Image {
         let filename: Arc<str> = Arc::from(path.as_str());
         match format {
             Format::Raw => {
-                let role =
+                let mut role =
                     if depth == 0 { crate::lock::Use::raw_top(writable) } else { crate::lock::Use::shared_reader() };
+                if opts.resize && writable {
+                    role.perm = role.perm.with(crate::lock::Perms::RESIZE);
+                }
                 Self::lock(&file, role, &spec.file, spec, opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
                 let mut storage: Arc<dyn Storage> = Arc::new(file);
@@ -511,7 +518,7 @@ impl Image {
         match &self.layer {
             Layer::Raw(s) => {
                 let (data, n) = s.extent(offset, len)?;
-                Ok((data, !data, false, Some(offset), n))
+                Ok((data, !data, false, Some(s.host_offset(offset)), n))
             }
             Layer::Qcow2(q) => {
                 let (m, n) = q.mapping(GuestOffset(offset), len)?;

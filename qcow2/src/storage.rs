@@ -44,6 +44,10 @@ pub trait Storage: Send + Sync {
     fn alignment(&self) -> u64 {
         1
     }
+    /// Where byte `offset` of this storage lies in the file underneath (for `qemu-img map`'s host offsets).
+    fn host_offset(&self, offset: u64) -> u64 {
+        offset
+    }
 }
 
 /// How to open a file or block device.
@@ -592,5 +596,9 @@ impl Storage for SliceStorage {
 
     fn alignment(&self) -> u64 {
         self.inner.alignment()
+    }
+
+    fn host_offset(&self, offset: u64) -> u64 {
+        self.inner.host_offset(self.offset.saturating_add(offset))
     }
 }

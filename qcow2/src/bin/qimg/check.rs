@@ -85,7 +85,14 @@ fn code(r: &CheckReport) -> u8 {
 }
 
 /// Runs check (and repair); returns the exit code.
-pub fn run(file: &str, fmt: Option<&str>, repair: Option<&str>, json_out: bool, quiet: bool) -> Result<u8, String> {
+pub fn run(
+    file: &str,
+    fmt: Option<&str>,
+    repair: Option<&str>,
+    json_out: bool,
+    quiet: bool,
+    n: crate::Naming,
+) -> Result<u8, String> {
     let format = fmt.map(Format::parse).transpose().map_err(|e| e.to_string())?;
     let all = match repair {
         None => None,
@@ -93,8 +100,22 @@ pub fn run(file: &str, fmt: Option<&str>, repair: Option<&str>, json_out: bool, 
         Some("all") => Some(true),
         Some(r) => return Err(format!("Unknown option for -r: '{r}' (expected 'leaks' or 'all')")),
     };
-    let o = OpenOptions { format, writable: all.is_some(), open_backing: false, ..Default::default() };
-    let img = Image::open(file, &o).map_err(|e| format!("Could not open '{file}': {e}"))?;
+    let o = OpenOptions {
+        format,
+        writable: all.is_some(),
+        open_backing: false,
+        force_share: n.force_share && all.is_none(),
+        ..Default::default()
+    };
+    let spec = crate::spec(file, fmt, n)?;
+    let img = Image::open_spec(&spec, &o).map_err(|e| {
+        let s = e.to_string();
+        if s.starts_with("Could not open") {
+            s
+        } else {
+            format!("Could not open '{file}': {s}")
+        }
+    })?;
     let Some(q) = img.qcow2() else {
         return Err("This image format does not support checks".to_string());
     };

@@ -78,7 +78,8 @@ pub fn run(
         }
         let full = qcow2::chain::resolve_relative(file, b);
         let bf = backing_fmt.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
-        match Image::open(&full, &OpenOptions { format: bf, ..Default::default() }) {
+        // Only the size is read: like qemu-img, share the backing file with whoever uses it.
+        match Image::open(&full, &OpenOptions { format: bf, force_share: true, ..Default::default() }) {
             Ok(img) => {
                 if backing_fmt.is_none() {
                     backing_fmt = Some(img.format().name().to_string());

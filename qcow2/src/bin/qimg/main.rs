@@ -70,9 +70,12 @@ enum Cmd {
         /// Quiet.
         #[arg(short = 'q')]
         quiet: bool,
-        /// Accepted for compatibility.
+        /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         /// The image.
         filename: String,
     },
@@ -104,9 +107,12 @@ enum Cmd {
         /// Show every image of the backing chain.
         #[arg(long)]
         backing_chain: bool,
-        /// Open even if in use (accepted for compatibility; qimg takes no locks).
+        /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// FILENAME is a set of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         /// The image.
         filename: String,
     },
@@ -124,9 +130,12 @@ enum Cmd {
         /// Bytes to map.
         #[arg(long = "max-length")]
         max_length: Option<String>,
-        /// Accepted for compatibility.
+        /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         /// The image.
         filename: String,
     },
@@ -147,9 +156,12 @@ enum Cmd {
         /// Sparse granularity (bytes of zeros before a hole is made; 0 writes everything).
         #[arg(short = 'S')]
         sparse: Option<String>,
-        /// Accepted for compatibility.
+        /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         /// Input image.
         input: String,
         /// Output file.
@@ -172,9 +184,12 @@ enum Cmd {
         /// Strict mode: sizes and allocation status must match too.
         #[arg(short = 's')]
         strict: bool,
-        /// Accepted for compatibility.
+        /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         /// First image.
         a: String,
         /// Second image.
@@ -182,10 +197,33 @@ enum Cmd {
     },
 }
 
-fn open(path: &str, fmt: Option<&str>, backing: bool) -> Result<Arc<Image>, String> {
+/// How the user named an image and how to share it.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Naming {
+    /// `--image-opts`.
+    pub image_opts: bool,
+    /// `-U`.
+    pub force_share: bool,
+}
+
+/// The image spec for `path` (`--image-opts` list, `json:` name or file name).
+pub(crate) fn spec(path: &str, fmt: Option<&str>, n: Naming) -> Result<qcow2::spec::ImageSpec, String> {
+    if n.image_opts && fmt.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    let s = if n.image_opts {
+        qcow2::spec::ImageSpec::parse_opts(path)
+    } else {
+        qcow2::spec::ImageSpec::parse_filename(path)
+    };
+    s.map_err(|e| format!("Could not open '{path}': {e}"))
+}
+
+fn open(path: &str, fmt: Option<&str>, backing: bool, n: Naming) -> Result<Arc<Image>, String> {
     let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
-    let o = OpenOptions { format, open_backing: backing, ..OpenOptions::default() };
-    Image::open(path, &o).map_err(|e| {
+    let o = OpenOptions { format, open_backing: backing, force_share: n.force_share, ..OpenOptions::default() };
+    let spec = spec(path, fmt, n)?;
+    Image::open_spec(&spec, &o).map_err(|e| {
         let s = e.to_string();
         if s.starts_with("Could not open") {
             s
@@ -210,16 +248,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { format, repair, output, quiet, filename, .. } => {
-            let c = check::run(&filename, format.as_deref(), repair.as_deref(), output == Output::Json, quiet)?;
+        Cmd::Check { format, repair, output, quiet, filename, force_share, image_opts } => {
+            let n = Naming { image_opts, force_share };
+            let c = check::run(&filename, format.as_deref(), repair.as_deref(), output == Output::Json, quiet, n)?;
             Ok(ExitCode::from(c))
         }
         Cmd::Resize { format, shrink, quiet, filename, size } => {
             resize::run(&filename, format.as_deref(), &size, shrink, quiet)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Info { format, output, backing_chain, filename, .. } => {
-            let img = open(&filename, format.as_deref(), backing_chain)?;
+        Cmd::Info { format, output, backing_chain, filename, force_share, image_opts } => {
+            let img = open(&filename, format.as_deref(), backing_chain, Naming { image_opts, force_share })?;
             let mut chain = vec![img.clone()];
             if backing_chain {
                 let mut cur = img;
@@ -241,14 +280,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Map { format, output, start_offset, max_length, filename, .. } => {
+        Cmd::Map { format, output, start_offset, max_length, filename, force_share, image_opts } => {
             let start = size::parse_size(&start_offset)?;
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
-            let img = open(&filename, format.as_deref(), true)?;
+            let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, .. } => {
+        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, force_share, image_opts } => {
             if out_format != "raw" {
                 return Err(format!("convert -O {out_format} is not supported (qimg converts to raw only)"));
             }
@@ -256,14 +295,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(s) => size::parse_size(&s)? as usize,
                 None => convert::default_sparse(),
             };
-            let img = open(&input, format.as_deref(), true)?;
+            let img = open(&input, format.as_deref(), true, Naming { image_opts, force_share })?;
             let min_sparse = min_sparse.min(1 << 20);
             convert::to_raw(&img, &output, progress && !quiet, min_sparse)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Compare { format1, format2, quiet, strict, a, b, .. } => {
-            let ia = open(&a, format1.as_deref(), true)?;
-            let ib = open(&b, format2.as_deref(), true)?;
+        Cmd::Compare { format1, format2, quiet, strict, a, b, force_share, image_opts, .. } => {
+            let n = Naming { image_opts, force_share };
+            let ia = open(&a, format1.as_deref(), true, n)?;
+            let ib = open(&b, format2.as_deref(), true, n)?;
             match compare::run(&ia, &ib, quiet, strict) {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => Ok(ExitCode::from(1)),

@@ -6,8 +6,15 @@ use qcow2::{BlockDevice, Format, Image, Layer, OpenOptions};
 /// Runs resize.
 pub fn run(file: &str, fmt: Option<&str>, size: &str, shrink: bool, quiet: bool) -> Result<(), String> {
     let format = fmt.map(Format::parse).transpose().map_err(|e| e.to_string())?;
-    let o = OpenOptions { format, writable: true, open_backing: false, ..Default::default() };
-    let img = Image::open(file, &o).map_err(|e| format!("Could not open '{file}': {e}"))?;
+    let o = OpenOptions { format, writable: true, open_backing: false, resize: true, ..Default::default() };
+    let img = Image::open(file, &o).map_err(|e| {
+        let s = e.to_string();
+        if s.starts_with("Could not open") {
+            s
+        } else {
+            format!("Could not open '{file}': {s}")
+        }
+    })?;
     let cur = img.size();
     let new = if let Some(d) = size.strip_prefix('+') {
         cur.checked_add(parse_size(d)?).ok_or("Image size is too large")?

@@ -1,0 +1,282 @@
+//! The qemu-nbd command lines of real pipelines, run against qnbd and against qemu-nbd in the same test, on
+//! copies of the same images: the export (size, flags, every byte) and the image after writes must be the
+//! same. Read back with qemu-img, qemu-io and nbdinfo.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const QEMU_NBD: &str = "qemu-nbd";
+
+/// A chain made by qemu-img in `dir`: `base.raw` (data at 0 and 1 MiB) under `top.qcow2` (data at 2 MiB),
+/// named relatively, so a copy of the folder is a copy of the chain.
+fn fixture(dir: &Path) {
+    let base = dir.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "8M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 1M 64k", s(&base)]);
+    let top = dir.join("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&top)]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x33 2M 64k", s(&top)]);
+}
+
+/// One server process, stopped (SIGTERM, then waited for) when dropped.
+struct Running {
+    srv: Srv,
+    sock: PathBuf,
+}
+
+impl Running {
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.srv.id().to_string()]).status();
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.srv.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the server did not stop on SIGTERM");
+    }
+}
+
+/// Starts `prog` with `args` (SOCK, DIR and PIDFILE replaced) in `dir` and waits for its socket.
+fn serve(prog: &str, dir: &Path, args: &[&str]) -> Running {
+    let sock = dir.join("nbd.sock");
+    let pid = dir.join("server.pid");
+    let d = s(dir).to_string();
+    let args: Vec<String> =
+        args.iter().map(|a| a.replace("SOCK", s(&sock)).replace("PIDFILE", s(&pid)).replace("DIR", &d)).collect();
+    let child = Command::new(prog)
+        .args(&args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let mut srv = Srv(child);
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(st)) = srv.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = srv.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("{prog} {args:?} exited ({st}): {err}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{prog} {args:?} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Running { srv, sock }
+}
+
+/// What a client sees of an export: size, read-only, and a digest of every byte (through qemu-img convert).
+#[derive(Debug, PartialEq)]
+struct Seen {
+    size: u64,
+    read_only: bool,
+    bytes: String,
+    patterns: String,
+    map: String,
+}
+
+fn look(r: &Running, dir: &Path) -> Seen {
+    let info: serde_json::Value = serde_json::from_str(&ok("nbdinfo", &["--json", &r.uri()])).unwrap();
+    let e = &info["exports"][0];
+    let out = dir.join("export.raw");
+    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &r.uri(), s(&out)]);
+    let bytes = md5(&out);
+    std::fs::remove_file(&out).unwrap();
+    // Reads of the known patterns through qemu-io (the NBD block driver): which ones verify must match.
+    let o = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "read -P 0x22 1M 64k",
+            "-c",
+            "read -P 0x33 2M 64k",
+            &r.uri(),
+        ],
+    );
+    let patterns: String = String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.contains("ops;")).collect();
+    let map = ok("qemu-img", &["map", "--output=json", "-f", "raw", &r.uri()]);
+    Seen {
+        size: e["export-size"].as_u64().unwrap(),
+        read_only: e["is_read_only"].as_bool().unwrap(),
+        bytes,
+        patterns,
+        map,
+    }
+}
+
+/// Runs one pipeline's command line against both servers, each on its own copy of the fixture; `write`
+/// also writes through the export, and the images must end the same.
+fn both(name: &str, args: &[&str], write: bool) {
+    let mut seen = Vec::new();
+    let mut after = Vec::new();
+    for prog in [QNBD, QEMU_NBD] {
+        let d = tempfile::tempdir().unwrap();
+        fixture(d.path());
+        let r = serve(prog, d.path(), args);
+        let s1 = look(&r, d.path());
+        if write {
+            ok(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 0x44 3M 128k", "-c", "write -z 1M 64k", "-c", "flush", &r.uri()],
+            );
+            let o =
+                ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x44 3M 128k", "-c", "read -P 0 1M 64k", &r.uri()]);
+            assert!(!o.contains("verification failed"), "{name} ({prog}): {o}");
+        }
+        if args.contains(&"--pid-file") {
+            let pid = std::fs::read_to_string(d.path().join("server.pid")).unwrap();
+            assert_eq!(pid.trim(), r.srv.id().to_string(), "{name} ({prog}): pid file");
+        }
+        r.stop();
+        if write {
+            let top = d.path().join("top.qcow2");
+            assert_check_clean(&top, &format!("{name} ({prog})"));
+            let out = d.path().join("after.raw");
+            ok("qemu-img", &["convert", "-O", "raw", s(&top), s(&out)]);
+            after.push(md5(&out));
+        }
+        seen.push(s1);
+    }
+    assert_eq!(seen[0], seen[1], "{name}: qnbd (left) and qemu-nbd (right) export differently");
+    if write {
+        assert_eq!(after[0], after[1], "{name}: the images differ after the same writes");
+    }
+}
+
+#[test]
+fn ovirt_imageio_serves_an_overlay_without_its_backing_chain() {
+    // ovirt-imageio, ovirt_imageio/_internal/qemu_nbd.py, Server.start(): backing_chain=False, qcow2, writable,
+    // cache "none" with aio "native" when O_DIRECT works.
+    both(
+        "ovirt-imageio",
+        &[
+            "--export-name=",
+            "--persistent",
+            "--shared=8",
+            "--socket=SOCK",
+            "--cache=none",
+            "--aio=native",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+            "--allocation-depth",
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/top.qcow2"}, "backing": null}"#,
+        ],
+        true,
+    );
+}
+
+#[test]
+fn ovirt_imageio_serves_a_window_of_a_raw_image_read_only() {
+    // ovirt-imageio qemu_nbd.py with offset and size: a raw node with "offset"/"size" around the file.
+    both(
+        "ovirt-imageio offset/size",
+        &[
+            "--export-name=",
+            "--persistent",
+            "--shared=8",
+            "--socket=SOCK",
+            "--read-only",
+            "--cache=writeback",
+            "--aio=threads",
+            r#"json:{"driver": "raw", "file": {"driver": "file", "filename": "DIR/base.raw"}, "offset": 0, "size": 4194304}"#,
+        ],
+        false,
+    );
+}
+
+#[test]
+fn vdsm_serves_a_qcow2_chain_writable() {
+    // vdsm, lib/vdsm/storage/nbd.py, start_transient_service(): qcow2 with its backing chain, discard.
+    both(
+        "vdsm",
+        &[
+            "--socket",
+            "SOCK",
+            "--persistent",
+            "--shared=8",
+            "--export-name=",
+            "--cache=none",
+            "--aio=native",
+            "--allocation-depth",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/top.qcow2"}}"#,
+        ],
+        true,
+    );
+}
+
+#[test]
+fn vdsm_serves_read_only() {
+    both(
+        "vdsm read-only",
+        &[
+            "--socket",
+            "SOCK",
+            "--persistent",
+            "--shared=8",
+            "--export-name=",
+            "--cache=none",
+            "--aio=native",
+            "--allocation-depth",
+            "--read-only",
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/top.qcow2"}}"#,
+        ],
+        false,
+    );
+}
+
+#[test]
+fn virt_v2v_serves_a_snapshot_with_unlimited_clients() {
+    // virt-v2v, lib/qemuNBD.ml, run_unix: snapshot (read-only input), --shared=0, a pid file.
+    both(
+        "virt-v2v -s",
+        &[
+            "-t",
+            "--shared=0",
+            "--discard=unmap",
+            "--pid-file",
+            "PIDFILE",
+            "--socket",
+            "SOCK",
+            "-s",
+            "--format",
+            "qcow2",
+            "DIR/top.qcow2",
+        ],
+        false,
+    );
+}
+
+#[test]
+fn virt_v2v_serves_image_opts() {
+    // virt-v2v lib/qemuNBD.ml with imgopts = true.
+    both(
+        "virt-v2v --image-opts",
+        &[
+            "-t",
+            "--shared=0",
+            "--discard=unmap",
+            "--pid-file",
+            "PIDFILE",
+            "--socket",
+            "SOCK",
+            "--image-opts",
+            "driver=qcow2,file.driver=file,file.filename=DIR/top.qcow2",
+        ],
+        true,
+    );
+}
