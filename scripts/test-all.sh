@@ -17,7 +17,7 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v fio >/dev/null || need+=(fio)
 # the FUSE + loop test and the kernel NBD test (an emulated machine, packages fetched with apt-get download)
-for t in losetup:mount mkfs.ext4:e2fsprogs debugfs:e2fsprogs objcopy:binutils dpkg-deb:dpkg md5sum:coreutils; do
+for t in losetup:mount openssl:openssl mkfs.ext4:e2fsprogs debugfs:e2fsprogs objcopy:binutils dpkg-deb:dpkg md5sum:coreutils; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -255,7 +255,8 @@ fn forced_tls_with_qemu_layout_serves_qemu_and_libnbd_clients_and_refuses_the_re
     let copy = d.join("copy.raw");
     ok("nbdcopy", &[&tls_uri(&sock, &p.client), s(&copy)]);
     let want = d.join("want.raw");
-    ok("qemu-img", &["convert", "-O", "raw", s(&img), s(&want)]);
+    // -U: qnbd holds qemu's write lock on the image it serves.
+    ok("qemu-img", &["convert", "-U", "-O", "raw", s(&img), s(&want)]);
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&want).unwrap(), "nbdcopy over TLS reads the image");
 
     // qnbd -L as a TLS client prints what qemu-nbd -L prints
@@ -444,7 +445,7 @@ fn allow_list_closes_strangers_before_the_greeting() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let port = free_port();
-    let _srv = Srv(Command::new(QNBD)
+    let srv = Srv(Command::new(QNBD)
         .args([
             "-t",
             "-e",
@@ -470,6 +471,8 @@ fn allow_list_closes_strangers_before_the_greeting() {
     assert_eq!(n, 0, "a peer outside --allow gets no greeting");
     refused(&nbdinfo_size(&format!("nbd://127.0.0.1:{port}")), "nbdinfo from outside --allow");
 
+    // The image is locked while the first server writes it.
+    drop(srv);
     let port = free_port();
     let _srv2 = Srv(Command::new(QNBD)
         .args(["-t", "-b", "127.0.0.1", "-p", &port.to_string(), "--allow", "127.0.0.0/8"])

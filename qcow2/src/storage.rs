@@ -48,6 +48,11 @@ pub trait Storage: Send + Sync {
     fn host_offset(&self, offset: u64) -> u64 {
         offset
     }
+    /// Whether the storage cannot grow (a block device, a window): allocation starts after the last cluster
+    /// in use instead of at the end.
+    fn is_fixed_size(&self) -> bool {
+        false
+    }
 }
 
 /// How to open a file or block device.
@@ -374,6 +379,10 @@ impl Storage for FileStorage {
     fn alignment(&self) -> u64 {
         FileStorage::alignment(self)
     }
+
+    fn is_fixed_size(&self) -> bool {
+        self.block_device
+    }
 }
 
 /// An in-memory storage, for tests and fuzzing. Its size is capped so that hostile images cannot make it grow
@@ -600,5 +609,9 @@ impl Storage for SliceStorage {
 
     fn host_offset(&self, offset: u64) -> u64 {
         self.inner.host_offset(self.offset.saturating_add(offset))
+    }
+
+    fn is_fixed_size(&self) -> bool {
+        true
     }
 }

@@ -588,6 +588,13 @@ fn main() -> ExitCode {
     if let Some(dev) = &cli.disconnect {
         return disconnect(dev);
     }
+    if cli.files.len() != 1 && (cli.connect.is_some() || cli.fuse.is_some()) {
+        return fail(if cli.connect.is_some() {
+            "-c serves exactly one image"
+        } else {
+            "--fuse serves exactly one image"
+        });
+    }
     let exports = match build_exports(&cli) {
         Ok(e) => e,
         Err(e) => return fail(e),

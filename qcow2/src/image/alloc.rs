@@ -128,6 +128,25 @@ impl Refcounts {
         Ok(refcount::get(b, order, idx).unwrap_or(0))
     }
 
+    /// Starts allocation right after the last cluster in use, for an image whose file cannot grow past its
+    /// end (a block device: its "end" is the device size, where nothing fits).
+    pub fn start_after_last_used(&mut self, file: &dyn Storage) -> Result<()> {
+        let per = self.per_block();
+        for bi in (0..self.table.len() as u64).rev() {
+            if self.table[bi as usize] & OFFSET_MASK == 0 {
+                continue;
+            }
+            let order = self.order;
+            let (b, _) = self.load(file, bi)?;
+            if let Some(i) = (0..per).rev().find(|&i| refcount::get(b, order, i).unwrap_or(0) != 0) {
+                self.end_cluster = bi * per + i + 1;
+                return Ok(());
+            }
+        }
+        self.end_cluster = 0;
+        Ok(())
+    }
+
     /// Adds `delta` (+1 or -1) to the refcount of cluster `c`, creating its refcount block if needed.
     pub fn update(&mut self, file: &dyn Storage, c: u64, delta: i64) -> Result<()> {
         let bi = c / self.per_block();

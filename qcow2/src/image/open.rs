@@ -178,7 +178,7 @@ impl Qcow2 {
                 return Err(Error::corrupt("the image is marked corrupt; it can only be opened read-only"));
             }
             let rt = read_table(file.as_ref(), header.refcount_table_offset, rt_bytes / 8)?;
-            let refs = super::alloc::Refcounts::new(
+            let mut refs = super::alloc::Refcounts::new(
                 cluster_bits,
                 header.refcount_order,
                 rt,
@@ -187,6 +187,9 @@ impl Qcow2 {
                 file_len,
                 overlap.clone(),
             );
+            if file.is_fixed_size() {
+                refs.start_after_last_used(file.as_ref())?;
+            }
             Some(std::sync::Mutex::new(super::write::WriteState::new(refs)))
         } else {
             None

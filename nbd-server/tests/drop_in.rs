@@ -1,0 +1,250 @@
+//! qnbd as a drop-in for qemu-nbd where users meet the difference: image locks both ways with the real
+//! qemu-img, qemu-io and qemu-nbd; the probed-raw exploit; clients that come one right after another; block
+//! devices (loop devices); O_DIRECT (`--cache=none`) with unaligned requests.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A server process on a unix socket, killed when dropped.
+struct Served {
+    _srv: Srv,
+    sock: PathBuf,
+}
+
+impl Served {
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+}
+
+fn serve(prog: &str, sock: &Path, args: &[&str]) -> Served {
+    let mut a = vec!["-k", s(sock)];
+    a.extend_from_slice(args);
+    let mut c = Srv(Command::new(prog).args(&a).stderr(Stdio::piped()).spawn().unwrap());
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = c.try_wait() {
+            let mut e = String::new();
+            use std::io::Read;
+            let _ = c.0.stderr.take().map(|mut x| x.read_to_string(&mut e));
+            panic!("{prog} {a:?}: exited {st}: {e}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{prog} {a:?} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Served { _srv: c, sock: sock.to_path_buf() }
+}
+
+/// What follows the program name in an error (`qemu-img: MESSAGE`).
+fn msg(o: &std::process::Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    e.split_once(": ").map(|(_, m)| m.trim().to_string()).unwrap_or(e)
+}
+
+#[test]
+fn locks_are_qemus_both_ways() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    let sock = d.path().join("s");
+    // qnbd writing: qemu-img, qemu-io and qemu-nbd are refused as if qemu-nbd were writing.
+    let mut refusals = Vec::new();
+    for server in [QNBD, "qemu-nbd"] {
+        let srv = serve(server, &sock, &["-t", "-f", "qcow2", s(&img)]);
+        let tries = [
+            run("qemu-img", &["info", s(&img)]),
+            run("qemu-io", &["-c", "write 0 512", s(&img)]),
+            run("qemu-img", &["resize", s(&img), "32M"]),
+            // (bounded: a server that got in would serve forever)
+            run("timeout", &["10", "qemu-nbd", "-k", s(&d.path().join("t")), "-f", "qcow2", s(&img)]),
+            run("timeout", &["10", QNBD, "-k", s(&d.path().join("t")), "-f", "qcow2", s(&img)]),
+            run("timeout", &["10", QNBD, "-r", "-k", s(&d.path().join("t")), "-f", "qcow2", s(&img)]),
+        ];
+        for t in &tries {
+            assert_eq!(t.status.code(), Some(1), "{server}: {}", msg(t));
+        }
+        refusals
+            .push(tries.iter().map(|t| msg(t).replace("Failed to blk_new_open", "Could not open")).collect::<Vec<_>>());
+        // -U reads it.
+        ok("qemu-img", &["info", "-U", s(&img)]);
+        drop(srv);
+    }
+    for (a, b) in refusals[0].iter().zip(&refusals[1]) {
+        let lock = |m: &str| m.split_once("Failed to get").map(|(_, l)| l.to_string());
+        assert_eq!(lock(a), lock(b), "qnbd: {a}\nqemu-nbd: {b}");
+        assert!(lock(a).is_some(), "{a}");
+    }
+    // qemu-io writing: qnbd is refused, with qemu's message; file.locking=off opts out.
+    let mut io = Srv(Command::new("qemu-io")
+        .args(["-f", "qcow2", s(&img)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    let o = run("timeout", &["10", QNBD, "-k", s(&d.path().join("t")), "-f", "qcow2", s(&img)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(msg(&o).contains("Failed to get \"write\" lock"), "{}", msg(&o));
+    assert!(msg(&o).contains("Is another process using the image"), "{}", msg(&o));
+    let _off = serve(
+        QNBD,
+        &d.path().join("u"),
+        &["-r", "--image-opts", &format!("driver=qcow2,file.filename={},file.locking=off", s(&img))],
+    );
+    let _ = io.0.kill();
+}
+
+#[test]
+fn a_probed_raw_image_cannot_be_turned_into_a_qcow2_reading_host_files() {
+    let d = tempfile::tempdir().unwrap();
+    // A qcow2 header whose backing file is a host file: the first sector a client would write.
+    let evil = d.path().join("evil.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", s(&evil), "1M"]);
+    let sector = d.path().join("sector");
+    std::fs::write(&sector, &std::fs::read(&evil).unwrap()[..512]).unwrap();
+    for server in [QNBD, "qemu-nbd"] {
+        let img = d.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+        let srv = serve(server, &d.path().join("s"), &["-t", s(&img)]);
+        let info = ok("nbdinfo", &["--json", &srv.uri()]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["exports"][0]["block_size_minimum"], 512, "{server}");
+        let w = run("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 0 512", s(&sector)), &srv.uri()]);
+        let out = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+        assert!(out.contains("Operation not permitted"), "{server}: {out}");
+        // Other writes to the first sector still work.
+        let w = ok("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 512", "-c", "read -P 0x41 0 512", &srv.uri()]);
+        assert!(!w.contains("failed"), "{server}: {w}");
+        drop(srv);
+        let i = ok("qemu-img", &["info", "--output=json", s(&img)]);
+        assert!(i.contains("\"format\": \"raw\""), "{server}: the image no longer probes as raw: {i}");
+    }
+    // Given -f raw, the user asked for it: the write goes through, as in qemu.
+    let img = d.path().join("disk.img");
+    let srv = serve(QNBD, &d.path().join("s"), &["-t", "-f", "raw", s(&img)]);
+    ok("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 0 512", s(&sector)), &srv.uri()]);
+}
+
+#[test]
+fn clients_that_come_back_to_back_are_all_served() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("d.raw");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let srv = serve(QNBD, &d.path().join("s"), &["-t", "-e", "1", "-f", "raw", s(&img)]);
+    for i in 0..500 {
+        let o = run("nbdinfo", &["--size", &srv.uri()]);
+        assert!(o.status.success(), "client {i} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    // 300 connections from one process, each closed before the next opens.
+    let script = format!(
+        "import nbd\nfor i in range(300):\n    h = nbd.NBD()\n    h.connect_unix({:?})\n    assert h.pread(512, 0) == b'\\x07' * 512\n    h.shutdown()\n    del h\nprint('ok')\n",
+        s(&srv.sock)
+    );
+    let o = run("python3", &["-c", &script]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A loop device over a new file of `size` bytes, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path, size: u64) -> Option<Loop> {
+        std::fs::File::create(file).unwrap().set_len(size).unwrap();
+        let o = run("losetup", &["-f", "--show", s(file)]);
+        o.status.success().then(|| Loop(String::from_utf8_lossy(&o.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run("losetup", &["-d", &self.0]);
+    }
+}
+
+#[test]
+fn raw_and_qcow2_images_on_loop_devices_are_served_and_written() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(raw) = Loop::new(&d.path().join("raw.img"), 8 << 20) else {
+        eprintln!("skipped: no loop device here (needs root)");
+        return;
+    };
+    // A raw block device: its size comes from the device, through both drivers.
+    for name in
+        [raw.0.clone(), format!(r#"json:{{"driver":"raw","file":{{"driver":"host_device","filename":"{}"}}}}"#, raw.0)]
+    {
+        let srv = serve(QNBD, &d.path().join("s"), &["-t", "-f", "raw", "--cache=none", &name]);
+        assert_eq!(ok("nbdinfo", &["--size", &srv.uri()]).trim(), (8u64 << 20).to_string(), "{name}");
+        ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 4095 8193", &srv.uri()]);
+        drop(srv);
+    }
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x61 4095 8193", &raw.0]);
+    // A qcow2 image inside a small device: it allocates inside the device, and a full device fails the
+    // write with ENOSPC, never the image.
+    let Some(dev) = Loop::new(&d.path().join("q.img"), 4 << 20) else { return };
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", &dev.0, "64M"]);
+    let srv = serve(QNBD, &d.path().join("s2"), &["-t", "-f", "qcow2", &dev.0]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x62 0 1M", "-c", "flush", &srv.uri()]);
+    let full = run("qemu-io", &["-f", "raw", "-c", "write -P 0x63 8M 8M", &srv.uri()]);
+    let out = String::from_utf8_lossy(&full.stdout).to_string() + &String::from_utf8_lossy(&full.stderr);
+    assert!(out.contains("No space left on device"), "{out}");
+    ok("qemu-io", &["-f", "raw", "-c", "flush", "-c", "read -P 0x62 0 1M", &srv.uri()]);
+    drop(srv);
+    let chk = run("qemu-img", &["check", "-f", "qcow2", &dev.0]);
+    // Leaked clusters from the failed write are allowed (exit 3); corruption (2) is not.
+    assert!(matches!(chk.status.code(), Some(0) | Some(3)), "{}", String::from_utf8_lossy(&chk.stdout));
+    ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x62 0 1M", &dev.0]);
+}
+
+#[test]
+fn cache_none_reads_and_writes_unaligned_requests_correctly() {
+    let d = tempfile::tempdir().unwrap();
+    for (fmt, name) in [("raw", "d.raw"), ("qcow2", "d.qcow2")] {
+        let img = d.path().join(name);
+        ok("qemu-img", &["create", "-q", "-f", fmt, s(&img), "8M"]);
+        for cache in ["none", "directsync", "writethrough", "unsafe"] {
+            let srv = serve(QNBD, &d.path().join("s"), &["-t", "-f", fmt, &format!("--cache={cache}"), s(&img)]);
+            ok(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x71 1000 3000",
+                    "-c",
+                    "write -P 0x72 65537 100",
+                    "-c",
+                    "write -P 0x73 1M 1M",
+                    &srv.uri(),
+                ],
+            );
+            let r = ok(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "read -P 0x71 1000 3000",
+                    "-c",
+                    "read -P 0x72 65537 100",
+                    "-c",
+                    "read -P 0 65637 100",
+                    "-c",
+                    "read -P 0x73 1M 1M",
+                    &srv.uri(),
+                ],
+            );
+            assert!(!r.contains("failed"), "{fmt} --cache={cache}: {r}");
+            drop(srv);
+            let r = ok("qemu-io", &["-f", fmt, "-c", "read -P 0x71 1000 3000", "-c", "read -P 0x73 1M 1M", s(&img)]);
+            assert!(!r.contains("failed"), "{fmt} --cache={cache} on disk: {r}");
+            if fmt == "qcow2" {
+                assert_check_clean(&img, &format!("--cache={cache}"));
+            } else {
+                assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 << 20, "the raw file kept its size");
+            }
+        }
+    }
+}
