@@ -107,7 +107,7 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
@@ -135,7 +135,12 @@ pub fn server_config(c: &ServerCreds) -> Result<Arc<rustls::ServerConfig>, Strin
     } else {
         b.with_no_client_auth()
     };
-    let cfg = b.with_single_cert(chain, key).map_err(|e| format!("TLS certificate and key: {e}"))?;
+    let cfg = b.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "TLS certificate and key: {e} (supported keys: RSA of 2048 to 8192 bits, ECDSA P-256, P-384 and P-521, \
+             Ed25519)"
+        )
+    })?;
     Ok(Arc::new(cfg))
 }
 

@@ -548,3 +548,49 @@ fn bad_tls_and_access_options_are_clear_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn keys_of_every_kind_and_size_qemu_loads_are_served() {
+    // An RSA key of 2432 bits is what nbd's own test certificates use; gnutls (qemu) loads it, and ECDSA and
+    // Ed25519 keys too. Made by openssl, as an administrator would.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = image(d);
+    let kinds: [(&str, &[&str]); 4] = [
+        ("rsa2432", &["-newkey", "rsa:2432"]),
+        ("rsa3072", &["-newkey", "rsa:3072"]),
+        ("ecdsa", &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]),
+        ("ed25519", &["-newkey", "ed25519"]),
+    ];
+    for (name, newkey) in kinds {
+        let kd = d.join(name);
+        std::fs::create_dir(&kd).unwrap();
+        let (key, cert) = (kd.join("key.pem"), kd.join("cert.pem"));
+        let mut a = vec![
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            s(&key),
+            "-out",
+            s(&cert),
+        ];
+        a.extend_from_slice(newkey);
+        ok("openssl", &a);
+        // libnbd trusts the self-signed certificate as its CA.
+        std::fs::copy(&cert, kd.join("ca-cert.pem")).unwrap();
+        let sock = kd.join("s");
+        let _srv = Srv(Command::new(QNBD)
+            .args(["-t", "-r", "-k", s(&sock), "--tls-cert", s(&cert), "--tls-key", s(&key)])
+            .arg(&img)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap());
+        wait_for(&sock);
+        size_ok(&nbdinfo_size(&tls_uri(&sock, &kd)));
+    }
+}
