@@ -5,7 +5,7 @@
 #
 # Usage: benches/side-by-side.sh [SECONDS_PER_RUN=5] [REPEATS=1] [CASES...]
 # qemu-nbd runs with its defaults; cases ending in "/uring" run it with --cache=none --aio=io_uring instead
-# (qnbd has one mode: buffered positioned I/O on the page cache, the counterpart of qemu-nbd's defaults).
+# (qnbd stays on the page cache there); cases ending in "/direct" run both without the page cache.
 # Cases (default: all):
 #   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
 #   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
@@ -21,6 +21,9 @@
 #   overlays50                  50 overlays of one base: one qnbd with 50 exports against 50 qemu-nbd processes,
 #                               each read in turn (64 MiB sequential); total peak RSS (KiB) is the number
 #   read-qd32/uring write-alloc/uring cow/uring seq-read/uring
+#   read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct
+#                               both servers bypass the page cache: qnbd --cache=none against qemu-nbd
+#                               --cache=none --aio=io_uring
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -28,7 +31,8 @@ reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc cow cow-extl2 read-chain3 seq-read seq-write
-  raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring)
+  raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring
+  read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct)
 export PATH=/usr/bin:$PATH
 # QNBD=path runs another qnbd binary; QNBD_BEFORE=path also runs that one (say, a build of an older commit) in
 # the same run, alternating with the others, and adds its numbers and the after/before ratio to the table.
@@ -51,7 +55,7 @@ qemu-io -f qcow2 -c 'write -P 3 512M 256M' "$dir/c3.qcow2" >/dev/null
 
 prep() { # case -> the image to serve (made fresh for each run)
   rm -f "$dir/img.qcow2"
-  case ${1%/uring} in
+  case ${1%%/*} in
     write-fresh | write-fresh-4c | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
     alloc-4c) qemu-img create -q -f qcow2 "$dir/img.qcow2" 64G; echo "$dir/img.qcow2" ;;
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
@@ -63,7 +67,7 @@ prep() { # case -> the image to serve (made fresh for each run)
 }
 
 fio_args() {
-  case ${1%/uring} in
+  case ${1%%/*} in
     write-fresh-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=256M --group_reporting" ;;
     alloc-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=16G --group_reporting" ;;
     write-* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
@@ -78,10 +82,12 @@ start() { # server image sock [uring] -> pid
   local server=$1 img=$2 sock=$3 uring=${4:-} fmt=qcow2
   case $img in *.raw) fmt=raw ;; esac
   rm -f "$sock"
+  local direct=()
+  [ "$uring" = direct ] && direct=(--cache=none)
   if [ "$server" = qnbd ]; then
-    "$qnbd" -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$qnbd" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ "$server" = before ]; then
-    "$QNBD_BEFORE" -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$QNBD_BEFORE" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ -n "$uring" ]; then
     qemu-nbd -t -e 8 -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
   else
@@ -103,10 +109,10 @@ stop() { # pid sock: stop the server and wait until it (and qnbd's commit helper
 
 run_one() { # server case -> "value rss_kib"
   local server=$1 case=$2 sock="$dir/s.sock" img pid val uring=
-  case $case in */uring) uring=1 ;; esac
+  case $case in */uring) uring=1 ;; */direct) uring=direct ;; esac
   img=$(prep "$case")
   pid=$(start "$server" "$img" "$sock" $uring)
-  case ${case%/uring} in
+  case ${case%%/*} in
     nbdcopy* | raw-nbdcopy*)
       local n=${case##*nbdcopy} t0 t1
       t0=$(date +%s.%N)

@@ -1,5 +1,7 @@
 //! `--allow CIDR`: which TCP peers may connect. Pure.
 
+use crate::error::Error;
+
 use std::net::IpAddr;
 
 /// An address block: an address and a prefix length.
@@ -11,19 +13,21 @@ pub struct Cidr {
 
 impl Cidr {
     /// Parses `ADDR` or `ADDR/PREFIX` (IPv4 or IPv6).
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub fn parse(s: &str) -> crate::error::Result<Cidr> {
         let (a, p) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr =
-            a.trim_matches(['[', ']']).parse().map_err(|_| format!("--allow '{s}': not an IP address"))?;
+        let addr: IpAddr = a
+            .trim_matches(['[', ']'])
+            .parse()
+            .map_err(|_| Error::Config(format!("--allow '{s}': not an IP address")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(n) if n <= max => n,
-                _ => return Err(format!("--allow '{s}': prefix length must be 0..={max}")),
+                _ => return Err(Error::Config(format!("--allow '{s}': prefix length must be 0..={max}"))),
             },
         };
         Ok(Cidr { addr, prefix })

@@ -2,6 +2,8 @@
 //! regular file (the export is mounted over it, as qemu-storage-daemon's FUSE export does) or a directory (the
 //! image appears inside it as one file, as nbdfuse does). `losetup` on that file gives a block device.
 
+use crate::error::Error;
+
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
@@ -32,8 +34,7 @@ pub struct ImageFs {
 impl ImageFs {
     /// A filesystem serving `device`; `file_name` as for [`ImageFs::file_name`].
     pub fn new(device: Arc<dyn BlockDevice>, read_only: bool, file_name: Option<String>) -> ImageFs {
-        // SAFETY: getuid/getgid cannot fail and have no preconditions.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
         ImageFs { device, read_only, file_name, started: SystemTime::now(), uid, gid, others: false }
     }
 
@@ -274,18 +275,21 @@ pub struct FuseOptions {
 }
 
 /// Mounts `device`; the returned session serves it on its own threads until unmounted.
-pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> Result<fuser::BackgroundSession, String> {
+pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Result<fuser::BackgroundSession> {
     let m = std::fs::metadata(&o.mountpoint)
-        .map_err(|e| format!("Failed to stat mount point {}: {e}", o.mountpoint.display()))?;
+        .map_err(|e| Error::Fuse(format!("Failed to stat mount point {}: {e}", o.mountpoint.display())))?;
     let file_name = if m.is_dir() {
         if std::fs::read_dir(&o.mountpoint).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            return Err(format!("mount point {} is not an empty directory", o.mountpoint.display()));
+            return Err(Error::Fuse(format!("mount point {} is not an empty directory", o.mountpoint.display())));
         }
         Some(o.file_name.clone())
     } else if m.is_file() {
         None
     } else {
-        return Err(format!("mount point {} is neither a regular file nor a directory", o.mountpoint.display()));
+        return Err(Error::Fuse(format!(
+            "mount point {} is neither a regular file nor a directory",
+            o.mountpoint.display()
+        )));
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -301,23 +305,20 @@ pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> Result<fuser::Bac
     let mut fs = ImageFs::new(device, o.read_only, file_name);
     fs.others = o.allow_other;
     fuser::spawn_mount(fs, &o.mountpoint, &config)
-        .map_err(|e| format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display()))
+        .map_err(|e| Error::Fuse(format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display())))
 }
 
 /// Unmounts `path` (lazily if it is still in use, e.g. by a loop device: the session then serves until the
 /// last user lets go). Without the privilege to unmount, fusermount3 (or fusermount) does it.
-pub fn unmount(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| "mount point has a NUL byte")?;
-    // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EBUSY) {
+pub fn unmount(path: &std::path::Path) -> crate::error::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    let e = match umount2(path, MntFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if e == nix::errno::Errno::EBUSY {
         tracing::warn!("{} is busy: detaching it lazily; serving until its last user lets go", path.display());
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        if umount2(path, MntFlags::MNT_DETACH).is_ok() {
             return Ok(());
         }
     }
@@ -326,5 +327,5 @@ pub fn unmount(path: &std::path::Path) -> Result<(), String> {
             return Ok(());
         }
     }
-    Err(format!("cannot unmount {}: {e}", path.display()))
+    Err(Error::Fuse(format!("cannot unmount {}: {e}", path.display())))
 }

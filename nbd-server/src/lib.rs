@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod acl;
+pub mod error;
 pub mod export;
 pub mod fuse;
 pub mod kernel;

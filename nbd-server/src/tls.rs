@@ -3,6 +3,8 @@
 //! `server-key.pem`, `client-cert.pem`, `client-key.pem`) or from single files, client certificate checks,
 //! and the distinguished-name allow list (`--tls-authz`). TLS 1.2 and 1.3 only.
 
+use crate::error::Error;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_rustls::rustls;
@@ -20,7 +22,7 @@ pub struct Object {
 
 impl Object {
     /// Parses `type,key=value,...`.
-    pub fn parse(spec: &str) -> Result<Object, String> {
+    pub fn parse(spec: &str) -> crate::error::Result<Object> {
         let mut parts = Vec::new();
         let mut cur = String::new();
         let mut chars = spec.chars().peekable();
@@ -41,12 +43,12 @@ impl Object {
         let kind = it.next().unwrap_or_default();
         let kind = kind.strip_prefix("qom-type=").map(str::to_string).unwrap_or(kind);
         if kind.is_empty() || kind.contains('=') {
-            return Err(format!("--object '{spec}': the first item must be the object type"));
+            return Err(Error::Tls(format!("--object '{spec}': the first item must be the object type")));
         }
         let mut props = Vec::new();
         for p in it {
             let Some((k, v)) = p.split_once('=') else {
-                return Err(format!("--object '{spec}': '{p}' is not key=value"));
+                return Err(Error::Tls(format!("--object '{spec}': '{p}' is not key=value")));
             };
             props.push((k.to_string(), v.to_string()));
         }
@@ -65,11 +67,11 @@ impl Object {
 }
 
 /// qemu's boolean property values.
-pub fn parse_bool(v: &str) -> Result<bool, String> {
+pub fn parse_bool(v: &str) -> crate::error::Result<bool> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
         "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(format!("'{v}' is not on/off")),
+        _ => Err(Error::Tls(format!("'{v}' is not on/off"))),
     }
 }
 
@@ -86,60 +88,61 @@ pub struct ServerCreds {
     pub verify_peer: bool,
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("Cannot read the TLS {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &str) -> crate::error::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Tls(format!("Cannot read the TLS {what} {}: {e}", path.display())))
 }
 
-fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certs(path: &Path, what: &str) -> crate::error::Result<Vec<CertificateDer<'static>>> {
     let pem = read(path, what)?;
     let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("TLS {what} {}: {e:?}", path.display()))?;
+        .map_err(|e| Error::Tls(format!("TLS {what} {}: {e:?}", path.display())))?;
     if v.is_empty() {
-        return Err(format!("TLS {what} {}: no certificate in it", path.display()));
+        return Err(Error::Tls(format!("TLS {what} {}: no certificate in it", path.display())));
     }
     Ok(v)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+fn key(path: &Path) -> crate::error::Result<PrivateKeyDer<'static>> {
     let pem = read(path, "key")?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("TLS key {}: {e:?}", path.display()))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| Error::Tls(format!("TLS key {}: {e:?}", path.display())))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+fn roots(ca: &Path) -> crate::error::Result<rustls::RootCertStore> {
     let mut r = rustls::RootCertStore::empty();
     for c in certs(ca, "CA certificate")? {
-        r.add(c).map_err(|e| format!("TLS CA certificate {}: {e}", ca.display()))?;
+        r.add(c).map_err(|e| Error::Tls(format!("TLS CA certificate {}: {e}", ca.display())))?;
     }
     Ok(r)
 }
 
 /// The server's rustls configuration.
-pub fn server_config(c: &ServerCreds) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(c: &ServerCreds) -> crate::error::Result<Arc<rustls::ServerConfig>> {
     let chain = certs(&c.cert, "certificate")?;
     let key = key(&c.key)?;
     let b = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| Error::Tls(format!("TLS: {e}")))?;
     let b = if c.verify_peer {
-        let ca =
-            c.ca.as_ref().ok_or("verifying client certificates needs a CA certificate (--tls-ca or ca-cert.pem)")?;
+        let ca = c.ca.as_ref().ok_or(Error::Tls(
+            "verifying client certificates needs a CA certificate (--tls-ca or ca-cert.pem)".into(),
+        ))?;
         let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
             .build()
-            .map_err(|e| format!("TLS client verifier: {e}"))?;
+            .map_err(|e| Error::Tls(format!("TLS client verifier: {e}")))?;
         b.with_client_cert_verifier(v)
     } else {
         b.with_no_client_auth()
     };
     let cfg = b.with_single_cert(chain, key).map_err(|e| {
-        format!(
+        Error::Tls(format!(
             "TLS certificate and key: {e} (supported keys: RSA of 2048 to 8192 bits, ECDSA P-256, P-384 and P-521, \
              Ed25519)"
-        )
+        ))
     })?;
     Ok(Arc::new(cfg))
 }
@@ -157,15 +160,15 @@ pub fn server_creds_from_dir(dir: &Path, verify_peer: bool) -> ServerCreds {
 
 /// A client configuration (for `qnbd -L`): trust the CA in `ca`, present `client-cert.pem` and
 /// `client-key.pem` from the same directory when they exist.
-pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn client_config(dir: &Path) -> crate::error::Result<Arc<rustls::ClientConfig>> {
     let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| Error::Tls(format!("TLS: {e}")))?
         .with_root_certificates(roots(&dir.join("ca-cert.pem"))?);
     let (cert, key_file) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
     let cfg = if cert.exists() && key_file.exists() {
         b.with_client_auth_cert(certs(&cert, "certificate")?, key(&key_file)?)
-            .map_err(|e| format!("TLS client certificate: {e}"))?
+            .map_err(|e| Error::Tls(format!("TLS client certificate: {e}")))?
     } else {
         b.with_no_client_auth()
     };
@@ -173,8 +176,9 @@ pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
 }
 
 /// The server name a client checks the certificate against.
-pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host.to_string()).map_err(|e| format!("'{host}' is not a valid TLS host name: {e}"))
+pub fn server_name(host: &str) -> crate::error::Result<ServerName<'static>> {
+    ServerName::try_from(host.to_string())
+        .map_err(|e| Error::Tls(format!("'{host}' is not a valid TLS host name: {e}")))
 }
 
 /// One attribute of a distinguished name: its short name (upper case, e.g. "CN") and its value.

@@ -113,6 +113,8 @@ struct Conn {
     slow: AtomicU32,
     /// Whether large reads go out with `sendfile` (a plain socket).
     splice: bool,
+    /// The device bypasses the page cache (`--cache=none`): nothing is quick enough to run inline.
+    direct: bool,
 }
 
 impl Conn {
@@ -133,6 +135,10 @@ impl Conn {
 
     /// Whether the next request should run on the blocking pool (counting it down).
     fn offloading(&self) -> bool {
+        if self.direct {
+            // Every transfer reaches the disk: run them side by side on the blocking pool.
+            return true;
+        }
         self.offload.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 }
@@ -167,8 +173,7 @@ pub struct Splice(AsyncFd<OwnedFd>);
 impl Splice {
     /// Shuts the socket down both ways.
     fn shutdown(&self) {
-        // SAFETY: shutdown on a descriptor this value owns; no memory is passed.
-        unsafe { libc::shutdown(self.0.get_ref().as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = nix::sys::socket::shutdown(self.0.get_ref().as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 
     /// Wraps a duplicate of the connection's socket; `None` if it cannot be registered.
@@ -275,7 +280,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
+    let direct = export.device.direct_io();
     let conn = Arc::new(Conn {
+        direct,
         export,
         style: t.style,
         contexts: t.contexts,

@@ -52,4 +52,7 @@ impl BlockDevice for Window {
     fn min_block_size(&self) -> u32 {
         self.inner.min_block_size()
     }
+    fn direct_io(&self) -> bool {
+        self.inner.direct_io()
+    }
 }

@@ -112,6 +112,8 @@ pub struct Image {
     probed_raw: bool,
     /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, else 1).
     min_block: u32,
+    /// The file is open with `O_DIRECT`.
+    direct: bool,
 }
 
 impl std::fmt::Debug for Image {
@@ -256,6 +258,7 @@ impl Image {
             None => (probe(&file).map_err(|e| e.context(format!("Could not open '{path}'")))?, true),
         };
         let min_block = u32::try_from(file.alignment()).unwrap_or(4096);
+        let direct = file.alignment() > 1;
         let filename: Arc<str> = Arc::from(path.as_str());
         match format {
             Format::Raw => {
@@ -290,6 +293,7 @@ impl Image {
                     writable,
                     probed_raw,
                     min_block,
+                    direct,
                 }))
             }
             Format::Qcow2 => {
@@ -356,6 +360,7 @@ impl Image {
                     writable,
                     probed_raw: false,
                     min_block,
+                    direct,
                 }))
             }
         }
@@ -444,6 +449,7 @@ impl Image {
             writable,
             probed_raw: false,
             min_block: 1,
+            direct: false,
         }))
     }
 
@@ -753,6 +759,10 @@ impl BlockDevice for Image {
 
     fn min_block_size(&self) -> u32 {
         self.min_block
+    }
+
+    fn direct_io(&self) -> bool {
+        self.direct
     }
 }
 

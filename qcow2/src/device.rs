@@ -164,4 +164,8 @@ pub trait BlockDevice: Send + Sync {
     fn min_block_size(&self) -> u32 {
         1
     }
+    /// Whether I/O bypasses the host page cache (`O_DIRECT`): every transfer waits for the disk.
+    fn direct_io(&self) -> bool {
+        false
+    }
 }

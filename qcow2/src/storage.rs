@@ -92,12 +92,36 @@ const BOUNCE_ALIGN: usize = 4096;
 #[derive(Clone, Copy)]
 struct Page([u8; BOUNCE_ALIGN]);
 
-/// A zeroed, page-aligned buffer of whole pages.
+/// A page-aligned buffer of whole pages.
 struct Bounce(Vec<Page>);
+
+/// Bounce buffers kept by each I/O thread up to this size (larger ones are made for the request and dropped).
+const BOUNCE_KEEP: usize = 4 << 20;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Bounce> = const { std::cell::RefCell::new(Bounce(Vec::new())) };
+}
 
 impl Bounce {
     fn new(len: usize) -> Bounce {
         Bounce(vec![Page([0; BOUNCE_ALIGN]); len.div_ceil(BOUNCE_ALIGN)])
+    }
+
+    /// Runs `f` with an aligned buffer of at least `len` bytes (contents unspecified), reusing this thread's.
+    fn with<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        if len > BOUNCE_KEEP {
+            return f(&mut Bounce::new(len).bytes()[..len]);
+        }
+        BOUNCE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut b) => {
+                if b.0.len() * BOUNCE_ALIGN < len {
+                    *b = Bounce::new(len);
+                }
+                f(&mut b.bytes()[..len])
+            }
+            // Re-entered on this thread (not expected): a buffer of its own.
+            Err(_) => f(&mut Bounce::new(len).bytes()[..len]),
+        })
     }
 
     fn bytes(&mut self) -> &mut [u8] {
@@ -179,11 +203,10 @@ impl FileStorage {
         self.direct.as_ref().map_or(1, |d| d.align)
     }
 
-    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
-        let off = libc::off_t::try_from(offset).ok()?;
-        // SAFETY: lseek on a file descriptor we own; it has no memory-safety preconditions.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        u64::try_from(r).ok()
+    fn seek(&self, offset: u64, whence: nix::unistd::Whence) -> std::result::Result<u64, nix::errno::Errno> {
+        let off = libc::off_t::try_from(offset).map_err(|_| nix::errno::Errno::EOVERFLOW)?;
+        let r = nix::unistd::lseek(&self.file, off, whence)?;
+        u64::try_from(r).map_err(|_| nix::errno::Errno::EOVERFLOW)
     }
 
     fn pread_all(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -200,6 +223,21 @@ impl FileStorage {
             }
         }
         Ok(())
+    }
+
+    /// An aligned `O_DIRECT` read: a short read is the end of the file (the rest reads as zeros); reading on
+    /// from the unaligned point would fail.
+    fn pread_direct(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        loop {
+            match self.file.read_at(buf, offset) {
+                Ok(n) => {
+                    buf[n..].fill(0);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("read of '{}' at {offset}", self.name), e)),
+            }
+        }
     }
 
     fn pwrite_all(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -230,15 +268,16 @@ impl FileStorage {
 
     fn direct_read(&self, d: &Direct, buf: &mut [u8], offset: u64) -> Result<()> {
         if is_aligned(buf, offset, d.align) {
-            return self.pread_all(buf, offset);
+            return self.pread_direct(buf, offset);
         }
         let (start, n) = Self::widen(d.align, offset, buf.len())
             .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "read past 2^64"))?;
-        let mut b = Bounce::new(n);
-        self.pread_all(&mut b.bytes()[..n], start)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&b.bytes()[skip..skip + buf.len()]);
-        Ok(())
+        Bounce::with(n, |b| {
+            self.pread_direct(b, start)?;
+            let skip = (offset - start) as usize;
+            buf.copy_from_slice(&b[skip..skip + buf.len()]);
+            Ok(())
+        })
     }
 
     fn direct_write(&self, d: &Direct, buf: &[u8], offset: u64) -> Result<()> {
@@ -248,19 +287,21 @@ impl FileStorage {
             if (buf.as_ptr() as usize).is_multiple_of(BOUNCE_ALIGN) {
                 return self.pwrite_all(buf, offset);
             }
-            let mut b = Bounce::new(buf.len());
-            b.bytes()[..buf.len()].copy_from_slice(buf);
-            return self.pwrite_all(&b.bytes()[..buf.len()], offset);
+            return Bounce::with(buf.len(), |b| {
+                b.copy_from_slice(buf);
+                self.pwrite_all(b, offset)
+            });
         }
         let (start, n) = Self::widen(d.align, offset, buf.len())
             .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "write past 2^64"))?;
         let _g = d.rmw.write().map_err(|_| poisoned())?;
         let old_len = self.len()?;
-        let mut b = Bounce::new(n);
-        self.pread_all(&mut b.bytes()[..n], start)?;
-        let skip = (offset - start) as usize;
-        b.bytes()[skip..skip + buf.len()].copy_from_slice(buf);
-        self.pwrite_all(&b.bytes()[..n], start)?;
+        Bounce::with(n, |b| {
+            self.pread_direct(b, start)?;
+            let skip = (offset - start) as usize;
+            b[skip..skip + buf.len()].copy_from_slice(buf);
+            self.pwrite_all(b, start)
+        })?;
         // The widened write may have grown a regular file past what was asked: trim it back.
         let want = old_len.max(offset + buf.len() as u64);
         if !self.block_device && start + n as u64 > want {
@@ -319,13 +360,11 @@ impl Storage for FileStorage {
         let end = offset.saturating_add(len);
         let file_len = self.len()?;
         if punch && end <= file_len {
+            use nix::fcntl::{fallocate, FallocateFlags};
             let (o, l) = (libc::off_t::try_from(offset), libc::off_t::try_from(len));
             if let (Ok(o), Ok(l)) = (o, l) {
-                // SAFETY: fallocate on our own descriptor; no pointers involved.
-                let r = unsafe {
-                    libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l)
-                };
-                if r == 0 {
+                let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                if fallocate(&self.file, flags, o, l).is_ok() {
                     return Ok(());
                 }
             }
@@ -343,17 +382,16 @@ impl Storage for FileStorage {
     fn extent(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
         let end = offset.saturating_add(len);
         // SEEK_DATA: where the next data starts; if it is past us, we are in a hole.
-        match self.seek(offset, libc::SEEK_DATA) {
-            Some(d) if d > offset => Ok((false, (d - offset).min(len))),
-            Some(_) => {
-                let h = self.seek(offset, libc::SEEK_HOLE).unwrap_or(end);
+        match self.seek(offset, nix::unistd::Whence::SeekData) {
+            Ok(d) if d > offset => Ok((false, (d - offset).min(len))),
+            Ok(_) => {
+                let h = self.seek(offset, nix::unistd::Whence::SeekHole).unwrap_or(end);
                 Ok((true, h.clamp(offset + 1, end) - offset))
             }
             // ENXIO: no data past offset (a hole to the end), or SEEK_DATA unsupported: report data.
-            None => {
+            Err(e) => {
                 let at_eof = self.len().map(|l| offset >= l).unwrap_or(false);
-                let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-                if enxio || at_eof {
+                if e == nix::errno::Errno::ENXIO || at_eof {
                     Ok((false, len))
                 } else {
                     Ok((true, len))

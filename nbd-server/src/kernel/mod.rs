@@ -5,6 +5,8 @@
 //! The kernel side speaks the transmission phase with simple replies only (proto.md "Simple reply
 //! message"); there is no handshake on these sockets.
 
+use crate::error::Error;
+
 pub mod netlink;
 
 use std::fs::File;
@@ -44,7 +46,7 @@ pub struct Device {
 
 impl Device {
     /// Checks that `path` is a whole nbd device.
-    pub fn open(path: &str) -> Result<Device, String> {
+    pub fn open(path: &str) -> crate::error::Result<Device> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let m = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -54,24 +56,24 @@ impl Device {
                 } else {
                     "this kernel has no nbd driver loaded: try modprobe nbd"
                 };
-                return Err(format!("Failed to open {path}: No such file or directory; {hint}"));
+                return Err(Error::Kernel(format!("Failed to open {path}: No such file or directory; {hint}")));
             }
-            Err(e) => return Err(format!("Failed to open {path}: {e}")),
+            Err(e) => return Err(Error::Kernel(format!("Failed to open {path}: {e}"))),
         };
         if !m.file_type().is_block_device() {
-            return Err(format!("{path} is not a block device"));
+            return Err(Error::Kernel(format!("{path} is not a block device")));
         }
         let (maj, min) = (libc::major(m.rdev()), libc::minor(m.rdev()));
         if maj != NBD_MAJOR {
-            return Err(format!("{path} is not an NBD device (major {maj}, not {NBD_MAJOR})"));
+            return Err(Error::Kernel(format!("{path} is not an NBD device (major {maj}, not {NBD_MAJOR})")));
         }
         let link = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}"))
-            .map_err(|e| format!("{path}: cannot find it in /sys/dev/block: {e}"))?;
+            .map_err(|e| Error::Kernel(format!("{path}: cannot find it in /sys/dev/block: {e}")))?;
         let name = link.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let index = name
             .strip_prefix("nbd")
             .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| format!("{path} ({name}) is a partition, not a whole NBD device"))?;
+            .ok_or_else(|| Error::Kernel(format!("{path} ({name}) is a partition, not a whole NBD device")))?;
         Ok(Device { path: path.into(), name, index })
     }
 
@@ -110,7 +112,7 @@ impl Device {
     }
 
     /// Records the serving process's outcome (read by `qnbd -d`).
-    pub fn write_status(&self, result: &Result<(), String>) {
+    pub fn write_status(&self, result: &std::result::Result<(), String>) {
         let f = self.status_file();
         if let Some(d) = f.parent() {
             let _ = std::fs::create_dir_all(d);
@@ -242,22 +244,24 @@ fn ioctl(fd: RawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
 }
 
 /// `Err` with a clear message if `dev` is already connected.
-pub fn ensure_free(dev: &Device) -> Result<(), String> {
+pub fn ensure_free(dev: &Device) -> crate::error::Result<()> {
     match dev.pid() {
         Some(_) => Err(busy(dev)),
         None => Ok(()),
     }
 }
 
-fn busy(dev: &Device) -> String {
-    match dev.pid() {
-        Some(p) => format!("{} is busy: already connected (served by process {p})", dev.path.display()),
-        None => format!("{} is busy: already in use", dev.path.display()),
-    }
+fn busy(dev: &Device) -> Error {
+    Error::Kernel({
+        match dev.pid() {
+            Some(p) => format!("{} is busy: already connected (served by process {p})", dev.path.display()),
+            None => format!("{} is busy: already in use", dev.path.display()),
+        }
+    })
 }
 
 /// Gives `sockets` to the kernel for `dev`, as an export of `size` bytes with transmission `flags`.
-pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &AttachOptions) -> Result<Link, String> {
+pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &AttachOptions) -> crate::error::Result<Link> {
     ensure_free(dev)?;
     let path = dev.path.display();
     // Netlink where it works; the ioctls where the family is missing or netlink is refused to us.
@@ -282,21 +286,27 @@ pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &Attach
             dead_conn_timeout: o.dead_conn_timeout,
             sockets: sockets.to_vec(),
         };
-        return match g.request(|seq| netlink::connect(family, seq, &c)).map_err(|e| format!("netlink: {e}"))? {
+        return match g
+            .request(|seq| netlink::connect(family, seq, &c))
+            .map_err(|e| Error::Kernel(format!("netlink: {e}")))?
+        {
             Ok(_) => Ok(Link::Netlink),
             Err(e) if e == libc::EBUSY => Err(busy(dev)),
-            Err(e) => Err(format!("Failed to connect {path}: {}", io::Error::from_raw_os_error(e))),
+            Err(e) => Err(Error::Kernel(format!("Failed to connect {path}: {}", io::Error::from_raw_os_error(e)))),
         };
     }
-    let f =
-        File::options().read(true).write(true).open(&dev.path).map_err(|e| format!("Failed to open {path}: {e}"))?;
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(&dev.path)
+        .map_err(|e| Error::Kernel(format!("Failed to open {path}: {e}")))?;
     let fd = f.as_raw_fd();
     let set = |req, arg: u64, what: &str| {
         ioctl(fd, req, arg as libc::c_ulong).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
                 busy(dev)
             } else {
-                format!("Failed to set {what} on {path}: {e}")
+                Error::Kernel(format!("Failed to set {what} on {path}: {e}"))
             }
         })
     };
@@ -317,7 +327,7 @@ pub fn attach(dev: &Device, size: u64, flags: u16, sockets: &[RawFd], o: &Attach
             let _ = ioctl(f.as_raw_fd(), NBD_CLEAR_SOCK, 0);
             r
         })
-        .map_err(|e| format!("cannot start the NBD_DO_IT thread: {e}"))?;
+        .map_err(|e| Error::Kernel(format!("cannot start the NBD_DO_IT thread: {e}")))?;
     Ok(Link::Ioctl(t))
 }
 
@@ -337,16 +347,16 @@ fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
 /// Waits until `dev` is usable: connected, its size visible, its partition table read (this process opens
 /// the device and asks for a rescan; it does not rely on udev) and every partition's node present, all within
 /// one deadline. Returns the partition names.
-pub fn wait_ready(dev: &Device, size: u64, limit: Duration) -> Result<Vec<String>, String> {
+pub fn wait_ready(dev: &Device, size: u64, limit: Duration) -> crate::error::Result<Vec<String>> {
     let path = dev.path.display();
     let end = Instant::now() + limit;
     let left = || end.saturating_duration_since(Instant::now());
     // An export under one sector has zero sectors: then being connected is all there is to see.
     if !wait_until(left(), || dev.pid().is_some() && (size < 512 || dev.sectors() > 0)) {
-        return Err(format!("{path} did not come up within {} s", limit.as_secs()));
+        return Err(Error::Kernel(format!("{path} did not come up within {} s", limit.as_secs())));
     }
     // The kernel reads the partition table on the first open after the size is set; BLKRRPART makes sure.
-    let f = File::open(&dev.path).map_err(|e| format!("Failed to open {path}: {e}"))?;
+    let f = File::open(&dev.path).map_err(|e| Error::Kernel(format!("Failed to open {path}: {e}")))?;
     if let Err(e) = ioctl(f.as_raw_fd(), BLKRRPART, 0) {
         tracing::info!("BLKRRPART on {path}: {e}");
     }
@@ -357,14 +367,14 @@ pub fn wait_ready(dev: &Device, size: u64, limit: Duration) -> Result<Vec<String
     let dev_dir = real.parent().unwrap_or(Path::new("/dev")).to_path_buf();
     for p in &parts {
         if !wait_until(left(), || dev_dir.join(p).exists()) {
-            return Err(format!("partition node {} did not appear", dev_dir.join(p).display()));
+            return Err(Error::Kernel(format!("partition node {} did not appear", dev_dir.join(p).display())));
         }
     }
     Ok(parts)
 }
 
 /// Asks the kernel to disconnect `dev` (netlink, else NBD_DISCONNECT), without waiting.
-pub fn request_disconnect(dev: &Device) -> Result<(), String> {
+pub fn request_disconnect(dev: &Device) -> crate::error::Result<()> {
     let path = dev.path.display();
     if let Ok(mut g) = Genl::open() {
         if let Ok(Some(family)) = g.nbd_family() {
@@ -375,8 +385,8 @@ pub fn request_disconnect(dev: &Device) -> Result<(), String> {
             }
         }
     }
-    let f = File::open(&dev.path).map_err(|e| format!("Failed to open {path}: {e}"))?;
-    ioctl(f.as_raw_fd(), NBD_DISCONNECT, 0).map_err(|e| format!("Failed to disconnect {path}: {e}"))?;
+    let f = File::open(&dev.path).map_err(|e| Error::Kernel(format!("Failed to open {path}: {e}")))?;
+    ioctl(f.as_raw_fd(), NBD_DISCONNECT, 0).map_err(|e| Error::Kernel(format!("Failed to disconnect {path}: {e}")))?;
     let _ = ioctl(f.as_raw_fd(), NBD_CLEAR_SOCK, 0);
     Ok(())
 }
@@ -396,25 +406,28 @@ fn tgid(tid: u32) -> Option<u32> {
 
 /// `qnbd -d`: disconnects `dev`, then waits until the device is released and the serving process has
 /// exited, and returns its recorded outcome.
-pub fn detach(dev: &Device, limit: Duration) -> Result<(), String> {
+pub fn detach(dev: &Device, limit: Duration) -> crate::error::Result<()> {
     let path = dev.path.display();
     let Some(tid) = dev.pid() else {
-        return Err(format!("{path} is not connected"));
+        return Err(Error::Kernel(format!("{path} is not connected")));
     };
     let server = tgid(tid).unwrap_or(tid);
     request_disconnect(dev)?;
     if !wait_until(limit, || dev.pid().is_none()) {
-        return Err(format!("{path} was not released within {} s", limit.as_secs()));
+        return Err(Error::Kernel(format!("{path} was not released within {} s", limit.as_secs())));
     }
     if !wait_until(limit, || !alive(server)) {
-        return Err(format!("the server of {path} (process {server}) did not exit within {} s", limit.as_secs()));
+        return Err(Error::Kernel(format!(
+            "the server of {path} (process {server}) did not exit within {} s",
+            limit.as_secs()
+        )));
     }
     match std::fs::read_to_string(dev.status_file()) {
         Ok(s) => {
             let (pid, rest) = s.trim().split_once(' ').unwrap_or(("", ""));
             if pid == server.to_string() {
                 if let Some(e) = rest.strip_prefix("error: ") {
-                    return Err(format!("the server of {path} failed: {e}"));
+                    return Err(Error::Kernel(format!("the server of {path} failed: {e}")));
                 }
             }
             Ok(())
