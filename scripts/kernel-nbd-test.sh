@@ -11,6 +11,8 @@
 #   B  qnbd -c /dev/nbd1 --connections 4 on a blank qcow2: fdisk, mke2fs, mount, write, umount, -d.
 #   C  the ioctl path (--use-ioctl) on a second overlay: mount, write, umount, -d.
 #   E  errors: -c on a busy device, -d on a device that is not connected, -c on a missing device.
+#   P  pipelines' lines: nova's `qemu-nbd -c DEV IMG` (probed format) and `-d DEV` with a file injected, and
+#      libvirt's `qemu-nbd --format qcow2 -r -n -c DEV FILE` (read-only, O_DIRECT) mounted read-only.
 #   V  qnbd --vsock PORT in the guest, read by nbdinfo over nbd+vsock://1:PORT (vsock_loopback), and qnbd -L.
 # Back on the host: qemu-img check is clean for every image, e2fsck is clean, every file reads back with the
 # checksum the guest computed, and the base image is unchanged.
@@ -146,7 +148,7 @@ export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 for m in $(cat /etc/modules.order); do
-  case $m in */nbd.ko*) args="nbds_max=4 max_part=8";; *) args="";; esac
+  case $m in */nbd.ko*) args="nbds_max=6 max_part=8";; *) args="";; esac
   insmod /lib/modules/$(uname -r)/$m $args || echo "@@GUEST insmod $m failed"
 done
 if mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 img /img; then
@@ -182,7 +184,10 @@ qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$SHARE/base.qcow2"
 rm -f "$WORK/disk.raw" "$WORK/part.raw"
 BASE_MD5=$(md5sum < "$SHARE/base.qcow2")
 ( cd "$SHARE" && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2 \
-  && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ioctl.qcow2 )
+  && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ioctl.qcow2 \
+  && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 nova.qcow2 \
+  && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 libvirt.qcow2 )
+LIBVIRT_MD5=$(md5sum < "$SHARE/libvirt.qcow2")
 qemu-img create -q -f qcow2 "$SHARE/blank.qcow2" 64M
 qemu-img create -q -f qcow2 "$SHARE/vsock.qcow2" 16M
 qemu-img create -q -f qcow2 "$SHARE/spare.qcow2" 16M
@@ -258,6 +263,21 @@ if timeout 30 qnbd -c /dev/nbd9 -f qcow2 /img/spare.qcow2 2>/tmp/missing.err; th
 step "missing: $(cat /tmp/missing.err)"
 step "E done"
 
+# P: the -c lines of pipelines, verbatim but for the program name.
+# nova, nova/privsep/fs.py nbd_connect / nbd_disconnect: no format (probed), read-write.
+timeout 60 qnbd -c /dev/nbd4 /img/nova.qcow2 || fail "nova's qemu-nbd -c line exited $?"
+mount -t ext4 /dev/nbd4p1 /mnt || fail "mount nbd4p1 (nova)"
+echo "injected by nova's line" > /mnt/injected.txt
+umount /mnt || fail "umount nbd4p1"
+timeout 90 qnbd -d /dev/nbd4 || fail "nova's qemu-nbd -d line exited $?"
+# libvirt, src/util/virfile.c virFileNBDDeviceAssociate: --format FMT -r -n -c DEV FILE (read-only, no cache).
+timeout 60 qnbd --format qcow2 -r -n -c /dev/nbd5 /img/libvirt.qcow2 2>/tmp/libvirt.err || { cat /tmp/libvirt.err; fail "libvirt's qemu-nbd line exited $?"; }
+mount -t ext4 -o ro,noload /dev/nbd5p1 /mnt || fail "mount nbd5p1 read-only (libvirt)"
+[ "$(cat /mnt/seed.txt)" = "seed written on the host" ] || fail "seed.txt through libvirt's line"
+umount /mnt || fail "umount nbd5p1"
+timeout 90 qnbd -d /dev/nbd5 || fail "qnbd -d nbd5 exited $?"
+step "P done"
+
 # V: vsock in the guest (vsock_loopback)
 if [ -e /dev/vsock ] && qnbd --help | grep -q -- --vsock; then
   qnbd --vsock 10809 -t -f qcow2 -x vs /img/vsock.qcow2 & vpid=$!
@@ -316,6 +336,10 @@ partition "$SHARE/blank.qcow2" b
 [ "$(dump_md5 b /big.bin)" = "$(cat "$SHARE/big.md5")" ] || die "big.bin checksum"
 partition "$SHARE/ioctl.qcow2" c
 [ "$(cat_file c /ioctl.txt)" = "written over the ioctl path" ] || die "ioctl.txt"
+partition "$SHARE/nova.qcow2" n
+[ "$(cat_file n /injected.txt)" = "injected by nova's line" ] || die "injected.txt (nova's line)"
+[ "$(md5sum < "$SHARE/libvirt.qcow2")" = "$LIBVIRT_MD5" ] || die "libvirt's read-only line changed the image"
+log "nova's and libvirt's -c lines: injected file back, read-only image untouched"
 qemu-img check -q "$SHARE/spare.qcow2" || die "spare.qcow2 check"
 qemu-io -f qcow2 -c 'read -P 0x5a 0 1M' "$SHARE/spare.qcow2" | grep -q '^read 1048576' || die "data written before SIGTERM is lost"
 log "spare.qcow2: the 1 MiB written before SIGTERM reads back"

@@ -4,7 +4,7 @@
 # a quick criterion run and a fuzz smoke of every target.
 # Then the kernel NBD client test: qnbd -c/-d and --vsock inside an emulated Debian machine
 # (scripts/kernel-nbd-test.sh; packages cached in /var/tmp/qnbd-vmtest/cache between runs).
-# Env: FUZZ_SECONDS (default 25) per fuzz target; SKIP_FUZZ=1, SKIP_BENCH=1, SKIP_VM=1 to skip those parts.
+# Env: FUZZ_SECONDS (default 25) per fuzz target from its seeds, FUZZ_EMPTY_SECONDS (default 15) from nothing; SKIP_FUZZ=1, SKIP_BENCH=1, SKIP_VM=1 to skip those parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/bin:$PATH   # Debian's python3 (for nbdsh) before any pyenv shim
@@ -58,10 +58,16 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
       [ -d "corpus_seed/$t" ] && seeds=("corpus_seed/$t")
       dict=()
       case $t in qcow2_*) dict=(-dict=qcow2.dict) ;; nbd_*) dict=(-dict=nbd.dict) ;; esac
-      echo "fuzz $t for ${FUZZ_SECONDS:-25}s"
+      echo "fuzz $t for ${FUZZ_SECONDS:-25}s from the seeds, ${FUZZ_EMPTY_SECONDS:-15}s from an empty corpus"
       cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- "${dict[@]}" \
         -max_total_time="${FUZZ_SECONDS:-25}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
         grep -E 'Done|ERROR|panicked|crash-' || true
+      # From nothing too: seeds steer the fuzzer past the header checks, and away from what lies before them.
+      empty=$(mktemp -d)
+      cargo fuzz run -s none "$t" "$empty" -- "${dict[@]}" \
+        -max_total_time="${FUZZ_EMPTY_SECONDS:-15}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=0 2>&1 |
+        grep -E 'Done|ERROR|panicked|crash-' || true
+      rm -rf "$empty"
       # A crash leaves an artifact; fail on it.
       if ls "artifacts/$t"/crash-* "artifacts/$t"/timeout-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
         echo "fuzz target $t found a failure: fuzz/artifacts/$t"; exit 1

@@ -1,5 +1,6 @@
 //! The handshake as a state machine over decoded options (proto.md, "Option haggling"). Pure: the connection
 //! reads each option, calls [`Negotiation::option`], writes the bytes it produced and acts on the [`Step`].
+#![deny(clippy::arithmetic_side_effects)] // every number here comes from a client or the user
 
 use crate::proto::option::{reply, Reader};
 use crate::proto::reply::Style;
@@ -191,7 +192,7 @@ impl Negotiation {
                     return Self::err(out, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 }
                 for e in cat.list().into_iter().filter(|e| !self.needs_tls(&e.name, cat)) {
-                    let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
+                    let mut d = Vec::with_capacity(e.name.len().saturating_add(e.description.len()).saturating_add(4));
                     d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(e.name.as_bytes());
                     d.extend_from_slice(e.description.as_bytes());
@@ -299,7 +300,7 @@ impl Negotiation {
         let Some(n) = r.u16() else {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "missing information request count");
         };
-        if r.remaining() != 2 * n as usize {
+        if r.remaining() != usize::from(n).saturating_mul(2) {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "information request list has the wrong length");
         }
         if self.needs_tls(name, cat) {

@@ -248,3 +248,24 @@ fn cache_none_reads_and_writes_unaligned_requests_correctly() {
         }
     }
 }
+
+#[test]
+fn backing_policy_keeps_an_untrusted_image_from_reading_host_files() {
+    let d = tempfile::tempdir().unwrap();
+    // An uploaded image whose backing file is a host file.
+    let img = d.path().join("upload.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", s(&img), "1M"]);
+    for policy in ["relative", "none"] {
+        let o = run("timeout", &["10", QNBD, "-r", "--backing-policy", policy, "-k", s(&d.path().join("s")), s(&img)]);
+        assert_eq!(o.status.code(), Some(1), "{policy}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("'/etc/passwd' is refused by --backing-policy"), "{policy}: {e}");
+    }
+    // The default is qemu's: it follows the name.
+    let srv = serve(QNBD, &d.path().join("s"), &["-r", "-t", s(&img)]);
+    let passwd = std::fs::read("/etc/passwd").unwrap();
+    let n = passwd.len().min(512);
+    let out = d.path().join("head.raw");
+    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.uri(), s(&out)]);
+    assert_eq!(&std::fs::read(&out).unwrap()[..n], &passwd[..n]);
+}

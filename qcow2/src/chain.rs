@@ -39,6 +39,62 @@ impl Format {
     }
 }
 
+/// Which backing and external data file names an image may carry: qnbd and qimg `--backing-policy`, for
+/// images from untrusted sources (an upload service, a fuzzing campaign), where a header naming `/etc/shadow`
+/// or `/dev/sda` must not be followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Follow any name, as qemu does (the default).
+    #[default]
+    Any,
+    /// Only names relative to the image's folder that stay inside it (no absolute names, no `..`, no
+    /// `json:` or protocol names).
+    Relative,
+    /// No backing file at all; an external data file must be relative, as above.
+    None,
+}
+
+impl BackingPolicy {
+    /// Parses `any`, `relative` or `none`.
+    pub fn parse(s: &str) -> Result<BackingPolicy> {
+        match s {
+            "any" => Ok(BackingPolicy::Any),
+            "relative" => Ok(BackingPolicy::Relative),
+            "none" => Ok(BackingPolicy::None),
+            _ => Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Invalid backing policy '{s}' (any, relative, none)"),
+            )),
+        }
+    }
+
+    /// Whether the image `image` may use `name` from its header as its backing file (`backing`) or data file.
+    fn check(self, backing: bool, name: &str, image: &str) -> Result<()> {
+        let what = if backing { "backing file" } else { "data file" };
+        let refuse = |why: &str| {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("Could not open '{image}': its {what} '{name}' is refused by --backing-policy: {why}"),
+            ))
+        };
+        match self {
+            BackingPolicy::Any => Ok(()),
+            BackingPolicy::None if backing => refuse("no backing file is allowed"),
+            BackingPolicy::Relative | BackingPolicy::None => {
+                if name.starts_with("json:") || name.contains(':') {
+                    refuse("only plain relative names are allowed")
+                } else if name.starts_with('/') {
+                    refuse("absolute names are not allowed")
+                } else if name.split('/').any(|c| c == "..") {
+                    refuse("names may not leave the image's folder")
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 /// How to open an image and its chain.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -69,6 +125,12 @@ pub struct OpenOptions {
     /// The image will be resized (qemu-img resize takes the "resize" permission, which raw images share
     /// otherwise).
     pub resize: bool,
+    /// Which backing and data file names from image headers are followed.
+    pub backing_policy: BackingPolicy,
+    /// Metadata only, as `qemu-img info` opens images (qemu's `BDRV_O_NO_IO`): the external data file is not
+    /// opened (so an untrusted image can be inspected without touching the file it names) and no guest data
+    /// may be read.
+    pub metadata_only: bool,
 }
 
 /// Open read-only backing images by file identity (device, inode).
@@ -89,6 +151,8 @@ impl Default for OpenOptions {
             locking: true,
             force_share: false,
             resize: false,
+            backing_policy: BackingPolicy::Any,
+            metadata_only: false,
         }
     }
 }
@@ -305,6 +369,7 @@ impl Image {
                     snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
                     writable,
                     commit_sink: opts.commit_sink.clone(),
+                    metadata_only: opts.metadata_only,
                 };
                 let q = Self::open_qcow2(storage, writable, spec, opts, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
@@ -325,6 +390,7 @@ impl Image {
                         )?)
                     }
                     (BackingSpec::Header, Some(name), true) => {
+                        opts.backing_policy.check(true, name, &path)?;
                         let mut bspec = ImageSpec::parse_filename(name)
                             .map_err(|e| e.context(format!("Could not open backing file of '{path}'")))?;
                         if !name.starts_with("json:") {
@@ -379,7 +445,9 @@ impl Image {
         let h = header::Header::parse(&first)?;
         let data_spec = match (&spec.data_file, &h.data_file) {
             (Some(d), _) => Some(d.clone()),
+            (None, Some(_)) if opts.metadata_only && !writable => None,
             (None, Some(name)) => {
+                opts.backing_policy.check(false, name, &spec.file.filename)?;
                 if name.starts_with("json:") || name.contains("://") {
                     return Err(Error::unsupported(format!("data file '{name}' uses a protocol qnbd cannot open")));
                 }

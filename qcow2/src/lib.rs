@@ -16,6 +16,6 @@ pub mod storage;
 pub mod testing;
 pub mod util;
 
-pub use chain::{Format, Image, Layer, OpenOptions};
+pub use chain::{BackingPolicy, Format, Image, Layer, OpenOptions};
 pub use device::{BlockDevice, Piece, Source, SpliceFile, Status};
 pub use error::{Error, ErrorKind, Result};

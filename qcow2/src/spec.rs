@@ -5,6 +5,7 @@
 //! refused by name, in qemu's words where qemu has them; nothing is silently dropped.
 //!
 //! Pure code: no file is touched here.
+#![deny(clippy::arithmetic_side_effects)] // every number here comes from a client or the user
 
 use crate::chain::Format;
 use crate::error::{Error, ErrorKind, Result};
@@ -306,7 +307,7 @@ fn flatten_into(
         let key = format!("{prefix}{k}");
         let val = match v {
             serde_json::Value::Object(o) => {
-                flatten_into(o, &format!("{key}."), depth + 1, out)?;
+                flatten_into(o, &format!("{key}."), depth.saturating_add(1), out)?;
                 continue;
             }
             serde_json::Value::Null => Value::Null,

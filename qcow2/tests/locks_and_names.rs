@@ -141,3 +141,43 @@ fn formats_qimg_cannot_read_are_refused_by_name_not_read_as_raw() {
         assert!(e.contains(&format!("'{fmt}' format")), "{fmt}: {e}");
     }
 }
+
+#[test]
+fn backing_policy_refuses_names_that_leave_the_image_folder() {
+    let d = tmpdir();
+    let sub = d.path().join("imgs");
+    std::fs::create_dir(&sub).unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&d.path().join("outside.raw")), "1M"]);
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&sub.join("base.raw")), "1M"]);
+    let mk = |name: &str, backing: &str| {
+        let f = sub.join(name);
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", p(&f), "1M"]);
+        f
+    };
+    let rel = mk("rel.qcow2", "base.raw");
+    let abs = mk("abs.qcow2", p(&d.path().join("outside.raw")));
+    let up = mk("up.qcow2", "../outside.raw");
+    let info = |policy: &str, img: &Path| run(QIMG, &["info", "--backing-chain", "--backing-policy", policy, p(img)]);
+    for img in [&rel, &abs, &up] {
+        assert!(info("any", img).status.success(), "any: {}", p(img));
+    }
+    assert!(info("relative", &rel).status.success());
+    for img in [&abs, &up] {
+        let o = info("relative", img);
+        assert_eq!(o.status.code(), Some(1), "{}", p(img));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("refused by --backing-policy"), "{o:?}");
+    }
+    let o = info("none", &rel);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no backing file is allowed"));
+    // An external data file named by an absolute path is refused under `relative` too.
+    let df = sub.join("df.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", p(&d.path().join("data.raw"))), p(&df), "1M"],
+    );
+    let o = run(QIMG, &["map", "--backing-policy=relative", p(&df)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data file"), "{o:?}");
+    assert!(run(QIMG, &["map", p(&df)]).status.success());
+}

@@ -56,7 +56,7 @@ pub fn done(style: Style, cookie: u64, offset: u64, error: u32, msg: &str) -> Ve
         }
         (_, e) => {
             let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
-            let mut v = Vec::with_capacity(40 + msg.len());
+            let mut v = Vec::with_capacity(msg.len().saturating_add(40));
             chunk_header(
                 &mut v,
                 style,
@@ -64,7 +64,7 @@ pub fn done(style: Style, cookie: u64, offset: u64, error: u32, msg: &str) -> Ve
                 NBD_REPLY_TYPE_ERROR,
                 cookie,
                 offset,
-                6 + msg.len() as u64,
+                (msg.len() as u64).saturating_add(6),
             );
             v.extend_from_slice(&e.to_be_bytes());
             v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -83,7 +83,7 @@ pub fn hole(out: &mut Vec<u8>, style: Style, flags: u16, cookie: u64, req_off: u
 
 /// The header of an OFFSET_DATA chunk whose `len` data bytes follow.
 pub fn data_header(out: &mut Vec<u8>, style: Style, flags: u16, cookie: u64, req_off: u64, offset: u64, len: u64) {
-    chunk_header(out, style, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, req_off, 8 + len);
+    chunk_header(out, style, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, req_off, len.saturating_add(8));
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -98,7 +98,7 @@ pub fn block_status(
     ext: &[(u64, u32)],
 ) {
     if style == Style::Extended {
-        let len = 8 + 16 * ext.len() as u64;
+        let len = (ext.len() as u64).saturating_mul(16).saturating_add(8);
         chunk_header(out, style, flags, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, cookie, req_off, len);
         out.extend_from_slice(&id.to_be_bytes());
         out.extend_from_slice(&(ext.len() as u32).to_be_bytes());
@@ -107,7 +107,7 @@ pub fn block_status(
             out.extend_from_slice(&u64::from(f).to_be_bytes());
         }
     } else {
-        let len = 4 + 8 * ext.len() as u64;
+        let len = (ext.len() as u64).saturating_mul(8).saturating_add(4);
         chunk_header(out, style, flags, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, req_off, len);
         out.extend_from_slice(&id.to_be_bytes());
         for &(l, f) in ext {

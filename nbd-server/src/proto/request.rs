@@ -48,7 +48,7 @@ pub fn decode(b: &[u8], extended: bool) -> Result<Request, BadHeader> {
     }
     let u64_at = |o: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
+        a.copy_from_slice(&b[o..o.saturating_add(8)]);
         u64::from_be_bytes(a)
     };
     Ok(Request {

@@ -300,7 +300,7 @@ impl Header {
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
         let mut off = self.header_length as usize;
         loop {
-            if off + 8 > buf.len() {
+            if off.saturating_add(8) > buf.len() {
                 // qcow2.rst: extensions end with type 0; an image whose cluster 0 ends first is cut short.
                 if off >= buf.len() {
                     return Ok(());
@@ -308,11 +308,11 @@ impl Header {
                 return Err(Error::invalid(format!("header extension at {off} runs past the first cluster")));
             }
             let kind = be32(buf, off);
-            let len = be32(buf, off + 4) as usize;
+            let len = be32(buf, off.saturating_add(4)) as usize;
             if kind == EXT_END {
                 return Ok(());
             }
-            let data_off = off + 8;
+            let data_off = off.saturating_add(8);
             let end = data_off.checked_add(len).filter(|&e| e <= buf.len()).ok_or_else(|| {
                 Error::invalid(format!("header extension {kind:#x} length {len} runs past cluster 0"))
             })?;
@@ -345,7 +345,7 @@ impl Header {
             }
             self.extensions.push(Extension { kind, data: data.to_vec() });
             // Each extension is padded to a multiple of 8 bytes.
-            off = data_off + len.div_ceil(8) * 8;
+            off = len.div_ceil(8).checked_mul(8).and_then(|p| data_off.checked_add(p)).unwrap_or(usize::MAX);
         }
     }
 
@@ -550,14 +550,14 @@ impl Field {
     pub fn encode(self, value: u64) -> (u64, Vec<u8>) {
         let (off, width) = self.place();
         let bytes = value.to_be_bytes();
-        (off, bytes[8 - width..].to_vec())
+        (off, bytes[8usize.saturating_sub(width)..].to_vec())
     }
 
     /// Stores `value` in this field of the header bytes `h` (which must reach past the field).
     pub fn put(self, h: &mut [u8], value: u64) {
         let (off, bytes) = self.encode(value);
         let off = off as usize;
-        if let Some(dst) = h.get_mut(off..off + bytes.len()) {
+        if let Some(dst) = h.get_mut(off..off.saturating_add(bytes.len())) {
             dst.copy_from_slice(&bytes);
         }
     }
@@ -570,7 +570,7 @@ impl Field {
         let mut out = Vec::new();
         for (f, v) in fields {
             let (off, bytes) = f.encode(*v);
-            if off != start + out.len() as u64 {
+            if Some(off) != start.checked_add(out.len() as u64) {
                 return None;
             }
             out.extend_from_slice(&bytes);

@@ -1,4 +1,8 @@
 //! On-disk structures of qcow2, as pure codecs: no I/O happens in this module.
+//!
+//! Every value here comes from an image: arithmetic is checked or saturating, never implicit (the lint below
+//! makes `+`, `-`, `*`, `<<` ... on integers a build error in these modules).
+#![deny(clippy::arithmetic_side_effects)]
 
 pub mod header;
 pub mod offset;
@@ -9,17 +13,15 @@ pub mod table;
 
 /// Reads a big-endian u16 at `off`; the caller has checked the bounds.
 pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes([b[off], b[off + 1]])
+    b.get(off..off.saturating_add(2)).and_then(|s| s.try_into().ok()).map_or(0, u16::from_be_bytes)
 }
 
 /// Reads a big-endian u32 at `off`; the caller has checked the bounds.
 pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    b.get(off..off.saturating_add(4)).and_then(|s| s.try_into().ok()).map_or(0, u32::from_be_bytes)
 }
 
 /// Reads a big-endian u64 at `off`; the caller has checked the bounds.
 pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_be_bytes(a)
+    b.get(off..off.saturating_add(8)).and_then(|s| s.try_into().ok()).map_or(0, u64::from_be_bytes)
 }

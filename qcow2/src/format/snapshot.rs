@@ -38,9 +38,8 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut off = 0usize;
     for i in 0..count {
-        let head = buf
-            .get(off..off + 40)
-            .ok_or_else(|| Error::invalid(format!("snapshot table entry {i} runs past the table")))?;
+        let past = || Error::invalid(format!("snapshot table entry {i} runs past the table"));
+        let head = off.checked_add(40).and_then(|end| buf.get(off..end)).ok_or_else(past)?;
         let id_len = be16(head, 12) as usize;
         let name_len = be16(head, 14) as usize;
         let extra = be32(head, 36);
@@ -48,19 +47,21 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             return Err(Error::invalid(format!("snapshot {i}: extra_data_size {extra} is too large")));
         }
         let extra = extra as usize;
-        let total = 40 + extra + id_len + name_len;
-        let entry = buf
-            .get(off..off + total)
-            .ok_or_else(|| Error::invalid(format!("snapshot table entry {i} runs past the table")))?;
-        let ex = &entry[40..40 + extra];
+        // extra <= 1 KiB and the lengths are 16-bit: no overflow, but say so with checked sums.
+        let total = extra.checked_add(id_len).and_then(|n| n.checked_add(name_len)).and_then(|n| n.checked_add(40));
+        let total = total.ok_or_else(past)?;
+        let entry = off.checked_add(total).and_then(|end| buf.get(off..end)).ok_or_else(past)?;
+        let (id_at, name_at) = (40usize.saturating_add(extra), 40usize.saturating_add(extra).saturating_add(id_len));
+        let ex = entry.get(40..id_at).ok_or_else(past)?;
         let mut vm_state_size = u64::from(be32(head, 32));
         if ex.len() >= 8 {
             vm_state_size = be64(ex, 0);
         }
         let disk_size = (ex.len() >= 16).then(|| be64(ex, 8));
         let icount = (ex.len() >= 24).then(|| be64(ex, 16));
-        let id = String::from_utf8_lossy(&entry[40 + extra..40 + extra + id_len]).into_owned();
-        let name = String::from_utf8_lossy(&entry[40 + extra + id_len..total]).into_owned();
+        let id = String::from_utf8_lossy(entry.get(id_at..name_at).ok_or_else(past)?).into_owned();
+        let name = String::from_utf8_lossy(entry.get(name_at..total).ok_or_else(past)?).into_owned();
+        let entry_len = total.div_ceil(8).saturating_mul(8);
         out.push(Snapshot {
             l1_table_offset: be64(head, 0),
             l1_size: be32(head, 8),
@@ -73,9 +74,9 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             disk_size,
             icount,
             extra_len: extra as u64,
-            entry_len: total.div_ceil(8) as u64 * 8,
+            entry_len: entry_len as u64,
         });
-        off += total.div_ceil(8) * 8;
+        off = off.checked_add(entry_len).ok_or_else(past)?;
     }
     Ok(out)
 }

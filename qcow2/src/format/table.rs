@@ -16,7 +16,7 @@ pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// Encodes table entries (L1, L2, refcount table) as big-endian words: the one table encoder.
 pub fn encode_table(words: &[u64]) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(words.len() * 8);
+    let mut raw = Vec::with_capacity(words.len().saturating_mul(8));
     for w in words {
         raw.extend_from_slice(&w.to_be_bytes());
     }
@@ -66,20 +66,21 @@ pub enum L2Kind {
 
 /// Decodes a compressed descriptor for `cluster_bits` (x = 62 - (cluster_bits - 8)).
 pub fn decode_compressed(entry: u64, cluster_bits: u32) -> CompressedDesc {
-    let x = 62 - (cluster_bits - 8);
-    let offset = entry & ((1u64 << x) - 1);
-    let sectors = (entry & ((1u64 << 62) - 1)) >> x;
-    // The data ends at the end of sector (offset/512 + sectors).
-    let end = ((offset & !511) + (sectors + 1) * 512).max(offset);
-    CompressedDesc { offset, len: end - offset }
+    // cluster_bits is 9..=21 once the header is accepted, so x is 50..=61.
+    let x = 70u32.saturating_sub(cluster_bits).min(62);
+    let offset = entry & 1u64.checked_shl(x).map_or(u64::MAX, |m| m.wrapping_sub(1));
+    let sectors = (entry & ((1u64 << 62) - 1)).checked_shr(x).unwrap_or(0);
+    // The data ends at the end of sector (offset/512 + sectors): at most 2^62 + 2^22, no overflow.
+    let end = (offset & !511).saturating_add(sectors.saturating_add(1).saturating_mul(512)).max(offset);
+    CompressedDesc { offset, len: end.saturating_sub(offset) }
 }
 
 /// Encodes a compressed descriptor (used by tests and the writer).
 pub fn encode_compressed(d: CompressedDesc, cluster_bits: u32) -> u64 {
-    let x = 62 - (cluster_bits - 8);
-    let end = d.offset + d.len;
-    let sectors = (end.div_ceil(512) - d.offset / 512).saturating_sub(1);
-    OFLAG_COMPRESSED | (sectors << x) | d.offset
+    let x = 70u32.saturating_sub(cluster_bits).min(62);
+    let end = d.offset.saturating_add(d.len);
+    let sectors = end.div_ceil(512).saturating_sub(d.offset / 512).saturating_sub(1);
+    OFLAG_COMPRESSED | sectors.checked_shl(x).unwrap_or(0) | d.offset
 }
 
 /// How the L2 entries of one image are laid out (qcow2.rst, "Cluster mapping" and "Extended L2 Entries").

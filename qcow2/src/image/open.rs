@@ -21,6 +21,9 @@ pub struct Qcow2Options {
     pub writable: bool,
     /// Where metadata commits run; `None`: in the calling thread.
     pub commit_sink: Option<Arc<dyn super::commit::CommitSink>>,
+    /// Metadata only (qemu's `BDRV_O_NO_IO`, as `qemu-img info` opens images): an external data file is not
+    /// needed, and guest data must not be read.
+    pub metadata_only: bool,
 }
 
 pub(crate) fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
@@ -77,6 +80,9 @@ impl Qcow2 {
         let has_data_file = header.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
         let data = match (has_data_file, data) {
             (true, Some(d)) => d,
+            (true, None) if opts.metadata_only && !opts.writable => {
+                Arc::new(crate::storage::MemStorage::new(Vec::new(), 0))
+            }
             (true, None) => return Err(Error::invalid("the image needs its external data file, which was not opened")),
             (false, _) => file.clone(),
         };

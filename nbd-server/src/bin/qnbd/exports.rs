@@ -123,6 +123,7 @@ pub(crate) fn build_exports(cli: &Cli) -> Result<Exports, String> {
             writable: !read_only && !cli.snapshot && !cli.fresh_per_connection,
             snapshot,
             max_chain_depth: cli.max_chain_depth,
+            backing_policy: qcow2::BackingPolicy::parse(&cli.backing_policy).map_err(|e| e.to_string())?,
             shared: Some(shared.clone()),
             // Commits go to the helper process once it is installed below (in this thread until then).
             commit_sink: Some(std::sync::Arc::new(qcow2::image::commit::HelperSink)),

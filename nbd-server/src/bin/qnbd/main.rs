@@ -104,6 +104,11 @@ struct Cli {
     /// Seconds a client has to finish the handshake (0: no limit).
     #[arg(long = "handshake-limit", default_value_t = 10)]
     handshake_limit: u64,
+    /// Which backing and external data file names in image headers are followed: any (qemu's behaviour),
+    /// relative (only names inside the image's folder: for images from untrusted sources), none (no backing
+    /// file; data files as relative).
+    #[arg(long = "backing-policy", value_name = "any|relative|none", default_value = "any")]
+    backing_policy: String,
     /// Deepest backing chain accepted.
     #[arg(long = "max-chain-depth", default_value_t = qcow2::limits::DEFAULT_MAX_CHAIN_DEPTH)]
     max_chain_depth: usize,

@@ -103,7 +103,9 @@ pub fn run(
     let o = OpenOptions {
         format,
         writable: all.is_some(),
-        open_backing: false,
+        // qemu-img check opens the backing chain too (and fails without it).
+        open_backing: true,
+        backing_policy: crate::policy(),
         force_share: n.force_share && all.is_none(),
         ..Default::default()
     };

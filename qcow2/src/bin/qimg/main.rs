@@ -20,6 +20,10 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Which backing and external data file names in image headers are followed: any (qemu's behaviour),
+    /// relative (only names inside the image's folder), none (no backing file).
+    #[arg(long = "backing-policy", global = true, value_name = "any|relative|none", default_value = "any")]
+    backing_policy: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -206,6 +210,14 @@ pub(crate) struct Naming {
     pub force_share: bool,
 }
 
+/// `--backing-policy`, read once in `main`.
+static POLICY: std::sync::OnceLock<qcow2::BackingPolicy> = std::sync::OnceLock::new();
+
+/// The backing policy the user chose.
+pub(crate) fn policy() -> qcow2::BackingPolicy {
+    POLICY.get().copied().unwrap_or_default()
+}
+
 /// The image spec for `path` (`--image-opts` list, `json:` name or file name).
 pub(crate) fn spec(path: &str, fmt: Option<&str>, n: Naming) -> Result<qcow2::spec::ImageSpec, String> {
     if n.image_opts && fmt.is_some() {
@@ -220,8 +232,26 @@ pub(crate) fn spec(path: &str, fmt: Option<&str>, n: Naming) -> Result<qcow2::sp
 }
 
 fn open(path: &str, fmt: Option<&str>, backing: bool, n: Naming) -> Result<Arc<Image>, String> {
+    open_with(path, fmt, backing, n, false)
+}
+
+/// `open`; `metadata_only` as qemu-img info opens images (no external data file, no guest data).
+fn open_with(
+    path: &str,
+    fmt: Option<&str>,
+    backing: bool,
+    n: Naming,
+    metadata_only: bool,
+) -> Result<Arc<Image>, String> {
     let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
-    let o = OpenOptions { format, open_backing: backing, force_share: n.force_share, ..OpenOptions::default() };
+    let o = OpenOptions {
+        format,
+        open_backing: backing,
+        force_share: n.force_share,
+        backing_policy: policy(),
+        metadata_only,
+        ..OpenOptions::default()
+    };
     let spec = spec(path, fmt, n)?;
     Image::open_spec(&spec, &o).map_err(|e| {
         let s = e.to_string();
@@ -258,7 +288,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Info { format, output, backing_chain, filename, force_share, image_opts } => {
-            let img = open(&filename, format.as_deref(), backing_chain, Naming { image_opts, force_share })?;
+            let img = open_with(&filename, format.as_deref(), backing_chain, Naming { image_opts, force_share }, true)?;
             let mut chain = vec![img.clone()];
             if backing_chain {
                 let mut cur = img;
@@ -318,6 +348,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match qcow2::BackingPolicy::parse(&cli.backing_policy) {
+        Ok(p) => {
+            let _ = POLICY.set(p);
+        }
+        Err(e) => {
+            eprintln!("qimg: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let is_compare = matches!(cli.cmd, Cmd::Compare { .. });
     match run(cli) {
         Ok(c) => c,

@@ -6,7 +6,14 @@ use qcow2::{BlockDevice, Format, Image, Layer, OpenOptions};
 /// Runs resize.
 pub fn run(file: &str, fmt: Option<&str>, size: &str, shrink: bool, quiet: bool) -> Result<(), String> {
     let format = fmt.map(Format::parse).transpose().map_err(|e| e.to_string())?;
-    let o = OpenOptions { format, writable: true, open_backing: false, resize: true, ..Default::default() };
+    let o = OpenOptions {
+        format,
+        writable: true,
+        open_backing: false,
+        backing_policy: crate::policy(),
+        resize: true,
+        ..Default::default()
+    };
     let img = Image::open(file, &o).map_err(|e| {
         let s = e.to_string();
         if s.starts_with("Could not open") {
