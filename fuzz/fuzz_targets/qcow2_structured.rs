@@ -54,7 +54,10 @@ struct Desc {
 
 const MAX_IMAGE: usize = 4 << 20;
 
-fn serialize(d: &Desc) -> Option<Vec<u8>> {
+/// The image, and whether two active entries point at the same cluster (legal, though qemu never writes it:
+/// copying one reference away then leaves the other's COPIED flag clear with a refcount of 1, which
+/// `qemu-img check` reports and `-r all` fixes, so that is tolerated after writes).
+fn serialize(d: &Desc) -> Option<(Vec<u8>, bool)> {
     let cluster_bits = 9 + u32::from(d.cluster_bits % 8); // 512 B .. 64 KiB
     let cs = 1u64 << cluster_bits;
     let refcount_bits = 1u32 << (d.refcount_order % 7);
@@ -86,12 +89,15 @@ fn serialize(d: &Desc) -> Option<Vec<u8>> {
         }
     };
     const COPIED: u64 = 1 << 63;
+    let mut referenced = std::collections::HashSet::new();
+    let mut shared = false;
     // L1 entries -> appended L2 tables.
     for (i, (t, copied)) in d.l1.iter().take(h.l1_size as usize).enumerate() {
         if l2_count == 0 {
             break;
         }
         let l2 = (first_new + u64::from(*t) % l2_count) * cs;
+        shared |= !referenced.insert(l2);
         put64(&mut img, h.l1_table_offset + 8 * i as u64, l2 | if *copied { COPIED } else { 0 });
     }
     // L2 entries of every kind.
@@ -110,6 +116,8 @@ fn serialize(d: &Desc) -> Option<Vec<u8>> {
             L2Kind::Compressed(bits) => (1 << 62) | (bits & ((1 << 62) - 1)),
             L2Kind::Raw(v) => *v,
         };
+        // Any data or table cluster met twice (or an arbitrary entry, which may point anywhere) counts as shared.
+        shared |= matches!(kind, L2Kind::Raw(_) | L2Kind::Compressed(_)) || (v & 0x00ff_ffff_ffff_fe00 != 0 && !referenced.insert(v & 0x00ff_ffff_ffff_fe00));
         put64(&mut img, at, v);
     }
     // Refcounts: the appended clusters are counted (16-bit blocks only: other widths keep their zeros, which
@@ -158,7 +166,7 @@ fn serialize(d: &Desc) -> Option<Vec<u8>> {
         let n = img.len();
         img[*off as usize % n] = *v;
     }
-    Some(img)
+    Some((img, shared))
 }
 
 fn walk(image: &Image) {
@@ -197,7 +205,11 @@ fn open(bytes: &[u8], writable: bool) -> Option<(Arc<Image>, Arc<MemStorage>)> {
 }
 
 fuzz_target!(|d: Desc| {
-    let Some(bytes) = serialize(&d) else { return };
+    let Some((bytes, shared)) = serialize(&d) else { return };
+    if let Ok(path) = std::env::var("QNBD_FUZZ_DUMP") {
+        // Debugging a finding: the image as serialized, before any write.
+        let _ = std::fs::write(path, &bytes);
+    }
     let clean_before = match open(&bytes, false) {
         Some((image, _)) => {
             walk(&image);
@@ -225,7 +237,10 @@ fuzz_target!(|d: Desc| {
     if clean_before && flushed {
         if let Some((after, _)) = open(&mem.contents(), false) {
             let r = after.qcow2().and_then(|q| q.check().ok());
-            assert!(r.is_none_or(|r| r.corruptions == 0), "a clean image was corrupted by the writer: {r:?}");
+            let bad = r.as_ref().map_or(0, |r| {
+                r.messages.iter().filter(|m| m.starts_with("ERROR") && !(shared && m.starts_with("ERROR OFLAG_COPIED"))).count()
+            });
+            assert!(bad == 0, "a clean image was corrupted by the writer: {r:?}");
         }
     }
 });

@@ -416,7 +416,9 @@ impl Image {
                         )
                     }
                 };
-                let size = q.size();
+                // qemu sizes block nodes in whole 512-byte sectors (`total_sectors = size / 512`): a header size
+                // that is not a multiple of 512 (qemu never writes one) loses its tail, as in qemu.
+                let size = q.size() / 512 * 512;
                 q.set_has_backing(backing.is_some());
                 Ok(Arc::new(Image {
                     layer: Layer::Qcow2(Box::new(q)),

@@ -1,5 +1,6 @@
 //! Inputs the fuzzers found, replayed with `cargo test`. Each file in `tests/fuzz_regressions/` is named
-//! after its fuzz target; the replay runs the same case function the target runs.
+//! after its fuzz target (or `repair-` for an image the read-write open must repair cleanly); the replay runs
+//! the same case function the target runs.
 
 #[test]
 fn replay_every_saved_fuzz_input() {
@@ -11,6 +12,11 @@ fn replay_every_saved_fuzz_input() {
         let data = std::fs::read(&p).unwrap();
         if name.starts_with("qcow2_write-") {
             if let Err(e) = qcow2::testing::write_case(&data) {
+                panic!("{name}: {e}");
+            }
+            n += 1;
+        } else if name.starts_with("repair-") {
+            if let Err(e) = qcow2::testing::repair_case(&data) {
                 panic!("{name}: {e}");
             }
             n += 1;

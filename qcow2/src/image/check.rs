@@ -11,6 +11,9 @@ use crate::format::refcount;
 use crate::format::table::{OFFSET_MASK, OFLAG_COPIED};
 use std::collections::HashMap;
 
+/// Reserved bits of an L1 entry (qcow2.rst "L1 table entry": bits 0-8 and 56-62; qemu's `L1E_RESERVED_MASK`).
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+
 /// The result of a check.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -91,7 +94,7 @@ impl Qcow2 {
         let step = if ext { 2 } else { 1 };
         let mut l2_refs: Vec<(u64, u64, usize)> = Vec::new(); // (l2 offset, l1 index) of the active L1
         let mut data_refs: Vec<(u64, u64, usize, u64)> = Vec::new(); // (data cluster, l2 offset, idx, entry)
-        let mut next_contiguous = 0u64;
+        let mut next_contiguous: u64;
         for k in 0..=self.snapshots.len() {
             let is_active = &(k == 0);
             let l1: Vec<u64> = if k == 0 {
@@ -121,6 +124,11 @@ impl Qcow2 {
                 break;
             }
             for (i, &e) in l1.iter().enumerate() {
+                // qcow2-refcount.c check_refcounts_l1: reserved bits of an L1 entry (qcow2.rst, "L1 table entry").
+                if e & L1_RESERVED != 0 {
+                    r.corruptions += 1;
+                    r.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                }
                 let l2 = e & OFFSET_MASK;
                 if l2 == 0 {
                     continue;
@@ -141,10 +149,18 @@ impl Qcow2 {
                         continue;
                     }
                 };
+                // qemu's next_contiguous_offset is local to check_refcounts_l2: fragmentation is counted per L2
+                // table.
+                next_contiguous = 0;
                 for idx in 0..(t.len() / step) {
                     let ent = t[idx * step];
                     let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
                     let decoded = self.layout.decode(ent, bm);
+                    // check_refcounts_l2: reserved bits of a standard cluster descriptor, in every table.
+                    if decoded.compressed.is_none() && ent & crate::format::table::L2_STD_RESERVED != 0 {
+                        r.corruptions += 1;
+                        r.push(format!("ERROR found l2 entry with reserved bits set: {ent:x}"));
+                    }
                     if let Some(d) = decoded.compressed {
                         add(&mut r, d.offset & !511, (d.offset & 511) + d.len, "compressed cluster");
                         if *is_active {
@@ -323,7 +339,13 @@ impl Qcow2 {
             }
         }
         if all {
-            for &(l2, idx, set) in &report.copied_fixes {
+            // qemu's order (qcow2-refcount.c: compare_refcounts, then check_oflag_copied): COPIED flags are
+            // judged by the refcounts as repaired, so look again once those are written.
+            self.flush_locked(&mut st)?;
+            drop(st);
+            let again = self.check()?;
+            st = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
+            for &(l2, idx, set) in &again.copied_fixes {
                 if l2 == u64::MAX {
                     let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
                     if let Some(e) = l1.get_mut(idx) {

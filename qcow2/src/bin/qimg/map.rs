@@ -109,6 +109,15 @@ pub fn run(img: &Image, json: bool, start: u64, len: Option<u64>) -> std::result
         Ok(())
     });
     if json {
+        if first && r.is_ok() {
+            // qemu-img map: an empty range (a 0-byte image, --start-offset at or past the end, --max-length=0)
+            // is still one entry, of length 0, starting where the walk would have.
+            let at = if len == Some(0) { start } else { start.max(end) };
+            let _ = write!(
+                out,
+                "{{ \"start\": {at}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}"
+            );
+        }
         let _ = out.write_all(b"]\n");
     }
     let _ = out.flush();
