@@ -71,6 +71,8 @@ fn locks_are_qemus_both_ways() {
         // -U reads it.
         ok("qemu-img", &["info", "-U", s(&img)]);
         drop(srv);
+        // qnbd's commit helper holds the image's locks until it has seen the server go.
+        wait_gone(s(&img));
     }
     for (a, b) in refusals[0].iter().zip(&refusals[1]) {
         let lock = |m: &str| m.split_once("Failed to get").map(|(_, l)| l.to_string());
@@ -119,6 +121,8 @@ fn a_probed_raw_image_cannot_be_turned_into_a_qcow2_reading_host_files() {
         let w = ok("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 512", "-c", "read -P 0x41 0 512", &srv.uri()]);
         assert!(!w.contains("failed"), "{server}: {w}");
         drop(srv);
+        // qnbd's commit helper holds the image's locks until it has seen the server go.
+        wait_gone(s(&img));
         let i = ok("qemu-img", &["info", "--output=json", s(&img)]);
         assert!(i.contains("\"format\": \"raw\""), "{server}: the image no longer probes as raw: {i}");
     }
@@ -179,6 +183,8 @@ fn raw_and_qcow2_images_on_loop_devices_are_served_and_written() {
         assert_eq!(ok("nbdinfo", &["--size", &srv.uri()]).trim(), (8u64 << 20).to_string(), "{name}");
         ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 4095 8193", &srv.uri()]);
         drop(srv);
+        // qnbd's commit helper holds the image's locks until it has seen the server go.
+        wait_gone(&name);
     }
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x61 4095 8193", &raw.0]);
     // A qcow2 image inside a small device: it allocates inside the device, and a full device fails the
@@ -192,6 +198,8 @@ fn raw_and_qcow2_images_on_loop_devices_are_served_and_written() {
     assert!(out.contains("No space left on device"), "{out}");
     ok("qemu-io", &["-f", "raw", "-c", "flush", "-c", "read -P 0x62 0 1M", &srv.uri()]);
     drop(srv);
+    // qnbd's commit helper holds the image's locks until it has seen the server go.
+    wait_gone(&dev.0);
     let chk = run("qemu-img", &["check", "-f", "qcow2", &dev.0]);
     // Leaked clusters from the failed write are allowed (exit 3); corruption (2) is not.
     assert!(matches!(chk.status.code(), Some(0) | Some(3)), "{}", String::from_utf8_lossy(&chk.stdout));
@@ -238,6 +246,8 @@ fn cache_none_reads_and_writes_unaligned_requests_correctly() {
             );
             assert!(!r.contains("failed"), "{fmt} --cache={cache}: {r}");
             drop(srv);
+            // qnbd's commit helper holds the image's locks until it has seen the server go.
+            wait_gone(s(&img));
             let r = ok("qemu-io", &["-f", fmt, "-c", "read -P 0x71 1000 3000", "-c", "read -P 0x73 1M 1M", s(&img)]);
             assert!(!r.contains("failed"), "{fmt} --cache={cache} on disk: {r}");
             if fmt == "qcow2" {

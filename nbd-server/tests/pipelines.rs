@@ -36,6 +36,9 @@ impl Running {
         let t = std::time::Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = self.srv.try_wait() {
+                // qnbd's commit helper (same command line) lets go of the image's locks once it sees the
+                // server gone.
+                wait_gone(s(&self.sock));
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

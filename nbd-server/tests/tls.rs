@@ -471,8 +471,9 @@ fn allow_list_closes_strangers_before_the_greeting() {
     assert_eq!(n, 0, "a peer outside --allow gets no greeting");
     refused(&nbdinfo_size(&format!("nbd://127.0.0.1:{port}")), "nbdinfo from outside --allow");
 
-    // The image is locked while the first server writes it.
+    // The image is locked while the first server writes it (and until its commit helper has gone too).
     drop(srv);
+    wait_gone(s(&img));
     let port = free_port();
     let _srv2 = Srv(Command::new(QNBD)
         .args(["-t", "-b", "127.0.0.1", "-p", &port.to_string(), "--allow", "127.0.0.0/8"])

@@ -4,6 +4,7 @@
 //! makes `+`, `-`, `*`, `<<` ... on integers a build error in these modules).
 #![deny(clippy::arithmetic_side_effects)]
 
+pub mod bitmap;
 pub mod header;
 pub mod offset;
 pub mod probe;

@@ -98,6 +98,26 @@ impl Qcow2 {
         1 << self.cluster_bits
     }
 
+    /// The persistent dirty bitmaps (the bitmap directory; empty without the bitmaps extension or when the
+    /// autoclear bit says the extension is stale).
+    pub fn bitmaps(&self) -> crate::Result<Vec<crate::format::bitmap::BitmapEntry>> {
+        let h = &self.header;
+        let Some(b) = h.bitmaps else { return Ok(Vec::new()) };
+        if h.autoclear_features & crate::format::header::AUTOCLEAR_BITMAPS == 0 {
+            return Ok(Vec::new());
+        }
+        let fits = b.directory_offset.checked_add(b.directory_size).is_some_and(|e| e <= self.file_len());
+        if b.directory_size > crate::limits::MAX_BITMAP_DIRECTORY_BYTES || !fits {
+            return Err(crate::Error::corrupt(format!(
+                "bitmap directory at {:#x} ({} bytes) lies outside the file",
+                b.directory_offset, b.directory_size
+            )));
+        }
+        let mut dir = vec![0u8; b.directory_size as usize];
+        self.file.read_at(&mut dir, b.directory_offset)?;
+        crate::format::bitmap::parse_directory(&dir, b.nb_bitmaps)
+    }
+
     /// Internal snapshots.
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots

@@ -92,6 +92,21 @@ fn check_secrets(cli: &Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens the image; a lock conflict is retried for up to a second, since a qnbd that was just stopped may
+/// still be going away (its commit helper holds the image's locks until it has seen the server exit). A real
+/// conflict is reported after that second, with qemu's message.
+fn open_retrying(spec: &qcow2::spec::ImageSpec, opts: &OpenOptions) -> qcow2::Result<Arc<Image>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match Image::open_spec(spec, opts) {
+            Err(e) if e.kind() == qcow2::ErrorKind::Locked && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub(crate) fn build_exports(cli: &Cli) -> Result<Exports, String> {
     let format = cli.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?;
     if cli.image_opts && format.is_some() {
@@ -130,7 +145,7 @@ pub(crate) fn build_exports(cli: &Cli) -> Result<Exports, String> {
             direct: cache.direct,
             ..Default::default()
         };
-        let img = Image::open_spec(&spec, &opts).map_err(|e| e.to_string())?;
+        let img = open_retrying(&spec, &opts).map_err(|e| e.to_string())?;
         let f = &spec.display_name().to_string();
         let base = img.clone();
         let (img, read_only) = if cli.snapshot && !read_only {

@@ -1,9 +1,8 @@
-//! `qimg convert -O raw`: a sparse raw copy of any image qnbd reads.
+//! `qimg convert -O raw|qcow2`: a copy of any image qnbd reads into a new (or, with `-n`, an existing) raw
+//! or qcow2 image, through the same writer and metadata commit qnbd uses.
 
 use qcow2::util::is_zero;
 use qcow2::{BlockDevice, Image};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 /// Copy granularity: the buffer one read fills.
 const CHUNK: u64 = 2 << 20;
@@ -40,69 +39,162 @@ struct Filled {
     ranges: Vec<(usize, usize)>,
 }
 
-/// Copies `img` to `out_path` as a sparse raw file. A reader thread maps and reads while the writer writes in
-/// order, as qemu-img convert overlaps its reads with in-order writes (concurrent writers to one file only
-/// contend on the inode lock).
-pub fn to_raw(img: &Image, out_path: &str, progress: bool, min_sparse: usize) -> Result<(), String> {
-    use std::sync::mpsc::sync_channel;
-    let out = File::create(out_path).map_err(|e| format!("Could not create '{out_path}': {e}"))?;
-    let size = img.size();
-    out.set_len(size).map_err(|e| format!("Could not resize '{out_path}': {e}"))?;
-    let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new(size);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("    ({percent_precise}/100%) {wide_bar} {bytes}/{total_bytes}")
+/// How `convert` writes its target.
+pub struct Options {
+    /// `-n`: the target exists (a file or a block device) and is not created.
+    pub no_create: bool,
+    /// `--target-is-zero` (with `-n`): the target reads as zeros already, so zero areas are skipped.
+    pub target_is_zero: bool,
+    /// `-S`: zero runs of at least this many bytes become holes; 0 writes every byte (fully allocated).
+    pub min_sparse: usize,
+    /// `-p` (and not `-q`).
+    pub progress: bool,
+    /// Write whole blocks of this many bytes (the target's cluster size for qcow2, as qemu-img aligns its
+    /// writes), so no new cluster is left partly a hole in the file.
+    pub align: u64,
+}
+
+/// Progress as qemu-img prints it: a bar on a terminal, else qemu's "    (x.xx/100%)" lines, each ending in a
+/// carriage return (the last in a newline).
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    total: u64,
+    shown: u64,
+}
+
+impl Progress {
+    /// A progress display for `total` bytes, shown if `on`.
+    pub fn new(total: u64, on: bool) -> Progress {
+        use std::io::IsTerminal;
+        let tty = on && std::io::stdout().is_terminal();
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "    ({percent_precise}/100%) {wide_bar} {bytes}/{total_bytes}",
+                )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+            );
+            b
+        });
+        let p = Progress { bar, plain: on && !tty, total, shown: u64::MAX };
+        p.print(0);
+        p
+    }
+
+    fn print(&self, pos: u64) {
+        if self.plain {
+            use std::io::Write;
+            let pct = if self.total == 0 { 100.0 } else { pos as f64 * 100.0 / self.total as f64 };
+            print!("    ({pct:.2}/100%)\r");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    /// `pos` bytes are done.
+    pub fn set(&mut self, pos: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+        // qemu prints when the percentage moves by at least one.
+        let step = pos.saturating_mul(100).checked_div(self.total).unwrap_or(0);
+        if self.plain && step != self.shown {
+            self.shown = step;
+            self.print(pos);
+        }
+    }
+
+    /// All done.
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish();
+        }
+        if self.plain {
+            println!("    (100.00/100%)");
+        }
+    }
+}
+
+/// Copies `img` into `target` (already created, opened writable): data is read by a thread that maps and
+/// reads ahead while this one writes in order. Zero areas are skipped when the target reads as zeros already
+/// (a new image, or `--target-is-zero`), written as zeroes otherwise, and written as data with `-S 0`.
+pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
+    use std::sync::mpsc::sync_channel;
+    let size = img.size();
+    if target.size() < size {
+        return Err(format!("Error: the target ({} bytes) is smaller than the source ({size} bytes)", target.size()));
+    }
+    let zero_init = !o.no_create || o.target_is_zero;
+    let mut progress = Progress::new(size, o.progress);
     const DEPTH: usize = 4;
-    let (tx, rx) = sync_channel::<Filled>(DEPTH);
+    /// A zero run the target must be told about (not zero-initialised), or a filled buffer.
+    enum Work {
+        Data(Filled),
+        Zero(u64, u64),
+    }
+    let (tx, rx) = sync_channel::<Work>(DEPTH);
     let (back_tx, back_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
     for _ in 0..DEPTH + 2 {
         let _ = back_tx.send(vec![0u8; CHUNK as usize]);
     }
+    let align = o.align.max(1);
+    // Zero detection works in whole target blocks.
+    let min_sparse = if o.min_sparse == 0 { 0 } else { o.min_sparse.max(align as usize) };
     let result = std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<(), String> {
             let mut pos = 0u64;
             while pos < size {
                 let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
-                let run_end = pos + st.len;
-                if !st.zero {
-                    let mut p = pos;
+                let mut run_end = pos + st.len.max(1).min(size - pos);
+                if !st.zero || min_sparse == 0 {
+                    // Whole target blocks: from the start of the block holding `pos` (a zero run before it
+                    // ended inside it) to the end of the block holding the run's end.
+                    run_end = run_end.div_ceil(align).saturating_mul(align).min(size);
+                    let mut p = pos - pos % align;
                     while p < run_end {
                         let Ok(mut buf) = back_rx.recv() else {
                             return Ok(());
                         };
                         let n = (run_end - p).min(CHUNK) as usize;
                         buf.resize(n, 0);
-                        img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
+                        if st.zero && p >= pos {
+                            buf.fill(0);
+                        } else {
+                            img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
+                        }
                         let ranges = nonzero_ranges(&buf, min_sparse);
-                        if tx.send(Filled { offset: p, buf, ranges }).is_err() {
+                        if tx.send(Work::Data(Filled { offset: p, buf, ranges })).is_err() {
                             return Ok(());
                         }
                         p += n as u64;
                     }
+                } else if !zero_init && tx.send(Work::Zero(pos, run_end - pos)).is_err() {
+                    return Ok(());
                 }
                 pos = run_end;
             }
             Ok(())
         });
         let mut werr = None;
-        for f in rx.iter() {
-            for &(a, b) in &f.ranges {
-                if let Err(e) = out.write_all_at(&f.buf[a..b], f.offset + a as u64) {
-                    werr = Some(format!("error while writing at byte {}: {e}", f.offset + a as u64));
-                    break;
-                }
-            }
-            if werr.is_some() {
+        for w in rx.iter() {
+            let r = match &w {
+                Work::Zero(off, len) => target
+                    .write_zeroes(*off, *len, true, false)
+                    .map_err(|e| format!("error while writing at byte {off}: {e}")),
+                Work::Data(f) => write_ranges(target, f, zero_init),
+            };
+            if let Err(e) = r {
+                werr = Some(e);
                 break;
             }
-            if let Some(b) = &bar {
-                b.set_position(f.offset + f.buf.len() as u64);
+            match w {
+                Work::Zero(off, len) => progress.set(off + len),
+                Work::Data(f) => {
+                    progress.set(f.offset + f.buf.len() as u64);
+                    let _ = back_tx.send(f.buf);
+                }
             }
-            let _ = back_tx.send(f.buf);
         }
         drop(rx);
         drop(back_tx);
@@ -113,10 +205,29 @@ pub fn to_raw(img: &Image, out_path: &str, progress: bool, min_sparse: usize) ->
         }
     });
     result?;
-    if let Some(b) = bar {
-        b.finish();
+    target.flush().map_err(|e| format!("error while flushing the target: {e}"))?;
+    progress.finish();
+    Ok(())
+}
+
+/// Writes the non-zero ranges of a filled buffer; the gaps between them are zeroed when the target does not
+/// read as zeros already.
+fn write_ranges(target: &Image, f: &Filled, zero_init: bool) -> Result<(), String> {
+    let mut at = 0usize;
+    let err = |off: u64, e: qcow2::Error| format!("error while writing at byte {off}: {e}");
+    for &(a, b) in &f.ranges {
+        if !zero_init && a > at {
+            let off = f.offset + at as u64;
+            target.write_zeroes(off, (a - at) as u64, true, false).map_err(|e| err(off, e))?;
+        }
+        let off = f.offset + a as u64;
+        target.write_at(&f.buf[a..b], off, false).map_err(|e| err(off, e))?;
+        at = b;
     }
-    // qemu-img convert does not flush its output either (its default cache mode for the target).
+    if !zero_init && at < f.buf.len() {
+        let off = f.offset + at as u64;
+        target.write_zeroes(off, (f.buf.len() - at) as u64, true, false).map_err(|e| err(off, e))?;
+    }
     Ok(())
 }
 

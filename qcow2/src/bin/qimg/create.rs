@@ -101,7 +101,25 @@ pub fn run(
                 println!("Formatting '{file}', fmt=raw size={size}");
             }
             let f = std::fs::File::create(file).map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
-            f.set_len(size).map_err(|e| format!("{file}: Could not resize file: {e}"))?;
+            let block_device = {
+                use std::os::unix::fs::FileTypeExt;
+                f.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false)
+            };
+            if block_device {
+                // A block device is "created" by checking it is large enough (qemu's host_device driver).
+                use std::io::Seek;
+                let len = (&f).seek(std::io::SeekFrom::End(0)).map_err(|e| format!("{file}: {e}"))?;
+                if len < size {
+                    return Err(format!("{file}: Image size {len} is too small for the requested size {size}"));
+                }
+            } else {
+                f.set_len(size).map_err(|e| format!("{file}: Could not resize file: {e}"))?;
+            }
+            if prealloc == "falloc" && !block_device && size > 0 {
+                let len = libc::off_t::try_from(size).map_err(|_| format!("{file}: size {size} is too large"))?;
+                nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, len)
+                    .map_err(|e| format!("{file}: Could not preallocate data for the new file: {e}"))?;
+            }
             if prealloc == "full" {
                 use std::os::unix::fs::FileExt;
                 let zeros = vec![0u8; 1 << 20];

@@ -7,11 +7,12 @@ mod create;
 mod info;
 mod json;
 mod map;
+mod measure;
 mod resize;
 mod size;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2::{Format, Image, OpenOptions};
+use qcow2::{BlockDevice, Format, Image, OpenOptions};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -148,9 +149,43 @@ enum Cmd {
         /// Input format.
         #[arg(short = 'f')]
         format: Option<String>,
-        /// Output format (raw).
+        /// Output format: raw or qcow2.
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
+        /// Options of the new image, as for create (cluster_size, compat, lazy_refcounts, extended_l2,
+        /// refcount_bits, compression_type, preallocation, data_file, data_file_raw).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Compressed output clusters (not supported yet: refused).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// The target exists (a file or a block device): do not create it.
+        #[arg(short = 'n')]
+        no_create: bool,
+        /// With -n: the target reads as zeros, so zero areas need not be written.
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
+        /// Target cache mode (none or directsync: O_DIRECT; writeback, writethrough, unsafe).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Source cache mode (none or directsync: O_DIRECT).
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
+        /// Out-of-order writes (accepted: qimg writes in order).
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        /// Parallel requests (accepted).
+        #[arg(short = 'm')]
+        parallel: Option<u32>,
+        /// Backing file of the new image (not supported yet: refused).
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Backing file format (with -B).
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
+        /// Convert an internal snapshot of the source (snapshot.name=, snapshot.id= or an ID or name).
+        #[arg(short = 'l')]
+        snapshot: Option<String>,
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
@@ -170,6 +205,38 @@ enum Cmd {
         input: String,
         /// Output file.
         output: String,
+    },
+    /// Compute the size a new image needs (qemu-img measure).
+    Measure {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Format of the new image (default raw).
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Options of the new image (cluster_size, refcount_bits, extended_l2, compat, preallocation, ...).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Measure an empty image of this size instead of a source.
+        #[arg(long)]
+        size: Option<String>,
+        /// Source format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Measure an internal snapshot of the source (snapshot.name=, snapshot.id= or an ID or name).
+        #[arg(short = 'l')]
+        snapshot: Option<String>,
+        /// Open even if another process is writing it.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The source is a set of image options.
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
+        /// The source image.
+        filename: Option<String>,
     },
     /// Compare the contents of two images (qemu-img compare).
     Compare {
@@ -233,6 +300,28 @@ pub(crate) fn spec(path: &str, fmt: Option<&str>, n: Naming) -> Result<qcow2::sp
 
 fn open(path: &str, fmt: Option<&str>, backing: bool, n: Naming) -> Result<Arc<Image>, String> {
     open_with(path, fmt, backing, n, false)
+}
+
+/// `open` of an internal snapshot (`-l`: `snapshot.name=N`, `snapshot.id=I` or an ID or name), read-only.
+fn open_snapshot(path: &str, fmt: Option<&str>, n: Naming, snapshot: Option<String>) -> Result<Arc<Image>, String> {
+    let Some(snap) = snapshot else {
+        return open(path, fmt, true, n);
+    };
+    let snap = snap
+        .split(',')
+        .find_map(|p| p.strip_prefix("snapshot.name=").or_else(|| p.strip_prefix("snapshot.id=")))
+        .map(str::to_string)
+        .unwrap_or(snap);
+    let format = fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?;
+    let o = OpenOptions {
+        format,
+        force_share: n.force_share,
+        backing_policy: policy(),
+        snapshot: Some(snap),
+        ..OpenOptions::default()
+    };
+    let spec = spec(path, fmt, n)?;
+    Image::open_spec(&spec, &o).map_err(|e| e.to_string())
 }
 
 /// `open`; `metadata_only` as qemu-img info opens images (no external data file, no guest data).
@@ -317,17 +406,113 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             map::run(&img, output == Output::Json, start, len)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Convert { format, out_format, progress, quiet, sparse, input, output, force_share, image_opts } => {
-            if out_format != "raw" {
-                return Err(format!("convert -O {out_format} is not supported (qimg converts to raw only)"));
+        Cmd::Convert {
+            format,
+            out_format,
+            options,
+            compress,
+            no_create,
+            target_is_zero,
+            cache,
+            src_cache,
+            backing,
+            snapshot,
+            progress,
+            quiet,
+            sparse,
+            input,
+            output,
+            force_share,
+            image_opts,
+            ..
+        } => {
+            if compress {
+                return Err("convert -c (compressed output) is not supported by qimg yet".into());
             }
+            if backing.is_some() {
+                return Err("convert -B (a backing file for the output) is not supported by qimg yet".into());
+            }
+            if target_is_zero && !no_create {
+                return Err("--target-is-zero requires use of -n flag".into());
+            }
+            let out_fmt = Format::parse(&out_format).map_err(|_| format!("Unknown file format '{out_format}'"))?;
+            let direct = |m: &Option<String>, what: &str| -> Result<bool, String> {
+                match m.as_deref() {
+                    None | Some("writeback" | "unsafe" | "writethrough") => Ok(false),
+                    Some("none" | "off" | "directsync") => Ok(true),
+                    Some(c) => Err(format!("Invalid {what} cache option: {c}")),
+                }
+            };
+            let (dst_direct, src_direct) = (direct(&cache, "cache")?, direct(&src_cache, "source cache")?);
             let min_sparse = match sparse {
-                Some(s) => size::parse_size(&s)? as usize,
+                Some(s) => size::parse_size(&s)?.min(1 << 20) as usize,
                 None => convert::default_sparse(),
             };
-            let img = open(&input, format.as_deref(), true, Naming { image_opts, force_share })?;
-            let min_sparse = min_sparse.min(1 << 20);
-            convert::to_raw(&img, &output, progress && !quiet, min_sparse)?;
+            let n = Naming { image_opts, force_share };
+            let img = if src_direct {
+                let o = OpenOptions {
+                    format: format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
+                    force_share,
+                    backing_policy: policy(),
+                    direct: true,
+                    ..OpenOptions::default()
+                };
+                Image::open_spec(&spec(&input, format.as_deref(), n)?, &o).map_err(|e| e.to_string())?
+            } else {
+                open_snapshot(&input, format.as_deref(), n, snapshot)?
+            };
+            // Converting an image onto itself would destroy it.
+            use std::os::unix::fs::MetadataExt;
+            let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+            if id(&output).is_some() && id(&output) == id(img.filename()) {
+                return Err(format!("Error: the source '{input}' and the target '{output}' are the same file"));
+            }
+            if !no_create {
+                create::run(&out_format, &output, Some(&img.size().to_string()), None, None, false, &options, true)?;
+            }
+            let o = OpenOptions {
+                format: Some(out_fmt),
+                writable: true,
+                open_backing: false,
+                direct: dst_direct,
+                ..OpenOptions::default()
+            };
+            let target = Image::open(&output, &o).map_err(|e| {
+                let s = e.to_string();
+                if s.starts_with("Could not open") {
+                    s
+                } else {
+                    format!("Could not open '{output}': {s}")
+                }
+            })?;
+            // qemu-img aligns its writes to the target's allocation unit: a cluster, or a subcluster with
+            // extended L2 entries (32 per cluster).
+            let align = target.qcow2().map_or(1, |q| {
+                if q.header().extended_l2() {
+                    q.cluster_size() / 32
+                } else {
+                    q.cluster_size()
+                }
+            });
+            let co = convert::Options { no_create, target_is_zero, min_sparse, progress: progress && !quiet, align };
+            convert::copy(&img, &target, &co)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Measure {
+            output, out_format, options, size, format, snapshot, force_share, image_opts, filename, ..
+        } => {
+            let t = measure::target(&out_format, &options)?;
+            let size = size.as_deref().map(size::parse_size).transpose()?;
+            let src = match (&filename, size) {
+                (Some(_), Some(_)) => return Err("--size N cannot be used together with a filename.".into()),
+                (None, None) => return Err("Either --size N or one filename must be specified.".into()),
+                (Some(f), None) => {
+                    Some(open_snapshot(f, format.as_deref(), Naming { image_opts, force_share }, snapshot)?)
+                }
+                (None, Some(_)) => None,
+            };
+            let r = measure::measure(src.as_deref(), size, &t)?;
+            measure::print(r, output == Output::Json);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Compare { format1, format2, quiet, strict, a, b, force_share, image_opts, .. } => {
