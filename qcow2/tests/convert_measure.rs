@@ -145,9 +145,54 @@ fn convert_to_raw_sparse_full_existing_and_direct() {
     let o = run(QIMG, &["convert", "-O", "raw", p(&src), p(&src)]);
     assert_eq!(o.status.code(), Some(1), "converting onto itself");
     assert!(ok("qemu-img", &["check", p(&src)]).contains("No errors"), "the source survived");
-    let o = run(QIMG, &["convert", "-c", "-O", "qcow2", p(&src), p(&d.path().join("c.qcow2"))]);
+    let o = run(QIMG, &["convert", "-c", "-O", "raw", p(&src), p(&d.path().join("c.raw"))]);
+    assert_eq!(o.status.code(), Some(1), "compression into raw");
+    let o = run(QIMG, &["convert", "-B", p(&src), "-O", "qcow2", p(&src), p(&d.path().join("b.qcow2"))]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("-c"), "refused by name");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-B"), "refused by name");
+}
+
+#[test]
+fn compressed_output_reads_like_qemu_imgs_and_is_no_larger() {
+    let d = tmpdir();
+    // Real, compressible data (program files), and the matrix's sources.
+    let real = d.path().join("real.raw");
+    let mut bytes = Vec::new();
+    for f in std::fs::read_dir("/usr/bin").unwrap().flatten().take(200) {
+        if let Ok(b) = std::fs::read(f.path()) {
+            bytes.extend_from_slice(&b);
+        }
+        if bytes.len() > 24 << 20 {
+            break;
+        }
+    }
+    bytes.truncate(24 << 20);
+    std::fs::write(&real, &bytes).unwrap();
+    let mut srcs = sources(d.path());
+    srcs.push(("real".into(), real));
+    for (name, src) in srcs {
+        for (ct, opts) in
+            [("zlib", "compression_type=zlib"), ("zstd", "compression_type=zstd"), ("4k", "cluster_size=4k")]
+        {
+            let (mine, theirs) = (d.path().join("mine.qcow2"), d.path().join("theirs.qcow2"));
+            for f in [&mine, &theirs] {
+                let _ = std::fs::remove_file(f);
+            }
+            ok(QIMG, &["convert", "-c", "-O", "qcow2", "-o", opts, p(&src), p(&mine)]);
+            ok("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", opts, p(&src), p(&theirs)]);
+            let what = format!("{name} -c {ct}");
+            assert_eq!(ok("qemu-img", &["compare", p(&mine), p(&theirs)]), "Images are identical.\n", "{what}");
+            let chk = run("qemu-img", &["check", p(&mine)]);
+            assert_eq!(chk.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&chk.stdout));
+            assert_eq!(info_fields(&mine), info_fields(&theirs), "{what}");
+            let (a, b) = (std::fs::metadata(&mine).unwrap().len(), std::fs::metadata(&theirs).unwrap().len());
+            assert!(a as f64 <= b as f64 * 1.05 + 65536.0, "{what}: {a} bytes against qemu-img's {b}");
+            // qimg reads back what it wrote, too.
+            let out = d.path().join("back.raw");
+            ok(QIMG, &["convert", "-O", "raw", p(&mine), p(&out)]);
+            ok("qemu-img", &["compare", "-F", "raw", p(&theirs), p(&out)]);
+        }
+    }
 }
 
 #[test]

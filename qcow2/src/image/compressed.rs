@@ -58,7 +58,8 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// Compresses one cluster for qemu to read: raw deflate with window bits -12 (zlib-rs backend) or zstd.
+/// Compresses one cluster for qemu to read: raw deflate with window bits -12 (zlib-rs backend) or a zstd frame
+/// (libzstd, level 3).
 /// Returns `None` if the result would not be smaller than the input.
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
     match kind {
@@ -71,7 +72,9 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
             }
         }
         CompressionType::Zstd => {
-            let out = ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest);
+            // zstd's default level (3), as qemu's `qcow2_zstd_compress` leaves it (ruzstd, which decodes, only
+            // encodes at its fastest and weakest level).
+            let out = zstd::bulk::compress(input, 0).ok()?;
             (out.len() < input.len()).then_some(out)
         }
     }

@@ -32,6 +32,9 @@ pub struct WriteState {
     /// zero writes and discards of those clusters wait on `Qcow2::writer_cv` (qemu's cluster allocation
     /// dependencies).
     busy: HashSet<u64>,
+    /// Where the next compressed cluster's bytes may go (qemu's `free_byte_offset`): inside a host cluster
+    /// already holding compressed data, which gains a reference for each cluster stored in it.
+    compressed_cursor: Option<u64>,
 }
 
 /// A host cluster chosen for one guest cluster's write, under the lock, before its data is written.
@@ -46,7 +49,7 @@ struct Reservation {
 impl WriteState {
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
-        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false, busy: HashSet::new() }
+        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false, busy: HashSet::new(), compressed_cursor: None }
     }
 
     /// Sets a cluster's refcount (repair).
@@ -435,6 +438,73 @@ impl Qcow2 {
                 st.refs.free_later(h >> cb);
             }
         }
+    }
+
+    /// Stores guest cluster `pos` (cluster-aligned) as the compressed bytes `data` (qcow2.rst, "Compressed
+    /// Clusters Descriptor"), as qemu's `qcow2_co_pwritev_compressed` does: the bytes are packed after the
+    /// previous compressed cluster (`qcow2_alloc_bytes`), spilling into the next host cluster when that is the
+    /// next one allocated; each host cluster holding part of it gains a reference. Data before mapping: the
+    /// bytes are written, then counted and published. The old mapping, if any, is released.
+    pub fn write_compressed(&self, pos: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let len = data.len() as u64;
+        if self.has_data_file() {
+            return Err(Error::unsupported("compressed clusters cannot be written to an image with a data file"));
+        }
+        if !pos.is_multiple_of(cs) || len == 0 || len >= cs || pos >= self.size() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "a compressed write is one cluster, smaller once compressed",
+            ));
+        }
+        let gc = pos >> cb;
+        let mut st = self.wait_cluster(self.lock()?, gc)?;
+        let (l1_idx, idx) = self.indices(pos);
+        let r = self.l2_for_write(&mut st, l1_idx);
+        self.note_corruption(&mut st, &r);
+        let l2 = r?;
+        let t = self.l2_table(l2)?;
+        let state = self.state_of(&t, idx);
+        drop(t);
+        self.validate(&state, pos)?;
+        // Where the bytes go: after the cursor if they fit in its cluster, or spill into the next cluster if
+        // that is the one the allocator hands out next; else at the start of a new cluster.
+        let (offset, new_clusters) = match st.compressed_cursor {
+            Some(c) if (c % cs) + len <= cs => (c, Vec::new()),
+            Some(c) => {
+                let next = st.refs.reserve(self.file.as_ref(), 1)?;
+                if next >> cb == (c >> cb) + 1 && (c % cs) + len <= 2 * cs {
+                    (c, vec![next])
+                } else {
+                    (next, vec![next])
+                }
+            }
+            None => {
+                let next = st.refs.reserve(self.file.as_ref(), 1)?;
+                (next, vec![next])
+            }
+        };
+        self.grow_file_len(&st.refs);
+        let (first, last) = (offset >> cb, (offset + len - 1) >> cb);
+        for c in first..=last {
+            self.overlap.check_data(c)?;
+        }
+        self.file.write_at(data, offset)?;
+        // Count: once for every host cluster the bytes touch (a cluster reserved just now gets its first).
+        for c in first..=last {
+            st.refs.count(self.file.as_ref(), c)?;
+        }
+        debug_assert!(new_clusters.iter().all(|&n| (first..=last).contains(&(n >> cb))));
+        let desc = table::CompressedDesc { offset, len };
+        let entry = table::encode_compressed(desc, cb);
+        self.set_entry(l2, idx, entry, 0)?;
+        self.release(&mut st, &state);
+        st.compressed_cursor = Some(offset + len).filter(|e| e % cs != 0);
+        if self.too_many_dirty() {
+            self.flush_locked(&mut st)?;
+        }
+        Ok(())
     }
 
     /// Slow path for one cluster, with the data I/O outside the writer lock: the host cluster is reserved

@@ -52,6 +52,8 @@ pub struct Options {
     /// Write whole blocks of this many bytes (the target's cluster size for qcow2, as qemu-img aligns its
     /// writes), so no new cluster is left partly a hole in the file.
     pub align: u64,
+    /// `-c`: write compressed clusters of this type (the target's cluster size is `align`).
+    pub compress: Option<qcow2::format::header::CompressionType>,
 }
 
 /// Progress as qemu-img prints it: a bar on a terminal, else qemu's "    (x.xx/100%)" lines, each ending in a
@@ -182,7 +184,10 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
                 Work::Zero(off, len) => target
                     .write_zeroes(*off, *len, true, false)
                     .map_err(|e| format!("error while writing at byte {off}: {e}")),
-                Work::Data(f) => write_ranges(target, f, zero_init),
+                Work::Data(f) => match o.compress {
+                    Some(kind) => write_compressed(target, f, kind, align, size, zero_init),
+                    None => write_ranges(target, f, zero_init),
+                },
             };
             if let Err(e) = r {
                 werr = Some(e);
@@ -207,6 +212,65 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
     result?;
     target.flush().map_err(|e| format!("error while flushing the target: {e}"))?;
     progress.finish();
+    Ok(())
+}
+
+/// `-c`: every non-zero cluster of a filled (cluster-aligned) buffer compressed, on every core, and written
+/// as a compressed cluster; one that does not shrink below a cluster is written as it is (qemu's rule). The
+/// image's last cluster, if partial, is padded with zeros first, as qemu does.
+fn write_compressed(
+    target: &Image,
+    f: &Filled,
+    kind: qcow2::format::header::CompressionType,
+    cs: u64,
+    size: u64,
+    zero_init: bool,
+) -> Result<(), String> {
+    let q = target.qcow2().ok_or("-c needs a qcow2 target")?;
+    let pieces: Vec<&[u8]> = f.buf.chunks(cs as usize).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let per = pieces.len().div_ceil(threads).max(1);
+    let compressed: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = pieces
+            .chunks(per)
+            .map(|group| {
+                s.spawn(move || {
+                    group
+                        .iter()
+                        .map(|p| {
+                            if is_zero(p) {
+                                return None;
+                            }
+                            let mut padded;
+                            let input: &[u8] = if p.len() < cs as usize {
+                                padded = p.to_vec();
+                                padded.resize(cs as usize, 0);
+                                &padded
+                            } else {
+                                p
+                            };
+                            qcow2::image::compressed::compress(kind, input).filter(|c| (c.len() as u64) < cs)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    for (i, (piece, c)) in pieces.iter().zip(compressed).enumerate() {
+        let off = f.offset + i as u64 * cs;
+        let err = |e: qcow2::Error| format!("error while writing at byte {off}: {e}");
+        if is_zero(piece) {
+            if !zero_init {
+                target.write_zeroes(off, piece.len() as u64, true, false).map_err(err)?;
+            }
+            continue;
+        }
+        match c {
+            Some(c) if off + cs <= size.div_ceil(cs) * cs => q.write_compressed(off, &c).map_err(err)?,
+            _ => target.write_at(piece, off, false).map_err(err)?,
+        }
+    }
     Ok(())
 }
 
