@@ -233,3 +233,24 @@ fn measure_prints_qemu_imgs_numbers() {
     let o = run(QIMG, &["measure", "-O", "qcow2"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn create_with_a_backing_file_needs_its_format_as_in_qemu_img_10() {
+    let d = tmpdir();
+    let base = d.path().join("base.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "1M"]);
+    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
+    let mine = run(QIMG, &["create", "-f", "qcow2", "-b", p(&base), p(&a)]);
+    let theirs = run("qemu-img", &["create", "-f", "qcow2", "-b", p(&base), p(&b)]);
+    assert_eq!((mine.status.code(), theirs.status.code()), (Some(1), Some(1)));
+    let lines = |o: &std::process::Output| {
+        let mut l: Vec<String> = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .map(|l| l.trim_start_matches("qimg: ").trim_start_matches("qemu-img: ").replace(p(&a), p(&b)))
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(lines(&mine), lines(&theirs));
+    assert!(!a.exists(), "nothing created");
+}

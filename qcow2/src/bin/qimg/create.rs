@@ -82,13 +82,20 @@ pub fn run(
         match Image::open(&full, &OpenOptions { format: bf, force_share: true, ..Default::default() }) {
             Ok(img) => {
                 if backing_fmt.is_none() {
-                    backing_fmt = Some(img.format().name().to_string());
+                    // qemu-img 10 no longer records a probed backing format: the user must say it.
+                    return Err(format!(
+                        "{file}: Backing file specified without backing format\nDetected format of {}.",
+                        img.format().name()
+                    ));
                 }
                 if size.is_none() {
                     size = Some(img.size());
                 }
             }
             Err(e) if !unsafe_backing => return Err(format!("{file}: {e}\nCould not open backing image.")),
+            Err(_) if backing_fmt.is_none() => {
+                return Err(format!("{file}: Backing file specified without backing format"));
+            }
             Err(_) => {}
         }
     }
