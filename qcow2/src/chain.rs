@@ -127,6 +127,8 @@ pub struct OpenOptions {
     pub resize: bool,
     /// Which backing and data file names from image headers are followed.
     pub backing_policy: BackingPolicy,
+    /// Never sync the files (qemu's `cache.no-flush`, `qemu-img convert`'s default `-t unsafe`).
+    pub no_flush: bool,
     /// Metadata only, as `qemu-img info` opens images (qemu's `BDRV_O_NO_IO`): the external data file is not
     /// opened (so an untrusted image can be inspected without touching the file it names) and no guest data
     /// may be read.
@@ -153,6 +155,7 @@ impl Default for OpenOptions {
             resize: false,
             backing_policy: BackingPolicy::Any,
             metadata_only: false,
+            no_flush: false,
         }
     }
 }
@@ -269,6 +272,7 @@ impl Image {
             writable,
             direct: spec.cache_direct.unwrap_or(opts.direct),
             host_device: file.host_device,
+            no_flush: opts.no_flush,
         };
         FileStorage::open_with(&file.filename, &fo)
     }

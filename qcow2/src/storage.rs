@@ -64,6 +64,9 @@ pub struct FileOptions {
     pub direct: bool,
     /// The name must be a block or character device (qemu's `host_device` driver).
     pub host_device: bool,
+    /// Never sync (qemu's `cache.no-flush=on`, the `unsafe` cache mode `qemu-img convert` uses for its
+    /// target by default): writes reach the page cache in order, and the kernel writes them back.
+    pub no_flush: bool,
 }
 
 /// A file or block device opened for positioned I/O.
@@ -74,6 +77,7 @@ pub struct FileStorage {
     /// A block device: its size comes from the device, it cannot grow, and writes past its end fail with ENOSPC.
     block_device: bool,
     direct: Option<Direct>,
+    no_flush: bool,
 }
 
 /// `O_DIRECT` state: transfers must be aligned in memory, offset and length. Unaligned requests go through an
@@ -169,7 +173,13 @@ impl FileStorage {
                 format!("'host_device' driver requires '{path}' to be either a character or block device"),
             ));
         }
-        let mut s = FileStorage { file, name: path.to_string(), block_device: ft.is_block_device(), direct: None };
+        let mut s = FileStorage {
+            file,
+            name: path.to_string(),
+            block_device: ft.is_block_device(),
+            direct: None,
+            no_flush: o.no_flush,
+        };
         if o.direct {
             s.direct = Some(Direct { align: s.probe_alignment(), rmw: RwLock::new(()) });
         }
@@ -180,7 +190,7 @@ impl FileStorage {
     pub fn from_file(file: File, name: &str) -> Self {
         use std::os::unix::fs::FileTypeExt;
         let block_device = file.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false);
-        FileStorage { file, name: name.to_string(), block_device, direct: None }
+        FileStorage { file, name: name.to_string(), block_device, direct: None, no_flush: false }
     }
 
     /// The underlying file.
@@ -353,6 +363,9 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         self.file.sync_data().map_err(|e| Error::io(format!("flush of '{}'", self.name), e))
     }
 

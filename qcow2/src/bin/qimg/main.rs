@@ -444,6 +444,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             };
             let (dst_direct, src_direct) = (direct(&cache, "cache")?, direct(&src_cache, "source cache")?);
+            // qemu-img convert's target cache mode is `unsafe` unless -t says otherwise: no syncs at all.
+            let no_flush = matches!(cache.as_deref(), None | Some("unsafe"));
             let min_sparse = match sparse {
                 Some(s) => size::parse_size(&s)?.min(1 << 20) as usize,
                 None => convert::default_sparse(),
@@ -475,6 +477,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 writable: true,
                 open_backing: false,
                 direct: dst_direct,
+                no_flush,
                 ..OpenOptions::default()
             };
             let target = Image::open(&output, &o).map_err(|e| {
