@@ -54,6 +54,9 @@ pub struct Options {
     pub align: u64,
     /// `-c`: write compressed clusters of this type (the target's cluster size is `align`).
     pub compress: Option<qcow2::format::header::CompressionType>,
+    /// `-B`: the target has a backing file; only what the source's top image holds is copied (what it leaves
+    /// to its backing chain is left to the target's), and zero areas are written as zeros, as qemu-img does.
+    pub top_only: bool,
 }
 
 /// Progress as qemu-img prints it: a bar on a terminal, else qemu's "    (x.xx/100%)" lines, each ending in a
@@ -127,7 +130,9 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
     if target.size() < size {
         return Err(format!("Error: the target ({} bytes) is smaller than the source ({size} bytes)", target.size()));
     }
-    let zero_init = !o.no_create || o.target_is_zero;
+    // A target with a backing file does not read as zeros where nothing is written.
+    let zero_init = (!o.no_create || o.target_is_zero) && !o.top_only;
+    let top_only = o.top_only;
     let mut progress = Progress::new(size, o.progress);
     const DEPTH: usize = 4;
     /// A zero run the target must be told about (not zero-initialised), or a filled buffer.
@@ -149,6 +154,11 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
             while pos < size {
                 let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
                 let mut run_end = pos + st.len.max(1).min(size - pos);
+                if top_only && (st.depth > 0 || !st.present) {
+                    // Left to the backing file, in the source as in the target.
+                    pos = run_end;
+                    continue;
+                }
                 if !st.zero || min_sparse == 0 {
                     // Whole target blocks: from the start of the block holding `pos` (a zero run before it
                     // ended inside it) to the end of the block holding the run's end.

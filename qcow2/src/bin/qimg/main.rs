@@ -177,7 +177,7 @@ enum Cmd {
         /// Parallel requests (accepted).
         #[arg(short = 'm')]
         parallel: Option<u32>,
-        /// Backing file of the new image (not supported yet: refused).
+        /// Backing file of the new image: only what the source's top image holds is copied.
         #[arg(short = 'B')]
         backing: Option<String>,
         /// Backing file format (with -B).
@@ -416,6 +416,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cache,
             src_cache,
             backing,
+            backing_fmt,
             snapshot,
             progress,
             quiet,
@@ -429,8 +430,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if compress && out_format != "qcow2" {
                 return Err(format!("Compression not supported for this file format ({out_format})"));
             }
-            if backing.is_some() {
-                return Err("convert -B (a backing file for the output) is not supported by qimg yet".into());
+            if backing.is_some() && out_format != "qcow2" {
+                return Err(format!("'{out_format}' does not support backing files"));
             }
             if target_is_zero && !no_create {
                 return Err("--target-is-zero requires use of -n flag".into());
@@ -470,12 +471,23 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 return Err(format!("Error: the source '{input}' and the target '{output}' are the same file"));
             }
             if !no_create {
-                create::run(&out_format, &output, Some(&img.size().to_string()), None, None, false, &options, true)?;
+                let size = img.size().to_string();
+                create::run(
+                    &out_format,
+                    &output,
+                    Some(&size),
+                    backing.as_deref(),
+                    backing_fmt.as_deref(),
+                    false,
+                    &options,
+                    true,
+                )?;
             }
             let o = OpenOptions {
                 format: Some(out_fmt),
                 writable: true,
-                open_backing: false,
+                // With -B the target's backing file is opened: zero writes must mask it.
+                open_backing: backing.is_some(),
                 direct: dst_direct,
                 no_flush,
                 ..OpenOptions::default()
@@ -505,6 +517,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 progress: progress && !quiet,
                 align,
                 compress,
+                top_only: backing.is_some(),
             };
             convert::copy(&img, &target, &co)?;
             Ok(ExitCode::SUCCESS)
