@@ -117,6 +117,17 @@ fn a_probed_raw_image_cannot_be_turned_into_a_qcow2_reading_host_files() {
         let w = run("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 0 512", s(&sector)), &srv.uri()]);
         let out = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
         assert!(out.contains("Operation not permitted"), "{server}: {out}");
+        // Zeros can complete a magic too: "QED\x01" is raw, zeroing its fourth byte would make it QED. NBD block
+        // sizes are advisory, so a client may send a 1-byte WRITE_ZEROES or TRIM there.
+        let w = ok("qemu-io", &["-f", "raw", "-c", "write -P 0 0 512", &srv.uri()]);
+        assert!(!w.contains("failed"), "{w}");
+        let script = "import nbd\nh.set_strict_mode(0)\nh.pwrite(b'QED\\x01', 0)\ntry:\n    h.zero(1, 3)\n    print('zero allowed')\nexcept nbd.Error as e:\n    print('zero refused', e.errnum)\ntry:\n    h.trim(1, 3)\n    print('trim done')\nexcept nbd.Error as e:\n    print('trim refused', e.errnum)\n";
+        let out = ok("nbdsh", &["-u", &srv.uri(), "-c", script]);
+        if server == QNBD {
+            // qnbd checks the zeroed bytes themselves (qemu-nbd turns the request into a whole-sector write,
+            // which its own check refuses); either way the image must still probe as raw (below).
+            assert!(out.contains("zero refused 1"), "{out}");
+        }
         // Other writes to the first sector still work.
         let w = ok("qemu-io", &["-f", "raw", "-c", "write -P 0x41 0 512", "-c", "read -P 0x41 0 512", &srv.uri()]);
         assert!(!w.contains("failed"), "{server}: {w}");

@@ -177,6 +177,9 @@ pub struct Image {
     writable: bool,
     /// A raw image whose format was probed: writes that would make it probe as another format are refused.
     probed_raw: bool,
+    /// Serialises the check and the write of requests touching the first sector of a probed raw image, so
+    /// two partial writes cannot each pass against the old sector and together form a magic.
+    probe_lock: std::sync::Mutex<()>,
     /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, else 1).
     min_block: u32,
     /// The file is open with `O_DIRECT`.
@@ -360,6 +363,7 @@ impl Image {
                     size,
                     writable,
                     probed_raw,
+                    probe_lock: Default::default(),
                     min_block,
                     direct,
                 }))
@@ -431,6 +435,7 @@ impl Image {
                     size,
                     writable,
                     probed_raw: false,
+                    probe_lock: Default::default(),
                     min_block,
                     direct,
                 }))
@@ -458,8 +463,13 @@ impl Image {
                     return Err(Error::unsupported(format!("data file '{name}' uses a protocol qnbd cannot open")));
                 }
                 // qemu opens the data file name as written (relative to the working directory), unlike
-                // backing file names.
-                Some(crate::spec::FileSpec { filename: name.clone(), ..Default::default() })
+                // backing file names; under a backing policy it is confined to the image's folder.
+                let filename = if opts.backing_policy == BackingPolicy::Any {
+                    name.clone()
+                } else {
+                    resolve_relative(&spec.file.filename, name)
+                };
+                Some(crate::spec::FileSpec { filename, ..Default::default() })
             }
             (None, None) => None,
         };
@@ -522,6 +532,7 @@ impl Image {
             size,
             writable,
             probed_raw: false,
+            probe_lock: Default::default(),
             min_block: 1,
             direct: false,
         }))
@@ -769,6 +780,7 @@ impl BlockDevice for Image {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
+        let _first_sector = self.probed_first_sector(offset)?;
         self.check_probed_write(buf, offset)?;
         match &self.layer {
             Layer::Raw(s) => s.write_at(buf, offset)?,
@@ -793,6 +805,9 @@ impl BlockDevice for Image {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
         self.check_writable(offset, len)?;
+        // Zeros can complete a magic too ("QED\0"): the first sector is checked as for a write.
+        let _first_sector = self.probed_first_sector(offset)?;
+        self.check_probed_zeroes(offset, len)?;
         match &self.layer {
             Layer::Raw(s) => s.write_zeroes(offset, len, may_unmap)?,
             Layer::Qcow2(q) => {
@@ -815,6 +830,8 @@ impl BlockDevice for Image {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
+        let _first_sector = self.probed_first_sector(offset)?;
+        self.check_probed_zeroes(offset, len)?;
         match &self.layer {
             Layer::Raw(s) => s.write_zeroes(offset, len, true),
             Layer::Qcow2(q) => q.discard(offset, len, self.backing.is_some()),
@@ -862,6 +879,24 @@ impl Image {
             Detected::Qcow2 => Err(self.probe_refusal("qcow2")),
             Detected::Other(name) => Err(self.probe_refusal(name)),
         }
+    }
+
+    /// The lock for a request on the first sector of a probed raw image (`None` for anything else).
+    fn probed_first_sector(&self, offset: u64) -> Result<Option<std::sync::MutexGuard<'_, ()>>> {
+        if !self.probed_raw || offset >= crate::format::probe::PROBE_BYTES as u64 {
+            return Ok(None);
+        }
+        self.probe_lock.lock().map(Some).map_err(|_| Error::new(ErrorKind::Io, "probe lock poisoned"))
+    }
+
+    /// [`Image::check_probed_write`] for zeroing `[offset, offset + len)` (write-zeroes and discard).
+    fn check_probed_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let limit = crate::format::probe::PROBE_BYTES as u64;
+        if !self.probed_raw || offset >= limit || len == 0 {
+            return Ok(());
+        }
+        let n = len.min(limit - offset) as usize;
+        self.check_probed_write(&vec![0u8; n], offset)
     }
 
     fn probe_refusal(&self, name: &str) -> Error {

@@ -198,10 +198,14 @@ impl FileStorage {
         &self.file
     }
 
-    /// The smallest transfer `O_DIRECT` accepts here, as qemu's `raw_probe_alignment` finds it: 512 if an
-    /// aligned 512-byte read works, else 4096.
+    /// The smallest transfer `O_DIRECT` accepts here, as qemu's `raw_probe_alignment` finds it: if even a
+    /// 1-byte read works the file system does not say (an empty file, a hole), so 4096, which is always safe;
+    /// else 512 if an aligned 512-byte read works, else 4096.
     fn probe_alignment(&self) -> u64 {
         let mut b = Bounce::new(BOUNCE_ALIGN);
+        if self.file.read_at(&mut b.bytes()[..1], 0).is_ok() {
+            return 4096;
+        }
         match self.file.read_at(&mut b.bytes()[..512], 0) {
             Ok(_) => 512,
             Err(_) => 4096,
@@ -241,6 +245,14 @@ impl FileStorage {
         loop {
             match self.file.read_at(buf, offset) {
                 Ok(n) => {
+                    // Short only at the end of the file; short before it (a network file system), the rest
+                    // cannot be read aligned: an error, never zeros.
+                    if n < buf.len() && offset.saturating_add(n as u64) < self.len()? {
+                        return Err(Error::io(
+                            format!("short O_DIRECT read of '{}' at {offset}", self.name),
+                            std::io::Error::from_raw_os_error(libc::EIO),
+                        ));
+                    }
                     buf[n..].fill(0);
                     return Ok(());
                 }
@@ -375,6 +387,11 @@ impl Storage for FileStorage {
         if punch && end <= file_len {
             use nix::fcntl::{fallocate, FallocateFlags};
             let (o, l) = (libc::off_t::try_from(offset), libc::off_t::try_from(len));
+            // With O_DIRECT a read-modify-write of a partial block must not run across the punch.
+            let _rmw = match &self.direct {
+                Some(d) => Some(d.rmw.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?),
+                None => None,
+            };
             if let (Ok(o), Ok(l)) = (o, l) {
                 let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
                 if fallocate(&self.file, flags, o, l).is_ok() {

@@ -291,3 +291,27 @@ fn create_with_a_backing_file_needs_its_format_as_in_qemu_img_10() {
     assert_eq!(lines(&mine), lines(&theirs));
     assert!(!a.exists(), "nothing created");
 }
+
+#[test]
+fn fully_allocated_qcow2_output_keeps_data_next_to_holes_inside_a_cluster() {
+    // -S 0 into 64 KiB clusters: a zero run that ends inside a cluster must not swallow the data after it.
+    let d = tmpdir();
+    let src = d.path().join("s.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&src), "1M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 4k 60k", "-c", "write -P 0x6b 200k 4k", p(&src)]);
+    for (fmt, opts) in [("qcow2", ""), ("qcow2", "extended_l2=on,cluster_size=128k"), ("raw", "")] {
+        let out = d.path().join(format!("o.{fmt}"));
+        let _ = std::fs::remove_file(&out);
+        let mut a = vec!["convert", "-f", "raw", "-S", "0", "-O", fmt];
+        if !opts.is_empty() {
+            a.extend(["-o", opts]);
+        }
+        a.extend([p(&src), p(&out)]);
+        ok(QIMG, &a);
+        assert_eq!(
+            ok("qemu-img", &["compare", "-f", "raw", "-F", fmt, p(&src), p(&out)]),
+            "Images are identical.\n",
+            "{fmt} {opts}"
+        );
+    }
+}

@@ -181,3 +181,33 @@ fn backing_policy_refuses_names_that_leave_the_image_folder() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("data file"), "{o:?}");
     assert!(run(QIMG, &["map", p(&df)]).status.success());
 }
+
+#[test]
+fn backing_policy_confines_a_relative_data_file_to_the_image_folder() {
+    let d = tmpdir();
+    let sub = d.path().join("imgs");
+    std::fs::create_dir(&sub).unwrap();
+    let img = sub.join("df.qcow2");
+    // qemu-img writes the name as given; run it inside the folder so the name is relative.
+    let o = std::process::Command::new("qemu-img")
+        .current_dir(&sub)
+        .args(["create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "df.qcow2", "1M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    // qemu opens a data file name relative to the working directory: write from inside the folder.
+    let o = std::process::Command::new("qemu-io")
+        .current_dir(&sub)
+        .args(["-f", "qcow2", "-c", "write -P 0x42 0 4k", "df.qcow2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    // From another folder: under `relative` the name is taken inside the image's folder, never elsewhere.
+    let o = std::process::Command::new(QIMG)
+        .current_dir(d.path())
+        .args(["convert", "--backing-policy=relative", "-O", "raw", p(&img), p(&d.path().join("out.raw"))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&std::fs::read(d.path().join("out.raw")).unwrap()[..4096], &[0x42; 4096][..]);
+}

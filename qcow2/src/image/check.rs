@@ -341,11 +341,15 @@ impl Qcow2 {
         if all {
             // qemu's order (qcow2-refcount.c: compare_refcounts, then check_oflag_copied): COPIED flags are
             // judged by the refcounts as repaired, so look again once those are written.
+            // check() reads the refcount table the header named at open: if the repair moved it, judge by
+            // the first report instead (qemu-img check -r all runs again for anything left).
+            let moved = st.refcount_table_moved();
             self.flush_locked(&mut st)?;
             drop(st);
-            let again = self.check()?;
+            let again = if moved { None } else { Some(self.check()?) };
             st = w.lock().map_err(|_| Error::new(ErrorKind::Io, "writer lock poisoned"))?;
-            for &(l2, idx, set) in &again.copied_fixes {
+            let fixes = again.as_ref().map_or(&report.copied_fixes, |r| &r.copied_fixes);
+            for &(l2, idx, set) in fixes {
                 if l2 == u64::MAX {
                     let mut l1 = self.l1.write().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?;
                     if let Some(e) = l1.get_mut(idx) {

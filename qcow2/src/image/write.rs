@@ -57,6 +57,11 @@ impl WriteState {
         self.refs.set_value(file, c, v)
     }
 
+    /// Whether the refcount table moved since the last commit.
+    pub fn refcount_table_moved(&self) -> bool {
+        self.refs.table_moved
+    }
+
     /// L1 entry `idx` changed (repair).
     pub fn mark_l1_dirty(&mut self, idx: usize) {
         self.l1_dirty.insert(idx);

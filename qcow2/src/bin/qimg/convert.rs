@@ -154,6 +154,7 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
             while pos < size {
                 let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
                 let mut run_end = pos + st.len.max(1).min(size - pos);
+                let status_end = run_end;
                 if top_only && (st.depth > 0 || !st.present) {
                     // Left to the backing file, in the source as in the target.
                     pos = run_end;
@@ -170,7 +171,9 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
                         };
                         let n = (run_end - p).min(CHUNK) as usize;
                         buf.resize(n, 0);
-                        if st.zero && p >= pos {
+                        // Known zeros only inside the zero run itself: the rounding to whole target blocks
+                        // reaches into the neighbouring runs, which are read.
+                        if st.zero && p >= pos && p + n as u64 <= status_end {
                             buf.fill(0);
                         } else {
                             img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
@@ -265,8 +268,12 @@ fn write_compressed(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    });
+        let mut all = Vec::with_capacity(pieces.len());
+        for h in handles {
+            all.extend(h.join().map_err(|_| "a compression thread failed".to_string())?);
+        }
+        Ok::<_, String>(all)
+    })?;
     for (i, (piece, c)) in pieces.iter().zip(compressed).enumerate() {
         let off = f.offset + i as u64 * cs;
         let err = |e: qcow2::Error| format!("error while writing at byte {off}: {e}");

@@ -510,8 +510,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             });
             let compress = if compress { target.qcow2().map(|q| q.header().compression_type) } else { None };
+            // A block device keeps its old contents: it does not read as zeros after "create".
+            let block_device = {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(&output).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+            };
             let co = convert::Options {
-                no_create,
+                no_create: no_create || block_device,
                 target_is_zero,
                 min_sparse,
                 progress: progress && !quiet,
