@@ -18,6 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::MutexGuard;
 
+/// Most whole clusters one batched allocating write reserves at once.
+const MAX_RUN_CLUSTERS: usize = 64;
+
 /// Most bytes of dirty L2 tables kept before a metadata flush is forced.
 const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
 
@@ -331,6 +334,18 @@ impl Qcow2 {
                     let host = s.host.unwrap_or(0) + in_cluster;
                     self.data.write_at(chunk, host)?;
                 }
+                // Two or more whole clusters to allocate: reserved together, written with one write per
+                // contiguous run of host clusters, published together.
+                _ if in_cluster == 0 && buf.len() - done >= 2 * cs as usize && !self.has_data_file() => {
+                    let whole = ((buf.len() - done) / cs as usize).min(MAX_RUN_CLUSTERS) * cs as usize;
+                    let n = self.write_run_unlocked(&buf[done..done + whole], pos)?;
+                    if n == 0 {
+                        self.write_cluster_unlocked(chunk, pos, backing)?;
+                    } else {
+                        done += n;
+                        continue;
+                    }
+                }
                 _ => self.write_cluster_unlocked(chunk, pos, backing)?,
             }
             done += n;
@@ -510,6 +525,72 @@ impl Qcow2 {
             self.flush_locked(&mut st)?;
         }
         Ok(())
+    }
+
+    /// [`Qcow2::write_cluster_unlocked`] for a run of whole clusters (`buf` is whole clusters from the
+    /// cluster-aligned `pos`): every cluster is reserved under one lock (and marked busy), the guest's bytes are
+    /// written without it, one write per contiguous run of host clusters (a whole-cluster write needs no
+    /// copy-on-write and no zero fill), and every mapping is published under the lock again: data before
+    /// mapping, as for one cluster. Stops at the first busy cluster; returns the bytes handled (0: none, the
+    /// caller takes the one-cluster path).
+    fn write_run_unlocked(&self, buf: &[u8], pos: u64) -> Result<usize> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let mut st = self.lock()?;
+        let mut res: Vec<(Reservation, u64)> = Vec::new();
+        for (i, _) in buf.chunks_exact(cs as usize).enumerate() {
+            let p = pos + i as u64 * cs;
+            if st.busy.contains(&(p >> cb)) {
+                break;
+            }
+            let r = self.reserve(&mut st, p);
+            self.note_corruption(&mut st, &r);
+            match r {
+                Ok(r) => res.push((r, p)),
+                Err(e) if res.is_empty() => return Err(e),
+                // Publish what was reserved; the caller meets the error again on the next cluster.
+                Err(_) => break,
+            }
+        }
+        for (_, p) in &res {
+            st.busy.insert(p >> cb);
+        }
+        drop(st);
+        // One write per run of clusters that are contiguous both in the guest and on the host.
+        let mut results: Vec<Result<()>> = Vec::with_capacity(res.len());
+        let mut i = 0;
+        while i < res.len() {
+            let mut j = i + 1;
+            while j < res.len() && res[j].0.target == res[j - 1].0.target + cs {
+                j += 1;
+            }
+            let (a, b) = ((i as u64 * cs) as usize, (j as u64 * cs) as usize);
+            let r = self.data.write_at(&buf[a..b], res[i].0.target);
+            for _ in i..j {
+                results.push(r.as_ref().map(|_| ()).map_err(|e| Error::new(e.kind(), e.to_string())));
+            }
+            i = j;
+        }
+        let mut st = self.lock_any()?;
+        for (_, p) in &res {
+            st.busy.remove(&(p >> cb));
+        }
+        self.writer_cv.notify_all();
+        let mut first_err = None;
+        for ((r, p), filled) in res.iter().zip(results) {
+            let out = self.finish(&mut st, r, cs as usize, *p, filled);
+            self.note_corruption(&mut st, &out);
+            if let Err(e) = out {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if self.too_many_dirty() {
+            self.flush_locked(&mut st)?;
+        }
+        Ok(res.len() * cs as usize)
     }
 
     /// Slow path for one cluster, with the data I/O outside the writer lock: the host cluster is reserved
