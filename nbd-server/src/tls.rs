@@ -23,23 +23,8 @@ pub struct Object {
 impl Object {
     /// Parses `type,key=value,...`.
     pub fn parse(spec: &str) -> crate::error::Result<Object> {
-        let mut parts = Vec::new();
-        let mut cur = String::new();
-        let mut chars = spec.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    parts.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        parts.push(cur);
-        let mut it = parts.into_iter();
+        // qemu's option syntax: the one splitter, shared with image names.
+        let mut it = qcow2::spec::split_commas(spec).into_iter();
         let kind = it.next().unwrap_or_default();
         let kind = kind.strip_prefix("qom-type=").map(str::to_string).unwrap_or(kind);
         if kind.is_empty() || kind.contains('=') {
@@ -68,11 +53,7 @@ impl Object {
 
 /// qemu's boolean property values.
 pub fn parse_bool(v: &str) -> crate::error::Result<bool> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(Error::Tls(format!("'{v}' is not on/off"))),
-    }
+    qcow2::spec::parse_bool("", v).map_err(|_| Error::Tls(format!("'{v}' is not on/off")))
 }
 
 /// Where a server's certificate, key and (optional) CA come from.

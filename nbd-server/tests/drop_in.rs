@@ -21,21 +21,9 @@ impl Served {
 }
 
 fn serve(prog: &str, sock: &Path, args: &[&str]) -> Served {
-    let mut a = vec!["-k", s(sock)];
-    a.extend_from_slice(args);
-    let mut c = Srv(Command::new(prog).args(&a).stderr(Stdio::piped()).spawn().unwrap());
-    let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        if let Ok(Some(st)) = c.try_wait() {
-            let mut e = String::new();
-            use std::io::Read;
-            let _ = c.0.stderr.take().map(|mut x| x.read_to_string(&mut e));
-            panic!("{prog} {a:?}: exited {st}: {e}");
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "{prog} {a:?} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Served { _srv: c, sock: sock.to_path_buf() }
+    let mut c = Command::new(prog);
+    c.arg("-k").arg(sock).args(args);
+    Served { _srv: spawn_listening(c, sock), sock: sock.to_path_buf() }
 }
 
 /// What follows the program name in an error (`qemu-img: MESSAGE`).

@@ -54,26 +54,9 @@ fn serve(prog: &str, dir: &Path, args: &[&str]) -> Running {
     let d = s(dir).to_string();
     let args: Vec<String> =
         args.iter().map(|a| a.replace("SOCK", s(&sock)).replace("PIDFILE", s(&pid)).replace("DIR", &d)).collect();
-    let child = Command::new(prog)
-        .args(&args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    let mut srv = Srv(child);
-    let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if let Ok(Some(st)) = srv.try_wait() {
-            let mut err = String::new();
-            use std::io::Read;
-            let _ = srv.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
-            panic!("{prog} {args:?} exited ({st}): {err}");
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "{prog} {args:?} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Running { srv, sock }
+    let mut c = Command::new(prog);
+    c.args(&args).current_dir(dir).stdout(Stdio::null());
+    Running { srv: spawn_listening(c, &sock), sock }
 }
 
 /// What a client sees of an export: size, read-only, and a digest of every byte (through qemu-img convert).

@@ -106,3 +106,23 @@ pub fn wait_gone(needle: &str) {
         })
     });
 }
+
+/// Spawns `cmd` (its standard error captured) and waits, bounded, until it listens on the unix socket `sock`;
+/// a server that exits first fails the test with its error output.
+pub fn spawn_listening(mut cmd: std::process::Command, sock: &Path) -> Srv {
+    let what = format!("{cmd:?}");
+    let child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut srv = Srv(child);
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = srv.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = srv.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("{what} exited ({st}): {err}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    srv
+}

@@ -490,20 +490,17 @@ impl Qcow2 {
         self.validate(&state, pos)?;
         // Where the bytes go: after the cursor if they fit in its cluster, or spill into the next cluster if
         // that is the one the allocator hands out next; else at the start of a new cluster.
-        let (offset, new_clusters) = match st.compressed_cursor {
-            Some(c) if (c % cs) + len <= cs => (c, Vec::new()),
+        let offset = match st.compressed_cursor {
+            Some(c) if (c % cs) + len <= cs => c,
             Some(c) => {
                 let next = st.refs.reserve(self.file.as_ref(), 1)?;
-                if next >> cb == (c >> cb) + 1 && (c % cs) + len <= 2 * cs {
-                    (c, vec![next])
+                if next >> cb == (c >> cb) + 1 {
+                    c
                 } else {
-                    (next, vec![next])
+                    next
                 }
             }
-            None => {
-                let next = st.refs.reserve(self.file.as_ref(), 1)?;
-                (next, vec![next])
-            }
+            None => st.refs.reserve(self.file.as_ref(), 1)?,
         };
         self.grow_file_len(&st.refs);
         let (first, last) = (offset >> cb, (offset + len - 1) >> cb);
@@ -515,7 +512,6 @@ impl Qcow2 {
         for c in first..=last {
             st.refs.count(self.file.as_ref(), c)?;
         }
-        debug_assert!(new_clusters.iter().all(|&n| (first..=last).contains(&(n >> cb))));
         let desc = table::CompressedDesc { offset, len };
         let entry = table::encode_compressed(desc, cb);
         self.set_entry(l2, idx, entry, 0)?;

@@ -112,11 +112,12 @@ fn bitmaps_size(src: &Image, cs: u64) -> Result<u64, String> {
         let granularity = 1u64.checked_shl(u32::from(b.granularity_bits)).unwrap_or(u64::MAX);
         let bytes = src.size().div_ceil(granularity).div_ceil(8);
         let clusters = bytes.div_ceil(cs);
-        total += clusters * cs;
-        total += (clusters * 8).div_ceil(cs) * cs;
-        dir += qcow2::format::bitmap::entry_size(b.name.len());
+        // Sizes come from the image: saturate rather than wrap on a hostile directory.
+        total = total.saturating_add(clusters.saturating_mul(cs));
+        total = total.saturating_add(clusters.saturating_mul(8).div_ceil(cs).saturating_mul(cs));
+        dir = dir.saturating_add(qcow2::format::bitmap::entry_size(b.name.len()));
     }
-    Ok(total + dir.div_ceil(cs) * cs)
+    Ok(total.saturating_add(dir.div_ceil(cs).saturating_mul(cs)))
 }
 
 /// The numbers qemu-img prints: (required, fully allocated, bitmaps when both sides support them).
