@@ -42,7 +42,9 @@ fn serve(bin: &str, dir: &Path, tag: &str, args: &[&str], tcp: bool) -> Srv {
     let t = Instant::now();
     loop {
         let up = if tcp {
-            std::net::TcpStream::connect(srv.uri.trim_start_matches("nbd://")).is_ok()
+            // Not a self-connection (an ephemeral local port equal to the server's, before it listens).
+            std::net::TcpStream::connect(srv.uri.trim_start_matches("nbd://"))
+                .is_ok_and(|c| c.local_addr().ok() != c.peer_addr().ok())
         } else {
             sock.exists()
         };

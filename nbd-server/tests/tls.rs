@@ -147,8 +147,10 @@ fn free_port() -> u16 {
 }
 
 fn wait_port(port: u16) {
+    // A connect to a port in the ephemeral range can pick that very port as its own and connect to itself
+    // (TCP simultaneous open) before the server listens: that is not the server.
     wait_until("the TCP listener", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|c| c.local_addr().ok() != c.peer_addr().ok())
     });
 }
 
