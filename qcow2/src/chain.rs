@@ -451,8 +451,27 @@ impl Image {
         o: &Qcow2Options,
     ) -> Result<Qcow2> {
         // The external data file name comes from the header; read it first.
-        let mut first = vec![0u8; storage.len()?.min(limits::MAX_HEADER_BYTES) as usize];
-        storage.read_at(&mut first, 0)?;
+        // Cluster 0 holds the header and its extensions: read the cluster size first (bytes 20-23), then that
+        // cluster only, not the most a header may span (reading past what is needed also pulls a preallocated
+        // file's unwritten extents into the page cache, where they turn into data for SEEK_DATA).
+        let len = storage.len()?;
+        let mut head = vec![0u8; len.min(4096) as usize];
+        storage.read_at(&mut head, 0)?;
+        let cluster = head
+            .get(20..24)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+            .filter(|b| (9..=21).contains(b))
+            .map_or(limits::MAX_HEADER_BYTES, |b| 1u64 << b);
+        let want = len.min(cluster).min(limits::MAX_HEADER_BYTES) as usize;
+        let first = if want <= head.len() {
+            head.truncate(want);
+            head
+        } else {
+            let mut b = vec![0u8; want];
+            storage.read_at(&mut b, 0)?;
+            b
+        };
         let h = header::Header::parse(&first)?;
         let data_spec = match (&spec.data_file, &h.data_file) {
             (Some(d), _) => Some(d.clone()),

@@ -26,6 +26,16 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// Zeroes a range, deallocating it if `punch` and the storage can.
     fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()>;
+    /// Reserves space for a range (`fallocate`), keeping what it holds and growing the storage to cover it;
+    /// storage that cannot reserve writes zeros past its end instead.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let cur = self.len()?;
+        let end = offset.saturating_add(len);
+        if end > cur {
+            self.write_zeroes(cur.max(offset), end - cur.max(offset), false)?;
+        }
+        Ok(())
+    }
     /// Whether `[offset, offset+len)` starts with data (true) or a hole (false), and how long that run is.
     /// Storage without hole information reports data.
     fn extent(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
@@ -379,6 +389,27 @@ impl Storage for FileStorage {
             return Ok(());
         }
         self.file.sync_data().map_err(|e| Error::io(format!("flush of '{}'", self.name), e))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (o, l) = (libc::off_t::try_from(offset), libc::off_t::try_from(len));
+        let (Ok(o), Ok(l)) = (o, l) else {
+            return Err(Error::new(crate::ErrorKind::InvalidArgument, "range too large to reserve"));
+        };
+        match fallocate(&self.file, FallocateFlags::empty(), o, l) {
+            Ok(()) => Ok(()),
+            // File systems without fallocate: zeros past the end, as the default does.
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let cur = self.len()?;
+                let end = offset.saturating_add(len);
+                if end > cur {
+                    self.write_zeroes(cur.max(offset), end - cur.max(offset), false)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::io(format!("preallocation of '{}'", self.name), std::io::Error::from(e))),
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {

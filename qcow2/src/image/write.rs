@@ -1126,39 +1126,62 @@ pub enum Prealloc {
 impl Qcow2 {
     /// Allocates a host cluster for every guest cluster, in order, as qemu's preallocation does.
     pub fn preallocate(&self, mode: Prealloc) -> Result<()> {
+        self.preallocate_range(0, self.size(), mode)
+    }
+
+    /// Allocates a host cluster for every unmapped guest cluster touching `[start, end)` (`qimg create -o
+    /// preallocation=` and, with `grown`, `qimg resize --preallocation=` over the new area). Clusters already
+    /// mapped are left alone; with a backing file, a cluster that also holds bytes before `start` is left to
+    /// the backing file.
+    ///
+    /// Nothing stale becomes visible: a new host cluster is past the old end of the file (a hole, read as
+    /// zeros; qemu maps it the same way), or it reuses freed space and is written with zeros before its
+    /// mapping is published.
+    pub fn preallocate_range(&self, start: u64, end: u64, mode: Prealloc) -> Result<()> {
         let mut st = self.lock()?;
         let cs = self.cluster_size();
-        let size = self.size();
-        let mut pos = 0u64;
-        while pos < size {
+        let end = end.min(self.size());
+        let old_file_len = self.data.len()?;
+        let has_backing = self.header.backing_file_offset != 0;
+        let mut allocated: Vec<u64> = Vec::new();
+        let mut pos = start - start % cs;
+        while pos < end {
             let (l1_idx, idx) = self.indices(pos);
             let l2 = self.l2_for_write(&mut st, l1_idx)?;
             let t = self.l2_table(l2)?;
             let s = self.state_of(&t, idx);
             drop(t);
-            if s.host.is_none() && s.compressed.is_none() {
+            let shared_with_backing = has_backing && pos < start;
+            if s.host.is_none() && s.compressed.is_none() && !shared_with_backing {
                 let host = self.alloc_data(&mut st, pos)?;
+                // Data before the mapping that publishes it: a reused cluster, or full mode, gets its zeros now.
+                let stale = host < old_file_len;
+                if mode == Prealloc::Full || stale {
+                    self.data.write_zeroes(host, cs, false)?;
+                }
                 self.set_mapping(l2, idx, Some(host), self.all_bits(), 0)?;
+                allocated.push(host);
             }
             if self.too_many_dirty() {
                 self.flush_locked(&mut st)?;
             }
             pos += cs;
         }
-        let end = st.refs.end_cluster << self.cluster_bits;
-        let data_end = if self.has_data_file() { size.div_ceil(cs) * cs } else { end };
-        match mode {
-            Prealloc::Metadata => {
-                if self.data.len()? < data_end {
-                    self.data.set_len(data_end)?;
-                }
+        let file_end = st.refs.end_cluster << self.cluster_bits;
+        let data_end = if self.has_data_file() { self.size().div_ceil(cs) * cs } else { file_end };
+        let len = self.data.len()?;
+        if len < data_end {
+            match mode {
+                Prealloc::Metadata => self.data.set_len(data_end)?,
+                // Reserved (falloc) or written with zeros (full) up to the new end.
+                Prealloc::Falloc => self.data.allocate(len, data_end - len)?,
+                Prealloc::Full => self.data.write_zeroes(len, data_end - len, false)?,
             }
-            Prealloc::Falloc | Prealloc::Full => {
-                let len = self.data.len()?;
-                if len < data_end {
-                    // Zeros written (full) or reserved (falloc: write_zeroes without punching).
-                    self.data.write_zeroes(len, data_end - len, false)?;
-                }
+        }
+        if mode == Prealloc::Falloc {
+            // New clusters inside the old file (reused space) are reserved too.
+            for h in allocated.into_iter().filter(|&h| h < len) {
+                self.data.allocate(h, cs)?;
             }
         }
         self.flush_locked(&mut st)

@@ -15,7 +15,15 @@ fn first_nonzero(a: &[u8]) -> Option<u64> {
 }
 
 /// Compares; Ok(true) when identical, Ok(false) with the message printed when not.
-pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool) -> Result<bool, String> {
+/// With `progress`, qemu-img's progress lines come first and a newline ends the output.
+pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool, progress: bool) -> Result<bool, String> {
+    let mut bar = crate::convert::Progress::new(a.size().max(b.size()), progress);
+    let r = compare(a, b, quiet, strict, &mut bar);
+    bar.end();
+    r
+}
+
+fn compare(a: &Image, b: &Image, quiet: bool, strict: bool, bar: &mut crate::convert::Progress) -> Result<bool, String> {
     let (sa, sb) = (a.size(), b.size());
     let common = sa.min(sb);
     if strict && sa != sb {
@@ -53,6 +61,7 @@ pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool) -> Result<bool, Stri
             }
         }
         pos += n;
+        bar.set(pos);
     }
     if sa != sb && !quiet {
         println!("Warning: Image size mismatch!");
@@ -69,6 +78,7 @@ pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool) -> Result<bool, Stri
             }
         }
         pos += st.len;
+        bar.set(pos);
     }
     if !quiet {
         println!("Images are identical.");

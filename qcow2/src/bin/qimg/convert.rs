@@ -2,7 +2,242 @@
 //! or qcow2 image, through the same writer and metadata commit qnbd uses.
 
 use qcow2::util::is_zero;
-use qcow2::{BlockDevice, Image};
+use qcow2::{BlockDevice, Image, Status};
+use qcow2::{Format, OpenOptions};
+use std::sync::Arc;
+
+/// `qimg convert`'s command line (qemu-img convert's options, short and long).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input format.
+    #[arg(short = 'f', long = "source-format")]
+    pub format: Option<String>,
+    /// Output format: raw or qcow2.
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
+    pub out_format: String,
+    /// Options of the new image, as for create (cluster_size, compat, lazy_refcounts, extended_l2,
+    /// refcount_bits, compression_type, preallocation, data_file, data_file_raw).
+    #[arg(short = 'o', long = "target-options")]
+    pub options: Vec<String>,
+    /// Compressed output clusters (deflate, or zstd with -o compression_type=zstd), compressed on every core.
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// The target exists (a file or a block device): do not create it.
+    #[arg(short = 'n', long = "no-create")]
+    pub no_create: bool,
+    /// With -n: the target reads as zeros, so zero areas need not be written.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Target cache mode (none or directsync: O_DIRECT; writeback, writethrough, unsafe).
+    #[arg(short = 't', long = "target-cache")]
+    pub cache: Option<String>,
+    /// Source cache mode (none or directsync: O_DIRECT).
+    #[arg(short = 'T', long = "source-cache")]
+    pub src_cache: Option<String>,
+    /// Out-of-order writes (accepted: qimg writes in order).
+    #[arg(short = 'W', long = "oob-writes")]
+    pub out_of_order: bool,
+    /// Parallel requests (accepted; 1 to 64).
+    #[arg(short = 'm', long = "parallel")]
+    pub parallel: Option<String>,
+    /// Copy offloading (accepted: qimg copies through its own buffers).
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
+    /// Write at most this many bytes per second (suffixes k, M, G).
+    #[arg(short = 'r', long = "rate")]
+    pub rate: Option<String>,
+    /// Copy unreadable sectors as zeros, with a warning for each.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// Backing file of the new image: only what the source's top image holds is copied.
+    #[arg(short = 'B', long = "backing")]
+    pub backing: Option<String>,
+    /// Backing file format (with -B).
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_fmt: Option<String>,
+    /// Convert an internal snapshot of the source (snapshot.name=, snapshot.id= or an ID or name).
+    #[arg(short = 'l', long = "source-snapshot")]
+    pub snapshot: Option<String>,
+    /// Convert an internal snapshot given by ID or name (older qemu-img's -s).
+    #[arg(short = 's')]
+    pub old_snapshot: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Sparse granularity (bytes of zeros before a hole is made; 0 writes everything).
+    #[arg(short = 'S', long = "sparse-size")]
+    pub sparse: Option<String>,
+    /// Open even if another process is writing it (no lock that stops a writer).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Source names are sets of image options (`driver=qcow2,file.filename=...`).
+    #[arg(long = "image-opts", visible_alias = "source-image-opts")]
+    pub image_opts: bool,
+    /// The target name is a set of image options (needs -n).
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
+    /// Objects (accepted: secrets are not used by qimg).
+    #[arg(long = "object")]
+    pub object: Vec<String>,
+    /// Input images (several are concatenated), then the output.
+    #[arg(required = true, num_args = 2..)]
+    pub files: Vec<String>,
+}
+
+/// Runs `qimg convert`.
+pub fn run(a: Args) -> Result<(), String> {
+    let (output, inputs) = a.files.split_last().ok_or("Expecting image file name")?;
+    let output = output.clone();
+    if a.compress && a.out_format != "qcow2" {
+        return Err(format!("Compression not supported for this file format ({})", a.out_format));
+    }
+    if a.backing.is_some() && a.out_format != "qcow2" {
+        return Err(format!("'{}' does not support backing files", a.out_format));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err("--target-image-opts requires use of -n flag".into());
+    }
+    if a.salvage && a.copy_range {
+        return Err("Cannot use copy offloading in salvaging mode".into());
+    }
+    let snapshot = a.snapshot.clone().or(a.old_snapshot.clone());
+    if inputs.len() > 1 && snapshot.is_some() {
+        return Err("No support for concatenating multiple snapshot".into());
+    }
+    if inputs.len() > 1 && a.backing.is_some() {
+        return Err(
+            "Having a backing file for the target makes no sense when concatenating multiple input images".into()
+        );
+    }
+    if let Some(m) = &a.parallel {
+        if !matches!(m.parse::<u32>(), Ok(1..=64)) {
+            return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 64".into());
+        }
+    }
+    let rate = a
+        .rate
+        .as_deref()
+        .map(|r| crate::size::parse_size(r).map_err(|_| format!("Invalid rate limit specified: {r}")))
+        .transpose()?;
+    let out_fmt = Format::parse(&a.out_format).map_err(|_| format!("Unknown file format '{}'", a.out_format))?;
+    let direct = |m: &Option<String>, what: &str| -> Result<bool, String> {
+        match m.as_deref() {
+            None | Some("writeback" | "unsafe" | "writethrough") => Ok(false),
+            Some("none" | "off" | "directsync") => Ok(true),
+            Some(c) => Err(format!("Invalid {what} cache option: {c}")),
+        }
+    };
+    let (dst_direct, src_direct) = (direct(&a.cache, "cache")?, direct(&a.src_cache, "source cache")?);
+    // qemu-img convert's target cache mode is `unsafe` unless -t says otherwise: no syncs at all.
+    let no_flush = matches!(a.cache.as_deref(), None | Some("unsafe"));
+    let min_sparse = match &a.sparse {
+        Some(s) => {
+            let n = crate::size::parse_size(s).ok().filter(|n| n % 512 == 0 && *n <= 16 << 20).ok_or(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to \
+                 16777216. Select 0 to disable sparse detection (fully allocates output).",
+            )?;
+            n as usize
+        }
+        None => SPARSE,
+    };
+    let n = crate::Naming { image_opts: a.image_opts, force_share: a.force_share };
+    let mut images = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let img = if src_direct {
+            let o = OpenOptions {
+                format: a.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
+                force_share: a.force_share,
+                backing_policy: crate::policy(),
+                direct: true,
+                ..OpenOptions::default()
+            };
+            Image::open_spec(&crate::spec(input, a.format.as_deref(), n)?, &o).map_err(|e| e.to_string())?
+        } else {
+            crate::open_snapshot(input, a.format.as_deref(), n, snapshot.clone())?
+        };
+        images.push(img);
+    }
+    // The target's spec: a file name, or with --target-image-opts a set of options.
+    let target_spec = if a.target_image_opts {
+        qcow2::spec::ImageSpec::parse_opts(&output).map_err(|e| format!("Could not open '{output}': {e}"))?
+    } else {
+        qcow2::spec::ImageSpec::parse_filename(&output).map_err(|e| format!("Could not open '{output}': {e}"))?
+    };
+    // Converting an image onto itself would destroy it.
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let target_file = target_spec.file.filename.clone();
+    for (input, img) in inputs.iter().zip(&images) {
+        if id(&target_file).is_some() && id(&target_file) == id(img.filename()) {
+            return Err(format!("Error: the source '{input}' and the target '{output}' are the same file"));
+        }
+    }
+    let src = Sources::new(images)?;
+    if !a.no_create {
+        let size = src.size().to_string();
+        crate::create::run(
+            &a.out_format,
+            &output,
+            Some(&size),
+            a.backing.as_deref(),
+            a.backing_fmt.as_deref(),
+            false,
+            &a.options,
+            true,
+        )?;
+    }
+    let o = OpenOptions {
+        format: if a.target_image_opts { None } else { Some(out_fmt) },
+        writable: true,
+        // With -B the target's backing file is opened: zero writes must mask it.
+        open_backing: a.backing.is_some(),
+        direct: dst_direct,
+        no_flush,
+        backing_policy: crate::policy(),
+        ..OpenOptions::default()
+    };
+    let target = Image::open_spec(&target_spec, &o).map_err(|e| {
+        let s = e.to_string();
+        if s.starts_with("Could not open") {
+            s
+        } else {
+            format!("Could not open '{output}': {s}")
+        }
+    })?;
+    // qemu-img aligns its writes to the target's allocation unit: a cluster, or a subcluster with
+    // extended L2 entries (32 per cluster).
+    let align = target.qcow2().map_or(1, |q| {
+        if q.header().extended_l2() && !a.compress {
+            q.cluster_size() / 32
+        } else {
+            q.cluster_size()
+        }
+    });
+    let compress = if a.compress { target.qcow2().map(|q| q.header().compression_type) } else { None };
+    // A block device keeps its old contents: it does not read as zeros after "create".
+    let block_device = {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(&target_file).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+    };
+    let co = Options {
+        no_create: a.no_create || block_device,
+        target_is_zero: a.target_is_zero,
+        min_sparse,
+        progress: a.progress && !a.quiet,
+        align,
+        compress,
+        top_only: a.backing.is_some(),
+        salvage: a.salvage,
+        rate,
+    };
+    copy(&src, &target, &co)
+}
 
 /// Copy granularity: the buffer one read fills.
 const CHUNK: u64 = 2 << 20;
@@ -32,6 +267,83 @@ fn nonzero_ranges(buf: &[u8], min_sparse: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// The source images, read one after the other as one disk (qemu-img convert's concatenation of several
+/// sources).
+pub struct Sources {
+    /// Each image with the guest offset where it starts.
+    parts: Vec<(u64, Arc<Image>)>,
+    size: u64,
+}
+
+impl Sources {
+    /// The images, in order.
+    pub fn new(images: Vec<Arc<Image>>) -> Result<Sources, String> {
+        let mut parts = Vec::with_capacity(images.len());
+        let mut size = 0u64;
+        for i in images {
+            let n = i.size();
+            parts.push((size, i));
+            size = size.checked_add(n).ok_or("the sources are too large together")?;
+        }
+        Ok(Sources { parts, size })
+    }
+
+    /// The concatenated size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The part holding `pos` (< size): its start and image. The last part starting at or before `pos` holds
+    /// it (an empty image shares its start with the next one, which then comes later in the list).
+    fn part(&self, pos: u64) -> (u64, &Image) {
+        let i = self.parts.partition_point(|(start, _)| *start <= pos).saturating_sub(1);
+        let (start, img) = &self.parts[i];
+        (*start, img)
+    }
+
+    /// Block status at `pos`, clipped to the part that holds it.
+    fn block_status(&self, pos: u64, len: u64) -> qcow2::Result<Status> {
+        let (start, img) = self.part(pos);
+        let local = pos - start;
+        let mut st = img.block_status(local, len.min(img.size() - local))?;
+        st.len = st.len.min(img.size() - local).max(1);
+        Ok(st)
+    }
+
+    /// Reads across parts.
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> qcow2::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let (start, img) = self.part(at);
+            let local = at - start;
+            let n = ((img.size() - local) as usize).min(buf.len() - done);
+            img.read_at(&mut buf[done..done + n], local)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `read_at`, or with `--salvage` a read that replaces the sectors it cannot read by zeros, with a warning
+    /// for each (qemu-img's salvage mode).
+    fn read_salvaging(&self, buf: &mut [u8], pos: u64, salvage: bool) -> Result<(), String> {
+        match self.read_at(buf, pos) {
+            Ok(()) => Ok(()),
+            Err(e) if !salvage => Err(format!("error while reading at byte {pos}: {e}")),
+            Err(_) => {
+                for (i, sector) in buf.chunks_mut(512).enumerate() {
+                    let at = pos + i as u64 * 512;
+                    if let Err(e) = self.read_at(sector, at) {
+                        eprintln!("qimg: warning: error while reading offset {at}: {e}");
+                        sector.fill(0);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A filled buffer on its way to the writer: guest offset, data, and the ranges of it to write.
 struct Filled {
     offset: u64,
@@ -57,6 +369,21 @@ pub struct Options {
     /// `-B`: the target has a backing file; only what the source's top image holds is copied (what it leaves
     /// to its backing chain is left to the target's), and zero areas are written as zeros, as qemu-img does.
     pub top_only: bool,
+    /// `--salvage`: unreadable sectors are copied as zeros, with a warning.
+    pub salvage: bool,
+    /// `-r`: at most this many bytes written per second.
+    pub rate: Option<u64>,
+}
+
+/// `-r`: sleeps so that `done` bytes take at least `done / rate` seconds since `start`.
+fn throttle(start: std::time::Instant, done: u64, rate: Option<u64>) {
+    let Some(rate) = rate.filter(|&r| r > 0) else {
+        return;
+    };
+    let due = std::time::Duration::from_secs_f64(done as f64 / rate as f64);
+    if let Some(wait) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }
 
 /// Progress as qemu-img prints it: a bar on a terminal, else qemu's "    (x.xx/100%)" lines, each ending in a
@@ -110,6 +437,16 @@ impl Progress {
         }
     }
 
+    /// The end of a command that printed its own messages after the progress lines (compare): a newline.
+    pub fn end(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+        if self.plain {
+            println!();
+        }
+    }
+
     /// All done.
     pub fn finish(self) {
         if let Some(b) = self.bar {
@@ -124,7 +461,7 @@ impl Progress {
 /// Copies `img` into `target` (already created, opened writable): data is read by a thread that maps and
 /// reads ahead while this one writes in order. Zero areas are skipped when the target reads as zeros already
 /// (a new image, or `--target-is-zero`), written as zeroes otherwise, and written as data with `-S 0`.
-pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
+pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
     use std::sync::mpsc::sync_channel;
     let size = img.size();
     if target.size() < size {
@@ -148,6 +485,9 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
     let align = o.align.max(1);
     // Zero detection works in whole target blocks.
     let min_sparse = if o.min_sparse == 0 { 0 } else { o.min_sparse.max(align as usize) };
+    let salvage = o.salvage;
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
     let result = std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<(), String> {
             let mut pos = 0u64;
@@ -176,7 +516,7 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
                         if st.zero && p >= pos && p + n as u64 <= status_end {
                             buf.fill(0);
                         } else {
-                            img.read_at(&mut buf, p).map_err(|e| format!("error while reading at byte {p}: {e}"))?;
+                            img.read_salvaging(&mut buf, p, salvage)?;
                         }
                         let ranges = nonzero_ranges(&buf, min_sparse);
                         if tx.send(Work::Data(Filled { offset: p, buf, ranges })).is_err() {
@@ -210,6 +550,8 @@ pub fn copy(img: &Image, target: &Image, o: &Options) -> Result<(), String> {
                 Work::Zero(off, len) => progress.set(off + len),
                 Work::Data(f) => {
                     progress.set(f.offset + f.buf.len() as u64);
+                    written += f.ranges.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
+                    throttle(started, written, o.rate);
                     let _ = back_tx.send(f.buf);
                 }
             }
@@ -310,9 +652,4 @@ fn write_ranges(target: &Image, f: &Filled, zero_init: bool) -> Result<(), Strin
         target.write_zeroes(off, (f.buf.len() - at) as u64, true, false).map_err(|e| err(off, e))?;
     }
     Ok(())
-}
-
-/// The default sparse granularity.
-pub fn default_sparse() -> usize {
-    SPARSE
 }

@@ -31,14 +31,17 @@ pub fn run(
     let mut backing = backing.map(str::to_string);
     let mut backing_fmt = backing_fmt.map(str::to_string);
     let mut size_opt: Option<u64> = None;
-    let mut compat_given = false;
+    // Options qemu-img prints in its "Formatting" line only when given, as given.
+    let mut compat_given: Option<String> = None;
+    let mut prealloc_given = false;
+    let mut data_file_raw_given: Option<String> = None;
     for kv in opts.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
         match k {
             "size" => size_opt = Some(parse_size(v)?),
             "cluster_size" => o.cluster_size = parse_size(v)?,
             "compat" => {
-                compat_given = true;
+                compat_given = Some(v.to_string());
                 o.version = match v {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
@@ -58,19 +61,25 @@ pub fn run(
             "backing_file" => backing = Some(v.to_string()),
             "backing_fmt" => backing_fmt = Some(v.to_string()),
             "data_file" => o.data_file = Some(v.to_string()),
-            "data_file_raw" => o.data_file_raw = on_off(k, v)?,
+            "data_file_raw" => {
+                o.data_file_raw = on_off(k, v)?;
+                data_file_raw_given = Some(v.to_string());
+            }
             "preallocation" => match v {
-                "off" | "metadata" | "falloc" | "full" => prealloc = v.to_string(),
+                "off" | "metadata" | "falloc" | "full" => {
+                    prealloc = v.to_string();
+                    prealloc_given = true;
+                }
                 _ => return Err(format!("Invalid parameter '{v}' for 'preallocation'")),
             },
             _ => return Err(format!("Invalid parameter '{k}'")),
         }
     }
-    let _ = compat_given;
     let format = Format::parse(fmt).map_err(|e| e.to_string())?;
-    let mut size = match size.map(parse_size).transpose()? {
-        Some(s) => Some(s),
-        None => size_opt,
+    let mut size = match (size.map(parse_size).transpose()?, size_opt) {
+        (Some(_), Some(_)) => return Err(format!("{file}: The image size must be specified only once")),
+        (Some(s), None) | (None, Some(s)) => Some(s),
+        (None, None) => None,
     };
     if let Some(b) = &backing {
         if format == Format::Raw {
@@ -105,7 +114,8 @@ pub fn run(
     match format {
         Format::Raw => {
             if !quiet {
-                println!("Formatting '{file}', fmt=raw size={size}");
+                let pre = if prealloc_given { format!(" preallocation={prealloc}") } else { String::new() };
+                println!("Formatting '{file}', fmt=raw size={size}{pre}");
             }
             let f = std::fs::File::create(file).map_err(|e| format!("{file}: Could not create '{file}': {e}"))?;
             let block_device = {
@@ -149,13 +159,16 @@ pub fn run(
             o.backing_file = backing.clone();
             o.backing_format = backing_fmt.clone();
             if !quiet {
-                let pre = if prealloc == "off" { String::new() } else { format!(" preallocation={prealloc}") };
+                let pre = if prealloc_given { format!(" preallocation={prealloc}") } else { String::new() };
                 let mut line = format!(
                     "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={}{pre} compression_type={} size={size}",
                     o.cluster_size,
                     if o.extended_l2 { "on" } else { "off" },
                     o.compression.qemu_name()
                 );
+                if let Some(v) = &compat_given {
+                    line += &format!(" compat={v}");
+                }
                 if let Some(b) = &backing {
                     line += &format!(" backing_file={b}");
                 }
@@ -165,9 +178,10 @@ pub fn run(
                 if let Some(d) = &o.data_file {
                     line += &format!(" data_file={d}");
                 }
-                if o.version == 2 {
-                    line += " compat=0.10";
+                if let Some(v) = &data_file_raw_given {
+                    line += &format!(" data_file_raw={v}");
                 }
+
                 line += &format!(
                     " lazy_refcounts={} refcount_bits={}",
                     if o.lazy_refcounts { "on" } else { "off" },

@@ -12,7 +12,7 @@ mod resize;
 mod size;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qcow2::{BlockDevice, Format, Image, OpenOptions};
+use qcow2::{Format, Image, OpenOptions};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -38,24 +38,27 @@ enum Cmd {
     /// Create a new image (qemu-img create).
     Create {
         /// Format (qcow2 or raw).
-        #[arg(short = 'f', default_value = "raw")]
+        #[arg(short = 'f', long = "format", default_value = "raw")]
         format: String,
         /// Backing file.
-        #[arg(short = 'b')]
+        #[arg(short = 'b', long = "backing")]
         backing: Option<String>,
         /// Backing file format.
-        #[arg(short = 'F')]
+        #[arg(short = 'F', long = "backing-format")]
         backing_fmt: Option<String>,
         /// Do not open the backing file (its size must then be given).
-        #[arg(short = 'u')]
+        #[arg(short = 'u', long = "backing-unsafe")]
         unsafe_backing: bool,
         /// Options: cluster_size, compat, lazy_refcounts, extended_l2, refcount_bits, compression_type,
         /// preallocation, data_file, data_file_raw, backing_file, backing_fmt, size.
-        #[arg(short = 'o')]
+        #[arg(short = 'o', long = "options")]
         options: Vec<String>,
         /// Quiet.
-        #[arg(short = 'q')]
+        #[arg(short = 'q', long = "quiet")]
         quiet: bool,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// The new image.
         filename: String,
         /// Virtual size (defaults to the backing file's).
@@ -64,16 +67,16 @@ enum Cmd {
     /// Check an image's consistency (qemu-img check).
     Check {
         /// Format.
-        #[arg(short = 'f')]
+        #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Repair: leaks or all.
-        #[arg(short = 'r')]
+        #[arg(short = 'r', long = "repair")]
         repair: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Quiet.
-        #[arg(short = 'q')]
+        #[arg(short = 'q', long = "quiet")]
         quiet: bool,
         /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
@@ -81,20 +84,35 @@ enum Cmd {
         /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
         #[arg(long = "image-opts")]
         image_opts: bool,
+        /// Cache mode (none or directsync: O_DIRECT; accepted otherwise).
+        #[arg(short = 'T', long = "cache")]
+        cache: Option<String>,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// The image.
         filename: String,
     },
     /// Change an image's virtual size (qemu-img resize).
     Resize {
         /// Format.
-        #[arg(short = 'f')]
+        #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Allow shrinking (raw only).
         #[arg(long)]
         shrink: bool,
         /// Quiet.
-        #[arg(short = 'q')]
+        #[arg(short = 'q', long = "quiet")]
         quiet: bool,
+        /// How the new area is allocated: off, metadata (qcow2), falloc, full.
+        #[arg(long = "preallocation")]
+        preallocation: Option<String>,
+        /// FILENAME is a set of image options (`driver=qcow2,file.filename=...`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// The image.
         filename: String,
         /// New size, or +SIZE / -SIZE.
@@ -110,7 +128,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Show every image of the backing chain.
-        #[arg(long)]
+        #[arg(short = 'b', long)]
         backing_chain: bool,
         /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
@@ -118,6 +136,9 @@ enum Cmd {
         /// FILENAME is a set of image options (`driver=qcow2,file.filename=...`).
         #[arg(long = "image-opts")]
         image_opts: bool,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// The image.
         filename: String,
     },
@@ -141,90 +162,33 @@ enum Cmd {
         /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
         #[arg(long = "image-opts")]
         image_opts: bool,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// The image.
         filename: String,
     },
-    /// Convert an image to a raw file (qemu-img convert -O raw).
-    Convert {
-        /// Input format.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Output format: raw or qcow2.
-        #[arg(short = 'O', default_value = "raw")]
-        out_format: String,
-        /// Options of the new image, as for create (cluster_size, compat, lazy_refcounts, extended_l2,
-        /// refcount_bits, compression_type, preallocation, data_file, data_file_raw).
-        #[arg(short = 'o')]
-        options: Vec<String>,
-        /// Compressed output clusters (deflate, or zstd with -o compression_type=zstd), compressed on every core.
-        #[arg(short = 'c')]
-        compress: bool,
-        /// The target exists (a file or a block device): do not create it.
-        #[arg(short = 'n')]
-        no_create: bool,
-        /// With -n: the target reads as zeros, so zero areas need not be written.
-        #[arg(long = "target-is-zero")]
-        target_is_zero: bool,
-        /// Target cache mode (none or directsync: O_DIRECT; writeback, writethrough, unsafe).
-        #[arg(short = 't')]
-        cache: Option<String>,
-        /// Source cache mode (none or directsync: O_DIRECT).
-        #[arg(short = 'T')]
-        src_cache: Option<String>,
-        /// Out-of-order writes (accepted: qimg writes in order).
-        #[arg(short = 'W')]
-        out_of_order: bool,
-        /// Parallel requests (accepted).
-        #[arg(short = 'm')]
-        parallel: Option<u32>,
-        /// Backing file of the new image: only what the source's top image holds is copied.
-        #[arg(short = 'B')]
-        backing: Option<String>,
-        /// Backing file format (with -B).
-        #[arg(short = 'F')]
-        backing_fmt: Option<String>,
-        /// Convert an internal snapshot of the source (snapshot.name=, snapshot.id= or an ID or name).
-        #[arg(short = 'l')]
-        snapshot: Option<String>,
-        /// Show progress.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Quiet.
-        #[arg(short = 'q')]
-        quiet: bool,
-        /// Sparse granularity (bytes of zeros before a hole is made; 0 writes everything).
-        #[arg(short = 'S')]
-        sparse: Option<String>,
-        /// Open even if another process is writing it (no lock that stops a writer).
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
-        #[arg(long = "image-opts")]
-        image_opts: bool,
-        /// Input image.
-        input: String,
-        /// Output file.
-        output: String,
-    },
+    /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
+    Convert(convert::Args),
     /// Compute the size a new image needs (qemu-img measure).
     Measure {
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Format of the new image (default raw).
-        #[arg(short = 'O', default_value = "raw")]
+        #[arg(short = 'O', long = "target-format", default_value = "raw")]
         out_format: String,
         /// Options of the new image (cluster_size, refcount_bits, extended_l2, compat, preallocation, ...).
-        #[arg(short = 'o')]
+        #[arg(short = 'o', long = "options")]
         options: Vec<String>,
         /// Measure an empty image of this size instead of a source.
-        #[arg(long)]
+        #[arg(short = 's', long)]
         size: Option<String>,
         /// Source format.
-        #[arg(short = 'f')]
+        #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Measure an internal snapshot of the source (snapshot.name=, snapshot.id= or an ID or name).
-        #[arg(short = 'l')]
+        #[arg(short = 'l', long = "snapshot")]
         snapshot: Option<String>,
         /// Open even if another process is writing it.
         #[arg(short = 'U', long = "force-share")]
@@ -241,19 +205,19 @@ enum Cmd {
     /// Compare the contents of two images (qemu-img compare).
     Compare {
         /// Format of the first image.
-        #[arg(short = 'f')]
+        #[arg(short = 'f', long = "a-format")]
         format1: Option<String>,
         /// Format of the second image.
-        #[arg(short = 'F')]
+        #[arg(short = 'F', long = "b-format")]
         format2: Option<String>,
         /// Quiet.
-        #[arg(short = 'q')]
+        #[arg(short = 'q', long = "quiet")]
         quiet: bool,
-        /// Show progress (accepted).
-        #[arg(short = 'p')]
+        /// Show progress.
+        #[arg(short = 'p', long = "progress")]
         progress: bool,
         /// Strict mode: sizes and allocation status must match too.
-        #[arg(short = 's')]
+        #[arg(short = 's', long = "strict")]
         strict: bool,
         /// Open even if another process is writing it (no lock that stops a writer).
         #[arg(short = 'U', long = "force-share")]
@@ -261,6 +225,12 @@ enum Cmd {
         /// Image names are sets of image options (`driver=qcow2,file.filename=...`).
         #[arg(long = "image-opts")]
         image_opts: bool,
+        /// Cache mode (none or directsync: O_DIRECT).
+        #[arg(short = 'T', long = "cache")]
+        cache: Option<String>,
+        /// Objects (accepted: secrets are not used by qimg).
+        #[arg(long = "object")]
+        object: Vec<String>,
         /// First image.
         a: String,
         /// Second image.
@@ -324,6 +294,21 @@ fn open_snapshot(path: &str, fmt: Option<&str>, n: Naming, snapshot: Option<Stri
     Image::open_spec(&spec, &o).map_err(|e| e.to_string())
 }
 
+/// `open` with the backing chain, with O_DIRECT if `direct` (`-T none`).
+fn open_direct(path: &str, fmt: Option<&str>, n: Naming, direct: bool) -> Result<Arc<Image>, String> {
+    if !direct {
+        return open(path, fmt, true, n);
+    }
+    let o = OpenOptions {
+        format: fmt.map(Format::parse).transpose().map_err(|e| format!("Could not open '{path}': {e}"))?,
+        force_share: n.force_share,
+        backing_policy: policy(),
+        direct: true,
+        ..OpenOptions::default()
+    };
+    Image::open_spec(&spec(path, fmt, n)?, &o).map_err(|e| format!("Could not open '{path}': {e}"))
+}
+
 /// `open`; `metadata_only` as qemu-img info opens images (no external data file, no guest data).
 fn open_with(
     path: &str,
@@ -354,7 +339,7 @@ fn open_with(
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
-        Cmd::Create { format, backing, backing_fmt, unsafe_backing, options, quiet, filename, size } => {
+        Cmd::Create { format, backing, backing_fmt, unsafe_backing, options, quiet, filename, size, .. } => {
             create::run(
                 &format,
                 &filename,
@@ -367,16 +352,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { format, repair, output, quiet, filename, force_share, image_opts } => {
+        Cmd::Check { format, repair, output, quiet, filename, force_share, image_opts, .. } => {
             let n = Naming { image_opts, force_share };
             let c = check::run(&filename, format.as_deref(), repair.as_deref(), output == Output::Json, quiet, n)?;
             Ok(ExitCode::from(c))
         }
-        Cmd::Resize { format, shrink, quiet, filename, size } => {
-            resize::run(&filename, format.as_deref(), &size, shrink, quiet)?;
+        Cmd::Resize { format, shrink, quiet, filename, size, preallocation, image_opts, .. } => {
+            let n = Naming { image_opts, force_share: false };
+            resize::run(&filename, format.as_deref(), n, &size, shrink, preallocation.as_deref(), quiet)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Info { format, output, backing_chain, filename, force_share, image_opts } => {
+        Cmd::Info { format, output, backing_chain, filename, force_share, image_opts, .. } => {
             let img = open_with(&filename, format.as_deref(), backing_chain, Naming { image_opts, force_share }, true)?;
             let mut chain = vec![img.clone()];
             if backing_chain {
@@ -399,132 +385,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Map { format, output, start_offset, max_length, filename, force_share, image_opts } => {
+        Cmd::Map { format, output, start_offset, max_length, filename, force_share, image_opts, .. } => {
             let start = size::parse_size(&start_offset)?;
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Convert {
-            format,
-            out_format,
-            options,
-            compress,
-            no_create,
-            target_is_zero,
-            cache,
-            src_cache,
-            backing,
-            backing_fmt,
-            snapshot,
-            progress,
-            quiet,
-            sparse,
-            input,
-            output,
-            force_share,
-            image_opts,
-            ..
-        } => {
-            if compress && out_format != "qcow2" {
-                return Err(format!("Compression not supported for this file format ({out_format})"));
-            }
-            if backing.is_some() && out_format != "qcow2" {
-                return Err(format!("'{out_format}' does not support backing files"));
-            }
-            if target_is_zero && !no_create {
-                return Err("--target-is-zero requires use of -n flag".into());
-            }
-            let out_fmt = Format::parse(&out_format).map_err(|_| format!("Unknown file format '{out_format}'"))?;
-            let direct = |m: &Option<String>, what: &str| -> Result<bool, String> {
-                match m.as_deref() {
-                    None | Some("writeback" | "unsafe" | "writethrough") => Ok(false),
-                    Some("none" | "off" | "directsync") => Ok(true),
-                    Some(c) => Err(format!("Invalid {what} cache option: {c}")),
-                }
-            };
-            let (dst_direct, src_direct) = (direct(&cache, "cache")?, direct(&src_cache, "source cache")?);
-            // qemu-img convert's target cache mode is `unsafe` unless -t says otherwise: no syncs at all.
-            let no_flush = matches!(cache.as_deref(), None | Some("unsafe"));
-            let min_sparse = match sparse {
-                Some(s) => size::parse_size(&s)?.min(1 << 20) as usize,
-                None => convert::default_sparse(),
-            };
-            let n = Naming { image_opts, force_share };
-            let img = if src_direct {
-                let o = OpenOptions {
-                    format: format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
-                    force_share,
-                    backing_policy: policy(),
-                    direct: true,
-                    ..OpenOptions::default()
-                };
-                Image::open_spec(&spec(&input, format.as_deref(), n)?, &o).map_err(|e| e.to_string())?
-            } else {
-                open_snapshot(&input, format.as_deref(), n, snapshot)?
-            };
-            // Converting an image onto itself would destroy it.
-            use std::os::unix::fs::MetadataExt;
-            let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-            if id(&output).is_some() && id(&output) == id(img.filename()) {
-                return Err(format!("Error: the source '{input}' and the target '{output}' are the same file"));
-            }
-            if !no_create {
-                let size = img.size().to_string();
-                create::run(
-                    &out_format,
-                    &output,
-                    Some(&size),
-                    backing.as_deref(),
-                    backing_fmt.as_deref(),
-                    false,
-                    &options,
-                    true,
-                )?;
-            }
-            let o = OpenOptions {
-                format: Some(out_fmt),
-                writable: true,
-                // With -B the target's backing file is opened: zero writes must mask it.
-                open_backing: backing.is_some(),
-                direct: dst_direct,
-                no_flush,
-                ..OpenOptions::default()
-            };
-            let target = Image::open(&output, &o).map_err(|e| {
-                let s = e.to_string();
-                if s.starts_with("Could not open") {
-                    s
-                } else {
-                    format!("Could not open '{output}': {s}")
-                }
-            })?;
-            // qemu-img aligns its writes to the target's allocation unit: a cluster, or a subcluster with
-            // extended L2 entries (32 per cluster).
-            let align = target.qcow2().map_or(1, |q| {
-                if q.header().extended_l2() && !compress {
-                    q.cluster_size() / 32
-                } else {
-                    q.cluster_size()
-                }
-            });
-            let compress = if compress { target.qcow2().map(|q| q.header().compression_type) } else { None };
-            // A block device keeps its old contents: it does not read as zeros after "create".
-            let block_device = {
-                use std::os::unix::fs::FileTypeExt;
-                std::fs::metadata(&output).map(|m| m.file_type().is_block_device()).unwrap_or(false)
-            };
-            let co = convert::Options {
-                no_create: no_create || block_device,
-                target_is_zero,
-                min_sparse,
-                progress: progress && !quiet,
-                align,
-                compress,
-                top_only: backing.is_some(),
-            };
-            convert::copy(&img, &target, &co)?;
+        Cmd::Convert(a) => {
+            convert::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Measure {
@@ -544,11 +413,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             measure::print(r, output == Output::Json);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Compare { format1, format2, quiet, strict, a, b, force_share, image_opts, .. } => {
+        Cmd::Compare { format1, format2, quiet, strict, progress, cache, a, b, force_share, image_opts, .. } => {
             let n = Naming { image_opts, force_share };
-            let ia = open(&a, format1.as_deref(), true, n)?;
-            let ib = open(&b, format2.as_deref(), true, n)?;
-            match compare::run(&ia, &ib, quiet, strict) {
+            let direct = match cache.as_deref() {
+                None | Some("writeback" | "unsafe" | "writethrough") => false,
+                Some("none" | "off" | "directsync") => true,
+                Some(c) => return Err(format!("Invalid source cache option: {c}")),
+            };
+            let ia = open_direct(&a, format1.as_deref(), n, direct)?;
+            let ib = open_direct(&b, format2.as_deref(), n, direct)?;
+            match compare::run(&ia, &ib, quiet, strict, progress && !quiet) {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => Ok(ExitCode::from(1)),
                 Err(e) => {
