@@ -1159,7 +1159,10 @@ impl Qcow2 {
                 if mode == Prealloc::Full || stale {
                     self.data.write_zeroes(host, cs, false)?;
                 }
-                self.set_mapping(l2, idx, Some(host), self.all_bits(), 0)?;
+                // Extended L2 entries: the host cluster is reserved and its subclusters stay unallocated (read
+                // from the backing file or as zeros), as qemu preallocates them.
+                let alloc = if self.header.extended_l2() { 0 } else { self.all_bits() };
+                self.set_mapping(l2, idx, Some(host), alloc, 0)?;
                 allocated.push(host);
             }
             if self.too_many_dirty() {

@@ -23,7 +23,13 @@ pub fn run(a: &Image, b: &Image, quiet: bool, strict: bool, progress: bool) -> R
     r
 }
 
-fn compare(a: &Image, b: &Image, quiet: bool, strict: bool, bar: &mut crate::convert::Progress) -> Result<bool, String> {
+fn compare(
+    a: &Image,
+    b: &Image,
+    quiet: bool,
+    strict: bool,
+    bar: &mut crate::convert::Progress,
+) -> Result<bool, String> {
     let (sa, sb) = (a.size(), b.size());
     let common = sa.min(sb);
     if strict && sa != sb {

@@ -37,7 +37,7 @@ pub struct Args {
     /// Out-of-order writes (accepted: qimg writes in order).
     #[arg(short = 'W', long = "oob-writes")]
     pub out_of_order: bool,
-    /// Parallel requests (accepted; 1 to 64).
+    /// Parallel requests (accepted; 1 to 16).
     #[arg(short = 'm', long = "parallel")]
     pub parallel: Option<String>,
     /// Copy offloading (accepted: qimg copies through its own buffers).
@@ -116,8 +116,8 @@ pub fn run(a: Args) -> Result<(), String> {
         );
     }
     if let Some(m) = &a.parallel {
-        if !matches!(m.parse::<u32>(), Ok(1..=64)) {
-            return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 64".into());
+        if !matches!(m.parse::<u32>(), Ok(1..=16)) {
+            return Err("Invalid number of coroutines specified. Must be between 1 and 16.".into());
         }
     }
     let rate = a
@@ -301,13 +301,30 @@ impl Sources {
         (*start, img)
     }
 
-    /// Block status at `pos`, clipped to the part that holds it.
-    fn block_status(&self, pos: u64, len: u64) -> qcow2::Result<Status> {
+    /// Block status at `pos`, clipped to the part that holds it. With `salvage`, a range whose status cannot
+    /// be read (bad metadata) is taken as data, one 64 KiB piece at a time, so the reads report what fails.
+    fn block_status(&self, pos: u64, len: u64, salvage: bool) -> Result<Status, String> {
         let (start, img) = self.part(pos);
         let local = pos - start;
-        let mut st = img.block_status(local, len.min(img.size() - local))?;
-        st.len = st.len.min(img.size() - local).max(1);
-        Ok(st)
+        let left = len.min(img.size() - local);
+        match img.block_status(local, left) {
+            Ok(mut st) => {
+                st.len = st.len.min(img.size() - local).max(1);
+                Ok(st)
+            }
+            Err(e) if !salvage => Err(format!("error while reading block status at offset {pos}: {e}")),
+            Err(_) => Ok(Status {
+                len: left.min(65536 - local % 65536).max(1),
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: None,
+                file: None,
+                alloc_depth: 1,
+            }),
+        }
     }
 
     /// Reads across parts.
@@ -492,7 +509,7 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
         let reader = s.spawn(move || -> Result<(), String> {
             let mut pos = 0u64;
             while pos < size {
-                let st = img.block_status(pos, (size - pos).min(1 << 30)).map_err(|e| e.to_string())?;
+                let st = img.block_status(pos, (size - pos).min(1 << 30), salvage)?;
                 let mut run_end = pos + st.len.max(1).min(size - pos);
                 let status_end = run_end;
                 if top_only && (st.depth > 0 || !st.present) {
