@@ -85,6 +85,7 @@ fn whole_requests(c: &mut Criterion) {
         unmap: false,
         detect_zeroes: DetectZeroes::Off,
         allocation_depth: false,
+        bitmaps: Vec::new(),
         multi_conn: false,
         fresh: None,
         cache: Default::default(),

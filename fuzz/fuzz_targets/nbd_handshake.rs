@@ -13,6 +13,7 @@ impl Catalog for Two {
             size: 1 << 20,
             flags: 0x1fff,
             allocation_depth: name != "a",
+            bitmaps: if name == "disk" { vec!["b0".into()] } else { Vec::new() },
             block_size: (1, 4096, 32 << 20),
         })
     }

@@ -32,6 +32,8 @@ pub struct Export {
     pub detect_zeroes: DetectZeroes,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
+    /// Persistent dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (`-B NAME`).
+    pub bitmaps: Vec<String>,
     /// Advertise NBD_FLAG_CAN_MULTI_CONN (the server accepts more than one connection).
     pub multi_conn: bool,
     /// Give every connection its own throwaway overlay on this image (`--fresh-per-connection`).
@@ -69,6 +71,7 @@ impl Export {
             unmap: self.unmap,
             detect_zeroes: self.detect_zeroes,
             allocation_depth: self.allocation_depth,
+            bitmaps: self.bitmaps.clone(),
             multi_conn: false,
             fresh: None,
             cache: self.cache,
@@ -124,6 +127,7 @@ impl Export {
             size: self.device.size(),
             flags: self.flags(),
             allocation_depth: self.allocation_depth,
+            bitmaps: self.bitmaps.clone(),
             block_size: (
                 self.device.min_block_size().max(BLOCK_SIZE.0),
                 BLOCK_SIZE.1.max(self.device.min_block_size()),

@@ -19,6 +19,8 @@ pub struct ExportMeta {
     pub flags: u16,
     /// Whether `qemu:allocation-depth` is offered (qemu-nbd's `-A`).
     pub allocation_depth: bool,
+    /// Persistent dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (qemu-nbd's `-B NAME`).
+    pub bitmaps: Vec<String>,
     /// Block size constraints: minimum, preferred, maximum.
     pub block_size: (u32, u32, u32),
 }
@@ -53,7 +55,12 @@ pub enum Context {
     BaseAllocation,
     /// `qemu:allocation-depth`.
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: the export's bitmap with this index.
+    DirtyBitmap(u16),
 }
+
+/// The prefix of `qemu:dirty-bitmap:NAME` (qemu's docs/interop/nbd.rst).
+pub const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 
 impl Context {
     /// The context's ID in this server (stable for the life of the connection).
@@ -61,14 +68,18 @@ impl Context {
         match self {
             Context::BaseAllocation => 0,
             Context::AllocationDepth => 1,
+            Context::DirtyBitmap(i) => u32::from(i).saturating_add(2),
         }
     }
 
-    /// The context's name.
-    pub fn name(self) -> &'static str {
+    /// The context's name on export `e`.
+    pub fn name(self, e: &ExportMeta) -> String {
         match self {
-            Context::BaseAllocation => BASE_ALLOCATION,
-            Context::AllocationDepth => QEMU_ALLOCATION_DEPTH,
+            Context::BaseAllocation => BASE_ALLOCATION.to_string(),
+            Context::AllocationDepth => QEMU_ALLOCATION_DEPTH.to_string(),
+            Context::DirtyBitmap(i) => {
+                format!("{QEMU_DIRTY_BITMAP}{}", e.bitmaps.get(usize::from(i)).map_or("", String::as_str))
+            }
         }
     }
 }
@@ -378,6 +389,7 @@ impl Negotiation {
         if e.allocation_depth {
             offered.push(Context::AllocationDepth);
         }
+        offered.extend((0..e.bitmaps.len().min(usize::from(u16::MAX))).map(|i| Context::DirtyBitmap(i as u16)));
         let mut chosen: Vec<Context> = Vec::new();
         let add = |c: Context, chosen: &mut Vec<Context>| {
             if !chosen.contains(&c) {
@@ -391,9 +403,12 @@ impl Negotiation {
         }
         for q in &queries {
             for &c in &offered {
-                let ns = c.name().split(':').next().unwrap_or("");
-                // LIST accepts a bare namespace ("base:", "qemu:") as "every context in it".
-                let matches = q == &c.name() || (!set && (*q == format!("{ns}:")));
+                let name = c.name(&e);
+                let ns = name.split(':').next().unwrap_or("");
+                // LIST accepts a bare namespace ("base:", "qemu:") as "every context in it", and qemu's
+                // "qemu:dirty-bitmap:" as every bitmap.
+                let leaf = matches!(c, Context::DirtyBitmap(_)) && *q == QEMU_DIRTY_BITMAP;
+                let matches = q == &name || (!set && (*q == format!("{ns}:") || leaf));
                 if matches {
                     add(c, &mut chosen);
                 }
@@ -403,7 +418,7 @@ impl Negotiation {
             // In LIST replies the ID is reserved and SHOULD be zero.
             let id = if set { c.id() } else { 0 };
             let mut d = id.to_be_bytes().to_vec();
-            d.extend_from_slice(c.name().as_bytes());
+            d.extend_from_slice(c.name(&e).as_bytes());
             reply(out, opt, NBD_REP_META_CONTEXT, &d);
         }
         if set {
@@ -427,6 +442,7 @@ mod tests {
                 size: 1 << 20,
                 flags: NBD_FLAG_HAS_FLAGS,
                 allocation_depth: true,
+                bitmaps: vec!["b0".into()],
                 block_size: (1, 4096, 32 << 20),
             })
         }

@@ -797,6 +797,8 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
                     (if st.data { 0 } else { NBD_STATE_HOLE }) | (if st.zero { NBD_STATE_ZERO } else { 0 })
                 }
                 Context::AllocationDepth => st.alloc_depth,
+                // Filled below, from the bitmap's own runs.
+                Context::DirtyBitmap(_) => continue,
             };
             let l = &mut lists[i];
             match l.last_mut() {
@@ -808,6 +810,34 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         steps += 1;
         if one {
             break;
+        }
+    }
+    // qemu:dirty-bitmap:NAME (qemu's docs/interop/nbd.rst): bit 0 set where the bitmap is dirty.
+    for (i, ctx) in wanted.iter().enumerate() {
+        let Context::DirtyBitmap(b) = ctx else { continue };
+        let Some(name) = c.export.bitmaps.get(usize::from(*b)) else {
+            return fail(NBD_EINVAL, "unknown bitmap");
+        };
+        let l = &mut lists[i];
+        let mut pos = req.offset;
+        let mut steps = 0usize;
+        while pos < end && steps < MAX_EXTENTS {
+            let (dirty, n) = match dev.dirty_run(name, pos, end - pos) {
+                Ok(Some(r)) => r,
+                Ok(None) => return fail(NBD_EINVAL, "the bitmap is gone"),
+                Err(e) => return fail(errno(&e), &e.to_string()),
+            };
+            let n = n.clamp(1, end - pos);
+            let val = u32::from(dirty);
+            match l.last_mut() {
+                Some((len, v)) if *v == val && *len + n <= max_len => *len += n,
+                _ => l.push((n.min(max_len), val)),
+            }
+            pos += n;
+            steps += 1;
+            if one {
+                break;
+            }
         }
     }
     let mut v = Vec::new();

@@ -133,6 +133,9 @@ pub struct OpenOptions {
     /// opened (so an untrusted image can be inspected without touching the file it names) and no guest data
     /// may be read.
     pub metadata_only: bool,
+    /// Opened to change its persistent bitmaps (`qimg bitmap`): they are not loaded for tracking, and
+    /// nothing marks them in use.
+    pub manage_bitmaps: bool,
 }
 
 /// Open read-only backing images by file identity (device, inode).
@@ -155,6 +158,7 @@ impl Default for OpenOptions {
             resize: false,
             backing_policy: BackingPolicy::Any,
             metadata_only: false,
+            manage_bitmaps: false,
             no_flush: false,
         }
     }
@@ -378,6 +382,7 @@ impl Image {
                     writable,
                     commit_sink: opts.commit_sink.clone(),
                     metadata_only: opts.metadata_only,
+                    manage_bitmaps: opts.manage_bitmaps && depth == 0,
                 };
                 let q = Self::open_qcow2(storage, writable, spec, opts, &hdr_opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
@@ -580,6 +585,23 @@ impl Image {
         match &self.layer {
             Layer::Qcow2(q) => Some(q),
             Layer::Raw(_) => None,
+        }
+    }
+
+    /// Whether the chain has a usable persistent bitmap `name` (the first image that has one by that name
+    /// decides); an error when that bitmap is inconsistent.
+    pub fn has_bitmap(&self, name: &str) -> Result<bool> {
+        let mut cur = self;
+        loop {
+            if let Some(q) = cur.qcow2() {
+                if q.has_usable_bitmap(name)? {
+                    return Ok(true);
+                }
+            }
+            match cur.backing() {
+                Some(b) => cur = b,
+                None => return Ok(false),
+            }
         }
     }
 
@@ -873,6 +895,22 @@ impl BlockDevice for Image {
 
     fn direct_io(&self) -> bool {
         self.direct
+    }
+
+    fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+        // The first image of the chain that has the bitmap answers (qemu-nbd -B looks down the chain too).
+        let mut cur = self;
+        loop {
+            if let Some(q) = cur.qcow2() {
+                if let Some(r) = q.dirty_run(bitmap, offset, len)? {
+                    return Ok(Some(r));
+                }
+            }
+            match cur.backing() {
+                Some(b) => cur = b,
+                None => return Ok(None),
+            }
+        }
     }
 }
 

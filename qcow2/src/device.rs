@@ -168,4 +168,10 @@ pub trait BlockDevice: Send + Sync {
     fn direct_io(&self) -> bool {
         false
     }
+    /// Persistent dirty bitmap `bitmap` at `offset`: whether that granule is dirty and for how many bytes
+    /// (at most `len`) the answer holds. `None` when the device has no such bitmap.
+    fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+        let _ = (bitmap, offset, len);
+        Ok(None)
+    }
 }

@@ -6,6 +6,10 @@
 //! (leaks are allowed), hold every byte acknowledged before the last completed FLUSH, and hold either the old
 //! or a newly written value everywhere else. Some states also go through `qemu-img check`.
 //!
+//! The "bitmaps" image has persistent dirty bitmaps (one enabled, one disabled): crash states are also drawn
+//! while the image is closed (when the enabled bitmap is stored), and in every state each bitmap is either
+//! marked in use (inconsistent) or, if consistent, dirty wherever the case wrote, zeroed or discarded.
+//!
 //! `CRASH_CASES` raises the number of random cases (default 120) for long runs.
 
 mod common;
@@ -111,6 +115,13 @@ fn make(name: &'static str, root: &std::path::Path) -> Fixture {
             qemu_io(&img, &["write -P 0x66 100k 50k"]);
             backing = Some(std::fs::read(&base).unwrap());
         }
+        "bitmaps" => {
+            create(&img, "", "1M");
+            qemu_io(&img, &["write -P 0x21 0 256k"]);
+            ok("qemu-img", &["bitmap", "--add", "-g", "16k", p(&img), "b0"]);
+            ok("qemu-img", &["bitmap", "--add", "--disable", p(&img), "b1"]);
+            qemu_io(&img, &["write -P 0x22 512k 64k"]);
+        }
         "growth" => {
             // 512-byte clusters and 64-bit refcounts: one refcount-table cluster covers 2 MiB of file, so
             // filling the last quarter of the disk makes the table grow and move.
@@ -147,7 +158,7 @@ fn make(name: &'static str, root: &std::path::Path) -> Fixture {
     }
 }
 
-const KINDS: [&str; 7] = ["plain", "snapshot", "compressed", "extl2", "datafile", "backing", "growth"];
+const KINDS: [&str; 8] = ["plain", "snapshot", "compressed", "extl2", "datafile", "backing", "growth", "bitmaps"];
 
 fn fixtures() -> &'static Vec<Fixture> {
     static F: OnceLock<(tempfile::TempDir, Vec<Fixture>)> = OnceLock::new();
@@ -164,6 +175,8 @@ fn fixtures() -> &'static Vec<Fixture> {
 struct Expect {
     flushed: Vec<u8>,
     since: Vec<(u64, Vec<u8>)>,
+    /// Every range the case changed so far: a consistent enabled bitmap must be dirty there.
+    changed: Vec<(u64, u64)>,
 }
 
 impl Expect {
@@ -227,6 +240,7 @@ fn check_state(fx: &Fixture, st: &CrashState, exp: &Expect, qemu: bool) -> Resul
     }
     let img = open_image(fx, file, data).map_err(|e| format!("does not open: {e}"))?;
     let q = img.qcow2().ok_or("not qcow2")?;
+    check_bitmaps(&st.files[0], exp)?;
     let r = q.check().map_err(|e| format!("check fails: {e}"))?;
     if r.corruptions != 0 || r.check_errors != 0 {
         return Err(format!("check: {} corruptions, {} errors: {:?}", r.corruptions, r.check_errors, r.messages));
@@ -238,6 +252,35 @@ fn check_state(fx: &Fixture, st: &CrashState, exp: &Expect, qemu: bool) -> Resul
         if v != exp.flushed[i] && !exp.allows(i, v) {
             let f = exp.flushed[i];
             return Err(format!("guest byte {i:#x} reads {v:#x}: flushed {f:#x} and no write since put it there"));
+        }
+    }
+    Ok(())
+}
+
+/// The bitmaps of a crash state, read from an untouched copy of it (opening read-write marks them in use):
+/// each one in use, or dirty wherever the case changed the disk if enabled.
+fn check_bitmaps(image: &[u8], exp: &Expect) -> Result<(), String> {
+    use qcow2::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
+    // Metadata only: an image with an external data file opens without it.
+    let ro = Qcow2Options { writable: false, metadata_only: true, ..Default::default() };
+    let q = Qcow2::open(Arc::new(MemStorage::new(image.to_vec(), CAP)), None, &ro).map_err(|e| format!("{e}"))?;
+    for b in q.bitmaps().map_err(|e| format!("bitmaps: {e}"))? {
+        if b.flags & FLAG_IN_USE != 0 || b.flags & FLAG_AUTO == 0 {
+            continue;
+        }
+        let Some(_) = q.dirty_map(&b.name).map_err(|e| format!("bitmap {}: {e}", b.name))? else {
+            return Err(format!("bitmap {} listed but unreadable", b.name));
+        };
+        for &(o, l) in &exp.changed {
+            let mut pos = o;
+            while pos < o + l {
+                let (dirty, n) =
+                    q.dirty_run(&b.name, pos, o + l - pos).map_err(|e| e.to_string())?.unwrap_or((false, 1));
+                if !dirty {
+                    return Err(format!("consistent bitmap {} is clean at {pos:#x}, written by the case", b.name));
+                }
+                pos += n;
+            }
         }
     }
     Ok(())
@@ -265,7 +308,7 @@ fn run_case(kind: usize, ops: &[Op], seed: u64) -> Result<usize, String> {
     let file = disk.add_file(fx.image.clone());
     let data = fx.data_file.as_ref().map(|(_, d)| disk.add_file(d.clone()) as Arc<dyn Storage>);
     let mut model = fx.guest.clone();
-    let mut exp = Expect { flushed: model.clone(), since: Vec::new() };
+    let mut exp = Expect { flushed: model.clone(), since: Vec::new(), changed: Vec::new() };
     let mut checked = 0usize;
     let mut drain = |exp: &Expect, what: &str| -> Result<(), String> {
         for (n, st) in disk.take_states().into_iter().enumerate() {
@@ -282,6 +325,8 @@ fn run_case(kind: usize, ops: &[Op], seed: u64) -> Result<usize, String> {
     let all: Vec<Op> = fx.prologue.iter().chain(ops).cloned().collect();
     for (k, op) in all.iter().enumerate() {
         let op = match *op {
+            // An image with bitmaps cannot be resized (qimg refuses it, as qemu-img did before 8.2).
+            Op::Grow(_) if fx.name == "bitmaps" => Op::Flush,
             // Ranges are drawn for 1 MiB; fit them to this image.
             Op::Write(o, l, s) if o + l > size => Op::Write(o % size, l.min(size - o % size), s),
             Op::Zero(o, l, u) if o + l > size => Op::Zero(o % size, l.min(size - o % size), u),
@@ -293,6 +338,9 @@ fn run_case(kind: usize, ops: &[Op], seed: u64) -> Result<usize, String> {
             Op::Write(o, l, s) => exp.since.push((o, pattern(o, l, s))),
             Op::Zero(o, l, _) | Op::Discard(o, l) => exp.since.push((o, vec![0; l as usize])),
             Op::Grow(_) | Op::Flush => {}
+        }
+        if let Op::Write(o, l, _) | Op::Zero(o, l, _) | Op::Discard(o, l) = op {
+            exp.changed.push((o, l));
         }
         let q = img.qcow2().ok_or("not qcow2")?;
         let r = match op {
@@ -310,7 +358,7 @@ fn run_case(kind: usize, ops: &[Op], seed: u64) -> Result<usize, String> {
         disk.sample_now(&format!("after op {k} {op:?}"));
         drain(&exp, &format!("op {k} {op:?}"))?;
         if let Op::Flush = op {
-            exp = Expect { flushed: model.clone(), since: Vec::new() };
+            exp = Expect { flushed: model.clone(), since: Vec::new(), changed: exp.changed.clone() };
         }
     }
     // What the image reads now is the model.
@@ -321,6 +369,20 @@ fn run_case(kind: usize, ops: &[Op], seed: u64) -> Result<usize, String> {
             "{}: the open image reads byte {i:#x} as {:#x}, the model {:#x}",
             fx.name, got[i], model[i]
         ));
+    }
+    // Closing flushes and stores the bitmaps: crash states on the way, then the closed image.
+    drop(img);
+    disk.sample_now("after close");
+    drain(&exp, "close")?;
+    if fx.name == "bitmaps" {
+        let closed = disk.current(0);
+        check_bitmaps(&closed, &exp)?;
+        let ro = Qcow2Options { writable: false, ..Default::default() };
+        let q = Qcow2::open(Arc::new(MemStorage::new(closed, CAP)), None, &ro).map_err(|e| e.to_string())?;
+        let b0 = q.bitmaps().map_err(|e| e.to_string())?.into_iter().find(|b| b.name == "b0").ok_or("b0 lost")?;
+        if b0.flags & qcow2::format::bitmap::FLAG_IN_USE != 0 {
+            return Err("b0 is still in use after a clean close".into());
+        }
     }
     Ok(checked)
 }
@@ -403,7 +465,7 @@ fn a_copied_l2_table_is_durable_before_the_l1_entry_that_points_at_it() {
     img.flush().unwrap();
     let states = disk.take_states();
     assert!(states.len() >= 8, "{} states", states.len());
-    let exp = Expect { flushed: fx.guest.clone(), since: vec![(65536, vec![0x5a; 4096])] };
+    let exp = Expect { flushed: fx.guest.clone(), since: vec![(65536, vec![0x5a; 4096])], changed: Vec::new() };
     for st in &states {
         check_state(fx, st, &exp, false).unwrap_or_else(|e| panic!("{}: {e}", st.how));
         let mut got = vec![0u8; 65536];
@@ -435,7 +497,7 @@ fn refcount_blocks_and_a_moved_table_are_durable_before_what_points_at_them() {
         img.flush().unwrap();
         let states = disk.take_states();
         assert!(states.len() >= 24, "{} states", states.len());
-        let exp = Expect { flushed: guest.clone(), since: vec![(at, data.clone())] };
+        let exp = Expect { flushed: guest.clone(), since: vec![(at, data.clone())], changed: Vec::new() };
         for (i, st) in states.iter().enumerate() {
             check_state(fx, st, &exp, i % 8 == 0).unwrap_or_else(|e| panic!("{}: {e}", st.how));
         }

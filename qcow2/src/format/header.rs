@@ -95,6 +95,19 @@ pub struct BitmapsExt {
     pub directory_size: u64,
     /// Offset of the bitmap directory.
     pub directory_offset: u64,
+    /// Where the extension's 24 data bytes are in the file (for updating them in place).
+    pub at: u64,
+}
+
+impl BitmapsExt {
+    /// The extension's data bytes (qcow2.rst "Bitmaps extension").
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.nb_bitmaps.to_be_bytes());
+        b[8..16].copy_from_slice(&self.directory_size.to_be_bytes());
+        b[16..24].copy_from_slice(&self.directory_offset.to_be_bytes());
+        b
+    }
 }
 
 /// A parsed, validated qcow2 header.
@@ -140,6 +153,8 @@ pub struct Header {
     pub unknown_header_tail: Vec<u8>,
     /// Every header extension, in file order, including the known ones.
     pub extensions: Vec<Extension>,
+    /// Where the end-of-extensions marker is (0 when cluster 0 ended first).
+    pub extensions_end: u64,
     /// Backing file name, if any.
     pub backing_file: Option<String>,
     /// Backing format name from the extension.
@@ -228,6 +243,7 @@ impl Header {
             data_file: None,
             feature_names: Vec::new(),
             bitmaps: None,
+            extensions_end: 0,
         };
         if version == 3 {
             if buf.len() < V3_HEADER_LEN as usize {
@@ -310,6 +326,7 @@ impl Header {
             let kind = be32(buf, off);
             let len = be32(buf, off.saturating_add(4)) as usize;
             if kind == EXT_END {
+                self.extensions_end = off as u64;
                 return Ok(());
             }
             let data_off = off.saturating_add(8);
@@ -339,6 +356,7 @@ impl Header {
                         nb_bitmaps: be32(data, 0),
                         directory_size: be64(data, 8),
                         directory_offset: be64(data, 16),
+                        at: data_off as u64,
                     });
                 }
                 _ => {}

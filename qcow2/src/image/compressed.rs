@@ -59,24 +59,44 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 }
 
 /// Compresses one cluster for qemu to read: raw deflate with window bits -12 (zlib-rs backend) or a zstd frame
-/// (libzstd, level 3).
+/// (libzstd, level 3). Each thread keeps its compressor, so the per-call setup (window, tables) is paid once.
 /// Returns `None` if the result would not be smaller than the input.
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
+        static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    }
     match kind {
-        CompressionType::Deflate => {
-            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+        CompressionType::Deflate => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
             let mut out = Vec::with_capacity(input.len());
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) if out.len() < input.len() => Some(out),
-                _ => None,
+                Ok(flate2::Status::StreamEnd) if out.len() < input.len() => {
+                    c.reset();
+                    Some(out)
+                }
+                _ => {
+                    // A stream that did not finish (the output did not fit) keeps pending bytes that a reset
+                    // does not drop in every backend: start the next cluster with a new compressor.
+                    *slot = None;
+                    None
+                }
             }
-        }
-        CompressionType::Zstd => {
-            // zstd's default level (3), as qemu's `qcow2_zstd_compress` leaves it (ruzstd, which decodes, only
-            // encodes at its fastest and weakest level).
-            let out = zstd::bulk::compress(input, 0).ok()?;
+        }),
+        // zstd's default level (3), as qemu's `qcow2_zstd_compress` leaves it (ruzstd, which decodes, only
+        // encodes at its fastest and weakest level).
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = zstd::bulk::Compressor::new(0).ok();
+            }
+            let out = slot.as_mut()?.compress(input).ok()?;
             (out.len() < input.len()).then_some(out)
-        }
+        }),
     }
 }
 

@@ -4,6 +4,7 @@
 //! reads guest data outside any lock, from the mapping the metadata layer returned.
 
 pub mod alloc;
+mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod commit;
@@ -14,6 +15,7 @@ mod open;
 pub mod overlap;
 mod write;
 
+pub use bitmaps::DirtyMap;
 pub use mapping::Mapping;
 pub use open::Qcow2Options;
 pub use write::Prealloc;
@@ -65,6 +67,12 @@ pub struct Qcow2 {
     overlap: Arc<overlap::Map>,
     /// Where metadata commits run (qnbd's commit helper), or `None` for the calling thread.
     commit_sink: Option<Arc<dyn commit::CommitSink>>,
+    /// The persistent dirty bitmaps kept up to date (set at a read-write open; see `bitmaps.rs`).
+    bitmaps_live: std::sync::OnceLock<bitmaps::Live>,
+    /// The bitmaps extension as it is now on disk, and the autoclear bits (both change with `qimg bitmap`).
+    bitmap_ext: Mutex<bitmaps::ExtState>,
+    /// Bitmaps read from disk for `dirty_run` (they do not change while this process has the image open).
+    dirty_maps: Mutex<std::collections::HashMap<String, Option<Arc<DirtyMap>>>>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -96,26 +104,6 @@ impl Qcow2 {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
-    }
-
-    /// The persistent dirty bitmaps (the bitmap directory; empty without the bitmaps extension or when the
-    /// autoclear bit says the extension is stale).
-    pub fn bitmaps(&self) -> crate::Result<Vec<crate::format::bitmap::BitmapEntry>> {
-        let h = &self.header;
-        let Some(b) = h.bitmaps else { return Ok(Vec::new()) };
-        if h.autoclear_features & crate::format::header::AUTOCLEAR_BITMAPS == 0 {
-            return Ok(Vec::new());
-        }
-        let fits = b.directory_offset.checked_add(b.directory_size).is_some_and(|e| e <= self.file_len());
-        if b.directory_size > crate::limits::MAX_BITMAP_DIRECTORY_BYTES || !fits {
-            return Err(crate::Error::corrupt(format!(
-                "bitmap directory at {:#x} ({} bytes) lies outside the file",
-                b.directory_offset, b.directory_size
-            )));
-        }
-        let mut dir = vec![0u8; b.directory_size as usize];
-        self.file.read_at(&mut dir, b.directory_offset)?;
-        crate::format::bitmap::parse_directory(&dir, b.nb_bitmaps)
     }
 
     /// Internal snapshots.
@@ -173,9 +161,12 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        // A clean close writes every dirty table, in the safe order.
+        // A clean close writes every dirty table, in the safe order, then stores the dirty bitmaps.
         if self.writer.is_some() {
             let _ = self.flush();
+            if let Err(e) = self.store_bitmaps() {
+                eprintln!("qcow2: storing the dirty bitmaps failed ({e}); they stay marked in use (inconsistent)");
+            }
         }
     }
 }

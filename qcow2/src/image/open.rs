@@ -24,6 +24,8 @@ pub struct Qcow2Options {
     /// Metadata only (qemu's `BDRV_O_NO_IO`, as `qemu-img info` opens images): an external data file is not
     /// needed, and guest data must not be read.
     pub metadata_only: bool,
+    /// Opened to change the persistent bitmaps (`qimg bitmap`): they are kept, not tracked.
+    pub manage_bitmaps: bool,
 }
 
 pub(crate) fn read_table(s: &dyn Storage, off: u64, entries: u64) -> Result<Vec<u64>> {
@@ -226,11 +228,17 @@ impl Qcow2 {
             has_backing: std::sync::atomic::AtomicBool::new(header.backing_file.is_some()),
             overlap,
             commit_sink: opts.commit_sink.clone(),
+            bitmaps_live: std::sync::OnceLock::new(),
+            bitmap_ext: std::sync::Mutex::new(super::bitmaps::ExtState {
+                ext: header.bitmaps,
+                autoclear: header.autoclear_features,
+            }),
+            dirty_maps: std::sync::Mutex::new(std::collections::HashMap::new()),
             header,
         };
         if img.writer.is_some() {
             img.map_metadata(&regions)?;
-            img.open_for_writing()?;
+            img.open_for_writing(opts.manage_bitmaps)?;
         }
         Ok(img)
     }

@@ -26,7 +26,7 @@ const MAX_DIRTY_L2_BYTES: u64 = 32 << 20;
 
 /// Mutable state of a writable image.
 pub struct WriteState {
-    refs: Refcounts,
+    pub(super) refs: Refcounts,
     /// L1 entries changed since the last commit (by index).
     l1_dirty: BTreeSet<usize>,
     /// Set once an inconsistency was found: no more writes.
@@ -103,7 +103,7 @@ impl Qcow2 {
         }
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, WriteState>> {
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, WriteState>> {
         let g = self.lock_any()?;
         if g.corrupt {
             return Err(Error::corrupt("the image was found corrupt: writes are refused"));
@@ -129,9 +129,9 @@ impl Qcow2 {
     }
 
     /// Called once when opened read-write: unknown autoclear bits are cleared (qcow2.rst: a program that
-    /// does not understand them must clear them when it writes), including the bitmaps bit, since qnbd does
-    /// not keep bitmaps up to date.
-    pub(super) fn open_for_writing(&self) -> Result<()> {
+    /// does not understand them must clear them when it writes); the bitmaps bit stays when the bitmaps were
+    /// loaded to be kept up to date (`bitmaps.rs`).
+    pub(super) fn open_for_writing(&self, manage_bitmaps: bool) -> Result<()> {
         let h = &self.header;
         if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             // qcow2.rst: a dirty image's refcounts may be wrong (lazy refcounts); repair before writing.
@@ -141,9 +141,18 @@ impl Qcow2 {
             self.commit_header(&[(Field::IncompatibleFeatures, bits)])?;
         }
         if h.version >= 3 {
-            let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
+            let mut keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
+            let kept = if manage_bitmaps {
+                h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
+            } else {
+                self.load_bitmaps()?
+            };
+            if kept {
+                keep |= header::AUTOCLEAR_BITMAPS;
+            }
             if keep != h.autoclear_features {
                 self.commit_header(&[(Field::AutoclearFeatures, keep)])?;
+                self.note_autoclear(keep);
             }
         }
         Ok(())
@@ -158,11 +167,11 @@ impl Qcow2 {
         self.run_commit(&c)
     }
 
-    fn has_separate_data(&self) -> bool {
+    pub(super) fn has_separate_data(&self) -> bool {
         !Arc::ptr_eq(&self.data, &self.file)
     }
 
-    fn run_commit(&self, c: &MetaCommit) -> Result<()> {
+    pub(super) fn run_commit(&self, c: &MetaCommit) -> Result<()> {
         commit::run(c, self.file.as_ref(), self.data.as_ref(), self.commit_sink.as_deref())
     }
 
@@ -258,7 +267,7 @@ impl Qcow2 {
         Ok(new)
     }
 
-    fn grow_file_len(&self, refs: &Refcounts) {
+    pub(super) fn grow_file_len(&self, refs: &Refcounts) {
         self.file_len.fetch_max(refs.end_cluster << self.cluster_bits, Ordering::AcqRel);
     }
 
@@ -310,6 +319,7 @@ impl Qcow2 {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::corrupt("the image was found corrupt: writes are refused"));
         }
+        self.mark_dirty(offset, buf.len() as u64);
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -362,6 +372,7 @@ impl Qcow2 {
         if self.writer.is_none() || self.poisoned.load(Ordering::Acquire) {
             return None;
         }
+        self.mark_dirty(offset, buf.len() as u64);
         let cs = self.cluster_size();
         let mut hosts: Vec<(u64, usize, usize)> = Vec::with_capacity(4);
         let mut done = 0usize;
@@ -478,6 +489,7 @@ impl Qcow2 {
                 "a compressed write is one cluster, smaller once compressed",
             ));
         }
+        self.mark_dirty(pos, cs);
         let gc = pos >> cb;
         let mut st = self.wait_cluster(self.lock()?, gc)?;
         let (l1_idx, idx) = self.indices(pos);
@@ -805,6 +817,8 @@ impl Qcow2 {
         if self.writer.is_none() {
             return Err(Error::new(ErrorKind::ReadOnly, "the image is read-only"));
         }
+        // A discard changes what the guest reads too: the bitmaps see it (qemu marks discards dirty).
+        self.mark_dirty(offset, len);
         let gran = 1u64 << self.sc_bits;
         let end = offset + len;
         let mut pos = offset;
@@ -1008,7 +1022,7 @@ impl Qcow2 {
 
     /// Applies the queued refcount decrements, now that the entries that pointed at those clusters are
     /// durable, and commits them.
-    fn commit_frees(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn commit_frees(&self, st: &mut WriteState) -> Result<()> {
         if st.refs.pending_free.is_empty() {
             return Ok(());
         }
@@ -1035,6 +1049,12 @@ impl Qcow2 {
 
     fn resize_locked(&self, st: &mut WriteState, new_size: u64) -> Result<()> {
         let old = self.size();
+        if self.header.bitmaps.is_some() && !self.bitmaps()?.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "cannot resize an image with persistent dirty bitmaps (remove them first)",
+            ));
+        }
         if new_size < old {
             return Err(Error::new(ErrorKind::InvalidArgument, "shrinking qcow2 images is not supported"));
         }

@@ -161,6 +161,13 @@ pub(crate) fn build_exports(cli: &Cli) -> Result<Exports, String> {
         if name.len() > nbd_server::proto::MAX_STRING {
             return Err("export name is longer than 4096 bytes".into());
         }
+        for b in &cli.bitmaps {
+            match img.has_bitmap(b) {
+                Ok(true) => {}
+                Ok(false) => return Err(format!("Bitmap '{b}' is not found")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         list.push(Arc::new(Export {
             name,
             description: cli.description.clone().unwrap_or_default(),
@@ -176,6 +183,7 @@ pub(crate) fn build_exports(cli: &Cli) -> Result<Exports, String> {
             unmap,
             detect_zeroes,
             allocation_depth: cli.allocation_depth,
+            bitmaps: cli.bitmaps.clone(),
             multi_conn: (cli.shared != 1 || cli.connections > 1) && !cli.fresh_per_connection,
             fresh: cli
                 .fresh_per_connection

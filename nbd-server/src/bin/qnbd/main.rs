@@ -79,6 +79,9 @@ struct Cli {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer the persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME metadata context (repeatable).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
     /// Fork into the background once listening.
     #[arg(long)]
     fork: bool,

@@ -82,6 +82,12 @@ pub struct Args {
     /// Objects (accepted: secrets are not used by qimg).
     #[arg(long = "object")]
     pub object: Vec<String>,
+    /// Copy the source's persistent dirty bitmaps too (qcow2 target).
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// Input images (several are concatenated), then the output.
     #[arg(required = true, num_args = 2..)]
     pub files: Vec<String>,
@@ -102,6 +108,15 @@ pub fn run(a: Args) -> Result<(), String> {
     }
     if a.target_image_opts && !a.no_create {
         return Err("--target-image-opts requires use of -n flag".into());
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
+    if a.bitmaps && inputs.len() > 1 {
+        return Err("Copying bitmaps only possible with single source".into());
+    }
+    if a.bitmaps && a.out_format != "qcow2" {
+        return Err(format!("Format driver '{}' does not support bitmaps", a.out_format));
     }
     if a.salvage && a.copy_range {
         return Err("Cannot use copy offloading in salvaging mode".into());
@@ -236,7 +251,44 @@ pub fn run(a: Args) -> Result<(), String> {
         salvage: a.salvage,
         rate,
     };
-    copy(&src, &target, &co)
+    copy(&src, &target, &co)?;
+    if a.bitmaps {
+        copy_bitmaps(&src, &target, a.skip_broken_bitmaps)?;
+    }
+    Ok(())
+}
+
+/// `--bitmaps`: each persistent bitmap of the source's top image is added to the target with its name,
+/// granularity and enabled state, and its bits. An inconsistent one fails the conversion, or with
+/// `--skip-broken-bitmaps` is left out with a warning.
+fn copy_bitmaps(src: &Sources, target: &Image, skip_broken: bool) -> Result<(), String> {
+    use qcow2::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
+    let Some(sq) = src.parts.first().and_then(|(_, i)| i.qcow2()) else { return Ok(()) };
+    let tq = target.qcow2().ok_or("Format driver 'raw' does not support bitmaps")?;
+    let list = sq.bitmaps().map_err(|e| e.to_string())?;
+    if list.is_empty() {
+        return Ok(());
+    }
+    if tq.tracks_bitmaps() || !tq.bitmaps().map_err(|e| e.to_string())?.is_empty() {
+        return Err(
+            "the target has persistent bitmaps of its own: qimg copies bitmaps only into a target without any".into()
+        );
+    }
+    for b in list {
+        if b.flags & FLAG_IN_USE != 0 {
+            if skip_broken {
+                eprintln!("qimg: warning: Skipping inconsistent bitmap '{}'", b.name);
+                continue;
+            }
+            return Err(format!("Cannot copy inconsistent bitmap '{}'", b.name));
+        }
+        let g = b.granularity().ok_or_else(|| format!("bitmap '{}' has an unsupported granularity", b.name))?;
+        let map =
+            sq.dirty_map(&b.name).map_err(|e| e.to_string())?.ok_or_else(|| format!("bitmap '{}' vanished", b.name))?;
+        tq.bitmap_add(&b.name, g, b.flags & FLAG_AUTO != 0).map_err(|e| e.to_string())?;
+        tq.bitmap_merge(&b.name, &map).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Copy granularity: the buffer one read fills.
@@ -366,6 +418,8 @@ struct Filled {
     offset: u64,
     buf: Vec<u8>,
     ranges: Vec<(usize, usize)>,
+    /// With `-c`: each cluster of `buf` compressed (`None`: all zeros, or not smaller once compressed).
+    compressed: Option<Vec<Option<Vec<u8>>>>,
 }
 
 /// How `convert` writes its target.
@@ -494,9 +548,14 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
         Data(Filled),
         Zero(u64, u64),
     }
-    let (tx, rx) = sync_channel::<Work>(DEPTH);
-    let (back_tx, back_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
-    for _ in 0..DEPTH + 2 {
+    // With -c, clusters are compressed by a worker per core between the reader and the writer, which puts
+    // the chunks back in order (by their sequence numbers) before writing them.
+    let workers =
+        if o.compress.is_some() { std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16) } else { 0 };
+    let (tx, rx) = sync_channel::<(u64, Work)>(DEPTH);
+    let buffers = DEPTH + 2 + 2 * workers;
+    let (back_tx, back_rx) = sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
         let _ = back_tx.send(vec![0u8; CHUNK as usize]);
     }
     let align = o.align.max(1);
@@ -504,10 +563,15 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
     let min_sparse = if o.min_sparse == 0 { 0 } else { o.min_sparse.max(align as usize) };
     let salvage = o.salvage;
     let started = std::time::Instant::now();
-    let mut written = 0u64;
+    // Shared by the writers (see below); declared here to outlive their scope.
+    let rx = &std::sync::Mutex::new(Some(rx));
+    let back_tx = &std::sync::Mutex::new(Some(back_tx));
+    let failed = &std::sync::atomic::AtomicBool::new(false);
+    let shared = &std::sync::Mutex::new((&mut progress, 0u64, 0u64));
     let result = std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<(), String> {
             let mut pos = 0u64;
+            let mut seq = 0u64;
             while pos < size {
                 let st = img.block_status(pos, (size - pos).min(1 << 30), salvage)?;
                 let mut run_end = pos + st.len.max(1).min(size - pos);
@@ -536,45 +600,142 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
                             img.read_salvaging(&mut buf, p, salvage)?;
                         }
                         let ranges = nonzero_ranges(&buf, min_sparse);
-                        if tx.send(Work::Data(Filled { offset: p, buf, ranges })).is_err() {
+                        seq += 1;
+                        let filled = Filled { offset: p, buf, ranges, compressed: None };
+                        if tx.send((seq, Work::Data(filled))).is_err() {
                             return Ok(());
                         }
                         p += n as u64;
                     }
-                } else if !zero_init && tx.send(Work::Zero(pos, run_end - pos)).is_err() {
-                    return Ok(());
+                } else if !zero_init {
+                    seq += 1;
+                    if tx.send((seq, Work::Zero(pos, run_end - pos))).is_err() {
+                        return Ok(());
+                    }
                 }
                 pos = run_end;
             }
             Ok(())
         });
-        let mut werr = None;
-        for w in rx.iter() {
+        // Writers: one, in order (a qcow2 target's clusters are laid out in guest order, as qemu-img
+        // writes them without -W); a raw target has no layout to keep, so two write at once.
+        let writers = if target.qcow2().is_none() { 2 } else { 1 };
+        let next_item = || -> Result<Option<(u64, Work)>, String> {
+            let g = rx.lock().map_err(|_| "writer lock poisoned".to_string())?;
+            Ok(g.as_ref().and_then(|r| r.recv().ok()))
+        };
+        let write_one = |w: Work| -> Result<(), String> {
             let r = match &w {
                 Work::Zero(off, len) => target
                     .write_zeroes(*off, *len, true, false)
                     .map_err(|e| format!("error while writing at byte {off}: {e}")),
-                Work::Data(f) => match o.compress {
-                    Some(kind) => write_compressed(target, f, kind, align, size, zero_init),
+                Work::Data(f) => match &f.compressed {
+                    Some(c) => write_compressed(target, f, c, align, size, zero_init),
                     None => write_ranges(target, f, zero_init),
                 },
             };
             if let Err(e) = r {
-                werr = Some(e);
-                break;
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
             }
-            match w {
-                Work::Zero(off, len) => progress.set(off + len),
+            let (end, bytes, buf) = match w {
+                Work::Zero(off, len) => (off + len, 0, None),
                 Work::Data(f) => {
-                    progress.set(f.offset + f.buf.len() as u64);
-                    written += f.ranges.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
-                    throttle(started, written, o.rate);
-                    let _ = back_tx.send(f.buf);
+                    let n = f.ranges.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
+                    (f.offset + f.buf.len() as u64, n, Some(f.buf))
+                }
+            };
+            let done = {
+                let mut g = shared.lock().map_err(|_| "progress lock poisoned".to_string())?;
+                g.1 = g.1.max(end);
+                g.2 += bytes;
+                let pos = g.1;
+                g.0.set(pos);
+                g.2
+            };
+            throttle(started, done, o.rate);
+            if let (Some(buf), Ok(g)) = (buf, back_tx.lock()) {
+                if let Some(b) = g.as_ref() {
+                    let _ = b.send(buf);
                 }
             }
+            Ok(())
+        };
+        let write_loop = move || -> Result<(), String> {
+            while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some((_, w)) = next_item()? else { return Ok(()) };
+                write_one(w)?;
+            }
+            Ok(())
+        };
+        if let Some(kind) = o.compress {
+            let (ctx, crx) = std::sync::mpsc::channel::<(u64, Work)>();
+            let compressors: Vec<_> = (0..workers)
+                .map(|_| {
+                    let ctx = ctx.clone();
+                    s.spawn(move || -> Result<(), String> {
+                        while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            let Some((seq, mut w)) = next_item()? else { return Ok(()) };
+                            if let Work::Data(f) = &mut w {
+                                f.compressed = Some(compress_clusters(&f.buf, kind, align));
+                            }
+                            if ctx.send((seq, w)).is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            drop(ctx);
+            // In sequence order: chunks that arrive early wait (at most the number of buffers).
+            let mut pending = std::collections::BTreeMap::new();
+            let mut want = 1u64;
+            let mut werr = None;
+            'recv: for (seq, w) in crx.iter() {
+                pending.insert(seq, w);
+                while let Some(w) = pending.remove(&want) {
+                    if let Err(e) = write_one(w) {
+                        werr = Some(e);
+                        break 'recv;
+                    }
+                    want += 1;
+                }
+            }
+            failed.store(werr.is_some(), std::sync::atomic::Ordering::Relaxed);
+            drop(crx);
+            drop(pending);
+            if let Ok(mut g) = rx.lock() {
+                g.take();
+            }
+            for h in compressors {
+                if let Err(e) = h.join().unwrap_or_else(|_| Err("compression thread failed".into())) {
+                    werr.get_or_insert(e);
+                }
+            }
+            if let Ok(mut g) = back_tx.lock() {
+                g.take();
+            }
+            let r = reader.join().unwrap_or_else(|_| Err("reader thread failed".into()));
+            return match werr {
+                Some(e) => Err(e),
+                None => r,
+            };
         }
-        drop(rx);
-        drop(back_tx);
+        let extra: Vec<_> = (1..writers).map(|_| s.spawn(write_loop)).collect();
+        let mut werr = write_loop().err();
+        for h in extra {
+            if let Err(e) = h.join().unwrap_or_else(|_| Err("writer thread failed".into())) {
+                werr.get_or_insert(e);
+            }
+        }
+        // Closing both channels stops the reader wherever it waits.
+        if let Ok(mut g) = rx.lock() {
+            g.take();
+        }
+        if let Ok(mut g) = back_tx.lock() {
+            g.take();
+        }
         let r = reader.join().unwrap_or_else(|_| Err("reader thread failed".into()));
         match werr {
             Some(e) => Err(e),
@@ -587,53 +748,42 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// `-c`: every non-zero cluster of a filled (cluster-aligned) buffer compressed, on every core, and written
-/// as a compressed cluster; one that does not shrink below a cluster is written as it is (qemu's rule). The
-/// image's last cluster, if partial, is padded with zeros first, as qemu does.
+/// `-c`: each cluster of a chunk compressed (in a compression worker); `None` for an all-zero cluster or
+/// one that does not shrink below a cluster (qemu's rule). The image's last cluster, if partial, is padded
+/// with zeros first, as qemu does.
+fn compress_clusters(buf: &[u8], kind: qcow2::format::header::CompressionType, cs: u64) -> Vec<Option<Vec<u8>>> {
+    buf.chunks(cs as usize)
+        .map(|p| {
+            if is_zero(p) {
+                return None;
+            }
+            let padded;
+            let input: &[u8] = if p.len() < cs as usize {
+                let mut v = p.to_vec();
+                v.resize(cs as usize, 0);
+                padded = v;
+                &padded
+            } else {
+                p
+            };
+            qcow2::image::compressed::compress(kind, input).filter(|c| (c.len() as u64) < cs)
+        })
+        .collect()
+}
+
+/// `-c`: writes a chunk's clusters, compressed where [`compress_clusters`] could, as they are otherwise;
+/// all-zero clusters are skipped (or zeroed when the target does not read as zeros).
 fn write_compressed(
     target: &Image,
     f: &Filled,
-    kind: qcow2::format::header::CompressionType,
+    compressed: &[Option<Vec<u8>>],
     cs: u64,
     size: u64,
     zero_init: bool,
 ) -> Result<(), String> {
     let q = target.qcow2().ok_or("-c needs a qcow2 target")?;
     let pieces: Vec<&[u8]> = f.buf.chunks(cs as usize).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
-    let per = pieces.len().div_ceil(threads).max(1);
-    let compressed: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = pieces
-            .chunks(per)
-            .map(|group| {
-                s.spawn(move || {
-                    group
-                        .iter()
-                        .map(|p| {
-                            if is_zero(p) {
-                                return None;
-                            }
-                            let mut padded;
-                            let input: &[u8] = if p.len() < cs as usize {
-                                padded = p.to_vec();
-                                padded.resize(cs as usize, 0);
-                                &padded
-                            } else {
-                                p
-                            };
-                            qcow2::image::compressed::compress(kind, input).filter(|c| (c.len() as u64) < cs)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(pieces.len());
-        for h in handles {
-            all.extend(h.join().map_err(|_| "a compression thread failed".to_string())?);
-        }
-        Ok::<_, String>(all)
-    })?;
-    for (i, (piece, c)) in pieces.iter().zip(compressed).enumerate() {
+    for (i, (piece, c)) in pieces.iter().zip(compressed.iter().cloned().chain(std::iter::repeat(None))).enumerate() {
         let off = f.offset + i as u64 * cs;
         let err = |e: qcow2::Error| format!("error while writing at byte {off}: {e}");
         if is_zero(piece) {

@@ -2,7 +2,7 @@
 
 use crate::size::size_to_str;
 use qcow2::chain::resolve_relative;
-use qcow2::format::header::{self, Header};
+use qcow2::format::header;
 use qcow2::format::snapshot::Snapshot;
 use qcow2::{Image, Layer};
 use serde_json::{json, Map, Value};
@@ -35,7 +35,31 @@ fn snapshot_json(s: &Snapshot) -> Value {
     Value::Object(m)
 }
 
-fn qcow2_specific(h: &Header) -> Value {
+/// The persistent bitmaps as qemu-img info lists them (name, granularity, flags `in-use` and `auto`).
+fn bitmaps_json(q: &qcow2::image::Qcow2) -> Option<Value> {
+    use qcow2::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
+    let list = q.bitmaps().ok()?;
+    if list.is_empty() {
+        return None;
+    }
+    let v = list
+        .iter()
+        .map(|b| {
+            let mut flags = Vec::new();
+            if b.flags & FLAG_IN_USE != 0 {
+                flags.push("in-use");
+            }
+            if b.flags & FLAG_AUTO != 0 {
+                flags.push("auto");
+            }
+            json!({"flags": flags, "name": b.name, "granularity": 1u64.checked_shl(u32::from(b.granularity_bits)).unwrap_or(0)})
+        })
+        .collect();
+    Some(Value::Array(v))
+}
+
+fn qcow2_specific(q: &qcow2::image::Qcow2) -> Value {
+    let h = q.header();
     let mut d = Map::new();
     if h.version == 2 {
         d.insert("compat".into(), json!("0.10"));
@@ -45,6 +69,9 @@ fn qcow2_specific(h: &Header) -> Value {
         d.insert("compat".into(), json!("1.1"));
         d.insert("compression-type".into(), json!(h.compression_type.qemu_name()));
         d.insert("lazy-refcounts".into(), json!(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0));
+        if let Some(b) = bitmaps_json(q) {
+            d.insert("bitmaps".into(), b);
+        }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if let Some(df) = &h.data_file {
             d.insert("data-file".into(), json!(df));
@@ -77,8 +104,8 @@ pub fn info_json(img: &Image) -> Value {
     }
     m.insert("format".into(), json!(img.format().name()));
     m.insert("actual-size".into(), json!(img.storage().allocated_bytes().unwrap_or(0)));
-    if let Some(h) = h {
-        m.insert("format-specific".into(), qcow2_specific(h));
+    if let (Some(h), Some(q)) = (h, q) {
+        m.insert("format-specific".into(), qcow2_specific(q));
         if let Some(b) = &h.backing_file {
             m.insert("full-backing-filename".into(), json!(resolve_relative(img.filename(), b)));
             m.insert("backing-filename".into(), json!(b));
@@ -111,6 +138,32 @@ fn local_date(secs: u32) -> String {
 /// One row of qemu's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
 pub fn snapshot_row(id: &str, tag: &str, vm: &str, date: &str, clock: &str, icount: &str) -> String {
     format!("{id:<7} {tag:<16} {vm:>8} {date:>19} {clock:>15} {icount:>10}")
+}
+
+/// qemu's human layout of nested info: `key: value`, with lists and objects below their key, list items as
+/// `[i]:`, keys with spaces for dashes, each level indented by four more spaces.
+fn human_object(d: &Map<String, Value>, indent: usize, s: &mut String) {
+    for (k, v) in d {
+        human_value(&k.replace('-', " "), v, indent, s);
+    }
+}
+
+fn human_value(label: &str, v: &Value, indent: usize, s: &mut String) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(o) => {
+            *s += &format!("{pad}{label}:\n");
+            human_object(o, indent + 4, s);
+        }
+        Value::Array(a) => {
+            *s += &format!("{pad}{label}:\n");
+            for (i, item) in a.iter().enumerate() {
+                human_value(&format!("[{i}]"), item, indent + 4, s);
+            }
+        }
+        Value::String(x) => *s += &format!("{pad}{label}: {x}\n"),
+        other => *s += &format!("{pad}{label}: {other}\n"),
+    }
 }
 
 /// The human layout of one image's info.
@@ -168,15 +221,8 @@ pub fn info_human(img: &Image) -> String {
             }
         }
         s += "Format specific information:\n";
-        if let Value::Object(d) = &qcow2_specific(h)["data"] {
-            for (k, v) in d {
-                let key = k.replace('-', " ");
-                let val = match v {
-                    Value::String(x) => x.clone(),
-                    other => other.to_string(),
-                };
-                s += &format!("    {key}: {val}\n");
-            }
+        if let Value::Object(d) = &qcow2_specific(q)["data"] {
+            human_object(d, 4, &mut s);
         }
     }
     let flen = img.storage().len().unwrap_or(0).div_ceil(512) * 512;

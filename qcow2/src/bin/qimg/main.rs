@@ -1,5 +1,6 @@
 //! `qimg`: a qemu-img-compatible subset (info, map, convert, compare) built on the qcow2 crate.
 
+mod bitmap;
 mod check;
 mod compare;
 mod convert;
@@ -170,6 +171,8 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
+    /// Change persistent dirty bitmaps (qemu-img bitmap).
+    Bitmap(bitmap::Args),
     /// Compute the size a new image needs (qemu-img measure).
     Measure {
         /// Output format.
@@ -390,6 +393,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bitmap(a) => {
+            bitmap::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Convert(a) => {
