@@ -9,6 +9,8 @@
 # Cases (default: all):
 #   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
 #   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
+#   write-bitmaps               write-alloc into an image with two enabled persistent dirty bitmaps (64 KiB and
+#                               512 KiB granularity), which both servers keep up to date
 #   write-fresh-4c              4 clients (4 connections), each 4 KiB random write QD32 into its own quarter of a
 #                               fresh 1 GiB qcow2 (different clusters; most writes soon hit allocated clusters)
 #   alloc-4c                    the same into a fresh 64 GiB qcow2 (16 GiB each): nearly every write allocates
@@ -30,7 +32,7 @@ secs=${1:-5}
 reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc cow cow-extl2 read-chain3 seq-read seq-write
+[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc write-bitmaps cow cow-extl2 read-chain3 seq-read seq-write
   raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring
   read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct)
 export PATH=/usr/bin:$PATH
@@ -61,6 +63,11 @@ prep() { # case -> the image to serve (made fresh for each run)
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     read-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
+    write-bitmaps)
+      cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"
+      qemu-img bitmap --add "$dir/img.qcow2" b0
+      qemu-img bitmap --add -g 512k "$dir/img.qcow2" b1
+      echo "$dir/img.qcow2" ;;
     raw-*) echo "$dir/base.raw" ;;
     *) cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
   esac

@@ -49,6 +49,14 @@ impl BlockDevice for Mem {
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Bitmap "b0": every other 4 KiB granule dirty.
+    fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+        if bitmap != "b0" {
+            return Ok(None);
+        }
+        let n = (4096 - offset % 4096).min(len).max(1);
+        Ok(Some(((offset / 4096) % 2 == 0, n)))
+    }
     fn flush(&self) -> Result<()> {
         Ok(())
     }
@@ -66,6 +74,7 @@ fuzz_target!(|data: &[u8]| {
             unmap: true,
             detect_zeroes: DetectZeroes::On,
             allocation_depth: true,
+            bitmaps: vec!["b0".into()],
             multi_conn: true,
             fresh: None,
             cache: Default::default(),

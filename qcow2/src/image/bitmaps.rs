@@ -159,7 +159,7 @@ impl Qcow2 {
         Ok(self.read_directory()?.map(|(_, e)| e).unwrap_or_default())
     }
 
-    fn ext_state(&self) -> Result<ExtState> {
+    pub(super) fn ext_state(&self) -> Result<ExtState> {
         self.bitmap_ext.lock().map(|g| *g).map_err(|_| Error::new(ErrorKind::Io, "bitmap state poisoned"))
     }
 

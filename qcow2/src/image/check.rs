@@ -196,7 +196,10 @@ impl Qcow2 {
                 }
             }
         }
-        if let Some(b) = h.bitmaps {
+        // The bitmaps extension as it is now, counted only when its autoclear bit says it is valid (qemu
+        // ignores it otherwise, and its clusters are leaks).
+        let ext = self.ext_state()?;
+        if let Some(b) = ext.ext.filter(|_| ext.autoclear & header::AUTOCLEAR_BITMAPS != 0) {
             self.bitmap_refs(b, &mut r, &mut |r, off, len| add(r, off, len, "bitmap"))?;
         }
         // On-disk refcounts, block by block.
@@ -278,44 +281,60 @@ impl Qcow2 {
         Ok(r)
     }
 
-    /// References held by persistent bitmaps: the directory, each bitmap table and its data clusters.
+    /// References held by persistent bitmaps: the directory, each bitmap table and its data clusters. A
+    /// directory, entry or table entry that breaks qcow2.rst "Bitmaps" counts as a corruption.
     fn bitmap_refs(
         &self,
         b: header::BitmapsExt,
         r: &mut CheckReport,
         add: &mut dyn FnMut(&mut CheckReport, u64, u64),
     ) -> Result<()> {
+        use crate::format::bitmap::{parse_directory, TableEntry};
         let fits = b.directory_offset.checked_add(b.directory_size).is_some_and(|e| e <= self.file_len());
-        if b.directory_size > 64 << 20 || !fits {
+        if b.directory_size > crate::limits::MAX_BITMAP_DIRECTORY_BYTES || !fits {
             r.corruptions += 1;
+            r.push("ERROR bitmap directory lies outside the image file".into());
+            return Ok(());
+        }
+        if b.nb_bitmaps == 0 {
             return Ok(());
         }
         add(r, b.directory_offset, b.directory_size);
         let mut dir = vec![0u8; b.directory_size as usize];
         self.file.read_at(&mut dir, b.directory_offset)?;
-        let mut off = 0usize;
-        for _ in 0..b.nb_bitmaps {
-            let Some(e) = dir.get(off..off + 24) else {
-                break;
-            };
-            let tbl = u64::from_be_bytes(e[0..8].try_into().unwrap_or([0; 8]));
-            let n = u32::from_be_bytes(e[8..12].try_into().unwrap_or([0; 4]));
-            let name = u16::from_be_bytes(e[18..20].try_into().unwrap_or([0; 2])) as usize;
-            let extra = u32::from_be_bytes(e[20..24].try_into().unwrap_or([0; 4])) as usize;
-            let fits = tbl.checked_add(u64::from(n) * 8).is_some_and(|e| e <= self.file_len());
-            if u64::from(n) * 8 > crate::limits::MAX_L1_BYTES || !fits {
+        let entries = match parse_directory(&dir, b.nb_bitmaps) {
+            Ok(e) => e,
+            Err(e) => {
                 r.corruptions += 1;
-                break;
+                r.push(format!("ERROR bitmap directory: {e}"));
+                return Ok(());
             }
-            add(r, tbl, u64::from(n) * 8);
-            let t = super::open::read_table(self.file.as_ref(), tbl, u64::from(n))?;
+        };
+        for e in entries {
+            if let Err(err) = e.validate(self.size(), self.cluster_bits) {
+                r.corruptions += 1;
+                r.push(format!("ERROR {err}"));
+                continue;
+            }
+            let n = u64::from(e.table_size);
+            let fits = e.table_offset.checked_add(n * 8).is_some_and(|end| end <= self.file_len());
+            if n * 8 > crate::limits::MAX_L1_BYTES || !fits {
+                r.corruptions += 1;
+                r.push(format!("ERROR bitmap '{}': table outside the image file", e.name));
+                continue;
+            }
+            add(r, e.table_offset, n * 8);
+            let t = super::open::read_table(self.file.as_ref(), e.table_offset, n)?;
             for v in t {
-                let o = v & OFFSET_MASK;
-                if o != 0 {
-                    add(r, o, self.cluster_size());
+                match TableEntry::decode(v, self.cluster_bits) {
+                    Ok(TableEntry::Data(o)) => add(r, o, self.cluster_size()),
+                    Ok(_) => {}
+                    Err(err) => {
+                        r.corruptions += 1;
+                        r.push(format!("ERROR bitmap '{}': {err}", e.name));
+                    }
                 }
             }
-            off += (24 + extra + name).div_ceil(8) * 8;
         }
         Ok(())
     }

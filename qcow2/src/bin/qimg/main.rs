@@ -5,6 +5,7 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod json;
 mod map;
@@ -171,6 +172,8 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
+    /// Copy part of an image into a new one, dd style (qemu-img dd).
+    Dd(dd::Args),
     /// Change persistent dirty bitmaps (qemu-img bitmap).
     Bitmap(bitmap::Args),
     /// Compute the size a new image needs (qemu-img measure).
@@ -393,6 +396,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dd(a) => {
+            dd::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bitmap(a) => {
