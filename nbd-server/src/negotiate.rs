@@ -595,11 +595,21 @@ mod tests {
         let mut out = Vec::new();
         n.option(NBD_OPT_LIST_META_CONTEXT, &meta_query("disk", &["qemu:"]), false, &One, &mut out);
         assert_eq!(&out[12..16], &NBD_REP_META_CONTEXT.to_be_bytes());
-        let n = QEMU_ALLOCATION_DEPTH.len();
-        assert_eq!(&out[24..24 + n], QEMU_ALLOCATION_DEPTH.as_bytes());
-        // Then the ACK, and nothing from the base: namespace.
-        assert_eq!(&out[24 + n + 12..24 + n + 16], &NBD_REP_ACK.to_be_bytes());
-        assert_eq!(out.len(), 24 + n + 20);
+        let dl = QEMU_ALLOCATION_DEPTH.len();
+        assert_eq!(&out[24..24 + dl], QEMU_ALLOCATION_DEPTH.as_bytes());
+        // Then the export's bitmap, the ACK, and nothing from the base: namespace.
+        let b = "qemu:dirty-bitmap:b0";
+        let at = 24 + dl;
+        assert_eq!(&out[at + 12..at + 16], &NBD_REP_META_CONTEXT.to_be_bytes());
+        assert_eq!(&out[at + 24..at + 24 + b.len()], b.as_bytes());
+        let at = at + 24 + b.len();
+        assert_eq!(&out[at + 12..at + 16], &NBD_REP_ACK.to_be_bytes());
+        assert_eq!(out.len(), at + 20);
+        // "qemu:dirty-bitmap:" lists the bitmaps only; SET takes a bitmap by its full name.
+        out.clear();
+        n.option(NBD_OPT_LIST_META_CONTEXT, &meta_query("disk", &[QEMU_DIRTY_BITMAP]), false, &One, &mut out);
+        assert_eq!(&out[24..24 + b.len()], b.as_bytes());
+        assert_eq!(out.len(), 24 + b.len() + 20);
     }
 
     #[test]

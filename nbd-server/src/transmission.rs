@@ -790,7 +790,8 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
             Ok(s) => s,
             Err(e) => return fail(errno(&e), &e.to_string()),
         };
-        let n = st.len.min(end - pos);
+        // At most one extent's worth, so `pos` advances by exactly what the extents describe.
+        let n = st.len.min(end - pos).min(max_len);
         for (i, ctx) in wanted.iter().enumerate() {
             let val = match ctx {
                 Context::BaseAllocation => {
@@ -827,7 +828,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
                 Ok(None) => return fail(NBD_EINVAL, "the bitmap is gone"),
                 Err(e) => return fail(errno(&e), &e.to_string()),
             };
-            let n = n.clamp(1, end - pos);
+            let n = n.clamp(1, end - pos).min(max_len);
             let val = u32::from(dirty);
             match l.last_mut() {
                 Some((len, v)) if *v == val && *len + n <= max_len => *len += n,

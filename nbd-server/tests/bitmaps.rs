@@ -115,6 +115,20 @@ fn qnbd_exports_bitmaps_as_qemu_nbd_does() {
         let m = map_of(QNBD, &img, &["b0", "b1"], ctx);
         assert_eq!(m, map_of("qemu-nbd", &img, &["b0", "b1"], ctx), "{ctx}");
     }
+    // qemu's own NBD client reads a bitmap through x-dirty-bitmap (as backup tools built on qemu do): qemu-img
+    // map then reports dirty areas as "data": false. It reads the same from both servers.
+    let qemu_client_map = |server: &str| {
+        let sock = d.path().join("x");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(server);
+        cmd.args(["-r", "-t", "-f", "qcow2", "-B", "b0", "-k", s(&sock)]).arg(&img);
+        let _srv = spawn_listening(cmd, &sock);
+        let opts = format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:b0", s(&sock));
+        ok("qemu-img", &["map", "--output=json", "--image-opts", &opts])
+    };
+    let m = qemu_client_map(QNBD);
+    assert_eq!(m, qemu_client_map("qemu-nbd"));
+    assert!(m.contains("\"data\": false"), "{m}");
     // The contexts a client is told about.
     let list = |server: &str| {
         let sock = d.path().join("l");

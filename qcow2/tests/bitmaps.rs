@@ -171,3 +171,42 @@ fn convert_copies_bitmaps_as_qemu_img_does() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(msg), "{args:?}");
     }
 }
+
+#[test]
+fn the_bitmaps_extension_comes_and_goes_as_qemu_expects() {
+    let d = tempfile::tempdir().unwrap();
+    // An overlay with a long backing file name: adding the extension moves the name, never over itself.
+    let long = d.path().join("a-backing-file-with-a-rather-long-name-for-the-header.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&long), "16M"]);
+    ok("qemu-io", &["-c", "write -P 5 0 1M", s(&long)]);
+    let img = d.path().join("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", s(&long), "-F", "qcow2", s(&img)]);
+    for round in 0..2 {
+        ok(QIMG, &["bitmap", "--add", s(&img), "b0"]);
+        ok(QIMG, &["bitmap", "--add", "--disable", s(&img), "b1"]);
+        let info = ok("qemu-img", &["info", "--output=json", s(&img)]);
+        assert!(info.contains(s(&long)), "round {round}: the backing file name survived: {info}");
+        assert_eq!(info_bitmaps(&img).as_array().map(|a| a.len()), Some(2), "round {round}");
+        assert_check_clean(&img, "with bitmaps");
+        ok("qemu-io", &["-c", "write -P 6 64k 64k", s(&img)]);
+        // Removing every bitmap drops the extension: qemu opens the image without a warning and writes it.
+        ok(QIMG, &["bitmap", "--remove", s(&img), "b0"]);
+        ok(QIMG, &["bitmap", "--remove", s(&img), "b1"]);
+        let o = run("qemu-io", &["-c", "write -P 7 128k 4k", s(&img)]);
+        assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).is_empty(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(info_bitmaps(&img), serde_json::Value::Null, "round {round}");
+        assert_check_clean(&img, "without bitmaps");
+        ok("qemu-io", &["-c", "read -P 5 0 64k", "-c", "read -P 6 64k 64k", "-c", "read -P 7 128k 4k", s(&img)]);
+    }
+    // A bitmap too large for its granularity is refused as qemu-img refuses it.
+    let big = d.path().join("big.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&big), "64T"]);
+    let o = run(QIMG, &["bitmap", "--add", "-g", "512", s(&big), "b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Use larger granularity"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -37,6 +37,12 @@ pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
 /// Longest name qemu supports.
 pub const MAX_NAME_BYTES: usize = 1023;
+/// Most bitmap data qemu stores for one bitmap (`BME_MAX_PHYS_SIZE`, 512 MiB).
+pub const MAX_DATA_BYTES: u64 = 0x2000_0000;
+/// Most bitmap table entries qemu accepts (`BME_MAX_TABLE_SIZE`).
+pub const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Most bitmaps in one image (qemu's `QCOW2_MAX_BITMAPS`).
+pub const MAX_BITMAPS: u32 = 65535;
 
 impl BitmapEntry {
     /// Bytes of this entry in the directory (with padding).
@@ -73,8 +79,11 @@ impl BitmapEntry {
         if self.table_offset == 0 || !self.table_offset.is_multiple_of(cs) {
             return bad(format!("table offset {:#x} is not a cluster boundary", self.table_offset));
         }
+        if data_bytes(disk_size, g).is_none_or(|b| b > MAX_DATA_BYTES) {
+            return bad("too large for its granularity (more than 512 MiB of bitmap data)".into());
+        }
         match table_entries(disk_size, g, cs) {
-            Some(n) if n == u64::from(self.table_size) => Ok(()),
+            Some(n) if n == u64::from(self.table_size) && n <= MAX_TABLE_ENTRIES => Ok(()),
             _ => bad(format!("table size {} does not fit the disk size {disk_size}", self.table_size)),
         }
     }
@@ -176,7 +185,9 @@ pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapEntry>> {
         let name_at = ENTRY_HEAD.checked_add(extra).ok_or_else(past)?;
         let total = name_at.checked_add(name_len).ok_or_else(past)?;
         let entry = off.checked_add(total).and_then(|e| buf.get(off..e)).ok_or_else(past)?;
-        let name = String::from_utf8_lossy(entry.get(name_at..total).ok_or_else(past)?).into_owned();
+        // A name that is not UTF-8 is refused rather than changed: the entry's size on disk must stay its own.
+        let name = String::from_utf8(entry.get(name_at..total).ok_or_else(past)?.to_vec())
+            .map_err(|_| Error::invalid(format!("bitmap directory entry {i}: the name is not UTF-8")))?;
         let extra = entry.get(ENTRY_HEAD..name_at).ok_or_else(past)?.to_vec();
         out.push(BitmapEntry {
             table_offset: be64(head, 0),

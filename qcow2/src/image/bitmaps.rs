@@ -20,6 +20,9 @@ use crate::format::bitmap::{self, BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_US
 use crate::format::header;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The type written over a bitmaps extension that is dropped: no extension has it, so readers skip it.
+const EXT_RETIRED: u32 = 0x716e_6264;
+
 /// Most memory all tracked bitmaps of one image may take (qemu's limit per bitmap is 512 MiB of data).
 const MAX_TRACKED_BYTES: u64 = 256 << 20;
 
@@ -178,6 +181,13 @@ impl Qcow2 {
                 ext.directory_offset, ext.directory_size
             )));
         }
+        // qemu's checks of the extension (qcow2.c, "bitmaps extension").
+        if !ext.directory_offset.is_multiple_of(self.cluster_size()) || ext.nb_bitmaps > bitmap::MAX_BITMAPS {
+            return Err(Error::corrupt(format!(
+                "bitmaps extension: directory offset {:#x} or count {} is invalid",
+                ext.directory_offset, ext.nb_bitmaps
+            )));
+        }
         let mut dir = vec![0u8; ext.directory_size as usize];
         self.file.read_at(&mut dir, ext.directory_offset)?;
         let entries = bitmap::parse_directory(&dir, ext.nb_bitmaps)?;
@@ -200,8 +210,8 @@ impl Qcow2 {
         if self.header.version < 3 {
             return Err(Error::unsupported("Cannot store dirty bitmaps in qcow2 v2 files"));
         }
-        let old = self.read_directory()?;
         let mut st = self.lock()?;
+        let old = self.read_directory()?;
         self.flush_locked(&mut st)?;
         let cs = self.cluster_size();
         let size = self.size();
@@ -247,6 +257,7 @@ impl Qcow2 {
             let n = (dir.len() as u64).div_ceil(cs);
             let off = st.refs.alloc(self.file.as_ref(), n)?;
             self.grow_file_len(&st.refs);
+            self.overlap.add_range(off, n * cs, self.cluster_bits, super::overlap::Kind::BitmapDirectory);
             let mut raw = dir.clone();
             raw.resize((n * cs) as usize, 0);
             c.add(Stage::Tables, off, raw);
@@ -258,25 +269,40 @@ impl Qcow2 {
         let nb = u32::try_from(entries.len()).map_err(|_| Error::invalid("too many bitmaps"))?;
         self.switch_bitmaps_ext(nb, dir_size, dir_off)?;
         // What only the old set used: the old directory, and the tables and data clusters of bitmaps that
-        // were removed or rewritten.
+        // were removed or rewritten. Only what a valid entry names, inside the file, once, and never a cluster
+        // the image uses for other metadata: a broken entry's clusters are leaked, not freed.
         if let Some((ext, old_entries)) = old {
+            use super::overlap::Kind;
+            let mut freed = std::collections::HashSet::new();
+            let file_clusters = self.file_len() >> self.cluster_bits;
+            let mut free = |c: u64, allowed: Option<Kind>, st: &mut super::write::WriteState| {
+                let kind = self.overlap.kind(c);
+                if c == 0 || c >= file_clusters || (kind.is_some() && kind != allowed) || !freed.insert(c) {
+                    return;
+                }
+                if kind.is_some() {
+                    self.overlap.remove(c);
+                }
+                st.refs.free_later(c);
+            };
             for k in 0..ext.directory_size.div_ceil(cs) {
-                st.refs.free_later((ext.directory_offset >> self.cluster_bits) + k);
+                free((ext.directory_offset >> self.cluster_bits) + k, Some(Kind::BitmapDirectory), &mut st);
             }
             for e in old_entries {
-                if entries.iter().any(|n| n.table_offset == e.table_offset) {
+                let kept = entries.iter().any(|n| n.table_offset == e.table_offset);
+                if kept || e.validate(size, self.cluster_bits).is_err() {
                     continue;
                 }
                 let n = u64::from(e.table_size);
                 if let Ok(table) = super::open::read_table(self.file.as_ref(), e.table_offset, n) {
                     for v in table {
                         if let Ok(TableEntry::Data(off)) = TableEntry::decode(v, self.cluster_bits) {
-                            st.refs.free_later(off >> self.cluster_bits);
+                            free(off >> self.cluster_bits, None, &mut st);
                         }
                     }
                 }
                 for k in 0..(n * 8).div_ceil(cs).max(1) {
-                    st.refs.free_later((e.table_offset >> self.cluster_bits) + k);
+                    free((e.table_offset >> self.cluster_bits) + k, None, &mut st);
                 }
             }
         }
@@ -300,6 +326,24 @@ impl Qcow2 {
             c.add(Stage::Pointers, off, bytes);
             Ok(c)
         };
+        if nb == 0 {
+            // No bitmaps left: qemu refuses a bitmaps extension with none ("found bitmaps extension with zero
+            // bitmaps"), so the extension goes: the autoclear bit first, then its type becomes one nobody
+            // knows (4 bytes in one sector; unknown extensions are skipped by qemu and by this crate).
+            if st.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+                self.run_commit(&field(autoclear_off)?)?;
+                self.note_autoclear(autoclear_off);
+            }
+            if let Some(e) = st.ext {
+                let mut c = MetaCommit::new(self.has_separate_data());
+                c.add(Stage::Pointers, e.at - 8, EXT_RETIRED.to_be_bytes().to_vec());
+                self.run_commit(&c)?;
+            }
+            if let Ok(mut g) = self.bitmap_ext.lock() {
+                g.ext = None;
+            }
+            return Ok(());
+        }
         let ext = match st.ext {
             Some(e) => e,
             None => self.add_bitmaps_ext()?,
@@ -320,10 +364,8 @@ impl Qcow2 {
         if let Ok(mut g) = self.bitmap_ext.lock() {
             g.ext = Some(new);
         }
-        if nb > 0 || currently_on {
-            self.run_commit(&field(autoclear_on)?)?;
-            self.note_autoclear(autoclear_on);
-        }
+        self.run_commit(&field(autoclear_on)?)?;
+        self.note_autoclear(autoclear_on);
         Ok(())
     }
 
@@ -350,7 +392,9 @@ impl Qcow2 {
         if let Some(name) = &h.backing_file {
             let at = h.backing_file_offset;
             if at < new_end + 8 {
-                let dest = new_end + 8;
+                // Past both the new end marker and the name where it is now: the copy never overwrites the
+                // name the header still points at.
+                let dest = (new_end + 8).max(at + name.len() as u64).next_multiple_of(8);
                 if dest + name.len() as u64 > cs {
                     return Err(Error::unsupported("the header has no room to add a bitmaps extension"));
                 }
@@ -375,13 +419,32 @@ impl Qcow2 {
         Ok(e)
     }
 
+    /// Serialises the bitmap operations (each reads the set, computes and replaces it), and refuses them on an
+    /// image whose bitmaps this process tracks (its copy of the set would go stale).
+    fn bitmap_op(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        if self.bitmaps_live.get().is_some_and(|l| !l.tracked.is_empty()) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the image's bitmaps are being kept up to date by this process: change them after closing it",
+            ));
+        }
+        self.bitmap_ops.lock().map_err(|_| Error::new(ErrorKind::Io, "bitmap lock poisoned"))
+    }
+
     /// `qimg bitmap --add NAME [-g GRANULARITY] [--disable]`.
     pub fn bitmap_add(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        let _op = self.bitmap_op()?;
         check_name(name)?;
         if !granularity.is_power_of_two() || !(512..=1 << 31).contains(&granularity) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "Granularity must be power of 2 and at least 512".to_string(),
+            ));
+        }
+        if bitmap::data_bytes(self.size(), granularity).is_none_or(|b| b > bitmap::MAX_DATA_BYTES) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "Too much space will be occupied by the bitmap. Use larger granularity",
             ));
         }
         let cur = self.bitmaps()?;
@@ -414,6 +477,7 @@ impl Qcow2 {
 
     /// `qimg bitmap --remove NAME`.
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
+        let _op = self.bitmap_op()?;
         let (cur, i) = self.bitmap_for_change(name)?;
         let set = cur.into_iter().enumerate().filter(|(k, _)| *k != i).map(|(_, e)| (e, Content::Keep)).collect();
         self.replace_bitmaps(set)
@@ -421,7 +485,15 @@ impl Qcow2 {
 
     /// `qimg bitmap --clear NAME`: all bits clean (an in-use bitmap becomes consistent again).
     pub fn bitmap_clear(&self, name: &str) -> Result<()> {
+        let _op = self.bitmap_op()?;
         let (cur, i) = self.bitmap_for_change(name)?;
+        if cur[i].flags & FLAG_IN_USE != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Bitmap '{name}' is inconsistent and cannot be used"),
+            ));
+        }
+        cur[i].validate(self.size(), self.cluster_bits)?;
         let set = cur
             .into_iter()
             .enumerate()
@@ -439,6 +511,7 @@ impl Qcow2 {
 
     /// `qimg bitmap --enable NAME` / `--disable NAME`.
     pub fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let _op = self.bitmap_op()?;
         let (mut cur, i) = self.bitmap_for_change(name)?;
         if cur[i].flags & FLAG_IN_USE != 0 {
             return Err(Error::new(
@@ -457,6 +530,7 @@ impl Qcow2 {
     /// `qimg bitmap --merge SOURCE NAME`: every granule of `source` (a bitmap of any granularity, of this
     /// image or another of the same size) that is dirty becomes dirty in `name`.
     pub fn bitmap_merge(&self, name: &str, source: &DirtyMap) -> Result<()> {
+        let _op = self.bitmap_op()?;
         let (cur, i) = self.bitmap_for_change(name)?;
         let e = &cur[i];
         if e.flags & FLAG_IN_USE != 0 {
@@ -465,6 +539,7 @@ impl Qcow2 {
                 format!("Bitmap '{name}' is inconsistent and cannot be used"),
             ));
         }
+        e.validate(self.size(), self.cluster_bits)?;
         let g = u32::from(e.granularity_bits);
         let size = self.size();
         let mut data = self.read_bitmap_data(e, self.cluster_size())?;
@@ -611,7 +686,9 @@ impl Qcow2 {
             }
             cache.insert(name.to_string(), m.map(std::sync::Arc::new));
         }
-        Ok(cache.get(name).and_then(|m| m.as_ref()).map(|m| m.run(off, len)))
+        let map = cache.get(name).and_then(|m| m.clone());
+        drop(cache);
+        Ok(map.map(|m| m.run(off, len)))
     }
 
     /// Whether this image has a usable bitmap `name`: `Ok(false)` when it has none by that name, an error
@@ -643,6 +720,12 @@ impl Qcow2 {
     fn load_dirty_map(&self, name: &str) -> Result<Option<DirtyMap>> {
         let Some((_, entries)) = self.read_directory()? else { return Ok(None) };
         let Some(e) = entries.into_iter().find(|e| e.name == name) else { return Ok(None) };
+        if e.flags & FLAG_IN_USE != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Bitmap '{name}' is inconsistent and cannot be used"),
+            ));
+        }
         e.validate(self.size(), self.cluster_bits)?;
         let g = u32::from(e.granularity_bits);
         let nbits = self.size().div_ceil(1 << g);

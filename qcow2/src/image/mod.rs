@@ -71,6 +71,8 @@ pub struct Qcow2 {
     bitmaps_live: std::sync::OnceLock<bitmaps::Live>,
     /// The bitmaps extension as it is now on disk, and the autoclear bits (both change with `qimg bitmap`).
     bitmap_ext: Mutex<bitmaps::ExtState>,
+    /// Held by a bitmap operation (`qimg bitmap`) from reading the set to replacing it.
+    bitmap_ops: Mutex<()>,
     /// Bitmaps read from disk for `dirty_run` (they do not change while this process has the image open).
     dirty_maps: Mutex<std::collections::HashMap<String, Option<Arc<DirtyMap>>>>,
 }

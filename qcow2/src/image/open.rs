@@ -234,6 +234,7 @@ impl Qcow2 {
                 autoclear: header.autoclear_features,
             }),
             dirty_maps: std::sync::Mutex::new(std::collections::HashMap::new()),
+            bitmap_ops: std::sync::Mutex::new(()),
             header,
         };
         if img.writer.is_some() {

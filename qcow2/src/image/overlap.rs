@@ -80,6 +80,14 @@ impl Map {
     }
 
     /// How many clusters are known.
+    /// Forgets cluster `c` (a metadata cluster that was freed).
+    pub fn remove(&self, c: u64) {
+        if let Ok(mut m) = self.clusters.write() {
+            m.remove(&c);
+        }
+    }
+
+    /// Number of metadata clusters known.
     pub fn len(&self) -> usize {
         self.clusters.read().map(|m| m.len()).unwrap_or(0)
     }

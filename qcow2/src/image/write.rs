@@ -1049,7 +1049,7 @@ impl Qcow2 {
 
     fn resize_locked(&self, st: &mut WriteState, new_size: u64) -> Result<()> {
         let old = self.size();
-        if self.header.bitmaps.is_some() && !self.bitmaps()?.is_empty() {
+        if !self.bitmaps()?.is_empty() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "cannot resize an image with persistent dirty bitmaps (remove them first)",

@@ -32,11 +32,13 @@ impl Ready {
                 let mut msg = String::new();
                 let _ = rd.read_to_string(&mut msg);
                 if msg.starts_with("OK") {
-                    Err(ExitCode::SUCCESS)
+                    parent_exit(true)
                 } else if let Some(e) = msg.strip_prefix("ERR ") {
-                    Err(fail(e.trim_end()))
+                    let _ = fail(e.trim_end());
+                    parent_exit(false)
                 } else {
-                    Err(fail("the server exited before it was ready"))
+                    let _ = fail("the server exited before it was ready");
+                    parent_exit(false)
                 }
             }
         }
@@ -118,6 +120,15 @@ pub(crate) fn fork_daemon() -> Option<ExitCode> {
             release_terminal();
             None
         }
-        Ok(nix::unistd::ForkResult::Parent { .. }) => Some(ExitCode::SUCCESS),
+        Ok(nix::unistd::ForkResult::Parent { .. }) => parent_exit(true),
     }
+}
+
+/// The parent of a fork exits here, at once: it must not drop the images it opened before the fork (their
+/// close would flush metadata and store dirty bitmaps while the child goes on serving the same files).
+fn parent_exit(ok: bool) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(if ok { 0 } else { 1 })
 }
