@@ -559,3 +559,42 @@ fn bitmap_commands_are_crash_safe() {
     }
     eprintln!("{total} crash states checked over the bitmap commands");
 }
+
+/// `qimg rebase`'s header switch (`Qcow2::set_backing`), cut at every sync and inside every window: each state
+/// names the old backing file with the old format or the new one with the new format, never a mix, and
+/// checks clean.
+#[test]
+fn a_backing_file_change_is_atomic() {
+    let fx = fixtures().iter().find(|f| f.name == "backing").unwrap();
+    let old = (Some("base.raw".to_string()), Some("raw".to_string()));
+    for (name, fmt) in [
+        (Some("a-new-backing-file-with-a-name-longer-than-the-old-one.qcow2"), Some("qcow2")),
+        (Some("b.raw"), Some("raw")),
+        (None, None),
+    ] {
+        let disk = CrashDisk::new(13, 16, CAP);
+        disk.set_exhaustive(true);
+        let file = disk.add_file(fx.image.clone());
+        let q = Qcow2::open(file, None, &Qcow2Options { writable: true, ..Default::default() }).unwrap();
+        disk.take_states();
+        q.set_backing(name, fmt).unwrap();
+        disk.sample_now("after set_backing");
+        let new = (name.map(str::to_string), if name.is_some() { fmt.map(str::to_string) } else { None });
+        let states = disk.take_states();
+        assert!(!states.is_empty());
+        for st in &states {
+            let h = qcow2::format::header::Header::parse(&st.files[0][..65536.min(st.files[0].len())])
+                .unwrap_or_else(|e| panic!("{name:?}: {}: header does not parse: {e}", st.how));
+            let got = (h.backing_file.clone(), if h.backing_file.is_some() { h.backing_format.clone() } else { None });
+            assert!(got == old || got == new, "{name:?}: {}: names {got:?}, neither {old:?} nor {new:?}", st.how);
+            let exp = Expect { flushed: fx.guest.clone(), since: Vec::new(), changed: Vec::new() };
+            check_state(fx, st, &exp, false).unwrap_or_else(|e| panic!("{name:?}: {}: {e}", st.how));
+        }
+        // The final state is the new one.
+        let h = qcow2::format::header::Header::parse(&disk.current(0)[..65536]).unwrap();
+        assert_eq!(
+            (h.backing_file.clone(), if h.backing_file.is_some() { h.backing_format.clone() } else { None }),
+            new
+        );
+    }
+}

@@ -159,6 +159,8 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing format name from the extension.
     pub backing_format: Option<String>,
+    /// Where the (last) backing format extension starts in the file, and its data length.
+    pub backing_format_at: Option<(u64, u32)>,
     /// External data file name.
     pub data_file: Option<String>,
     /// Feature name table.
@@ -240,6 +242,7 @@ impl Header {
             extensions: Vec::new(),
             backing_file: None,
             backing_format: None,
+            backing_format_at: None,
             data_file: None,
             feature_names: Vec::new(),
             bitmaps: None,
@@ -335,7 +338,10 @@ impl Header {
             })?;
             let data = &buf[data_off..end];
             match kind {
-                EXT_BACKING_FORMAT => self.backing_format = Some(utf8(data, "backing format name")?),
+                EXT_BACKING_FORMAT => {
+                    self.backing_format = Some(utf8(data, "backing format name")?);
+                    self.backing_format_at = Some((off as u64, len as u32));
+                }
                 EXT_DATA_FILE => self.data_file = Some(utf8(data, "external data file name")?),
                 EXT_FEATURE_NAMES => {
                     for e in data.chunks_exact(48) {

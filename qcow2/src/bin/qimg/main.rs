@@ -10,6 +10,7 @@ mod info;
 mod json;
 mod map;
 mod measure;
+mod rebase;
 mod resize;
 mod size;
 
@@ -172,6 +173,8 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
+    /// Change the backing file of an image (qemu-img rebase).
+    Rebase(rebase::Args),
     /// Copy part of an image into a new one, dd style (qemu-img dd).
     Dd(dd::Args),
     /// Change persistent dirty bitmaps (qemu-img bitmap).
@@ -396,6 +399,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rebase(a) => {
+            rebase::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Dd(a) => {

@@ -1,0 +1,84 @@
+//! qemu-img's chain commands run by qimg and by qemu-img on copies of the same chain: `rebase` (safe mode onto
+//! another backing file of another format, `-b ""` flattening, `-u`). The results must read identically
+//! (`qemu-img compare`), keep the guest's bytes, check clean and name the same backing file and format.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn backing_of(img: &Path) -> (serde_json::Value, serde_json::Value) {
+    let v: serde_json::Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(img)])).unwrap();
+    (v["backing-filename"].clone(), v["backing-filename-format"].clone())
+}
+
+fn map_shape(img: &Path) -> Vec<String> {
+    ok("qemu-img", &["map", "--output=json", p(img)])
+        .lines()
+        .map(|l| l.split(", \"offset\"").next().unwrap_or("").trim_end_matches(['}', ']']).to_string())
+        .collect()
+}
+
+#[test]
+fn rebase_gives_what_qemu_img_rebase_gives() {
+    let d = tmpdir();
+    std::env::set_current_dir(d.path()).unwrap();
+    let b1 = d.path().join("b1.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&b1), "4M"]);
+    io(&b1, "qcow2", &["write -P 1 0 4M"]);
+    let b2 = d.path().join("b2.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&b2), "3M"]);
+    io(&b2, "raw", &["write -P 1 0 1M", "write -P 2 1M 1M"]);
+    let b3 = d.path().join("a-second-backing-file-with-a-longer-name.qcow2");
+    ok("qemu-img", &["convert", "-O", "qcow2", p(&b1), p(&b3)]);
+    io(&b3, "qcow2", &["write -P 3 2M 64k"]);
+    let make = |name: &str, base: &str, fmt: &str| {
+        let ov = d.path().join(name);
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, p(&ov), "4M"]);
+        io(&ov, "qcow2", &["write -P 9 512k 64k", "write -P 8 3M 100k", "write -z 1536k 64k"]);
+        ov
+    };
+    // (starting backing and format, rebase arguments)
+    let cases: [(&str, &str, &[&str]); 5] = [
+        ("b1.qcow2", "qcow2", &["-b", "b2.raw", "-F", "raw"]),
+        ("b2.raw", "raw", &["-b", "b1.qcow2", "-F", "qcow2"]),
+        ("b1.qcow2", "qcow2", &["-b", "a-second-backing-file-with-a-longer-name.qcow2", "-F", "qcow2"]),
+        ("b1.qcow2", "qcow2", &["-b", ""]),
+        ("b1.qcow2", "qcow2", &["-u", "-b", "b2.raw", "-F", "raw"]),
+    ];
+    for (i, (base, fmt, args)) in cases.iter().enumerate() {
+        let mine = make(&format!("m{i}.qcow2"), base, fmt);
+        let theirs = make(&format!("t{i}.qcow2"), base, fmt);
+        let before = d.path().join(format!("before{i}.raw"));
+        ok("qemu-img", &["convert", "-O", "raw", p(&mine), p(&before)]);
+        for (tool, img) in [(QIMG, &mine), ("qemu-img", &theirs)] {
+            let mut a = vec!["rebase"];
+            a.extend_from_slice(args);
+            a.push(p(img));
+            ok(tool, &a);
+        }
+        let what = format!("{base} {args:?}");
+        assert_eq!(backing_of(&mine), backing_of(&theirs), "{what}");
+        assert_eq!(ok("qemu-img", &["compare", p(&mine), p(&theirs)]), "Images are identical.\n", "{what}");
+        if !args.contains(&"-u") {
+            // Safe mode: the guest sees what it saw.
+            assert_eq!(
+                ok("qemu-img", &["compare", "-F", "raw", p(&mine), p(&before)]),
+                "Images are identical.\n",
+                "{what}"
+            );
+            assert_eq!(map_shape(&mine), map_shape(&theirs), "{what}: the same clusters written");
+        }
+        let chk = run("qemu-img", &["check", p(&mine)]);
+        assert_eq!(chk.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&chk.stdout));
+        // qemu reads and writes the rebased image.
+        ok("qemu-io", &["-c", "write -P 7 0 4k", "-c", "read -P 7 0 4k", p(&mine)]);
+    }
+    // Refusals.
+    let ov = make("r.qcow2", "b1.qcow2", "qcow2");
+    let o = run(QIMG, &["rebase", p(&ov)]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = run(QIMG, &["rebase", "-b", "missing.qcow2", "-F", "qcow2", p(&ov)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.qcow2"));
+    assert_eq!(backing_of(&ov).0, serde_json::json!("b1.qcow2"), "a refused rebase changes nothing");
+}
