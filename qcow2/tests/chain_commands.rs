@@ -82,3 +82,70 @@ fn rebase_gives_what_qemu_img_rebase_gives() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.qcow2"));
     assert_eq!(backing_of(&ov).0, serde_json::json!("b1.qcow2"), "a refused rebase changes nothing");
 }
+
+#[test]
+fn commit_gives_what_qemu_img_commit_gives() {
+    let d = tmpdir();
+    std::env::set_current_dir(d.path()).unwrap();
+    for (base_fmt, extra) in
+        [("qcow2", &[][..]), ("raw", &[][..]), ("qcow2", &["-d"][..]), ("qcow2", &["-b", "base-t.qcow2"][..])]
+    {
+        let mut chains = Vec::new();
+        for who in ["m", "t"] {
+            let base = d.path().join(format!("base-{who}.{base_fmt}"));
+            ok("qemu-img", &["create", "-q", "-f", base_fmt, p(&base), "4M"]);
+            io(&base, base_fmt, &["write -P 1 0 4M"]);
+            let top = d.path().join(format!("top-{who}.qcow2"));
+            let name = format!("base-{who}.{base_fmt}");
+            ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &name, "-F", base_fmt, p(&top)]);
+            io(
+                &top,
+                "qcow2",
+                &["write -P 9 512k 64k", "write -P 8 3M 100k", "write -z 1536k 64k", "write -P 7 1000 3000"],
+            );
+            chains.push((base, top));
+        }
+        let before = d.path().join("before.raw");
+        ok("qemu-img", &["convert", "-O", "raw", p(&chains[0].1), p(&before)]);
+        let what = format!("{base_fmt} {extra:?}");
+        if extra.contains(&"-b") {
+            // qimg commits only into the image's own backing file: another base is refused by name.
+            let o = run(QIMG, &["commit", "-b", "somewhere-else.qcow2", p(&chains[0].1)]);
+            assert_eq!(o.status.code(), Some(1), "{what}");
+            let o = run(QIMG, &["commit", "-b", &format!("base-m.{base_fmt}"), p(&chains[0].1)]);
+            assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+            ok("qemu-img", &["commit", "-b", &format!("base-t.{base_fmt}"), p(&chains[1].1)]);
+        } else {
+            for (tool, (_, top)) in [(QIMG, &chains[0]), ("qemu-img", &chains[1])] {
+                let mut a = vec!["commit"];
+                a.extend_from_slice(extra);
+                a.push(p(top));
+                let out = ok(tool, &a);
+                assert_eq!(out, "Image committed.\n", "{what}: {tool}");
+            }
+        }
+        let (mb, mt) = &chains[0];
+        let (tb, tt) = &chains[1];
+        // The base now holds what the chain read, and the chain still reads it.
+        let o = run("qemu-img", &["compare", "-f", base_fmt, "-F", base_fmt, p(mb), p(tb)]);
+        assert_eq!(o.status.code(), Some(0), "{what}: bases: {}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(ok("qemu-img", &["compare", "-F", "raw", p(mt), p(&before)]), "Images are identical.\n", "{what}");
+        assert_eq!(
+            ok("qemu-img", &["compare", "-f", base_fmt, "-F", "raw", p(mb), p(&before)]),
+            "Images are identical.\n",
+            "{what}"
+        );
+        assert_eq!(map_shape(mt), map_shape(tt), "{what}: the top image's clusters");
+        for img in [mt, mb] {
+            if img.extension().is_some_and(|e| e == "qcow2") {
+                let chk = run("qemu-img", &["check", p(img)]);
+                assert_eq!(chk.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&chk.stdout));
+            }
+        }
+    }
+    let lone = d.path().join("lone.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&lone), "1M"]);
+    let o = run(QIMG, &["commit", p(&lone)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Image does not have a backing file"));
+}

@@ -1210,3 +1210,41 @@ impl Qcow2 {
         self.flush_locked(&mut st)
     }
 }
+
+impl Qcow2 {
+    /// `qemu-img commit`'s emptying of the top image: every cluster unallocated again (it reads from the
+    /// backing file), each L2 entry cleared before its cluster is freed (the writer's usual order: the frees
+    /// go out after the commit that clears the entries).
+    pub fn make_empty(&self) -> Result<()> {
+        if self.has_data_file() {
+            return Err(Error::unsupported("emptying an image with an external data file is not supported"));
+        }
+        let mut st = self.lock()?;
+        let cs = self.cluster_size();
+        let size = self.size();
+        let span = cs * self.l2_entries;
+        let mut pos = 0u64;
+        while pos < size {
+            let (l1_idx, idx) = self.indices(pos);
+            let l1e = self.l1.read().ok().and_then(|l| l.get(l1_idx).copied()).unwrap_or(0) & table::OFFSET_MASK;
+            if l1e == 0 {
+                pos = (pos / span + 1) * span;
+                continue;
+            }
+            let l2 = self.l2_for_write(&mut st, l1_idx)?;
+            let t = self.l2_table(l2)?;
+            let s = self.state_of(&t, idx);
+            drop(t);
+            if s.host.is_some() || s.compressed.is_some() || s.alloc != 0 || s.zero != 0 {
+                self.validate(&s, pos)?;
+                self.set_mapping(l2, idx, None, 0, 0)?;
+                self.release(&mut st, &s);
+            }
+            if self.too_many_dirty() {
+                self.flush_locked(&mut st)?;
+            }
+            pos += cs;
+        }
+        self.flush_locked(&mut st)
+    }
+}

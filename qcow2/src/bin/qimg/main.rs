@@ -2,6 +2,7 @@
 
 mod bitmap;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -173,6 +174,8 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
+    /// Write an image's data into its backing file (qemu-img commit).
+    Commit(commit::Args),
     /// Change the backing file of an image (qemu-img rebase).
     Rebase(rebase::Args),
     /// Copy part of an image into a new one, dd style (qemu-img dd).
@@ -399,6 +402,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Commit(a) => {
+            commit::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rebase(a) => {
