@@ -149,3 +149,29 @@ fn commit_gives_what_qemu_img_commit_gives() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("Image does not have a backing file"));
 }
+
+#[test]
+fn snapshot_list_prints_what_qemu_img_prints() {
+    let d = tmpdir();
+    let img = d.path().join("s.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    // No snapshots: nothing printed.
+    assert_eq!(ok(QIMG, &["snapshot", "-l", p(&img)]), ok("qemu-img", &["snapshot", "-l", p(&img)]));
+    io(&img, "qcow2", &["write -P 1 0 64k"]);
+    ok("qemu-img", &["snapshot", "-c", "first", p(&img)]);
+    ok("qemu-img", &["snapshot", "-c", "a-longer-snapshot-name", p(&img)]);
+    for args in [&["-l"][..], &["--list", "-U"], &["-l", "-f", "qcow2"]] {
+        let mut a = vec!["snapshot"];
+        a.extend_from_slice(args);
+        a.push(p(&img));
+        assert_eq!(ok(QIMG, &a), ok("qemu-img", &a), "{args:?}");
+    }
+    // Writing snapshots is refused by name, and changes nothing.
+    let before = std::fs::read(&img).unwrap();
+    for op in ["-c", "-a", "-d"] {
+        let o = run(QIMG, &["snapshot", op, "first", p(&img)]);
+        assert_eq!(o.status.code(), Some(1), "{op}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not supported by qimg"), "{op}");
+    }
+    assert!(std::fs::read(&img).unwrap() == before, "a refused snapshot command changed the image");
+}

@@ -166,6 +166,35 @@ fn human_value(label: &str, v: &Value, indent: usize, s: &mut String) {
     }
 }
 
+/// qemu's snapshot table ("Snapshot list:" and a row per snapshot), as `qemu-img info` and `qemu-img
+/// snapshot -l` print it; empty without snapshots.
+pub fn snapshot_list(q: &qcow2::image::Qcow2) -> String {
+    let mut s = String::new();
+    if q.snapshots().is_empty() {
+        return s;
+    }
+    s += "Snapshot list:\n";
+    s += &snapshot_row("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+    s += "\n";
+    for sn in q.snapshots() {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (sn.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = match sn.icount {
+            Some(i) if i != u64::MAX => i.to_string(),
+            _ => String::new(),
+        };
+        s += &snapshot_row(&sn.id, &sn.name, &size_to_str(sn.vm_state_size), &local_date(sn.date_sec), &clock, &icount);
+        s += "\n";
+    }
+    s
+}
+
 /// The human layout of one image's info.
 pub fn info_human(img: &Image) -> String {
     let mut s = String::new();
@@ -192,34 +221,7 @@ pub fn info_human(img: &Image) -> String {
         if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             s += "cleanly shut down: no\n";
         }
-        if !q.snapshots().is_empty() {
-            s += "Snapshot list:\n";
-            s += &snapshot_row("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
-            s += "\n";
-            for sn in q.snapshots() {
-                let secs = sn.vm_clock_nsec / 1_000_000_000;
-                let clock = format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    (secs / 60) % 60,
-                    secs % 60,
-                    (sn.vm_clock_nsec / 1_000_000) % 1000
-                );
-                let icount = match sn.icount {
-                    Some(i) if i != u64::MAX => i.to_string(),
-                    _ => String::new(),
-                };
-                s += &snapshot_row(
-                    &sn.id,
-                    &sn.name,
-                    &size_to_str(sn.vm_state_size),
-                    &local_date(sn.date_sec),
-                    &clock,
-                    &icount,
-                );
-                s += "\n";
-            }
-        }
+        s += &snapshot_list(q);
         s += "Format specific information:\n";
         if let Value::Object(d) = &qcow2_specific(q)["data"] {
             human_object(d, 4, &mut s);

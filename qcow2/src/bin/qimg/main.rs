@@ -14,6 +14,7 @@ mod measure;
 mod rebase;
 mod resize;
 mod size;
+mod snapshot;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2::{Format, Image, OpenOptions};
@@ -174,6 +175,8 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
+    /// List internal snapshots (qemu-img snapshot -l).
+    Snapshot(snapshot::Args),
     /// Write an image's data into its backing file (qemu-img commit).
     Commit(commit::Args),
     /// Change the backing file of an image (qemu-img rebase).
@@ -402,6 +405,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let len = max_length.as_deref().map(size::parse_size).transpose()?;
             let img = open(&filename, format.as_deref(), true, Naming { image_opts, force_share })?;
             map::run(&img, output == Output::Json, start, len)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Snapshot(a) => {
+            snapshot::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Commit(a) => {
