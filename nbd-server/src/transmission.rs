@@ -739,6 +739,15 @@ fn read(c: &Conn, req: &Request) -> Vec<u8> {
     v
 }
 
+/// Appends `n` bytes of `val` to a context's extents, merged into the last one while it stays within
+/// `max_len` (callers pass `n <= max_len`).
+fn add_extent(l: &mut Vec<(u64, u32)>, n: u64, val: u32, max_len: u64) {
+    match l.last_mut() {
+        Some((len, v)) if *v == val && *len + n <= max_len => *len += n,
+        _ => l.push((n.min(max_len), val)),
+    }
+}
+
 fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
     let style = c.style;
     let fail = |e: u32, msg: &str| reply::done(style, req.cookie, req.offset, e, msg);
@@ -801,11 +810,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
                 // Filled below, from the bitmap's own runs.
                 Context::DirtyBitmap(_) => continue,
             };
-            let l = &mut lists[i];
-            match l.last_mut() {
-                Some((len, v)) if *v == val && *len + n <= max_len => *len += n,
-                _ => l.push((n.min(max_len), val)),
-            }
+            add_extent(&mut lists[i], n, val, max_len);
         }
         pos += n;
         steps += 1;
@@ -830,10 +835,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
             };
             let n = n.clamp(1, end - pos).min(max_len);
             let val = u32::from(dirty);
-            match l.last_mut() {
-                Some((len, v)) if *v == val && *len + n <= max_len => *len += n,
-                _ => l.push((n.min(max_len), val)),
-            }
+            add_extent(l, n, val, max_len);
             pos += n;
             steps += 1;
             if one {

@@ -147,6 +147,11 @@ pub(crate) enum Content {
     Data(Vec<u8>),
 }
 
+/// qemu's refusal of a bitmap marked in use (not stored cleanly).
+fn inconsistent(name: &str) -> Error {
+    Error::new(ErrorKind::InvalidArgument, format!("Bitmap '{name}' is inconsistent and cannot be used"))
+}
+
 /// Names qemu-img bitmap refuses.
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > bitmap::MAX_NAME_BYTES {
@@ -488,10 +493,7 @@ impl Qcow2 {
         let _op = self.bitmap_op()?;
         let (cur, i) = self.bitmap_for_change(name)?;
         if cur[i].flags & FLAG_IN_USE != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is inconsistent and cannot be used"),
-            ));
+            return Err(inconsistent(name));
         }
         cur[i].validate(self.size(), self.cluster_bits)?;
         let set = cur
@@ -514,10 +516,7 @@ impl Qcow2 {
         let _op = self.bitmap_op()?;
         let (mut cur, i) = self.bitmap_for_change(name)?;
         if cur[i].flags & FLAG_IN_USE != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is inconsistent and cannot be used"),
-            ));
+            return Err(inconsistent(name));
         }
         if enabled {
             cur[i].flags |= FLAG_AUTO;
@@ -534,10 +533,7 @@ impl Qcow2 {
         let (cur, i) = self.bitmap_for_change(name)?;
         let e = &cur[i];
         if e.flags & FLAG_IN_USE != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is inconsistent and cannot be used"),
-            ));
+            return Err(inconsistent(name));
         }
         e.validate(self.size(), self.cluster_bits)?;
         let g = u32::from(e.granularity_bits);
@@ -702,10 +698,7 @@ impl Qcow2 {
         let Some((_, entries)) = self.read_directory()? else { return Ok(false) };
         let Some(e) = entries.iter().find(|e| e.name == name) else { return Ok(false) };
         if e.flags & FLAG_IN_USE != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is inconsistent and cannot be used"),
-            ));
+            return Err(inconsistent(name));
         }
         e.validate(self.size(), self.cluster_bits)?;
         Ok(true)
@@ -721,10 +714,7 @@ impl Qcow2 {
         let Some((_, entries)) = self.read_directory()? else { return Ok(None) };
         let Some(e) = entries.into_iter().find(|e| e.name == name) else { return Ok(None) };
         if e.flags & FLAG_IN_USE != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is inconsistent and cannot be used"),
-            ));
+            return Err(inconsistent(name));
         }
         e.validate(self.size(), self.cluster_bits)?;
         let g = u32::from(e.granularity_bits);

@@ -99,14 +99,7 @@ pub fn run(a: Args) -> Result<(), String> {
         manage_bitmaps: true,
         ..OpenOptions::default()
     };
-    let img = Image::open_spec(&spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{}': {s}", a.filename)
-        }
-    })?;
+    let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(&a.filename, e))?;
     let q = img.qcow2().ok_or("Bitmaps are only supported by qcow2 images")?;
     let name = a.bitmap.as_str();
     for op in ops {

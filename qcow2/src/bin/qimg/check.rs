@@ -110,14 +110,7 @@ pub fn run(
         ..Default::default()
     };
     let spec = crate::spec(file, fmt, n)?;
-    let img = Image::open_spec(&spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{file}': {s}")
-        }
-    })?;
+    let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(file, e))?;
     let Some(q) = img.qcow2() else {
         return Err("This image format does not support checks".to_string());
     };

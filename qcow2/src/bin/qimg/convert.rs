@@ -217,14 +217,7 @@ pub fn run(a: Args) -> Result<(), String> {
         backing_policy: crate::policy(),
         ..OpenOptions::default()
     };
-    let target = Image::open_spec(&target_spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{output}': {s}")
-        }
-    })?;
+    let target = Image::open_spec(&target_spec, &o).map_err(|e| crate::open_error(&output, e))?;
     // qemu-img aligns its writes to the target's allocation unit: a cluster, or a subcluster with
     // extended L2 entries (32 per cluster).
     let align = target.qcow2().map_or(1, |q| {

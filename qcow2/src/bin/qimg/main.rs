@@ -324,6 +324,17 @@ fn open_direct(path: &str, fmt: Option<&str>, n: Naming, direct: bool) -> Result
     Image::open_spec(&spec(path, fmt, n)?, &o).map_err(|e| format!("Could not open '{path}': {e}"))
 }
 
+/// The message of an image that did not open: the library's when it names the image already, else qemu-img's
+/// "Could not open 'NAME': ..." around it.
+pub(crate) fn open_error(name: &str, e: qcow2::Error) -> String {
+    let s = e.to_string();
+    if s.starts_with("Could not open") {
+        s
+    } else {
+        format!("Could not open '{name}': {s}")
+    }
+}
+
 /// `open`; `metadata_only` as qemu-img info opens images (no external data file, no guest data).
 fn open_with(
     path: &str,
@@ -342,14 +353,7 @@ fn open_with(
         ..OpenOptions::default()
     };
     let spec = spec(path, fmt, n)?;
-    Image::open_spec(&spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{path}': {s}")
-        }
-    })
+    Image::open_spec(&spec, &o).map_err(|e| open_error(path, e))
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {

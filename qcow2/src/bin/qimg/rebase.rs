@@ -66,14 +66,7 @@ pub fn run(a: Args) -> Result<(), String> {
         backing_policy: crate::policy(),
         ..OpenOptions::default()
     };
-    let img = Image::open_spec(&spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{}': {s}", a.filename)
-        }
-    })?;
+    let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(&a.filename, e))?;
     let q = img.qcow2().ok_or("rebase needs a qcow2 image")?;
     let mut fmt = a.backing_fmt.clone();
     if !a.unsafe_mode {

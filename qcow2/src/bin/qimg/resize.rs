@@ -32,14 +32,7 @@ pub fn run(
         ..Default::default()
     };
     let spec = crate::spec(file, fmt, n)?;
-    let img = Image::open_spec(&spec, &o).map_err(|e| {
-        let s = e.to_string();
-        if s.starts_with("Could not open") {
-            s
-        } else {
-            format!("Could not open '{file}': {s}")
-        }
-    })?;
+    let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(file, e))?;
     let cur = img.size();
     let new = if let Some(d) = size.strip_prefix('+') {
         cur.checked_add(parse_size(d)?).ok_or("Image size is too large")?
