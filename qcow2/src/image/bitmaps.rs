@@ -78,7 +78,7 @@ impl Tracked {
 pub(crate) struct Live {
     /// The directory as loaded (flags as on disk: the tracked ones `in_use`).
     entries: Vec<BitmapEntry>,
-    tracked: Vec<Tracked>,
+    pub(super) tracked: Vec<Tracked>,
     /// Set once the bitmaps were stored (at close).
     stored: std::sync::atomic::AtomicBool,
 }

@@ -8,6 +8,7 @@ use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header;
 use crate::format::refcount;
+use crate::format::snapshot::Snapshot;
 use crate::format::table::{OFFSET_MASK, OFLAG_COPIED};
 use std::collections::HashMap;
 
@@ -52,6 +53,46 @@ impl CheckReport {
     }
 }
 
+/// What the metadata reachable from some [`Roots`] points at.
+pub(super) struct Walk {
+    /// References per cluster index.
+    pub refs: HashMap<u64, u64>,
+    /// (L2 table offset, L1 entry, L1 index) of the active L1 table.
+    l2_refs: Vec<(u64, u64, usize)>,
+    /// (data cluster, L2 table offset, index, entry) of the active tables.
+    data_refs: Vec<(u64, u64, usize, u64)>,
+}
+
+/// Where a walk starts: the active L1 table and the snapshot table (the header's, or a state being built).
+pub(super) struct Roots<'a> {
+    /// Offset of the active L1 table.
+    pub l1_offset: u64,
+    /// Its entries.
+    pub l1: Vec<u64>,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Its entries.
+    pub snapshots: &'a [Snapshot],
+}
+
+/// Counts one reference to each cluster of `[off, off + len)`; a cluster past the end of the file is a
+/// corruption.
+fn count_ref(refs: &mut HashMap<u64, u64>, nb_clusters: u64, cb: u32, r: &mut CheckReport, off: u64, len: u64, what: &str) {
+    if len == 0 {
+        return;
+    }
+    let first = off >> cb;
+    let last = off.saturating_add(len - 1) >> cb;
+    for c in first..=last {
+        if c >= nb_clusters {
+            r.corruptions += 1;
+            r.messages.push(format!("ERROR {what} at offset {:#x} is beyond the end of the image file", c << cb));
+            continue;
+        }
+        *refs.entry(c).or_insert(0) += 1;
+    }
+}
+
 impl Qcow2 {
     /// Checks refcounts and `QCOW_OFLAG_COPIED` flags against every reference in the image.
     pub fn check(&self) -> Result<CheckReport> {
@@ -60,148 +101,18 @@ impl Qcow2 {
         let file_len = self.file.len()?;
         let nb_clusters = file_len.div_ceil(cs);
         let mut r = CheckReport { total_clusters: self.size().div_ceil(cs), ..Default::default() };
-        let mut refs: HashMap<u64, u64> = HashMap::new();
-        let mut add = |r: &mut CheckReport, off: u64, len: u64, what: &str| {
-            if len == 0 {
-                return;
-            }
-            let first = off >> cb;
-            let last = (off + len - 1) >> cb;
-            for c in first..=last {
-                if c >= nb_clusters {
-                    r.corruptions += 1;
-                    r.messages
-                        .push(format!("ERROR {what} at offset {:#x} is beyond the end of the image file", c << cb));
-                    continue;
-                }
-                *refs.entry(c).or_insert(0) += 1;
-            }
+        let roots = Roots {
+            l1_offset: self.header.l1_table_offset,
+            l1: self.l1.read().map(|l| l.clone()).unwrap_or_default(),
+            snapshots_offset: self.header.snapshots_offset,
+            snapshots: &self.snapshots,
         };
+        let Walk { mut refs, l2_refs, data_refs } = self.walk(&roots, &mut r, nb_clusters)?;
         let h = &self.header;
-        add(&mut r, 0, cs, "header");
-        add(&mut r, h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table");
+        let mut add = |r: &mut CheckReport, off: u64, len: u64, what: &str| {
+            count_ref(&mut refs, nb_clusters, cb, r, off, len, what);
+        };
         add(&mut r, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
-        if h.nb_snapshots > 0 {
-            // The snapshot table's length: the sum of its entries.
-            let len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
-            add(&mut r, h.snapshots_offset, len, "snapshot table");
-        }
-        let data_file = h.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
-        // Active L1 (with statistics), then each snapshot's.
-        // One L1 table at a time (the active one, then each snapshot's), with a bound on the total work.
-        let mut budget: u64 = 1 << 26;
-        let ext = h.extended_l2();
-        let step = if ext { 2 } else { 1 };
-        let mut l2_refs: Vec<(u64, u64, usize)> = Vec::new(); // (l2 offset, l1 index) of the active L1
-        let mut data_refs: Vec<(u64, u64, usize, u64)> = Vec::new(); // (data cluster, l2 offset, idx, entry)
-        let mut next_contiguous: u64;
-        for k in 0..=self.snapshots.len() {
-            let is_active = &(k == 0);
-            let l1: Vec<u64> = if k == 0 {
-                self.l1.read().map(|l| l.clone()).unwrap_or_default()
-            } else {
-                let s = &self.snapshots[k - 1];
-                let bytes = u64::from(s.l1_size) * 8;
-                let fits = s.l1_table_offset.checked_add(bytes).is_some_and(|e| e <= file_len);
-                if bytes > crate::limits::MAX_L1_BYTES || !s.l1_table_offset.is_multiple_of(cs) || !fits {
-                    r.corruptions += 1;
-                    r.push(format!("ERROR snapshot '{}' has an invalid L1 table", s.name));
-                    continue;
-                }
-                add(&mut r, s.l1_table_offset, bytes, "snapshot L1 table");
-                match super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size)) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        r.check_errors += 1;
-                        continue;
-                    }
-                }
-            };
-            budget = budget.saturating_sub(l1.len() as u64);
-            if budget == 0 {
-                r.check_errors += 1;
-                r.push("ERROR the image has too many L1 entries to check".to_string());
-                break;
-            }
-            for (i, &e) in l1.iter().enumerate() {
-                // qcow2-refcount.c check_refcounts_l1: reserved bits of an L1 entry (qcow2.rst, "L1 table entry").
-                if e & L1_RESERVED != 0 {
-                    r.corruptions += 1;
-                    r.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
-                }
-                let l2 = e & OFFSET_MASK;
-                if l2 == 0 {
-                    continue;
-                }
-                if !l2.is_multiple_of(cs) || l2 + cs > file_len {
-                    r.corruptions += 1;
-                    r.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"));
-                    continue;
-                }
-                add(&mut r, l2, cs, "L2 table");
-                if *is_active {
-                    l2_refs.push((l2, e, i));
-                }
-                let t = match self.l2_table(l2) {
-                    Ok(t) => self.l2_cache.read(|| t.to_vec()),
-                    Err(_) => {
-                        r.check_errors += 1;
-                        continue;
-                    }
-                };
-                // qemu's next_contiguous_offset is local to check_refcounts_l2: fragmentation is counted per L2
-                // table.
-                next_contiguous = 0;
-                for idx in 0..(t.len() / step) {
-                    let ent = t[idx * step];
-                    let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
-                    let decoded = self.layout.decode(ent, bm);
-                    // check_refcounts_l2: reserved bits of a standard cluster descriptor, in every table.
-                    if decoded.compressed.is_none() && ent & crate::format::table::L2_STD_RESERVED != 0 {
-                        r.corruptions += 1;
-                        r.push(format!("ERROR found l2 entry with reserved bits set: {ent:x}"));
-                    }
-                    if let Some(d) = decoded.compressed {
-                        add(&mut r, d.offset & !511, (d.offset & 511) + d.len, "compressed cluster");
-                        if *is_active {
-                            r.allocated_clusters += 1;
-                            r.compressed_clusters += 1;
-                            r.fragmented_clusters += 1;
-                        }
-                        continue;
-                    }
-                    // Offset 0 is no cluster in the image file (a data file's cluster 0 is not counted here).
-                    let off = decoded.host.unwrap_or(0);
-                    if off == 0 {
-                        continue;
-                    }
-                    if !off.is_multiple_of(cs) {
-                        r.corruptions += 1;
-                        r.push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
-                        continue;
-                    }
-                    if !data_file {
-                        add(&mut r, off, cs, "data cluster");
-                    }
-                    if *is_active {
-                        r.allocated_clusters += 1;
-                        if next_contiguous != 0 && off != next_contiguous {
-                            r.fragmented_clusters += 1;
-                        }
-                        next_contiguous = off + cs;
-                        if !data_file {
-                            data_refs.push((off >> cb, l2, idx, ent));
-                        }
-                    }
-                }
-            }
-        }
-        // The bitmaps extension as it is now, counted only when its autoclear bit says it is valid (qemu
-        // ignores it otherwise, and its clusters are leaks).
-        let ext = self.ext_state()?;
-        if let Some(b) = ext.ext.filter(|_| ext.autoclear & header::AUTOCLEAR_BITMAPS != 0) {
-            self.bitmap_refs(b, &mut r, &mut |r, off, len| add(r, off, len, "bitmap"))?;
-        }
         // On-disk refcounts, block by block.
         let order = h.refcount_order;
         let per_block = refcount::entries_per_block(cb, order);
@@ -279,6 +190,144 @@ impl Qcow2 {
         }
         r.image_end_offset = highest * cs;
         Ok(r)
+    }
+
+    /// Every reference the metadata reachable from `roots` holds (header, L1 tables, snapshot table, L2
+    /// tables, data and compressed clusters, bitmaps; not the refcount structures), counted per L1 table
+    /// that reaches it as qemu counts them, with problems recorded in `r`.
+    pub(super) fn walk(&self, roots: &Roots<'_>, r: &mut CheckReport, nb_clusters: u64) -> Result<Walk> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let file_len = self.file.len()?;
+        let mut refs: HashMap<u64, u64> = HashMap::new();
+        let mut add = |r: &mut CheckReport, off: u64, len: u64, what: &str| {
+            count_ref(&mut refs, nb_clusters, cb, r, off, len, what);
+        };
+        let h = &self.header;
+        add(r, 0, cs, "header");
+        add(r, roots.l1_offset, roots.l1.len() as u64 * 8, "L1 table");
+        if !roots.snapshots.is_empty() {
+            // The snapshot table's length: the sum of its entries.
+            let len: u64 = roots.snapshots.iter().map(|s| s.entry_len).sum();
+            add(r, roots.snapshots_offset, len, "snapshot table");
+        }
+        let data_file = h.incompatible_features & header::INCOMPAT_DATA_FILE != 0;
+        // Active L1 (with statistics), then each snapshot's.
+        // One L1 table at a time (the active one, then each snapshot's), with a bound on the total work.
+        let mut budget: u64 = 1 << 26;
+        let ext = h.extended_l2();
+        let step = if ext { 2 } else { 1 };
+        let mut l2_refs: Vec<(u64, u64, usize)> = Vec::new(); // (l2 offset, l1 index) of the active L1
+        let mut data_refs: Vec<(u64, u64, usize, u64)> = Vec::new(); // (data cluster, l2 offset, idx, entry)
+        let mut next_contiguous: u64;
+        for k in 0..=roots.snapshots.len() {
+            let is_active = &(k == 0);
+            let l1: Vec<u64> = if k == 0 {
+                roots.l1.clone()
+            } else {
+                let s = &roots.snapshots[k - 1];
+                let bytes = u64::from(s.l1_size) * 8;
+                let fits = s.l1_table_offset.checked_add(bytes).is_some_and(|e| e <= file_len);
+                if bytes > crate::limits::MAX_L1_BYTES || !s.l1_table_offset.is_multiple_of(cs) || !fits {
+                    r.corruptions += 1;
+                    r.push(format!("ERROR snapshot '{}' has an invalid L1 table", s.name));
+                    continue;
+                }
+                add(r, s.l1_table_offset, bytes, "snapshot L1 table");
+                match super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size)) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        r.check_errors += 1;
+                        continue;
+                    }
+                }
+            };
+            budget = budget.saturating_sub(l1.len() as u64);
+            if budget == 0 {
+                r.check_errors += 1;
+                r.push("ERROR the image has too many L1 entries to check".to_string());
+                break;
+            }
+            for (i, &e) in l1.iter().enumerate() {
+                // qcow2-refcount.c check_refcounts_l1: reserved bits of an L1 entry (qcow2.rst, "L1 table entry").
+                if e & L1_RESERVED != 0 {
+                    r.corruptions += 1;
+                    r.push(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                }
+                let l2 = e & OFFSET_MASK;
+                if l2 == 0 {
+                    continue;
+                }
+                if !l2.is_multiple_of(cs) || l2 + cs > file_len {
+                    r.corruptions += 1;
+                    r.push(format!("ERROR l2_offset={l2:x}: Table is not cluster aligned or past the end"));
+                    continue;
+                }
+                add(r, l2, cs, "L2 table");
+                if *is_active {
+                    l2_refs.push((l2, e, i));
+                }
+                let t = match self.l2_table(l2) {
+                    Ok(t) => self.l2_cache.read(|| t.to_vec()),
+                    Err(_) => {
+                        r.check_errors += 1;
+                        continue;
+                    }
+                };
+                // qemu's next_contiguous_offset is local to check_refcounts_l2: fragmentation is counted per L2
+                // table.
+                next_contiguous = 0;
+                for idx in 0..(t.len() / step) {
+                    let ent = t[idx * step];
+                    let bm = if step == 2 { t[idx * 2 + 1] } else { 0 };
+                    let decoded = self.layout.decode(ent, bm);
+                    // check_refcounts_l2: reserved bits of a standard cluster descriptor, in every table.
+                    if decoded.compressed.is_none() && ent & crate::format::table::L2_STD_RESERVED != 0 {
+                        r.corruptions += 1;
+                        r.push(format!("ERROR found l2 entry with reserved bits set: {ent:x}"));
+                    }
+                    if let Some(d) = decoded.compressed {
+                        add(r, d.offset & !511, (d.offset & 511) + d.len, "compressed cluster");
+                        if *is_active {
+                            r.allocated_clusters += 1;
+                            r.compressed_clusters += 1;
+                            r.fragmented_clusters += 1;
+                        }
+                        continue;
+                    }
+                    // Offset 0 is no cluster in the image file (a data file's cluster 0 is not counted here).
+                    let off = decoded.host.unwrap_or(0);
+                    if off == 0 {
+                        continue;
+                    }
+                    if !off.is_multiple_of(cs) {
+                        r.corruptions += 1;
+                        r.push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                        continue;
+                    }
+                    if !data_file {
+                        add(r, off, cs, "data cluster");
+                    }
+                    if *is_active {
+                        r.allocated_clusters += 1;
+                        if next_contiguous != 0 && off != next_contiguous {
+                            r.fragmented_clusters += 1;
+                        }
+                        next_contiguous = off + cs;
+                        if !data_file {
+                            data_refs.push((off >> cb, l2, idx, ent));
+                        }
+                    }
+                }
+            }
+        }
+        // The bitmaps extension as it is now, counted only when its autoclear bit says it is valid (qemu
+        // ignores it otherwise, and its clusters are leaks).
+        let ext = self.ext_state()?;
+        if let Some(b) = ext.ext.filter(|_| ext.autoclear & header::AUTOCLEAR_BITMAPS != 0) {
+            self.bitmap_refs(b, r, &mut |r, off, len| add(r, off, len, "bitmap"))?;
+        }
+        Ok(Walk { refs, l2_refs, data_refs })
     }
 
     /// References held by persistent bitmaps: the directory, each bitmap table and its data clusters. A

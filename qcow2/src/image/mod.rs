@@ -14,6 +14,7 @@ pub mod create;
 mod mapping;
 mod open;
 pub mod overlap;
+mod snapshots;
 mod write;
 
 pub use bitmaps::DirtyMap;

@@ -50,6 +50,11 @@ struct Reservation {
 }
 
 impl WriteState {
+    /// The file was rewritten beneath this handle (`snapshots.rs`): nothing more may be written through it.
+    pub(super) fn retire(&mut self) {
+        self.corrupt = true;
+    }
+
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
         WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false, busy: HashSet::new(), compressed_cursor: None }
@@ -83,7 +88,7 @@ impl Qcow2 {
         self.writer.is_some()
     }
 
-    fn has_data_file(&self) -> bool {
+    pub(super) fn has_data_file(&self) -> bool {
         self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0
     }
 
@@ -1127,7 +1132,7 @@ impl Qcow2 {
         self.commit_frees(st)
     }
 
-    fn l1_offset(&self) -> u64 {
+    pub(super) fn l1_offset(&self) -> u64 {
         self.l1_offset.load(Ordering::Acquire)
     }
 }
