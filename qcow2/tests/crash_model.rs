@@ -626,3 +626,87 @@ fn emptying_an_image_is_crash_safe() {
     img.read_at(&mut got, 0).unwrap();
     assert!(got == after, "the emptied image does not read as its backing file");
 }
+
+/// What the image in `bytes` reads as (opened read-only, with the fixture's backing file).
+fn guest_of(fx: &Fixture, bytes: &[u8]) -> Vec<u8> {
+    let f: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes.to_vec(), CAP));
+    let q = Qcow2::open(f, None, &Qcow2Options::default()).unwrap();
+    let img = Image::from_layer(Layer::Qcow2(Box::new(q)), backing_image(fx), fx.name).unwrap();
+    let mut got = vec![0u8; img.size() as usize];
+    img.read_at(&mut got, 0).unwrap();
+    got
+}
+
+fn nb_snapshots(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes(bytes[60..64].try_into().unwrap())
+}
+
+/// `qimg snapshot -c`, `-a` and `-d` (`Qcow2::snapshot_create/apply/delete`), cut at every sync and inside
+/// every window: each state opens, checks clean (some also through `qemu-img check`), has the old or the new
+/// number of snapshots, and reads as the whole old image or the whole new one, never a mix.
+#[test]
+fn snapshot_commands_are_crash_safe() {
+    let mut total = 0;
+    for name in ["snapshot", "compressed", "extl2", "growth", "backing"] {
+        let fx = fixtures().iter().find(|f| f.name == name).unwrap();
+        let disk = CrashDisk::new(23, 12, CAP);
+        let file = disk.add_file(fx.image.clone());
+        let open = || Qcow2::open(file.clone(), None, &Qcow2Options { writable: true, ..Default::default() }).unwrap();
+        let n0 = nb_snapshots(&fx.image);
+        let before = fx.guest.clone();
+        disk.take_states();
+        let created = open().snapshot_create("t1", (1, 2));
+        if name == "backing" {
+            // refcount_bits=1 cannot count a data cluster shared with a snapshot: refused, nothing changed.
+            assert!(created.is_err());
+            assert_eq!(disk.current(0)[..fx.image.len()], fx.image[..]);
+            continue;
+        }
+        created.unwrap();
+        disk.sample_now("after snapshot -c");
+        // Then the active image moves on, and is reverted to the snapshot, which is then deleted.
+        let mut changed = before.clone();
+        {
+            let q = open();
+            let img = Image::from_layer(Layer::Qcow2(Box::new(q)), backing_image(fx), fx.name).unwrap();
+            let data = pattern(0, 8192, 0x5d);
+            img.write_at(&data, 4096, false).unwrap();
+            img.flush().unwrap();
+            changed[4096..4096 + 8192].copy_from_slice(&data);
+        }
+        let states_create = disk.take_states();
+        let step = |what: &str, f: &dyn Fn(&Qcow2) -> qcow2::Result<()>, old: &[u8], new: &[u8], n: (u32, u32)| {
+            let q = open();
+            disk.take_states();
+            f(&q).unwrap_or_else(|e| panic!("{name}: {what}: {e}"));
+            drop(q);
+            disk.sample_now(what);
+            let states = disk.take_states();
+            assert!(!states.is_empty());
+            let exp = Expect { flushed: old.to_vec(), since: vec![(0, new.to_vec())], changed: Vec::new() };
+            for (i, st) in states.iter().enumerate() {
+                let ns = nb_snapshots(&st.files[0]);
+                assert!(ns == n.0 || ns == n.1, "{name}: {what}: {}: {ns} snapshots", st.how);
+                check_state(fx, st, &exp, i % 5 == 0).unwrap_or_else(|e| panic!("{name}: {what}: {}: {e}", st.how));
+                let got = guest_of(fx, &st.files[0]);
+                assert!(got == old || got == new, "{name}: {what}: {}: reads as neither image", st.how);
+            }
+            states.len()
+        };
+        for (i, st) in states_create.iter().enumerate() {
+            let ns = nb_snapshots(&st.files[0]);
+            assert!(ns == n0 || ns == n0 + 1, "{name}: create: {}: {ns} snapshots", st.how);
+            // The write after the snapshot may be cut too; before the switch there was none.
+            let since = if ns == n0 { Vec::new() } else { vec![(0, changed.clone())] };
+            let exp = Expect { flushed: before.clone(), since, changed: Vec::new() };
+            check_state(fx, st, &exp, i % 5 == 0).unwrap_or_else(|e| panic!("{name}: create: {}: {e}", st.how));
+        }
+        total += states_create.len();
+        total += step("snapshot -a", &|q| q.snapshot_apply("t1"), &changed, &before, (n0 + 1, n0 + 1));
+        total += step("snapshot -d", &|q| q.snapshot_delete("t1"), &before, &before, (n0 + 1, n0));
+        assert_eq!(nb_snapshots(&disk.current(0)), n0);
+        assert!(guest_of(fx, &disk.current(0)) == before);
+    }
+    assert!(total > 50, "only {total} crash states");
+    eprintln!("{total} crash states checked over the snapshot commands");
+}

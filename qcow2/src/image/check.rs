@@ -77,7 +77,15 @@ pub(super) struct Roots<'a> {
 
 /// Counts one reference to each cluster of `[off, off + len)`; a cluster past the end of the file is a
 /// corruption.
-fn count_ref(refs: &mut HashMap<u64, u64>, nb_clusters: u64, cb: u32, r: &mut CheckReport, off: u64, len: u64, what: &str) {
+fn count_ref(
+    refs: &mut HashMap<u64, u64>,
+    nb_clusters: u64,
+    cb: u32,
+    r: &mut CheckReport,
+    off: u64,
+    len: u64,
+    what: &str,
+) {
     if len == 0 {
         return;
     }

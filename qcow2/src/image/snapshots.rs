@@ -21,9 +21,9 @@ use super::check::{CheckReport, Roots};
 use super::commit::{MetaCommit, Stage};
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::refcount;
 use crate::format::snapshot::Snapshot;
 use crate::format::table::{self, OFFSET_MASK, OFLAG_COPIED};
-use crate::format::refcount;
 use crate::limits;
 use std::sync::atomic::Ordering;
 
@@ -122,15 +122,17 @@ impl Qcow2 {
 
     /// Reverts the image to snapshot `id_or_name` (an ID first, then a name, as qemu looks it up).
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
-        let (snapshots, entries) = self.snapshot_table_for_change()?;
         if self.header.bitmaps.is_some() {
             return Err(Error::new(ErrorKind::InvalidArgument, "Device has active dirty bitmaps"));
         }
+        let snapshots = &self.snapshots;
         let s = snapshots
             .iter()
             .find(|s| s.id == id_or_name)
             .or_else(|| snapshots.iter().find(|s| s.name == id_or_name))
-            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "Failed to load snapshot: No such file or directory"))?;
+            .ok_or_else(|| {
+                Error::new(ErrorKind::InvalidArgument, "Failed to load snapshot: No such file or directory")
+            })?;
         let size = s.disk_size.unwrap_or(self.size());
         let need = size.div_ceil(self.cluster_size() * self.l2_entries);
         if size > limits::MAX_VIRTUAL_SIZE || u64::from(s.l1_size) < need {
@@ -140,17 +142,19 @@ impl Qcow2 {
             return Err(Error::invalid(format!("snapshot '{}' L1 table is too large", s.name)));
         }
         let l1_from = super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size))?;
+        let (snapshots, entries) = self.snapshot_table_for_change()?;
         let order = self.header.refcount_order;
         self.switch_state(NewState { size, l1_from, snapshots, entries, refcount_order: order })
     }
 
     /// Deletes the first snapshot named `name` (qemu-img looks a snapshot to delete up by name only).
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
-        let (mut snapshots, mut entries) = self.snapshot_table_for_change()?;
-        let i = snapshots
+        let i = self
+            .snapshots
             .iter()
             .position(|s| s.name == name)
             .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "snapshot not found"))?;
+        let (mut snapshots, mut entries) = self.snapshot_table_for_change()?;
         snapshots.remove(i);
         entries.remove(i);
         let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
@@ -205,9 +209,29 @@ impl Qcow2 {
         Ok((snapshots, entries))
     }
 
-    /// Builds `new` past the end of the file and switches the header to it (see the module comment).
+    /// Builds `new` past the end of the file and switches the header to it (see the module comment). If
+    /// anything fails before the switch, the file gets its old length back (what lay past it was unused).
     fn switch_state(&self, new: NewState) -> Result<()> {
         let mut st = self.lock()?;
+        let old_len = self.file.len()?;
+        match self.build_state(&new) {
+            Ok(sector) => {
+                let mut c = MetaCommit::new(false);
+                c.add(Stage::Pointers, 0, sector);
+                // Whatever happens now, this handle no longer describes the file.
+                self.poisoned.store(true, Ordering::Release);
+                st.retire();
+                self.run_commit(&c)
+            }
+            Err(e) => {
+                let _ = self.file.set_len(old_len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes everything `new` needs past the end of the file, durably; returns the header sector to write.
+    fn build_state(&self, new: &NewState) -> Result<Vec<u8>> {
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let mut next = self.file.len()?.div_ceil(cs);
@@ -249,8 +273,7 @@ impl Qcow2 {
             self.file.set_len(end)?;
         }
         self.file_len.fetch_max(end, Ordering::AcqRel);
-        let roots =
-            Roots { l1_offset, l1: l1.clone(), snapshots_offset, snapshots: &new.snapshots };
+        let roots = Roots { l1_offset, l1: l1.clone(), snapshots_offset, snapshots: &new.snapshots };
         let mut report = CheckReport::default();
         let walk = self.walk(&roots, &mut report, next)?;
         if report.corruptions != 0 || report.check_errors != 0 {
@@ -362,12 +385,7 @@ impl Qcow2 {
         } else if order != 4 {
             return Err(Error::invalid("version 2 images have 16-bit refcounts"));
         }
-        let mut c = MetaCommit::new(false);
-        c.add(Stage::Pointers, 0, sector);
-        // Whatever happens now, this handle no longer describes the file.
-        self.poisoned.store(true, Ordering::Release);
-        st.retire();
-        self.run_commit(&c)
+        Ok(sector)
     }
 }
 

@@ -38,6 +38,9 @@ pub struct WriteState {
     /// Where the next compressed cluster's bytes may go (qemu's `free_byte_offset`): inside a host cluster
     /// already holding compressed data, which gains a reference for each cluster stored in it.
     compressed_cursor: Option<u64>,
+    /// Where allocation started: a file nothing was allocated in keeps its length (even if not a multiple of
+    /// the cluster size, as qemu-io leaves files).
+    end_at_open: u64,
 }
 
 /// A host cluster chosen for one guest cluster's write, under the lock, before its data is written.
@@ -57,7 +60,15 @@ impl WriteState {
 
     /// Write state over the loaded refcounts.
     pub fn new(refs: Refcounts) -> Self {
-        WriteState { refs, l1_dirty: BTreeSet::new(), corrupt: false, busy: HashSet::new(), compressed_cursor: None }
+        let end_at_open = refs.end_cluster;
+        WriteState {
+            refs,
+            l1_dirty: BTreeSet::new(),
+            corrupt: false,
+            busy: HashSet::new(),
+            compressed_cursor: None,
+            end_at_open,
+        }
     }
 
     /// Sets a cluster's refcount (repair).
@@ -979,7 +990,7 @@ impl Qcow2 {
         // Best effort: bytes past the end read as zeros anyway, and a file that cannot change its length (a
         // block device) must still commit.
         let end = st.refs.end_cluster << self.cluster_bits;
-        if self.file.len().is_ok_and(|l| l < end) {
+        if st.refs.end_cluster != st.end_at_open && self.file.len().is_ok_and(|l| l < end) {
             let _ = self.file.set_len(end);
         }
         let dirty_l2 = self.l2_cache.dirty();
