@@ -4,6 +4,7 @@
 //! reads guest data outside any lock, from the mapping the metadata layer returned.
 
 pub mod alloc;
+mod amend;
 mod backing;
 mod bitmaps;
 pub mod cache;

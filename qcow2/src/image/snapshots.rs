@@ -340,9 +340,15 @@ impl Qcow2 {
         let mut sorted: Vec<(u64, u64)> = refs.into_iter().collect();
         sorted.sort_unstable();
         if let Some((c, n)) = sorted.iter().find(|(_, n)| *n > max) {
+            let (bits, at) = (1u32 << order, c << cb);
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("cluster {c} would have {n} references, more than refcount_bits={} can count", 1u32 << order),
+                if order < self.header.refcount_order {
+                    // qemu-img amend's words.
+                    format!("Cannot decrease refcount entry width to {bits} bits: Cluster at offset {at:#x} has a refcount of {n}")
+                } else {
+                    format!("the cluster at offset {at:#x} would have {n} references, more than refcount_bits={bits} can count")
+                },
             ));
         }
         let mut rt = Vec::with_capacity(blocks as usize);

@@ -175,7 +175,7 @@ impl Qcow2 {
     }
 
     /// Writes header fields (contiguous, in order) as a commit of their own.
-    fn commit_header(&self, fields: &[(Field, u64)]) -> Result<()> {
+    pub(super) fn commit_header(&self, fields: &[(Field, u64)]) -> Result<()> {
         let (off, bytes) = Field::encode_run(fields)
             .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "header fields written together must be adjacent"))?;
         let mut c = MetaCommit::new(self.has_separate_data());
@@ -1078,7 +1078,7 @@ impl Qcow2 {
             return Err(Error::new(ErrorKind::InvalidArgument, "the new size is too large"));
         }
         if !self.snapshots.is_empty() && self.header.version < 3 {
-            return Err(Error::new(ErrorKind::Unsupported, "cannot resize a v2 image with snapshots"));
+            return Err(Error::new(ErrorKind::Unsupported, "Can't resize a v2 image which has snapshots"));
         }
         self.flush_locked(st)?;
         let cs = self.cluster_size();

@@ -15,6 +15,7 @@ mod rebase;
 mod resize;
 mod size;
 mod snapshot;
+mod amend;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2::{Format, Image, OpenOptions};
@@ -175,8 +176,10 @@ enum Cmd {
     },
     /// Copy one or more images (concatenated) into a raw or qcow2 image (qemu-img convert).
     Convert(convert::Args),
-    /// List internal snapshots (qemu-img snapshot -l).
+    /// List, create, apply and delete internal snapshots (qemu-img snapshot).
     Snapshot(snapshot::Args),
+    /// Change options of an existing image (qemu-img amend).
+    Amend(amend::Args),
     /// Write an image's data into its backing file (qemu-img commit).
     Commit(commit::Args),
     /// Change the backing file of an image (qemu-img rebase).
@@ -413,6 +416,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Snapshot(a) => {
             snapshot::run(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Amend(a) => {
+            amend::run(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Commit(a) => {
