@@ -1,5 +1,6 @@
 //! `qimg`: a qemu-img-compatible subset (info, map, convert, compare) built on the qcow2 crate.
 
+mod amend;
 mod bitmap;
 mod check;
 mod commit;
@@ -15,7 +16,6 @@ mod rebase;
 mod resize;
 mod size;
 mod snapshot;
-mod amend;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2::{Format, Image, OpenOptions};
