@@ -6,6 +6,9 @@ mod common;
 use common::*;
 use std::path::Path;
 
+/// Tests that change the working directory (the process has one) take turns.
+static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn backing_of(img: &Path) -> (serde_json::Value, serde_json::Value) {
     let v: serde_json::Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(img)])).unwrap();
     (v["backing-filename"].clone(), v["backing-filename-format"].clone())
@@ -20,6 +23,7 @@ fn map_shape(img: &Path) -> Vec<String> {
 
 #[test]
 fn rebase_gives_what_qemu_img_rebase_gives() {
+    let _cwd = CWD.lock().unwrap_or_else(|e| e.into_inner());
     let d = tmpdir();
     std::env::set_current_dir(d.path()).unwrap();
     let b1 = d.path().join("b1.qcow2");
@@ -85,6 +89,7 @@ fn rebase_gives_what_qemu_img_rebase_gives() {
 
 #[test]
 fn commit_gives_what_qemu_img_commit_gives() {
+    let _cwd = CWD.lock().unwrap_or_else(|e| e.into_inner());
     let d = tmpdir();
     std::env::set_current_dir(d.path()).unwrap();
     for (base_fmt, extra) in
@@ -109,9 +114,12 @@ fn commit_gives_what_qemu_img_commit_gives() {
         ok("qemu-img", &["convert", "-O", "raw", p(&chains[0].1), p(&before)]);
         let what = format!("{base_fmt} {extra:?}");
         if extra.contains(&"-b") {
-            // qimg commits only into the image's own backing file: another base is refused by name.
+            // A base that is not in the chain is refused with qemu-img's words.
             let o = run(QIMG, &["commit", "-b", "somewhere-else.qcow2", p(&chains[0].1)]);
             assert_eq!(o.status.code(), Some(1), "{what}");
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("Did not find 'somewhere-else.qcow2' in the backing chain")
+            );
             let o = run(QIMG, &["commit", "-b", &format!("base-m.{base_fmt}"), p(&chains[0].1)]);
             assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
             ok("qemu-img", &["commit", "-b", &format!("base-t.{base_fmt}"), p(&chains[1].1)]);
@@ -407,4 +415,47 @@ fn amend_gives_what_qemu_img_amend_gives() {
     assert!(std::fs::read(&z).unwrap() == before);
     // -o help lists what qemu-img lists.
     assert_eq!(ok(QIMG, &["amend", "-o", "help", p(&z)]), ok("qemu-img", &["amend", "-o", "help", p(&z)]));
+}
+
+/// `commit -b BASE` into an image further down the chain (qcow2 and raw bases, an intermediate image smaller
+/// than the top, zero writes, overlapping data), by qimg and by qemu-img on copies: the bases end identical,
+/// the chain reads as before, the images above the base are left untouched, everything checks clean.
+#[test]
+fn commit_into_a_deeper_base_gives_what_qemu_img_gives() {
+    let d = tmpdir();
+    for base_fmt in ["qcow2", "raw"] {
+        let mut chains = Vec::new();
+        for who in ["m", "t"] {
+            let c0 = d.path().join(format!("{who}0.{base_fmt}"));
+            ok("qemu-img", &["create", "-q", "-f", base_fmt, p(&c0), "4M"]);
+            io(&c0, base_fmt, &["write -P 1 0 4M"]);
+            let c1 = d.path().join(format!("{who}1.qcow2"));
+            let n0 = format!("{who}0.{base_fmt}");
+            ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &n0, "-F", base_fmt, p(&c1), "2M"]);
+            io(&c1, "qcow2", &["write -P 2 0 1M", "write -z 1M 128k"]);
+            let c2 = d.path().join(format!("{who}2.qcow2"));
+            let n1 = format!("{who}1.qcow2");
+            ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &n1, "-F", "qcow2", p(&c2), "4M"]);
+            io(&c2, "qcow2", &["write -P 3 512k 1M", "write -z 3M 64k", "write -P 4 3500k 4k"]);
+            chains.push((c0, c1, c2));
+        }
+        let before = d.path().join("before.raw");
+        ok("qemu-img", &["convert", "-O", "raw", p(&chains[0].2), p(&before)]);
+        let untouched: Vec<Vec<u8>> = [&chains[0].1, &chains[0].2].iter().map(|f| std::fs::read(f).unwrap()).collect();
+        for (tool, (c0, _, c2)) in [(QIMG, &chains[0]), ("qemu-img", &chains[1])] {
+            assert_eq!(ok(tool, &["commit", "-b", p(c0), p(c2)]), "Image committed.\n", "{base_fmt}: {tool}");
+        }
+        let what = format!("commit -b into a {base_fmt} base");
+        let (m, t) = (&chains[0], &chains[1]);
+        let o = run("qemu-img", &["compare", "-f", base_fmt, "-F", base_fmt, p(&m.0), p(&t.0)]);
+        assert_eq!(o.status.code(), Some(0), "{what}: bases: {}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(ok("qemu-img", &["compare", "-F", "raw", p(&m.2), p(&before)]), "Images are identical.\n");
+        assert!(std::fs::read(&m.1).unwrap() == untouched[0], "{what}: the intermediate image changed");
+        assert!(std::fs::read(&m.2).unwrap() == untouched[1], "{what}: the top image changed");
+        if base_fmt == "qcow2" {
+            let chk = run("qemu-img", &["check", p(&m.0)]);
+            assert_eq!(chk.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&chk.stdout));
+            assert_eq!(map_shape(&m.0), map_shape(&t.0), "{what}: the base's clusters");
+        }
+    }
 }

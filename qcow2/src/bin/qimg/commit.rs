@@ -1,6 +1,8 @@
-//! `qimg commit`: qemu-img commit into the image's backing file. What the top image holds is written into the
-//! backing file (through its own writer and metadata commit); then, unless `-d`, the top image is emptied
-//! (`Qcow2::make_empty`), so the chain reads the same bytes as before.
+//! `qimg commit`: qemu-img commit into the image's backing file, or with `-b BASE` into any image further down
+//! its chain. What the images above the base hold (the topmost one where several do) is written into the base
+//! (through its own writer and metadata commit); then, unless `-d` or `-b`, the top image is emptied
+//! (`Qcow2::make_empty`), so the chain reads the same bytes as before. Images between the top and the base
+//! are left as they are, as qemu-img leaves them.
 
 use qcow2::chain::resolve_relative;
 use qcow2::{BlockDevice, Format, Image, OpenOptions};
@@ -11,8 +13,7 @@ pub struct Args {
     /// Format of the image.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
-    /// Commit into this image of the chain (only the image's own backing file is supported); the top image
-    /// is then left as it is, as qemu-img does.
+    /// Commit into this image of the chain; the top image is then left as it is, as qemu-img does.
     #[arg(short = 'b', long = "base")]
     pub base: Option<String>,
     /// Keep the top image as it is (do not empty it).
@@ -58,18 +59,44 @@ pub fn run(a: Args) -> Result<(), String> {
     let Some(backing) = h.backing_file.clone() else {
         return Err("Image does not have a backing file".into());
     };
-    let base_path = resolve_relative(top.filename(), &backing);
+    let same = |x: &str, y: &str| match (std::fs::canonicalize(x), std::fs::canonicalize(y)) {
+        (Ok(p), Ok(q)) => p == q,
+        _ => x == y,
+    };
+    // The images above the base, each alone (its own allocation decides), top first.
+    let mut above: Vec<std::sync::Arc<Image>> = vec![top.clone()];
+    let (mut base_path, mut base_fmt) = (resolve_relative(top.filename(), &backing), h.backing_format.clone());
     if let Some(b) = &a.base {
-        let same = |x: &str, y: &str| match (std::fs::canonicalize(x), std::fs::canonicalize(y)) {
-            (Ok(p), Ok(q)) => p == q,
-            _ => x == y,
-        };
-        if !same(&resolve_relative(top.filename(), b), &base_path) && !same(b, &base_path) {
-            return Err(format!("qimg commit -b supports only the image's own backing file ('{backing}'), not '{b}'"));
+        let missing = || format!("Did not find '{b}' in the backing chain of '{}'", a.filename);
+        loop {
+            let named = resolve_relative(above[0].filename(), b);
+            if same(b, &base_path) || same(&named, &base_path) {
+                break;
+            }
+            if above.len() >= qcow2::limits::DEFAULT_MAX_CHAIN_DEPTH {
+                return Err(missing());
+            }
+            let lo = OpenOptions {
+                format: base_fmt.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
+                open_backing: false,
+                backing_policy: crate::policy(),
+                ..OpenOptions::default()
+            };
+            let layer = Image::open(&base_path, &lo).map_err(|e| format!("Could not open '{base_path}': {e}"))?;
+            let next = layer
+                .qcow2()
+                .and_then(|q| q.header().backing_file.clone().map(|f| (f, q.header().backing_format.clone())));
+            let Some((f, fmt)) = next else { return Err(missing()) };
+            let next_path = resolve_relative(layer.filename(), &f);
+            if above.iter().any(|l| same(l.filename(), &next_path)) || same(&base_path, &next_path) {
+                return Err(format!("the backing chain of '{}' has a loop", a.filename));
+            }
+            above.push(layer);
+            (base_path, base_fmt) = (next_path, fmt);
         }
     }
     let bo = OpenOptions {
-        format: h.backing_format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
+        format: base_fmt.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
         writable: true,
         backing_policy: crate::policy(),
         ..OpenOptions::default()
@@ -86,17 +113,32 @@ pub fn run(a: Args) -> Result<(), String> {
     let mut buf = vec![0u8; 2 << 20];
     let mut pos = 0u64;
     while pos < size {
-        let st = top.block_status(pos, (size - pos).min(2 << 20)).map_err(|e| e.to_string())?;
-        let len = st.len.clamp(1, size - pos);
-        if st.depth == 0 && st.present {
-            let r = if st.zero {
-                base.write_zeroes(pos, len, true, false)
-            } else {
-                let b = &mut buf[..len as usize];
-                top.read_at(b, pos).and_then(|()| base.write_at(b, pos, false))
-            };
-            r.map_err(|e| format!("error while committing at byte {pos}: {e}"))?;
+        // The topmost image above the base that holds this range, if any (past the end of an image, the chain
+        // reads zeros: that image decides too).
+        let mut len = (size - pos).min(2 << 20);
+        let mut source: Option<(usize, bool)> = None;
+        for (i, l) in above.iter().enumerate() {
+            if pos >= l.size() {
+                source = Some((i, true));
+                break;
+            }
+            len = len.min(l.size() - pos);
+            let st = l.block_status(pos, len).map_err(|e| e.to_string())?;
+            len = st.len.clamp(1, len);
+            if st.depth == 0 && st.present {
+                source = Some((i, st.zero));
+                break;
+            }
         }
+        let r = match source {
+            None => Ok(()),
+            Some((_, true)) => base.write_zeroes(pos, len, true, false),
+            Some((i, false)) => {
+                let b = &mut buf[..len as usize];
+                above[i].read_at(b, pos).and_then(|()| base.write_at(b, pos, false))
+            }
+        };
+        r.map_err(|e| format!("error while committing at byte {pos}: {e}"))?;
         pos += len;
         bar.set(pos);
     }
