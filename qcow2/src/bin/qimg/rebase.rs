@@ -125,21 +125,36 @@ fn copy_differences(img: &Image, newb: Option<&Image>, progress: bool) -> Result
                     .map_err(|e| format!("error while reading the new backing file: {e}"))?;
             }
         }
+        // Runs of clusters to write go out as one write each (one allocation, one data write).
+        let mut run: Option<(usize, bool)> = None; // (start in the chunk, zero cluster)
         let mut c = 0usize;
-        while c < len {
+        while c <= len {
             let e = (c + cs as usize).min(len);
             let at = start + c as u64;
-            // A cluster the top image holds stays as it is.
-            let own = img.block_status(at, (e - c) as u64).map(|s| s.depth == 0 && s.present).unwrap_or(false);
-            if !own && old[c..e] != new[c..e] {
+            let want = if c < len {
+                // A cluster the top image holds stays as it is.
+                let own = img.block_status(at, (e - c) as u64).map(|s| s.depth == 0 && s.present).unwrap_or(false);
                 // Past the old backing file's end the old bytes are zeros and go in as a zero cluster; inside it
                 // they go in as data, even zeros (what qemu-img rebase does).
-                let r = if at >= old_backing_size {
-                    img.write_zeroes(at, (e - c) as u64, false, false)
+                (!own && old[c..e] != new[c..e]).then_some(at >= old_backing_size)
+            } else {
+                None
+            };
+            if let Some((r0, zero)) = run.filter(|&(_, z)| want != Some(z)) {
+                let at0 = start + r0 as u64;
+                let r = if zero {
+                    img.write_zeroes(at0, (c - r0) as u64, false, false)
                 } else {
-                    img.write_at(&old[c..e], at, false)
+                    img.write_at(&old[r0..c], at0, false)
                 };
-                r.map_err(|err| format!("error while writing at byte {at}: {err}"))?;
+                r.map_err(|err| format!("error while writing at byte {at0}: {err}"))?;
+                run = None;
+            }
+            if let (None, Some(z)) = (run, want) {
+                run = Some((c, z));
+            }
+            if c == len {
+                break;
             }
             c = e;
         }
