@@ -42,12 +42,14 @@ fn rebase_gives_what_qemu_img_rebase_gives() {
         ov
     };
     // (starting backing and format, rebase arguments)
-    let cases: [(&str, &str, &[&str]); 5] = [
+    let cases: [(&str, &str, &[&str]); 7] = [
         ("b1.qcow2", "qcow2", &["-b", "b2.raw", "-F", "raw"]),
         ("b2.raw", "raw", &["-b", "b1.qcow2", "-F", "qcow2"]),
         ("b1.qcow2", "qcow2", &["-b", "a-second-backing-file-with-a-longer-name.qcow2", "-F", "qcow2"]),
         ("b1.qcow2", "qcow2", &["-b", ""]),
         ("b1.qcow2", "qcow2", &["-u", "-b", "b2.raw", "-F", "raw"]),
+        ("b1.qcow2", "qcow2", &["-c", "-b", ""]),
+        ("b1.qcow2", "qcow2", &["-c", "-b", "b2.raw", "-F", "raw"]),
     ];
     for (i, (base, fmt, args)) in cases.iter().enumerate() {
         let mine = make(&format!("m{i}.qcow2"), base, fmt);

@@ -26,7 +26,7 @@ pub struct Args {
     /// Cache mode of the backing files (accepted).
     #[arg(short = 'T', long = "backing-cache")]
     pub backing_cache: Option<String>,
-    /// Compress what is written (not supported by qimg rebase).
+    /// Compress the clusters written (as compressed clusters, where that makes them smaller).
     #[arg(short = 'c', long = "compress")]
     pub compress: bool,
     /// Show progress.
@@ -53,9 +53,6 @@ pub fn run(a: Args) -> Result<(), String> {
     let Some(new) = a.backing.clone() else {
         return Err("Must specify backing file (-b) or use unsafe mode (-u)".into());
     };
-    if a.compress {
-        return Err("rebase -c (compressed writes) is not supported by qimg".into());
-    }
     let new = (!new.is_empty()).then_some(new);
     let n = crate::Naming { image_opts: a.image_opts, force_share: false };
     let spec = crate::spec(&a.filename, a.format.as_deref(), n)?;
@@ -86,7 +83,7 @@ pub fn run(a: Args) -> Result<(), String> {
             }
             None => None,
         };
-        copy_differences(&img, newb.as_deref(), a.progress && !a.quiet)?;
+        copy_differences(&img, newb.as_deref(), a.progress && !a.quiet, a.compress)?;
     }
     q.set_backing(new.as_deref(), fmt.as_deref())
         .map_err(|e| format!("Could not change the backing file to '{}': {e}", new.as_deref().unwrap_or("")))?;
@@ -94,8 +91,8 @@ pub fn run(a: Args) -> Result<(), String> {
 }
 
 /// Writes into the top image every cluster it does not hold whose bytes through the old chain differ from
-/// the new backing file's (zeros past its end, or everywhere without one).
-fn copy_differences(img: &Image, newb: Option<&Image>, progress: bool) -> Result<(), String> {
+/// the new backing file's (zeros past its end, or everywhere without one); `compress`: as compressed clusters.
+fn copy_differences(img: &Image, newb: Option<&Image>, progress: bool, compress: bool) -> Result<(), String> {
     let size = img.size();
     let cs = img.qcow2().map_or(65536, |q| q.cluster_size());
     let chunk = (2u64 << 20).max(cs) / cs * cs;
@@ -144,6 +141,8 @@ fn copy_differences(img: &Image, newb: Option<&Image>, progress: bool) -> Result
                 let at0 = start + r0 as u64;
                 let r = if zero {
                     img.write_zeroes(at0, (c - r0) as u64, false, false)
+                } else if compress {
+                    write_compressed(img, &old[r0..c], at0, cs)
                 } else {
                     img.write_at(&old[r0..c], at0, false)
                 };
@@ -163,5 +162,28 @@ fn copy_differences(img: &Image, newb: Option<&Image>, progress: bool) -> Result
     }
     img.flush().map_err(|e| format!("error while flushing: {e}"))?;
     bar.finish();
+    Ok(())
+}
+
+/// Writes `data` (whole clusters from `at`, the last one possibly cut by the end of the image) cluster by
+/// cluster, compressed where that makes a cluster smaller, as qemu-img rebase -c does.
+fn write_compressed(img: &Image, data: &[u8], at: u64, cs: u64) -> qcow2::Result<()> {
+    let q = img.qcow2().ok_or_else(|| qcow2::Error::unsupported("-c needs a qcow2 image"))?;
+    let kind = q.header().compression_type;
+    for (i, piece) in data.chunks(cs as usize).enumerate() {
+        let off = at + i as u64 * cs;
+        let mut padded;
+        let input = if (piece.len() as u64) < cs {
+            padded = piece.to_vec();
+            padded.resize(cs as usize, 0);
+            &padded[..]
+        } else {
+            piece
+        };
+        match qcow2::image::compressed::compress(kind, input).filter(|c| (c.len() as u64) < cs) {
+            Some(c) => q.write_compressed(off, &c)?,
+            None => img.write_at(piece, off, false)?,
+        }
+    }
     Ok(())
 }
