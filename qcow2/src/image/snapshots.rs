@@ -19,6 +19,7 @@
 
 use super::check::{CheckReport, Roots};
 use super::commit::{MetaCommit, Stage};
+use super::write::WriteState;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::refcount;
@@ -214,7 +215,7 @@ impl Qcow2 {
     fn switch_state(&self, new: NewState) -> Result<()> {
         let mut st = self.lock()?;
         let old_len = self.file.len()?;
-        match self.build_state(&new) {
+        match self.build_state(&new, &st) {
             Ok(sector) => {
                 let mut c = MetaCommit::new(false);
                 c.add(Stage::Pointers, 0, sector);
@@ -231,10 +232,14 @@ impl Qcow2 {
     }
 
     /// Writes everything `new` needs past the end of the file, durably; returns the header sector to write.
-    fn build_state(&self, new: &NewState) -> Result<Vec<u8>> {
+    fn build_state(&self, new: &NewState, st: &WriteState) -> Result<Vec<u8>> {
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let mut next = self.file.len()?.div_ceil(cs);
+        // The L2 copies go to clusters the current state does not use, as far as there are some, so that the
+        // file does not grow by them at every command.
+        let wanted = new.l1_from.iter().filter(|&&e| e & OFFSET_MASK != 0).count();
+        let mut unused = self.unused_clusters(st, wanted)?.into_iter();
         let take = |next: &mut u64, bytes: u64| -> u64 {
             let at = *next;
             *next = next.saturating_add(bytes.div_ceil(cs).max(1));
@@ -251,7 +256,10 @@ impl Qcow2 {
             }
             let mut t = vec![0u8; cs as usize];
             self.file.read_at(&mut t, from)?;
-            let to = take(&mut next, cs);
+            let to = match unused.next() {
+                Some(c) => c << cb,
+                None => take(&mut next, cs),
+            };
             l1[i] = to | OFLAG_COPIED;
             copies.push(to);
             batch.add(Stage::Tables, to, t)?;
@@ -392,6 +400,36 @@ impl Qcow2 {
             return Err(Error::invalid("version 2 images have 16-bit refcounts"));
         }
         Ok(sector)
+    }
+}
+
+impl Qcow2 {
+    /// Up to `max` clusters inside the file that the current state does not use: referenced by nothing the
+    /// walk finds, and neither the refcount table nor a refcount block. The old state never reads them, so
+    /// the new one may be built there before the switch.
+    fn unused_clusters(&self, st: &WriteState, max: usize) -> Result<Vec<u64>> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let len = self.file.len()?;
+        let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
+        let roots = Roots {
+            l1_offset: self.l1_offset(),
+            l1,
+            snapshots_offset: self.header.snapshots_offset,
+            snapshots: &self.snapshots,
+        };
+        let mut report = CheckReport::default();
+        let walk = self.walk(&roots, &mut report, len.div_ceil(cs))?;
+        if report.corruptions != 0 || report.check_errors != 0 {
+            return Err(Error::corrupt(format!("the image does not check: {:?}", report.messages)));
+        }
+        let mut used: std::collections::HashSet<u64> = walk.refs.into_keys().collect();
+        let rt = st.refs.table_offset >> cb;
+        used.extend(rt..rt.saturating_add(st.refs.table_clusters));
+        used.extend(st.refs.table.iter().map(|e| (e & OFFSET_MASK) >> cb).filter(|&c| c != 0));
+        // Only whole clusters inside the file, and none the L2 cache still knows under its old contents (the walk
+        // of the new state reads its tables through that cache).
+        Ok((1..len / cs).filter(|c| !used.contains(c) && self.l2_cache.get(c << cb).is_none()).take(max).collect())
     }
 }
 
