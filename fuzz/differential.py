@@ -7,14 +7,19 @@ image opens, on the info fields and the map, on the converted bytes and on the c
 Each disagreement is saved under --out as NAME.img plus NAME.txt saying what differed; known qemu quirks
 (README, "Differential fuzzing") are counted, not saved.
 
+With --mutate, once every input has been tried, the rest of the time goes to mutants of them: one to four
+header fields or bytes anywhere set to boundary values (0, 1, all ones, the file length, cluster-aligned
+offsets inside the file, random bytes), drawn from a seeded generator so a run replays.
+
 Usage: fuzz/differential.py [--qimg target/release/qimg] [--skip 8] [--minutes 30] [--out fuzz/disagreements]
-                            CORPUS_DIR_OR_FILE...
+                            [--mutate] [--seed N] CORPUS_DIR_OR_FILE...
 Exit status: 0 when every image agreed, 1 when a disagreement was saved.
 """
 import argparse
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -74,6 +79,27 @@ def compare(qimg, img, work):
     return diffs
 
 
+HEADER_FIELDS = [(8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4), (60, 4),
+                 (64, 8), (72, 8), (80, 8), (88, 8), (96, 4), (100, 4), (104, 1)]
+
+
+def mutant(rng, data):
+    """`data` with one to four fields or bytes set to boundary values."""
+    d = bytearray(data)
+    cs = 1 << min(max(d[23], 9), 21) if len(d) > 23 else 65536
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.5:
+            off, width = rng.choice(HEADER_FIELDS)
+        else:
+            off, width = rng.randrange(len(d)), rng.choice([1, 4, 8])
+        if off + width > len(d):
+            continue
+        v = rng.choice([0, 1, (1 << (8 * width)) - 1, (1 << (8 * width - 1)) - 1, len(d), len(d) - 1,
+                        rng.randrange(max(1, len(d) // cs)) * cs, rng.getrandbits(8 * width)])
+        d[off:off + width] = (v % (1 << (8 * width))).to_bytes(width, "big")
+    return bytes(d)
+
+
 def inputs(paths):
     for p in paths:
         if os.path.isdir(p):
@@ -89,20 +115,32 @@ def main():
     ap.add_argument("--skip", type=int, default=0, help="leading bytes of each input that are not image")
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--out", default="fuzz/disagreements")
+    ap.add_argument("--mutate", action="store_true", help="after the inputs, try mutants of them until the time is up")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("paths", nargs="+")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     end = time.time() + a.minutes * 60
     seen = agreed = saved = 0
     kinds = {}
+    pool = []
+    rng = random.Random(a.seed)
+
+    def candidates():
+        for path in inputs(a.paths):
+            data = open(path, "rb").read()[a.skip:]
+            if len(data) >= 104:
+                if a.mutate and len(pool) < 20000:
+                    pool.append(data)
+                yield path, data
+        while a.mutate and pool:
+            yield "mutant", mutant(rng, rng.choice(pool))
+
     with tempfile.TemporaryDirectory() as work:
         img = os.path.join(work, "img.qcow2")
-        for path in inputs(a.paths):
+        for path, data in candidates():
             if time.time() > end:
                 break
-            data = open(path, "rb").read()[a.skip:]
-            if len(data) < 104:
-                continue
             with open(img, "wb") as f:
                 f.write(data)
             seen += 1
