@@ -85,6 +85,14 @@ impl Qcow2 {
                      compression other than zlib, or bitmaps), which qimg does not downgrade",
                 ));
             }
+            // qemu: a snapshot with VM state or of another size could not be applied to a version 2 image.
+            if self.snapshots.iter().any(|s| s.vm_state_size != 0 || s.disk_size.is_some_and(|d| d != self.size())) {
+                return Err(Error::new(ErrorKind::InvalidArgument, "Internal snapshots prevent downgrade of image"));
+            }
+            let r = self.check()?;
+            if r.corruptions != 0 || r.check_errors != 0 {
+                return Err(Error::corrupt("the image does not check clean; repair it first (qimg check -r all)"));
+            }
             if self.has_zero_clusters()? {
                 return Err(Error::unsupported(
                     "compat=0.10: the image has zero clusters, which version 2 cannot express; qimg does not expand them",
@@ -92,6 +100,10 @@ impl Qcow2 {
             }
         } else if version != 3 {
             return Err(Error::new(ErrorKind::InvalidArgument, format!("unknown version {version}")));
+        } else if self.snapshot_entries_too_short_for_v3() {
+            return Err(Error::invalid(
+                "a snapshot table entry lacks the extra data version 3 requires (complete_snapshot_entries first)",
+            ));
         }
         self.flush()?;
         let mut st = self.lock()?;
@@ -153,6 +165,9 @@ impl Qcow2 {
     fn has_zero_clusters(&self) -> Result<bool> {
         let mut l1s = vec![self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone()];
         for s in &self.snapshots {
+            if u64::from(s.l1_size) * 8 > crate::limits::MAX_L1_BYTES {
+                return Err(Error::invalid(format!("snapshot '{}' L1 table is too large", s.name)));
+            }
             l1s.push(super::open::read_table(self.file.as_ref(), s.l1_table_offset, u64::from(s.l1_size))?);
         }
         let step = if self.header.extended_l2() { 2 } else { 1 };

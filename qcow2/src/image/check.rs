@@ -110,7 +110,7 @@ impl Qcow2 {
         let nb_clusters = file_len.div_ceil(cs);
         let mut r = CheckReport { total_clusters: self.size().div_ceil(cs), ..Default::default() };
         let roots = Roots {
-            l1_offset: self.header.l1_table_offset,
+            l1_offset: self.l1_offset(),
             l1: self.l1.read().map(|l| l.clone()).unwrap_or_default(),
             snapshots_offset: self.header.snapshots_offset,
             snapshots: &self.snapshots,

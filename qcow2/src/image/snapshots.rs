@@ -22,9 +22,9 @@ use super::commit::{MetaCommit, Stage};
 use super::write::WriteState;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::refcount;
 use crate::format::snapshot::Snapshot;
 use crate::format::table::{self, OFFSET_MASK, OFLAG_COPIED};
+use crate::format::{header, refcount};
 use crate::limits;
 use std::sync::atomic::Ordering;
 
@@ -64,7 +64,7 @@ fn encode_entry(s: &Snapshot) -> Vec<u8> {
     b.extend_from_slice(&(EXTRA_LEN as u32).to_be_bytes());
     b.extend_from_slice(&s.vm_state_size.to_be_bytes());
     b.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
-    b.extend_from_slice(&s.icount.unwrap_or(0).to_be_bytes());
+    b.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
     b.extend_from_slice(s.id.as_bytes());
     b.extend_from_slice(s.name.as_bytes());
     b.resize(b.len().div_ceil(8) * 8, 0);
@@ -83,9 +83,14 @@ fn clip(name: &str, max: usize) -> &str {
 impl Qcow2 {
     /// Creates snapshot `name` of the current state (a new ID, `date` as seconds and nanoseconds).
     pub fn snapshot_create(&self, name: &str, date: (u32, u32)) -> Result<()> {
+        self.refuse_data_file()?;
         let (snapshots, entries) = self.snapshot_table_for_change()?;
-        if snapshots.len() as u64 >= u64::from(limits::MAX_SNAPSHOTS) {
-            return Err(Error::new(ErrorKind::InvalidArgument, "Too many snapshots"));
+        // qemu: EFBIG for too many snapshots or too large a table.
+        let table: u64 = snapshots.iter().map(|s| s.entry_len).sum();
+        if snapshots.len() as u64 >= u64::from(limits::MAX_SNAPSHOTS)
+            || table.saturating_add(64 + MAX_NAME as u64 + 24) > limits::MAX_SNAPSHOT_TABLE_BYTES
+        {
+            return Err(Error::new(ErrorKind::InvalidArgument, "File too large"));
         }
         // qemu's find_new_snapshot_id: one past the largest numeric ID.
         let max_id = snapshots
@@ -123,7 +128,10 @@ impl Qcow2 {
 
     /// Reverts the image to snapshot `id_or_name` (an ID first, then a name, as qemu looks it up).
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
-        if self.header.bitmaps.is_some() {
+        self.refuse_data_file()?;
+        // Bitmaps qemu loads (the autoclear bit says they are valid) stop it; others it ignores.
+        let bitmaps = self.ext_state()?;
+        if self.header.version >= 3 && bitmaps.ext.is_some() && bitmaps.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
             return Err(Error::new(ErrorKind::InvalidArgument, "Device has active dirty bitmaps"));
         }
         let snapshots = &self.snapshots;
@@ -135,6 +143,12 @@ impl Qcow2 {
                 Error::new(ErrorKind::InvalidArgument, "Failed to load snapshot: No such file or directory")
             })?;
         let size = s.disk_size.unwrap_or(self.size());
+        if !size.is_multiple_of(512) {
+            return Err(Error::new(ErrorKind::InvalidArgument, "The new size must be a multiple of 512"));
+        }
+        if self.header.version < 3 && size != self.size() {
+            return Err(Error::unsupported("Can't resize a v2 image which has snapshots"));
+        }
         let need = size.div_ceil(self.cluster_size() * self.l2_entries);
         if size > limits::MAX_VIRTUAL_SIZE || u64::from(s.l1_size) < need {
             return Err(Error::corrupt(format!("snapshot '{}' L1 table is too small for its size", s.name)));
@@ -150,6 +164,7 @@ impl Qcow2 {
 
     /// Deletes the first snapshot named `name` (qemu-img looks a snapshot to delete up by name only).
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.refuse_data_file()?;
         let i = self
             .snapshots
             .iter()
@@ -173,13 +188,41 @@ impl Qcow2 {
         self.switch_state(NewState { size: self.size(), l1_from: l1, snapshots, entries, refcount_order: order })
     }
 
+    /// qemu does not take internal snapshots of an image with an external data file.
+    fn refuse_data_file(&self) -> Result<()> {
+        if self.has_data_file() {
+            return Err(Error::unsupported("Operation not supported"));
+        }
+        Ok(())
+    }
+
+    /// Whether a snapshot table entry has less extra data than version 3 requires (16 bytes: qcow2.rst
+    /// "Snapshot table entry"; very old qemu wrote none).
+    pub fn snapshot_entries_too_short_for_v3(&self) -> bool {
+        self.snapshots.iter().any(|s| s.extra_len < 16)
+    }
+
+    /// Rewrites the snapshot entries that lack `vm_state_size_large` and `disk_size` with them (qemu's values:
+    /// the 32-bit VM state size, the current disk size, no icount), atomically as the other commands switch.
+    pub fn complete_snapshot_entries(&self) -> Result<()> {
+        let (mut snapshots, mut entries) = self.snapshot_table_for_change()?;
+        for (s, e) in snapshots.iter_mut().zip(entries.iter_mut()) {
+            if s.extra_len < 16 {
+                s.disk_size = Some(s.disk_size.unwrap_or(self.size()));
+                s.extra_len = EXTRA_LEN as u64;
+                *e = encode_entry(s);
+                s.entry_len = e.len() as u64;
+            }
+        }
+        let l1 = self.l1.read().map_err(|_| Error::new(ErrorKind::Io, "L1 lock poisoned"))?.clone();
+        let order = self.header.refcount_order;
+        self.switch_state(NewState { size: self.size(), l1_from: l1, snapshots, entries, refcount_order: order })
+    }
+
     /// The snapshot table and the bytes of each entry, once the image is known fit for a rewrite: opened
     /// read-write for it (no bitmaps tracked), no external data file (qemu does not snapshot those either),
     /// everything flushed, and a check without corruption.
     fn snapshot_table_for_change(&self) -> Result<(Vec<Snapshot>, Vec<Vec<u8>>)> {
-        if self.has_data_file() {
-            return Err(Error::unsupported("Operation not supported"));
-        }
         if self.bitmaps_live.get().is_some_and(|l| !l.tracked.is_empty()) {
             return Err(Error::new(ErrorKind::InvalidArgument, "the image's dirty bitmaps are being tracked"));
         }
@@ -305,6 +348,11 @@ impl Qcow2 {
                 }
                 let host = d.host.unwrap_or(0);
                 if host == 0 {
+                    continue;
+                }
+                if self.has_data_file() {
+                    // Data clusters in an external data file have no refcounts (and no snapshot shares them):
+                    // their flags stay as they are.
                     continue;
                 }
                 let owned = refs.get(&(host >> cb)).copied() == Some(1);

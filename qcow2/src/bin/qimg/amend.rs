@@ -162,6 +162,7 @@ pub fn run(a: Args) -> Result<(), String> {
         return Err(format!("Format driver '{}' does not support option amendment", img.format().name()));
     };
     let h = q.header().clone();
+    let short_entries = q.snapshot_entries_too_short_for_v3();
     let version = w.version.unwrap_or(h.version);
     if version < 3 && w.lazy == Some(true) {
         return Err(
@@ -204,6 +205,11 @@ pub fn run(a: Args) -> Result<(), String> {
         f(q).map_err(|e| e.to_string())
     };
     if version == 3 && h.version < 3 {
+        // Version 3 wants every snapshot entry to carry its disk size: complete old entries first (as qemu's
+        // upgrade rewrites the table), then switch the version.
+        if short_entries {
+            step(&|q| q.complete_snapshot_entries())?;
+        }
         step(&|q| q.set_version(3))?;
     }
     if let Some(on) = w.lazy {
