@@ -536,3 +536,26 @@ fn amend_with_snapshots_and_data_files_matches_qemu_img() {
         assert!(raw_of(&mine, None) == raw_of(&theirs, None), "{what}: the images differ");
     }
 }
+
+/// `commit -r RATE` limits what is written per second (4 MiB at 2 MiB/s: at least 1.5 s); a bad rate gets
+/// qemu-img's message.
+#[test]
+fn commit_rate_limit_holds() {
+    let d = tmpdir();
+    let base = d.path().join("rb.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    let top = d.path().join("rt.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "rb.qcow2", "-F", "qcow2", p(&top)]);
+    io(&top, "qcow2", &["write -P 1 0 4M"]);
+    let bad = run(QIMG, &["commit", "-r", "abc", p(&top)]);
+    assert_eq!(bad.status.code(), Some(1));
+    let theirs = run("qemu-img", &["commit", "-r", "abc", p(&top)]);
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).replace("qimg: ", "qemu-img: "),
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    let t = std::time::Instant::now();
+    ok(QIMG, &["commit", "-r", "2M", p(&top)]);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(1500), "4 MiB at 2 MiB/s took {:?}", t.elapsed());
+    assert_eq!(ok("qemu-io", &["-f", "qcow2", "-c", "read -P 1 0 4M", p(&base)]).lines().count(), 2);
+}

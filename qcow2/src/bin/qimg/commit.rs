@@ -22,7 +22,7 @@ pub struct Args {
     /// Cache mode (accepted).
     #[arg(short = 't', long = "cache")]
     pub cache: Option<String>,
-    /// Rate limit (accepted).
+    /// Rate limit in bytes per second (suffixes k, M, G...) for what is written.
     #[arg(short = 'r', long = "rate")]
     pub rate: Option<String>,
     /// Show progress.
@@ -43,6 +43,11 @@ pub struct Args {
 
 /// Runs `qimg commit`.
 pub fn run(a: Args) -> Result<(), String> {
+    let rate = a
+        .rate
+        .as_deref()
+        .map(|r| crate::size::parse_size(r).map_err(|_| format!("Invalid rate limit specified: '{r}'.")))
+        .transpose()?;
     let n = crate::Naming { image_opts: a.image_opts, force_share: false };
     let spec = crate::spec(&a.filename, a.format.as_deref(), n)?;
     // The top image alone: its own clusters are what is committed.
@@ -112,6 +117,7 @@ pub fn run(a: Args) -> Result<(), String> {
     let mut bar = crate::convert::Progress::new(size, a.progress && !a.quiet);
     let mut buf = vec![0u8; 2 << 20];
     let mut pos = 0u64;
+    let (start, mut written) = (std::time::Instant::now(), 0u64);
     while pos < size {
         // The topmost image above the base that holds this range, if any (past the end of an image, the chain
         // reads zeros: that image decides too).
@@ -139,6 +145,10 @@ pub fn run(a: Args) -> Result<(), String> {
             }
         };
         r.map_err(|e| format!("error while committing at byte {pos}: {e}"))?;
+        if source.is_some() {
+            written += len;
+            crate::convert::throttle(start, written, rate);
+        }
         pos += len;
         bar.set(pos);
     }

@@ -440,7 +440,7 @@ pub struct Options {
 }
 
 /// `-r`: sleeps so that `done` bytes take at least `done / rate` seconds since `start`.
-fn throttle(start: std::time::Instant, done: u64, rate: Option<u64>) {
+pub fn throttle(start: std::time::Instant, done: u64, rate: Option<u64>) {
     let Some(rate) = rate.filter(|&r| r > 0) else {
         return;
     };
