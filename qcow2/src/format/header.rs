@@ -278,11 +278,15 @@ impl Header {
                 };
                 h.unknown_header_tail = buf[105..h.header_length as usize].to_vec();
             }
+            // qemu's validate_compression_type: the bit is set exactly when the type is not zlib.
             let has_ct_bit = h.incompatible_features & INCOMPAT_COMPRESSION != 0;
             if h.compression_type != CompressionType::Deflate && !has_ct_bit {
                 return Err(Error::invalid(
                     "compression_type is not zlib but the compression type incompatible bit is clear",
                 ));
+            }
+            if h.compression_type == CompressionType::Deflate && has_ct_bit {
+                return Err(Error::invalid("qcow2: Compression type incompatible feature bit must not be set"));
             }
         }
         if h.refcount_order > limits::MAX_REFCOUNT_ORDER {
@@ -318,24 +322,29 @@ impl Header {
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
         let mut off = self.header_length as usize;
+        // qemu (qcow2_read_extensions): the extensions end before the backing file name, or with cluster 0.
+        let limit = match usize::try_from(self.backing_file_offset) {
+            Ok(0) | Err(_) => buf.len(),
+            Ok(b) => b.min(buf.len()),
+        };
+        let too_large = || Error::invalid("Header extension too large");
         loop {
-            if off.saturating_add(8) > buf.len() {
-                // qcow2.rst: extensions end with type 0; an image whose cluster 0 ends first is cut short.
-                if off >= buf.len() {
-                    return Ok(());
-                }
-                return Err(Error::invalid(format!("header extension at {off} runs past the first cluster")));
+            if off >= limit {
+                // qcow2.rst: extensions end with type 0; an image whose area ends first is cut short.
+                return Ok(());
+            }
+            if off.saturating_add(8) > limit {
+                return Err(too_large());
             }
             let kind = be32(buf, off);
             let len = be32(buf, off.saturating_add(4)) as usize;
+            let data_off = off.saturating_add(8);
+            // Every extension's length is checked, the end marker's too (as qemu does).
+            let end = data_off.checked_add(len).filter(|&e| e <= limit).ok_or_else(too_large)?;
             if kind == EXT_END {
                 self.extensions_end = off as u64;
                 return Ok(());
             }
-            let data_off = off.saturating_add(8);
-            let end = data_off.checked_add(len).filter(|&e| e <= buf.len()).ok_or_else(|| {
-                Error::invalid(format!("header extension {kind:#x} length {len} runs past cluster 0"))
-            })?;
             let data = &buf[data_off..end];
             match kind {
                 EXT_BACKING_FORMAT => {

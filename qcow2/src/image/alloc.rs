@@ -104,7 +104,11 @@ impl Refcounts {
     /// Loads block `bi` (which must exist in the table).
     fn load(&mut self, file: &dyn Storage, bi: u64) -> Result<&mut (Vec<u8>, bool)> {
         if !self.blocks.contains_key(&bi) {
-            let off = self.table.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            let e = self.table.get(bi as usize).copied().unwrap_or(0);
+            if e & 0x1ff != 0 {
+                return Err(Error::corrupt(format!("refcount table entry {bi} has reserved bits set")));
+            }
+            let off = e & OFFSET_MASK;
             let mut b = vec![0u8; self.cs() as usize];
             if off != 0 {
                 if !off.is_multiple_of(self.cs()) {

@@ -132,6 +132,12 @@ impl Qcow2 {
         let mut ondisk: HashMap<u64, u64> = HashMap::new();
         let mut block = vec![0u8; cs as usize];
         for (bi, &e) in rt.iter().enumerate() {
+            // qcow2.rst "Refcount table entry": bits 0-8 are reserved (qemu's check_refblocks).
+            if e & 0x1ff != 0 {
+                r.corruptions += 1;
+                r.push(format!("ERROR refcount table entry {bi} has reserved bits set"));
+                continue;
+            }
             let off = e & OFFSET_MASK;
             if off == 0 {
                 continue;

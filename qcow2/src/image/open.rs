@@ -86,6 +86,10 @@ impl Qcow2 {
                 Arc::new(crate::storage::MemStorage::new(Vec::new(), 0))
             }
             (true, None) => return Err(Error::invalid("the image needs its external data file, which was not opened")),
+            // qemu (qcow2_do_open, when it may do I/O): the raw bit means nothing without a data file.
+            (false, _) if !opts.metadata_only && header.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0 => {
+                return Err(Error::invalid("data-file-raw requires a data file"));
+            }
             (false, _) => file.clone(),
         };
         let l2_entries = cs / if ext { 16 } else { 8 };
@@ -125,13 +129,13 @@ impl Qcow2 {
             Region { name: "L1 table", start: header.l1_table_offset, len: l1_bytes },
             Region { name: "refcount table", start: header.refcount_table_offset, len: rt_bytes },
         ];
+        // qemu's validate_table_offset, also without snapshots: aligned, and the table below 2^63.
+        let table_end =
+            u64::from(header.nb_snapshots).checked_mul(40).and_then(|n| header.snapshots_offset.checked_add(n));
+        if !header.snapshots_offset.is_multiple_of(cs) || table_end.is_none_or(|e| e > i64::MAX as u64) {
+            return Err(Error::invalid("Snapshot table offset invalid"));
+        }
         let snapshots = if header.nb_snapshots > 0 {
-            if !header.snapshots_offset.is_multiple_of(cs) {
-                return Err(Error::corrupt(format!(
-                    "snapshots_offset {:#x} is not aligned to the cluster size",
-                    header.snapshots_offset
-                )));
-            }
             // Each entry is at least 40 bytes, plus ID, name and extra data: bounded by the table limit.
             let max = limits::MAX_SNAPSHOT_TABLE_BYTES.min(file_len.saturating_sub(header.snapshots_offset));
             let mut buf = vec![0u8; max as usize];
