@@ -9,6 +9,10 @@
 # Cases (default: all):
 #   read-qd1 read-qd32          4 KiB random read on a fully allocated 1 GiB qcow2 (64 KiB clusters)
 #   write-fresh write-alloc     4 KiB random write QD32 into a fresh qcow2 / an allocated one
+#   write-alloc-io raw-write-io the same into an allocated qcow2 / a raw file that qemu-io has just written whole
+#                               (the second harness's set-up: the file's page cache then holds large folios, and
+#                               ext4's buffered write path walks a whole folio for each 4 KiB write; both servers
+#                               pay it, and it takes most of qnbd's time)
 #   write-bitmaps               write-alloc into an image with two enabled persistent dirty bitmaps (64 KiB and
 #                               512 KiB granularity), which both servers keep up to date
 #   write-fresh-4c              4 clients (4 connections), each 4 KiB random write QD32 into its own quarter of a
@@ -68,6 +72,14 @@ prep() { # case -> the image to serve (made fresh for each run)
       qemu-img bitmap --add "$dir/img.qcow2" b0
       qemu-img bitmap --add -g 512k "$dir/img.qcow2" b1
       echo "$dir/img.qcow2" ;;
+    write-alloc-io)
+      qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G
+      qemu-io -c 'write -P 0x5a 0 1G' "$dir/img.qcow2" >/dev/null
+      echo "$dir/img.qcow2" ;;
+    raw-write-io)
+      qemu-img create -q -f raw "$dir/img.raw" 1G
+      qemu-io -f raw -c 'write -P 0x5a 0 1G' "$dir/img.raw" >/dev/null
+      echo "$dir/img.raw" ;;
     raw-*) echo "$dir/base.raw" ;;
     *) cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
   esac
@@ -77,7 +89,7 @@ fio_args() {
   case ${1%%/*} in
     write-fresh-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=256M --group_reporting" ;;
     alloc-4c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --offset_increment=16G --group_reporting" ;;
-    write-* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    write-* | raw-write* | cow*) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     read-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
     read-qd32 | read-chain3) echo "--rw=randread --bs=4k --iodepth=32" ;;
     seq-read | raw-seq-read) echo "--rw=read --bs=1M --iodepth=4" ;;
