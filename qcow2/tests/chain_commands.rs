@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use std::path::Path;
+use std::process::Command;
 
 /// Tests that change the working directory (the process has one) take turns.
 static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -558,4 +559,48 @@ fn commit_rate_limit_holds() {
     ok(QIMG, &["commit", "-r", "2M", p(&top)]);
     assert!(t.elapsed() >= std::time::Duration::from_millis(1500), "4 MiB at 2 MiB/s took {:?}", t.elapsed());
     assert_eq!(ok("qemu-io", &["-f", "qcow2", "-c", "read -P 1 0 4M", p(&base)]).lines().count(), 2);
+}
+
+/// Sets header bytes `at..at + bytes.len()` of a file.
+fn patch(img: &Path, at: usize, bytes: &[u8]) {
+    let mut d = std::fs::read(img).unwrap();
+    d[at..at + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(img, d).unwrap();
+}
+
+/// Bitmaps that qemu ignores (their autoclear bit is clear) do not stop `snapshot -a`; a snapshot whose L1 size
+/// is hostile makes `amend -o compat=0.10` refuse the image, not allocate gigabytes.
+#[test]
+fn snapshot_and_amend_edges_of_hostile_or_stale_metadata() {
+    let d = tmpdir();
+    let (mine, theirs) = (d.path().join("bm-m.qcow2"), d.path().join("bm-t.qcow2"));
+    for img in [&mine, &theirs] {
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", p(img), "4M"]);
+        io(img, "qcow2", &["write -P 1 0 1M"]);
+        ok("qemu-img", &["snapshot", "-c", "s1", p(img)]);
+        io(img, "qcow2", &["write -P 2 0 64k"]);
+        ok("qemu-img", &["bitmap", "--add", p(img), "b0"]);
+        patch(img, 88, &[0; 8]);
+    }
+    ok(QIMG, &["snapshot", "-a", "s1", p(&mine)]);
+    ok("qemu-img", &["snapshot", "-a", "s1", p(&theirs)]);
+    assert!(raw_of(&mine, None) == raw_of(&theirs, None));
+    // qemu keeps the ignored bitmap's clusters counted (leaks, exit 3); qimg's rebuilt refcounts drop them.
+    let c = run("qemu-img", &["check", p(&mine)]);
+    assert_eq!(c.status.code(), Some(0), "{}", String::from_utf8_lossy(&c.stdout));
+    // A snapshot claiming 2^31-1 L1 entries.
+    let h = d.path().join("hostile.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&h), "4M"]);
+    io(&h, "qcow2", &["write -P 1 0 64k"]);
+    ok("qemu-img", &["snapshot", "-c", "s1", p(&h)]);
+    let table = u64::from_be_bytes(std::fs::read(&h).unwrap()[64..72].try_into().unwrap()) as usize;
+    patch(&h, table + 8, &0x7fff_ffffu32.to_be_bytes());
+    let before = std::fs::read(&h).unwrap();
+    let t = std::time::Instant::now();
+    // Under a 1 GiB address-space limit: reading that table would abort the process (exit 134).
+    let o =
+        Command::new("prlimit").args(["--as=1073741824", QIMG, "amend", "-o", "compat=0.10", p(&h)]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert!(std::fs::read(&h).unwrap() == before, "a refused amend changed the image");
 }
