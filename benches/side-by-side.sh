@@ -24,6 +24,9 @@
 #   raw-seq-read                the same sequential read of the raw base served by qnbd (the qcow2 ceiling)
 #   nbdcopy1 nbdcopy4           nbdcopy of the whole 1 GiB qcow2 to null: with 1 and 4 connections (multi-conn)
 #   raw-nbdcopy4                nbdcopy of the raw base through qnbd (the ceiling for nbdcopy4)
+#   tls-nbdcopy1                nbdcopy -C 1 over TLS (both servers with the same x509 certificates made here
+#                               with openssl, client certificates not required; fio's nbd engine refuses the
+#                               tls-certificates URI parameter, so there is no fio case over TLS)
 #   overlays50                  50 overlays of one base: one qnbd with 50 exports against 50 qemu-nbd processes,
 #                               each read in turn (64 MiB sequential); total peak RSS (KiB) is the number
 #   read-qd32/uring write-alloc/uring cow/uring seq-read/uring
@@ -51,6 +54,19 @@ trap 'pkill -f "$dir" 2>/dev/null || true; sleep 0.2; rm -rf "$dir"' EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
 qemu-io -f raw -c 'write -P 0x5a 0 1G' "$dir/base.raw" >/dev/null
 qemu-img convert -O qcow2 "$dir/base.raw" "$dir/full.qcow2"
+# TLS: a CA and a server certificate for localhost (the tls-* cases)
+pki() {
+  command -v openssl >/dev/null || apt-get install -y -q openssl >/dev/null
+  mkdir -p "$dir/pki/server" "$dir/pki/client"
+  (cd "$dir/pki" &&
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=bench-ca 2>/dev/null &&
+    openssl req -newkey rsa:2048 -nodes -keyout server/server-key.pem -out server.csr -subj /CN=localhost 2>/dev/null &&
+    printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+    openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile ext.cnf \
+      -out server/server-cert.pem 2>/dev/null &&
+    cp ca-cert.pem server/ && cp ca-cert.pem client/)
+}
+for c in "${cases[@]}"; do case $c in tls-*) pki; break ;; esac; done
 # a 3-deep chain: every layer holds a quarter of the data
 qemu-img create -q -f qcow2 "$dir/c1.qcow2" 1G
 qemu-io -f qcow2 -c 'write -P 1 0 256M' "$dir/c1.qcow2" >/dev/null
@@ -103,10 +119,13 @@ start() { # server image sock [uring] -> pid
   rm -f "$sock"
   local direct=()
   [ "$uring" = direct ] && direct=(--cache=none)
+  [ "$uring" = tls ] && direct=(--object "tls-creds-x509,id=tls0,dir=$dir/pki/server,endpoint=server,verify-peer=off" --tls-creds tls0)
   if [ "$server" = qnbd ]; then
     "$qnbd" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ "$server" = before ]; then
     "$QNBD_BEFORE" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+  elif [ "$uring" = tls ]; then
+    qemu-nbd -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ -n "$uring" ]; then
     qemu-nbd -t -e 8 -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
   else
@@ -128,21 +147,24 @@ stop() { # pid sock: stop the server and wait until it (and qnbd's commit helper
 
 run_one() { # server case -> "value rss_kib"
   local server=$1 case=$2 sock="$dir/s.sock" img pid val uring=
-  case $case in */uring) uring=1 ;; */direct) uring=direct ;; esac
+  local uri
+  case $case in */uring) uring=1 ;; */direct) uring=direct ;; tls-*) uring=tls ;; esac
+  uri="nbd+unix:///?socket=$sock"
+  [ "$uring" = tls ] && uri="nbds+unix:///?socket=$sock&tls-certificates=$dir/pki/client&tls-hostname=localhost"
   img=$(prep "$case")
   pid=$(start "$server" "$img" "$sock" $uring)
   case ${case%%/*} in
-    nbdcopy* | raw-nbdcopy*)
+    nbdcopy* | raw-nbdcopy* | tls-nbdcopy*)
       local n=${case##*nbdcopy} t0 t1
       t0=$(date +%s.%N)
-      nbdcopy --connections="$n" "nbd+unix:///?socket=$sock" null: 2>/dev/null
+      nbdcopy --connections="$n" "$uri" null: 2>/dev/null
       t1=$(date +%s.%N)
       val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 1024/(b-a)}') ;;
     *)
       local field=iops size=1G
       case $case in seq-* | raw-seq-*) field=bw ;; write-fresh-4c) size=256M ;; alloc-4c) size=16G ;; esac
       # shellcheck disable=SC2046
-      val=$(fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --size="$size" --time_based \
+      val=$(fio --name=b --ioengine=nbd --uri="$uri" --size="$size" --time_based \
         --runtime="$secs" $(fio_args "$case") --output-format=json 2>/dev/null |
         python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; f=sys.argv[1]
 v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field") ;;
@@ -190,7 +212,7 @@ overlays50() { # server -> "total_peak_rss_kib seconds"
 
 unit() {
   case $1 in
-    seq-* | raw-seq-* | nbdcopy* | raw-nbdcopy*) echo MiB/s ;;
+    seq-* | raw-seq-* | nbdcopy* | raw-nbdcopy* | tls-*) echo MiB/s ;;
     overlays50) echo "RSS KiB" ;;
     *) echo IOPS ;;
   esac
