@@ -66,6 +66,15 @@ fn qnbd_serves_what_qimg_chain_commands_made() {
         let o = run("qemu-img", &["compare", "-f", "raw", &uri(&sock), s(&img)]);
         assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
     }
+    // qnbd -l serves the snapshot qimg made, as qemu-img reads it.
+    {
+        let mut cmd = Command::new(QNBD);
+        cmd.args(["-r", "-t", "-f", "qcow2", "-l", "one", "-k", s(&sock)]).arg(&img);
+        let _srv = spawn_listening(cmd, &sock);
+        let out = d.path().join("one-over-nbd.raw");
+        ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri(&sock), s(&out)]);
+        assert!(std::fs::read(&out).unwrap() == one, "qnbd -l one reads differently from qemu-img convert -l one");
+    }
     // Writes through qnbd copy the clusters the snapshot shares: the snapshot keeps its bytes.
     {
         let mut cmd = Command::new(QNBD);
