@@ -488,7 +488,7 @@ fn strip_snapshot_extra_data(img: &Path) {
 fn amend_with_snapshots_and_data_files_matches_qemu_img() {
     let d = tmpdir();
     type Prep = fn(&Path, &Path);
-    let cases: [(&str, Prep, &str); 3] = [
+    let cases: [(&str, Prep, &str); 4] = [
         (
             "an old snapshot entry",
             |img, _| {
@@ -519,13 +519,29 @@ fn amend_with_snapshots_and_data_files_matches_qemu_img() {
             },
             "refcount_bits=8",
         ),
+        (
+            "a data file renamed",
+            |img, dir| {
+                let data = format!("data_file={}", p(&img.with_extension("raw")));
+                ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &data, p(img), "4M"]);
+                io(img, "qcow2", &["write -P 3 0 1M"]);
+                // Both images end up naming this copy of the data (the same bytes).
+                std::fs::copy(img.with_extension("raw"), dir.join("renamed-data.raw")).unwrap();
+            },
+            "data_file=renamed-data.raw",
+        ),
     ];
     for (i, (what, prep, opts)) in cases.iter().enumerate() {
         let (mine, theirs) = (d.path().join(format!("e{i}-m.qcow2")), d.path().join(format!("e{i}-t.qcow2")));
         prep(&mine, d.path());
         prep(&theirs, d.path());
-        let m = run(QIMG, &["amend", "-o", opts, p(&mine)]);
-        let t = run("qemu-img", &["amend", "-o", opts, p(&theirs)]);
+        // A relative data file name is looked up from the working directory (by qemu too): name it absolutely.
+        let opts = match opts.strip_prefix("data_file=") {
+            Some(n) => format!("data_file={}", p(&d.path().join(n))),
+            None => opts.to_string(),
+        };
+        let m = run(QIMG, &["amend", "-o", &opts, p(&mine)]);
+        let t = run("qemu-img", &["amend", "-o", &opts, p(&theirs)]);
         assert_eq!(m.status.code(), t.status.code(), "{what}: {}", String::from_utf8_lossy(&m.stderr));
         let (me, te) = (String::from_utf8_lossy(&m.stderr), String::from_utf8_lossy(&t.stderr));
         assert_eq!(me.replace("qimg: ", "qemu-img: "), te, "{what}");

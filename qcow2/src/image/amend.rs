@@ -9,6 +9,7 @@
 //! sector. Either way, a power cut leaves the old header or the new one.
 
 use super::commit::{MetaCommit, Stage};
+use super::write::WriteState;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, Field};
@@ -117,16 +118,56 @@ impl Qcow2 {
             head[100..104].copy_from_slice(&(V3_LEN as u32).to_be_bytes());
         }
         // The extensions, byte for byte, but the feature name table (meaningless in version 2, optional in 3).
-        for e in h.extensions.iter().filter(|e| e.kind != header::EXT_FEATURE_NAMES) {
-            head.extend_from_slice(&e.kind.to_be_bytes());
-            head.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
-            head.extend_from_slice(&e.data);
+        let exts: Vec<(u32, Vec<u8>)> = h
+            .extensions
+            .iter()
+            .filter(|e| e.kind != header::EXT_FEATURE_NAMES)
+            .map(|e| (e.kind, e.data.clone()))
+            .collect();
+        self.rewrite_header_area(&mut st, head, &exts)
+    }
+
+    /// Names `name` as the external data file (`amend -o data_file=`; the image must have one already).
+    pub fn set_data_file_name(&self, name: &str) -> Result<()> {
+        let h = &self.header;
+        if h.incompatible_features & header::INCOMPAT_DATA_FILE == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "data-file can only be set for images that use an external data file",
+            ));
+        }
+        if name.is_empty() || name.len() > crate::limits::MAX_BACKING_NAME as usize {
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("data file name '{name}' is invalid")));
+        }
+        self.flush()?;
+        let mut st = self.lock()?;
+        let mut head = vec![0u8; h.header_length as usize];
+        self.file.read_at(&mut head, 0)?;
+        let mut exts: Vec<(u32, Vec<u8>)> = h
+            .extensions
+            .iter()
+            .filter(|e| e.kind != header::EXT_FEATURE_NAMES && e.kind != header::EXT_DATA_FILE)
+            .map(|e| (e.kind, e.data.clone()))
+            .collect();
+        exts.push((header::EXT_DATA_FILE, name.as_bytes().to_vec()));
+        self.rewrite_header_area(&mut st, head, &exts)
+    }
+
+    /// Writes `head` (the header proper) followed by `exts` and the end marker in one write of the first
+    /// sector, the backing file name kept or moved first to bytes of cluster 0 the old header does not use.
+    /// The handle is stale afterwards.
+    fn rewrite_header_area(&self, st: &mut WriteState, mut head: Vec<u8>, exts: &[(u32, Vec<u8>)]) -> Result<()> {
+        let h = &self.header;
+        for (kind, data) in exts {
+            head.extend_from_slice(&kind.to_be_bytes());
+            head.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            head.extend_from_slice(data);
             head.resize(head.len().div_ceil(8) * 8, 0);
         }
         head.extend_from_slice(&[0u8; 8]);
         if head.len() > SECTOR {
             return Err(Error::unsupported(
-                "the header's extensions do not fit in one sector: qimg cannot change the version in one atomic write",
+                "the header's extensions do not fit in one sector: qimg cannot change them in one atomic write",
             ));
         }
         let cs = self.cluster_size() as usize;

@@ -1,5 +1,5 @@
 //! `qimg amend -o OPTIONS IMG`: qemu-img amend for qcow2 images: `compat` (0.10 and 1.1), `lazy_refcounts`,
-//! `refcount_bits`, `size` (growing) and `data_file_raw=off`, with qemu-img's refusals for the rest. Each
+//! `refcount_bits`, `size` (growing), `data_file` (a new name) and `data_file_raw=off`, with qemu-img's refusals for the rest. Each
 //! change is one crash-safe step of its own (`qcow2::image::amend`, `qcow2::image::snapshots`), applied in
 //! qemu's order: a version upgrade first, a downgrade last.
 
@@ -178,12 +178,8 @@ pub fn run(a: Args) -> Result<(), String> {
             "compat=0.10 requires refcount_bits=16".into()
         });
     }
-    if w.data_file.is_some() {
-        return Err(if h.data_file.is_none() {
-            "data-file can only be set for images that use an external data file".into()
-        } else {
-            "changing the name of the external data file is not supported by qimg".into()
-        });
+    if w.data_file.is_some() && h.incompatible_features & qcow2::format::header::INCOMPAT_DATA_FILE == 0 {
+        return Err("data-file can only be set for images that use an external data file".into());
     }
     if w.data_file_raw == Some(true) {
         return Err("data-file-raw cannot be set on existing images".into());
@@ -214,6 +210,9 @@ pub fn run(a: Args) -> Result<(), String> {
     }
     if let Some(on) = w.lazy {
         step(&|q| q.set_lazy_refcounts(on))?;
+    }
+    if let Some(name) = &w.data_file {
+        step(&|q| q.set_data_file_name(name))?;
     }
     if order != h.refcount_order {
         step(&|q| q.set_refcount_order(order))?;
