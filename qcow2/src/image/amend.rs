@@ -8,6 +8,8 @@
 //! qemu writes its feature name table too (384 bytes, optional): qimg leaves it out so the switch stays one
 //! sector. Either way, a power cut leaves the old header or the new one.
 
+#![deny(clippy::arithmetic_side_effects)] // offsets and lengths here come from the image
+
 use super::commit::{MetaCommit, Stage};
 use super::write::WriteState;
 use super::Qcow2;
@@ -162,7 +164,7 @@ impl Qcow2 {
             head.extend_from_slice(&kind.to_be_bytes());
             head.extend_from_slice(&(data.len() as u32).to_be_bytes());
             head.extend_from_slice(data);
-            head.resize(head.len().div_ceil(8) * 8, 0);
+            head.resize(head.len().div_ceil(8).saturating_mul(8), 0);
         }
         head.extend_from_slice(&[0u8; 8]);
         if head.len() > SECTOR {
@@ -184,8 +186,9 @@ impl Qcow2 {
                 return Err(Error::unsupported("cluster 0 has no room for the backing file name"));
             }
             head[8..16].copy_from_slice(&(dest as u64).to_be_bytes());
-            if dest + name.len() <= SECTOR {
-                sector[dest..dest + name.len()].copy_from_slice(name.as_bytes());
+            let name_end = dest.saturating_add(name.len());
+            if let Some(dst) = sector.get_mut(dest..name_end) {
+                dst.copy_from_slice(name.as_bytes());
             } else if dest != old {
                 let mut c = MetaCommit::new(self.has_separate_data());
                 c.add(Stage::Tables, dest as u64, name.as_bytes().to_vec());
@@ -219,10 +222,11 @@ impl Qcow2 {
                     continue;
                 }
                 let t = self.l2_table(l2)?;
-                let n = (self.l2_entries as usize).min(t.len() / step);
+                let n = (self.l2_entries as usize).min(t.len().checked_div(step).unwrap_or(0));
                 for idx in 0..n {
-                    let bm = if step == 2 { t.word(idx * 2 + 1) } else { 0 };
-                    let d = self.layout.decode(t.word(idx * step), bm);
+                    let at = idx.saturating_mul(step);
+                    let bm = if step == 2 { t.word(at.saturating_add(1)) } else { 0 };
+                    let d = self.layout.decode(t.word(at), bm);
                     if d.compressed.is_none() && d.zero != 0 {
                         return Ok(true);
                     }

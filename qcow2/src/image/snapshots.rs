@@ -17,6 +17,8 @@
 //! end), after it the new one. Nothing is freed in place: the old state's tables are simply not counted by
 //! the new refcounts. The `Qcow2` handle is stale afterwards and refuses further use: reopen the image.
 
+#![deny(clippy::arithmetic_side_effects)] // sizes and offsets here come from the image
+
 use super::check::{CheckReport, Roots};
 use super::commit::{MetaCommit, Stage};
 use super::write::WriteState;
@@ -37,6 +39,9 @@ const EXTRA_LEN: usize = 24;
 /// Longest name and ID qemu keeps (`QEMUSnapshotInfo`: 256 and 128 bytes with the terminating NUL).
 const MAX_NAME: usize = 255;
 
+/// The largest entry `snapshot_create` adds (head, extra data, ID, name, padding).
+const NEW_ENTRY_MAX: u64 = 64 + MAX_NAME as u64 + 32;
+
 /// The state an operation switches to.
 struct NewState {
     /// Virtual size.
@@ -52,7 +57,7 @@ struct NewState {
 
 /// Encodes one snapshot table entry as qemu-img writes a new one (qcow2.rst "Snapshot table entry").
 fn encode_entry(s: &Snapshot) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + s.id.len() + s.name.len());
+    let mut b = Vec::with_capacity(64usize.saturating_add(s.id.len()).saturating_add(s.name.len()));
     b.extend_from_slice(&s.l1_table_offset.to_be_bytes());
     b.extend_from_slice(&s.l1_size.to_be_bytes());
     b.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
@@ -67,7 +72,7 @@ fn encode_entry(s: &Snapshot) -> Vec<u8> {
     b.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
     b.extend_from_slice(s.id.as_bytes());
     b.extend_from_slice(s.name.as_bytes());
-    b.resize(b.len().div_ceil(8) * 8, 0);
+    b.resize(b.len().div_ceil(8).saturating_mul(8), 0);
     b
 }
 
@@ -75,7 +80,7 @@ fn encode_entry(s: &Snapshot) -> Vec<u8> {
 fn clip(name: &str, max: usize) -> &str {
     let mut end = name.len().min(max);
     while !name.is_char_boundary(end) {
-        end -= 1;
+        end = end.saturating_sub(1);
     }
     &name[..end]
 }
@@ -88,7 +93,7 @@ impl Qcow2 {
         // qemu: EFBIG for too many snapshots or too large a table.
         let table: u64 = snapshots.iter().map(|s| s.entry_len).sum();
         if snapshots.len() as u64 >= u64::from(limits::MAX_SNAPSHOTS)
-            || table.saturating_add(64 + MAX_NAME as u64 + 24) > limits::MAX_SNAPSHOT_TABLE_BYTES
+            || table.saturating_add(NEW_ENTRY_MAX) > limits::MAX_SNAPSHOT_TABLE_BYTES
         {
             return Err(Error::new(ErrorKind::InvalidArgument, "File too large"));
         }
@@ -149,7 +154,7 @@ impl Qcow2 {
         if self.header.version < 3 && size != self.size() {
             return Err(Error::unsupported("Can't resize a v2 image which has snapshots"));
         }
-        let need = size.div_ceil(self.cluster_size() * self.l2_entries);
+        let need = size.div_ceil(self.cluster_size().saturating_mul(self.l2_entries));
         if size > limits::MAX_VIRTUAL_SIZE || u64::from(s.l1_size) < need {
             return Err(Error::corrupt(format!("snapshot '{}' L1 table is too small for its size", s.name)));
         }
@@ -313,9 +318,9 @@ impl Qcow2 {
         if !table.is_empty() {
             batch.add(Stage::Tables, snapshots_offset, table)?;
         }
-        let l1_offset = take(&mut next, l1.len() as u64 * 8);
+        let l1_offset = take(&mut next, (l1.len() as u64).saturating_mul(8));
         let mut l1_bytes = table::encode_table(&l1);
-        l1_bytes.resize((l1_bytes.len() as u64).div_ceil(cs).max(1) as usize * cs as usize, 0);
+        l1_bytes.resize(((l1_bytes.len() as u64).div_ceil(cs).max(1) as usize).saturating_mul(cs as usize), 0);
         batch.add(Stage::Tables, l1_offset, l1_bytes)?;
         batch.finish()?;
         // 3. Every reference of the new state but the refcount structures.
@@ -339,9 +344,10 @@ impl Qcow2 {
             self.file.read_at(&mut raw, to)?;
             let mut words = table::decode_table(&raw);
             let mut changed = false;
-            for idx in 0..words.len() / step {
-                let e = words[idx * step];
-                let bm = if step == 2 { words[idx * 2 + 1] } else { 0 };
+            for idx in 0..words.len().checked_div(step).unwrap_or(0) {
+                let at = idx.saturating_mul(step);
+                let e = words.get(at).copied().unwrap_or(0);
+                let bm = if step == 2 { words.get(at.saturating_add(1)).copied().unwrap_or(0) } else { 0 };
                 let d = self.layout.decode(e, bm);
                 if d.compressed.is_some() {
                     continue;
@@ -357,8 +363,8 @@ impl Qcow2 {
                 }
                 let owned = refs.get(&(host >> cb)).copied() == Some(1);
                 let want = if owned { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
-                if want != e {
-                    words[idx * step] = want;
+                if let Some(w) = words.get_mut(at).filter(|w| **w != want) {
+                    *w = want;
                     changed = true;
                 }
             }
@@ -388,11 +394,14 @@ impl Qcow2 {
             return Err(Error::invalid("the refcount table would be too large"));
         }
         let rt_offset = base << cb;
-        let first_block = base + rt_clusters;
-        for c in base..first_block + blocks {
-            *refs.entry(c).or_insert(0) += 1;
+        let first_block = base.saturating_add(rt_clusters);
+        for c in base..first_block.saturating_add(blocks) {
+            let n = refs.entry(c).or_insert(0);
+            *n = n.saturating_add(1);
         }
-        let max = if order >= 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 };
+        // The largest refcount `order` can hold (2^order bits; 64-bit refcounts hold any count).
+        let max =
+            1u32.checked_shl(order).and_then(|bits| 1u64.checked_shl(bits)).map_or(u64::MAX, |v| v.wrapping_sub(1));
         let mut sorted: Vec<(u64, u64)> = refs.into_iter().collect();
         sorted.sort_unstable();
         if let Some((c, n)) = sorted.iter().find(|(_, n)| *n > max) {
@@ -413,25 +422,25 @@ impl Qcow2 {
         for bi in 0..blocks {
             let mut block = vec![0u8; cs as usize];
             while let Some(&&(c, n)) = it.peek() {
-                if c / per_block != bi {
+                if c.checked_div(per_block) != Some(bi) {
                     break;
                 }
-                refcount::set(&mut block, order, c % per_block, n);
+                refcount::set(&mut block, order, c.checked_rem(per_block).unwrap_or(0), n);
                 it.next();
             }
-            let off = (first_block + bi) << cb;
+            let off = first_block.saturating_add(bi) << cb;
             rt.push(off);
             batch.add(Stage::RefcountBlocks, off, block)?;
         }
         let mut rt_bytes = table::encode_table(&rt);
-        rt_bytes.resize((rt_clusters * cs) as usize, 0);
+        rt_bytes.resize(rt_clusters.saturating_mul(cs) as usize, 0);
         batch.add(Stage::RefcountTable, rt_offset, rt_bytes)?;
         batch.finish()?;
         // 6. The switch: one write inside the first sector, once all of the above is durable.
         let mut sector = vec![0u8; 512];
         self.file.read_at(&mut sector, 0)?;
         let fields = [
-            (24, new.size.to_be_bytes().to_vec()),
+            (24usize, new.size.to_be_bytes().to_vec()),
             (36, (l1.len() as u32).to_be_bytes().to_vec()),
             (40, l1_offset.to_be_bytes().to_vec()),
             (48, rt_offset.to_be_bytes().to_vec()),
@@ -440,7 +449,9 @@ impl Qcow2 {
             (64, snapshots_offset.to_be_bytes().to_vec()),
         ];
         for (at, v) in fields {
-            sector[at..at + v.len()].copy_from_slice(&v);
+            if let Some(dst) = sector.get_mut(at..at.saturating_add(v.len())) {
+                dst.copy_from_slice(&v);
+            }
         }
         if self.header.version >= 3 {
             sector[96..100].copy_from_slice(&order.to_be_bytes());
@@ -477,7 +488,10 @@ impl Qcow2 {
         used.extend(st.refs.table.iter().map(|e| (e & OFFSET_MASK) >> cb).filter(|&c| c != 0));
         // Only whole clusters inside the file, and none the L2 cache still knows under its old contents (the walk
         // of the new state reads its tables through that cache).
-        Ok((1..len / cs).filter(|c| !used.contains(c) && self.l2_cache.get(c << cb).is_none()).take(max).collect())
+        Ok((1..len.checked_div(cs).unwrap_or(0))
+            .filter(|c| !used.contains(c) && self.l2_cache.get(c << cb).is_none())
+            .take(max)
+            .collect())
     }
 }
 
@@ -494,7 +508,7 @@ impl<'a> Batch<'a> {
     }
 
     fn add(&mut self, stage: Stage, off: u64, data: Vec<u8>) -> Result<()> {
-        self.bytes += data.len();
+        self.bytes = self.bytes.saturating_add(data.len());
         self.c.add(stage, off, data);
         if self.bytes >= BATCH_BYTES {
             self.finish()?;
