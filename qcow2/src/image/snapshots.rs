@@ -286,8 +286,9 @@ impl Qcow2 {
         let mut next = self.file.len()?.div_ceil(cs);
         // The L2 copies go to clusters the current state does not use, as far as there are some, so that the
         // file does not grow by them at every command.
+        // (and a snapshot table and an L1 table of one cluster each, the usual sizes, may go there too).
         let wanted = new.l1_from.iter().filter(|&&e| e & OFFSET_MASK != 0).count();
-        let mut unused = self.unused_clusters(st, wanted)?.into_iter();
+        let mut unused = self.unused_clusters(st, wanted.saturating_add(2))?.into_iter();
         let take = |next: &mut u64, bytes: u64| -> u64 {
             let at = *next;
             *next = next.saturating_add(bytes.div_ceil(cs).max(1));
@@ -314,11 +315,15 @@ impl Qcow2 {
         }
         // 2. The snapshot table and the L1 table.
         let table: Vec<u8> = new.entries.concat();
-        let snapshots_offset = if new.snapshots.is_empty() { 0 } else { take(&mut next, table.len() as u64) };
+        let mut place = |next: &mut u64, bytes: u64| match unused.next().filter(|_| bytes <= cs) {
+            Some(c) => c << cb,
+            None => take(next, bytes),
+        };
+        let snapshots_offset = if new.snapshots.is_empty() { 0 } else { place(&mut next, table.len() as u64) };
         if !table.is_empty() {
             batch.add(Stage::Tables, snapshots_offset, table)?;
         }
-        let l1_offset = take(&mut next, (l1.len() as u64).saturating_mul(8));
+        let l1_offset = place(&mut next, (l1.len() as u64).saturating_mul(8));
         let mut l1_bytes = table::encode_table(&l1);
         l1_bytes.resize(((l1_bytes.len() as u64).div_ceil(cs).max(1) as usize).saturating_mul(cs as usize), 0);
         batch.add(Stage::Tables, l1_offset, l1_bytes)?;
