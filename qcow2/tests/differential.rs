@@ -22,7 +22,9 @@ fn every_saved_image_gets_qemu_imgs_answers() {
         if b.status.success() {
             let (ja, jb): (serde_json::Value, serde_json::Value) =
                 (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
-            for k in ["virtual-size", "cluster-size", "format", "dirty-flag"] {
+            for k in
+                ["virtual-size", "cluster-size", "format", "dirty-flag", "backing-filename", "backing-filename-format"]
+            {
                 assert_eq!(ja[k], jb[k], "{name}: info {k}");
             }
         }

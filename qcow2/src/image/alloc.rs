@@ -108,6 +108,9 @@ impl Refcounts {
             if e & 0x1ff != 0 {
                 return Err(Error::corrupt(format!("refcount table entry {bi} has reserved bits set")));
             }
+            if e & !0x1ff & !OFFSET_MASK != 0 {
+                return Err(Error::corrupt(format!("refcount block {bi} lies outside the image")));
+            }
             let off = e & OFFSET_MASK;
             let mut b = vec![0u8; self.cs() as usize];
             if off != 0 {

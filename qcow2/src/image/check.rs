@@ -138,13 +138,21 @@ impl Qcow2 {
                 r.push(format!("ERROR refcount table entry {bi} has reserved bits set"));
                 continue;
             }
-            let off = e & OFFSET_MASK;
+            // qemu's REFT_OFFSET_MASK: every bit above the reserved ones is offset (a value past 2^56 lies
+            // outside any image).
+            let off = e & !0x1ff;
             if off == 0 {
                 continue;
             }
-            if !off.is_multiple_of(cs) || off >= file_len {
+            // qemu's check_refblocks, in its order and words.
+            if !off.is_multiple_of(cs) {
                 r.corruptions += 1;
-                r.push(format!("ERROR refcount block {bi} is not cluster aligned or outside the image; refcount table entry corrupted"));
+                r.push(format!("ERROR refcount block {bi} is not cluster aligned; refcount table entry corrupted"));
+                continue;
+            }
+            if off >= file_len {
+                r.corruptions += 1;
+                r.push(format!("ERROR refcount block {bi} is outside image"));
                 continue;
             }
             add(&mut r, off, cs, "refcount block");

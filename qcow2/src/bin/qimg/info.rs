@@ -89,7 +89,8 @@ pub fn info_json(img: &Image) -> Value {
     m.insert("children".into(), json!([{"name": "file", "info": file_child(img)}]));
     let q = img.qcow2();
     let h = q.map(|q| q.header());
-    if let Some(f) = h.and_then(|h| h.backing_format.as_ref()) {
+    // qemu shows the backing format only with a backing file (the extension alone means nothing).
+    if let Some(f) = h.filter(|h| h.backing_file.is_some()).and_then(|h| h.backing_format.as_ref()) {
         m.insert("backing-filename-format".into(), json!(f));
     }
     if let Some(q) = q {
@@ -215,7 +216,7 @@ pub fn info_human(img: &Image) -> String {
                 s += &format!("backing file: {b} (actual path: {full})\n");
             }
         }
-        if let Some(f) = &h.backing_format {
+        if let Some(f) = h.backing_format.as_ref().filter(|_| h.backing_file.is_some()) {
             s += &format!("backing file format: {f}\n");
         }
         if h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
