@@ -259,7 +259,9 @@ impl Qcow2 {
     }
 
     /// Builds `new` past the end of the file and switches the header to it (see the module comment). If
-    /// anything fails before the switch, the file gets its old length back (what lay past it was unused).
+    /// anything fails before the switch, the file gets its old length back (what lay past it was unused) and
+    /// keeps the old state; the handle is retired either way (its L2 cache may hold tables that were written
+    /// and then cut off): reopen the image.
     fn switch_state(&self, new: NewState) -> Result<()> {
         let mut st = self.lock()?;
         let old_len = self.file.len()?;
@@ -274,6 +276,8 @@ impl Qcow2 {
             }
             Err(e) => {
                 let _ = self.file.set_len(old_len);
+                self.poisoned.store(true, Ordering::Release);
+                st.retire();
                 Err(e)
             }
         }

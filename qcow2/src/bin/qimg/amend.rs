@@ -3,7 +3,7 @@
 //! change is one crash-safe step of its own (`qcow2::image::amend`, `qcow2::image::snapshots`), applied in
 //! qemu's order: a version upgrade first, a downgrade last.
 
-use qcow2::{Format, Image, OpenOptions};
+use qcow2::Image;
 
 /// `qimg amend`'s command line.
 #[derive(clap::Args)]
@@ -147,15 +147,7 @@ pub fn run(a: Args) -> Result<(), String> {
     let w = parse(&a.options)?;
     let n = crate::Naming { image_opts: a.image_opts, force_share: false };
     let spec = crate::spec(&a.filename, a.format.as_deref(), n)?;
-    let o = OpenOptions {
-        format: a.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
-        writable: true,
-        open_backing: false,
-        backing_policy: crate::policy(),
-        manage_bitmaps: true,
-        resize: w.size.is_some(),
-        ..OpenOptions::default()
-    };
+    let o = crate::change_options(a.format.as_deref(), w.size.is_some())?;
     let open = || Image::open_spec(&spec, &o).map_err(|e| crate::open_error(&a.filename, e));
     let img = open()?;
     let Some(q) = img.qcow2() else {

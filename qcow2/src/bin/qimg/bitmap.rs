@@ -91,14 +91,7 @@ pub fn run(a: Args) -> Result<(), String> {
     };
     let n = crate::Naming { image_opts: a.image_opts, force_share: false };
     let spec = crate::spec(&a.filename, a.format.as_deref(), n)?;
-    let o = OpenOptions {
-        format: a.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
-        writable: true,
-        open_backing: false,
-        backing_policy: crate::policy(),
-        manage_bitmaps: true,
-        ..OpenOptions::default()
-    };
+    let o = crate::change_options(a.format.as_deref(), false)?;
     let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(&a.filename, e))?;
     let q = img.qcow2().ok_or("Bitmaps are only supported by qcow2 images")?;
     let name = a.bitmap.as_str();

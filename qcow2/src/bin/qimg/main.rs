@@ -327,6 +327,20 @@ fn open_direct(path: &str, fmt: Option<&str>, n: Naming, direct: bool) -> Result
     Image::open_spec(&spec(path, fmt, n)?, &o).map_err(|e| format!("Could not open '{path}': {e}"))
 }
 
+/// How `qimg bitmap`, `snapshot` and `amend` open the image they change: read-write, without its backing
+/// chain, bitmaps kept rather than tracked.
+pub(crate) fn change_options(fmt: Option<&str>, resize: bool) -> Result<OpenOptions, String> {
+    Ok(OpenOptions {
+        format: fmt.map(Format::parse).transpose().map_err(|e| e.to_string())?,
+        writable: true,
+        open_backing: false,
+        backing_policy: policy(),
+        manage_bitmaps: true,
+        resize,
+        ..OpenOptions::default()
+    })
+}
+
 /// The message of an image that did not open: the library's when it names the image already, else qemu-img's
 /// "Could not open 'NAME': ..." around it.
 pub(crate) fn open_error(name: &str, e: qcow2::Error) -> String {

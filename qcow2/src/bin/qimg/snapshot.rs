@@ -1,7 +1,7 @@
 //! `qimg snapshot`: qemu-img's table of internal snapshots (`-l`, the default), and creating, applying and
 //! deleting them (`-c`, `-a`, `-d`), each one atomic switch of the header (`qcow2::image::snapshots`).
 
-use qcow2::{Format, Image, OpenOptions};
+use qcow2::Image;
 
 /// `qimg snapshot`'s command line.
 #[derive(clap::Args)]
@@ -55,14 +55,7 @@ pub fn run(a: Args) -> Result<(), String> {
         return Ok(());
     };
     let spec = crate::spec(&a.filename, a.format.as_deref(), crate::Naming { force_share: false, ..n })?;
-    let o = OpenOptions {
-        format: a.format.as_deref().map(Format::parse).transpose().map_err(|e| e.to_string())?,
-        writable: true,
-        open_backing: false,
-        backing_policy: crate::policy(),
-        manage_bitmaps: true,
-        ..OpenOptions::default()
-    };
+    let o = crate::change_options(a.format.as_deref(), false)?;
     let img = Image::open_spec(&spec, &o).map_err(|e| crate::open_error(&a.filename, e))?;
     let fail = |e: String| format!("Could not {what} snapshot '{name}': {e}");
     let q = img.qcow2().ok_or_else(|| fail("Operation not supported".into()))?;
