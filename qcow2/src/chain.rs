@@ -198,7 +198,7 @@ impl std::fmt::Debug for Image {
 
 /// qemu's `path_combine`: a relative `name` is taken relative to the folder of `base`.
 pub fn resolve_relative(base: &str, name: &str) -> String {
-    if name.starts_with('/') {
+    if name.starts_with('/') || crate::remote::is_remote(name) {
         return name.to_string();
     }
     match base.rfind('/') {
@@ -225,6 +225,42 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
 fn file_id(path: &str) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The identity of one file of a chain, for loop detection and sharing: device and inode of a local file; for
+/// a remote object a device number no file has and a hash of its name and options (stable in this process).
+fn chain_id(file: &crate::spec::FileSpec, path: &str) -> Option<(u64, u64)> {
+    match &file.remote {
+        Some(r) => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            r.hash(&mut h);
+            Some((u64::MAX, h.finish()))
+        }
+        None => file_id(path),
+    }
+}
+
+/// A file of a chain, opened: local (lockable) or a remote object.
+enum Opened {
+    File(FileStorage),
+    Remote(crate::remote::RemoteStorage),
+}
+
+impl Opened {
+    fn storage(&self) -> &dyn Storage {
+        match self {
+            Opened::File(f) => f,
+            Opened::Remote(r) => r,
+        }
+    }
+
+    fn into_arc(self) -> Arc<dyn Storage> {
+        match self {
+            Opened::File(f) => Arc::new(f),
+            Opened::Remote(r) => Arc::new(r),
+        }
+    }
 }
 
 /// What the caller knows of one image of the chain while opening it.
@@ -257,9 +293,9 @@ impl Image {
     }
 
     fn open_at(o: Opening<'_>, opts: &OpenOptions, seen: &mut Vec<(u64, u64)>) -> Result<Arc<Image>> {
-        let (writable, path) = (o.writable, o.path.clone());
+        let (writable, path, o_file) = (o.writable, o.path.clone(), o.spec.file.clone());
         let img = Self::open_one(o, opts, seen)?;
-        if let (Some(shared), Some(id), false) = (&opts.shared, file_id(&path), writable) {
+        if let (Some(shared), Some(id), false) = (&opts.shared, chain_id(&o_file, &path), writable) {
             if let Ok(mut m) = shared.lock() {
                 m.retain(|_, w| w.strong_count() > 0);
                 m.entry(id).or_insert_with(|| Arc::downgrade(&img));
@@ -286,12 +322,14 @@ impl Image {
 
     /// Takes qemu's locks for this role (see [`crate::lock`]).
     fn lock(
-        s: &FileStorage,
+        s: &Opened,
         u: crate::lock::Use,
         file: &crate::spec::FileSpec,
         spec: &ImageSpec,
         opts: &OpenOptions,
     ) -> Result<()> {
+        // A remote object has no lock: it is read-only, and the cache checks its version.
+        let Opened::File(s) = s else { return Ok(()) };
         if !file.locking.unwrap_or(opts.locking) {
             return Ok(());
         }
@@ -313,7 +351,7 @@ impl Image {
                 "force-share=on can only be used with read-only images",
             ));
         }
-        if let Some(id) = file_id(&path) {
+        if let Some(id) = chain_id(&spec.file, &path) {
             if seen.contains(&id) {
                 return Err(Error::new(ErrorKind::BackingChain, format!("backing chain loops back to '{path}'")));
             }
@@ -327,13 +365,22 @@ impl Image {
                 }
             }
         }
-        let file = Self::open_file(&spec.file, writable, spec, opts)?;
+        let file = match &spec.file.remote {
+            Some(_) if writable => {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!("Could not open '{path}': remote images are read-only (use an overlay, or -r)"),
+                ))
+            }
+            Some(r) => Opened::Remote(crate::remote::RemoteStorage::open(r)?),
+            None => Opened::File(Self::open_file(&spec.file, writable, spec, opts)?),
+        };
         let (format, probed) = match spec.format {
             Some(f) => (f, false),
-            None => (probe(&file).map_err(|e| e.context(format!("Could not open '{path}'")))?, true),
+            None => (probe(file.storage()).map_err(|e| e.context(format!("Could not open '{path}'")))?, true),
         };
-        let min_block = u32::try_from(file.alignment()).unwrap_or(4096);
-        let direct = file.alignment() > 1;
+        let min_block = u32::try_from(file.storage().alignment()).unwrap_or(4096);
+        let direct = file.storage().alignment() > 1;
         let filename: Arc<str> = Arc::from(path.as_str());
         match format {
             Format::Raw => {
@@ -344,7 +391,7 @@ impl Image {
                 }
                 Self::lock(&file, role, &spec.file, spec, opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
-                let mut storage: Arc<dyn Storage> = Arc::new(file);
+                let mut storage: Arc<dyn Storage> = file.into_arc();
                 if spec.offset.is_some() || spec.size.is_some() {
                     storage = Arc::new(crate::storage::SliceStorage::new(storage, spec.offset, spec.size)?);
                 }
@@ -375,7 +422,7 @@ impl Image {
             Format::Qcow2 => {
                 Self::lock(&file, crate::lock::Use::qcow2(writable), &spec.file, spec, opts)
                     .map_err(|e| e.context(format!("Could not open '{path}'")))?;
-                let storage: Arc<dyn Storage> = Arc::new(file);
+                let storage: Arc<dyn Storage> = file.into_arc();
                 let hdr_opts = Qcow2Options {
                     l2_cache_bytes: spec.l2_cache_size.or(opts.l2_cache_bytes),
                     snapshot: if depth == 0 { opts.snapshot.clone() } else { None },
@@ -499,9 +546,9 @@ impl Image {
         };
         let data = match data_spec {
             Some(d) => {
-                let f = Self::open_file(&d, writable, spec, opts)?;
+                let f = Opened::File(Self::open_file(&d, writable, spec, opts)?);
                 Self::lock(&f, crate::lock::Use::qcow2(writable), &d, spec, opts)?;
-                Some(Arc::new(f) as Arc<dyn Storage>)
+                Some(f.into_arc())
             }
             None => None,
         };

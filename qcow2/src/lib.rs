@@ -11,6 +11,7 @@ pub mod format;
 pub mod image;
 pub mod limits;
 pub mod lock;
+pub mod remote;
 pub mod spec;
 pub mod storage;
 pub mod testing;

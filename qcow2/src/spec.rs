@@ -45,8 +45,6 @@ const UNSUPPORTED_DRIVERS: &[&str] = &[
     "nbd",
     "nfs",
     "ssh",
-    "http",
-    "https",
     "ftp",
     "ftps",
     "iscsi",
@@ -66,8 +64,6 @@ const PROTOCOLS: &[&str] = &[
     "nbd+unix",
     "nbd+tcp",
     "nbds",
-    "http",
-    "https",
     "ftp",
     "ftps",
     "ssh",
@@ -110,6 +106,8 @@ pub struct FileSpec {
     pub locking: Option<bool>,
     /// `aio` (accepted: threads, native, io_uring).
     pub aio: Option<String>,
+    /// A remote object (`s3://`, `http(s)://`, or `driver=s3|http|https`): read-only, through the cache.
+    pub remote: Option<crate::remote::RemoteSpec>,
 }
 
 /// Where the backing image comes from.
@@ -170,8 +168,14 @@ impl ImageSpec {
     }
 
     /// What the user typed as an image name: `json:{...}`, `file:NAME`, `host_device:NAME`, or a file name.
-    /// Network protocol names (`nbd:`, `http://`, ...) are refused by name.
+    /// Remote objects (`s3://BUCKET/KEY`, `http(s)://HOST/PATH`) are opened through the remote cache; other
+    /// network protocol names (`nbd:`, `ssh://`, ...) are refused by name.
     pub fn parse_filename(name: &str) -> Result<ImageSpec> {
+        if crate::remote::is_remote(name) {
+            let mut s = Self::file(name);
+            s.file.remote = Some(crate::remote::RemoteSpec::from_url(name));
+            return Ok(s);
+        }
         if let Some(json) = name.strip_prefix("json:") {
             let mut spec = Self::from_map(flatten_json(json)?)?;
             spec.given = name.to_string();
@@ -444,6 +448,14 @@ fn take_file_opts(map: &mut BTreeMap<String, Value>, file: &mut FileSpec) -> Res
 fn take_file_node(mut map: BTreeMap<String, Value>, parent: &mut ImageSpec, what: &str) -> Result<FileSpec> {
     let mut file = FileSpec::default();
     match take_str(&mut map, "driver")?.as_deref() {
+        Some(d @ ("s3" | "http" | "https")) => {
+            let file = take_remote_node(&mut map, d, what)?;
+            take_common(&mut map, parent)?;
+            if let Some(k) = map.keys().next() {
+                return Err(Error::unsupported(format!("Block protocol '{d}' doesn't support the option '{k}'")));
+            }
+            return Ok(file);
+        }
         None | Some("file") => {}
         Some("host_device") => file.host_device = true,
         Some(d) if UNSUPPORTED_DRIVERS.contains(&d) => {
@@ -469,6 +481,38 @@ fn take_file_node(mut map: BTreeMap<String, Value>, parent: &mut ImageSpec, what
     Ok(file)
 }
 
+/// A remote protocol node: `driver=s3` with `url=s3://B/K` or `bucket` and `key`, and optionally `endpoint`,
+/// `region`, `access-key-id`, `secret-access-key`, `timeout`; `driver=http|https` with qemu curl's `url` and
+/// `timeout` (its `readahead` and `sslverify=on` accepted; the cache does readahead).
+fn take_remote_node(map: &mut BTreeMap<String, Value>, driver: &str, what: &str) -> Result<FileSpec> {
+    let url = take_str(map, "url")?;
+    let mut r = crate::remote::RemoteSpec::default();
+    if driver == "s3" {
+        let (bucket, key) = (take_str(map, "bucket")?, take_str(map, "key")?);
+        r.url = match (url, bucket, key) {
+            (Some(u), None, None) if u.starts_with("s3://") => u,
+            (None, Some(b), Some(k)) => format!("s3://{b}/{k}"),
+            _ => return Err(arg(format!("{what}: the s3 driver needs 'url=s3://BUCKET/KEY' or 'bucket' and 'key'"))),
+        };
+        r.endpoint = take_str(map, "endpoint")?;
+        r.region = take_str(map, "region")?;
+        r.access_key_id = take_str(map, "access-key-id")?;
+        r.secret_access_key = take_str(map, "secret-access-key")?;
+    } else {
+        r.url = take_str(map, "url")?.unwrap_or_default();
+        if !r.url.to_ascii_lowercase().starts_with(&format!("{driver}://")) {
+            return Err(arg(format!("{what}: the {driver} driver needs 'url={driver}://HOST/PATH'")));
+        }
+        let _ = take_size(map, "readahead")?;
+        if take_bool(map, "sslverify")? == Some(false) {
+            return Err(Error::unsupported(format!("{what}: sslverify=off is not supported by qnbd")));
+        }
+    }
+    r.timeout = take_size(map, "timeout")?;
+    r.location()?;
+    Ok(FileSpec { filename: r.url.clone(), remote: Some(r), ..Default::default() })
+}
+
 fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec> {
     let mut spec = ImageSpec::default();
     let driver = take_str(map, "driver")?;
@@ -480,6 +524,14 @@ fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec
             spec.file.host_device = driver.as_deref() == Some("host_device");
             spec.file.filename = take_str(map, "filename")?.ok_or_else(|| arg("The 'filename' option is required"))?;
             take_file_opts(map, &mut spec.file)?;
+            take_common(map, &mut spec)?;
+            return Ok(spec);
+        }
+        Some(d @ ("s3" | "http" | "https")) => {
+            // A remote protocol node exposed directly, as qemu exposes `driver=https,url=...`.
+            spec.protocol_only = true;
+            spec.format = Some(Format::Raw);
+            spec.file = take_remote_node(map, d, label)?;
             take_common(map, &mut spec)?;
             return Ok(spec);
         }

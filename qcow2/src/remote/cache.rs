@@ -1,0 +1,581 @@
+//! The local cache of remote objects, shared by every image of a process and by every process using the same
+//! cache directory.
+//!
+//! One object version (identity: endpoint, bucket and key, or URL; version: ETag, else modification time; and
+//! size) is three files named by a SHA-256 of all that:
+//! - `HASH.data`: a sparse file the size of the object, holding the chunks fetched so far;
+//! - `HASH.map`: one byte per 64 KiB chunk, 1 when the chunk is in `HASH.data` and durable there;
+//! - `HASH.info`: the URL and version, for people looking at the directory.
+//!
+//! Order: a fetched range is written to `HASH.data` and is served from this process at once; a group
+//! `fdatasync` of `HASH.data` comes before its map bytes are written. A crash (or a power cut keeping any subset
+//! of writes since the last sync) can lose map bytes or leave fetched data unmapped, never map a chunk whose data
+//! did not reach the disk; a chunk not mapped is fetched again. Other processes read the map for chunks they
+//! lack before they fetch them.
+//!
+//! Size limit: when the directory holds more than the limit, whole object versions that no process has open
+//! (each open holds a shared `flock` on its map) are removed, least recently opened first. Versions in use are
+//! never cut: a cache smaller than what is open grows past its limit, and says so once.
+#![deny(clippy::arithmetic_side_effects)] // offsets come from image metadata and clients
+
+use super::client::{Client, Head};
+use crate::error::{Error, ErrorKind, Result};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
+
+/// Bytes per chunk: the unit fetched, cached and mapped (a default qcow2 cluster).
+pub const CHUNK: u64 = 64 << 10;
+/// Longest single GET: longer runs of missing chunks are split.
+const MAX_GET_CHUNKS: u64 = 64;
+/// Sequential readers get up to this many chunks fetched ahead of them (4 MiB).
+const MAX_READAHEAD_CHUNKS: u64 = 64;
+/// First readahead once a reader turns sequential (256 KiB); it doubles while the reader stays sequential.
+const MIN_READAHEAD_CHUNKS: u64 = 4;
+/// Largest object accepted (its map is one byte per chunk: 256 MiB for 16 TiB).
+const MAX_OBJECT: u64 = 16 << 40;
+/// Fetched bytes between two checks of the directory against its size limit.
+const EVICT_CHECK_BYTES: u64 = 256 << 20;
+
+/// Where the cache lives and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// The directory (created when missing).
+    pub dir: PathBuf,
+    /// Bytes of fetched data kept before unused object versions are removed.
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    /// `$QNBD_CACHE_DIR`, else `$XDG_CACHE_HOME/qnbd`, else `~/.cache/qnbd`, else `/var/tmp/qnbd-cache`;
+    /// `$QNBD_CACHE_SIZE` (a size such as `20G`), else 20 GiB.
+    fn default() -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let dir = env("QNBD_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("qnbd")))
+            .or_else(|| env("HOME").map(|d| PathBuf::from(d).join(".cache/qnbd")))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/qnbd-cache"));
+        let max_bytes = env("QNBD_CACHE_SIZE")
+            .and_then(|s| crate::spec::parse_size("QNBD_CACHE_SIZE", &s).ok())
+            .unwrap_or(20 << 30);
+        CacheConfig { dir, max_bytes }
+    }
+}
+
+static CONFIG: RwLock<Option<CacheConfig>> = RwLock::new(None);
+
+pub(crate) fn set_config(c: CacheConfig) {
+    if let Ok(mut g) = CONFIG.write() {
+        *g = Some(c);
+    }
+}
+
+fn config() -> CacheConfig {
+    CONFIG.read().ok().and_then(|g| g.clone()).unwrap_or_default()
+}
+
+/// What this process fetched from remote objects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// GET requests sent (ranged GETs; HEADs not counted).
+    pub gets: u64,
+    /// Bytes received by them.
+    pub bytes: u64,
+    /// Chunks they brought.
+    pub chunks: u64,
+    /// Chunks fetched although the cache directory already held them (another process fetched them at the
+    /// same time): 0 when every chunk was fetched once per directory.
+    pub refetched: u64,
+    /// GETs that failed (after the client's retries).
+    pub errors: u64,
+}
+
+static GETS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+static CHUNKS: AtomicU64 = AtomicU64::new(0);
+static REFETCHED: AtomicU64 = AtomicU64::new(0);
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn global_stats() -> RemoteStats {
+    RemoteStats {
+        gets: GETS.load(Ordering::Relaxed),
+        bytes: BYTES.load(Ordering::Relaxed),
+        chunks: CHUNKS.load(Ordering::Relaxed),
+        refetched: REFETCHED.load(Ordering::Relaxed),
+        errors: ERRORS.load(Ordering::Relaxed),
+    }
+}
+
+/// Objects open in this process, by cache file name: opening one twice shares it.
+fn registry() -> &'static Mutex<HashMap<String, Weak<CachedObject>>> {
+    static R: OnceLock<Mutex<HashMap<String, Weak<CachedObject>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn io(what: impl Into<String>, e: std::io::Error) -> Error {
+    Error::io(what, e)
+}
+
+fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor this `File` owns; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Which chunks a reader may fetch, and the readers waiting for chunks another reader is fetching.
+#[derive(Default)]
+struct InFlight {
+    chunks: HashSet<u64>,
+}
+
+/// One remote object version with its cache files.
+pub(crate) struct CachedObject {
+    client: Client,
+    head: Head,
+    name: String,
+    data: File,
+    /// Holds a shared `flock` while open (eviction takes an exclusive one).
+    map: File,
+    n_chunks: u64,
+    /// Chunks present in `data` (fetched by this process, or mapped by any).
+    present: Vec<AtomicU64>,
+    inflight: Mutex<InFlight>,
+    done: Condvar,
+    /// Chunk ranges fetched and not yet in the map: written there after a sync of `data`.
+    pending: Mutex<Vec<(u64, u64)>>,
+    flush_scheduled: AtomicBool,
+    /// The chunk after the last one read, and the readahead for a reader continuing there.
+    seq_next: AtomicU64,
+    readahead: AtomicU64,
+    /// Set when a GET found the object changed: every later read fails.
+    changed: OnceLock<String>,
+    fetched_since_check: AtomicU64,
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl CachedObject {
+    /// HEADs the object and opens (or creates) its cache files.
+    pub fn open(client: Client, url: &str) -> Result<Arc<CachedObject>> {
+        use sha2::Digest;
+        let head = client.head()?;
+        if head.size > MAX_OBJECT {
+            return Err(Error::unsupported(format!("the object is {} bytes; qnbd reads at most 16 TiB", head.size)));
+        }
+        let mut h = sha2::Sha256::new();
+        for part in [client.identity.as_bytes(), head.version.as_bytes(), &head.size.to_le_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let name: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let mut reg = registry().lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache registry poisoned"))?;
+        reg.retain(|_, w| w.strong_count() > 0);
+        if let Some(o) = reg.get(&name).and_then(Weak::upgrade) {
+            return Ok(o);
+        }
+        let cfg = config();
+        let o = Arc::new(Self::open_files(client, head, name.clone(), url, &cfg)?);
+        reg.insert(name, Arc::downgrade(&o));
+        drop(reg);
+        o.evict_if_needed(true);
+        Ok(o)
+    }
+
+    fn open_files(client: Client, head: Head, name: String, url: &str, cfg: &CacheConfig) -> Result<CachedObject> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = &cfg.dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io(format!("cannot create the cache folder '{}'", dir.display()), e))?;
+        let path = |ext: &str| dir.join(format!("{name}.{ext}"));
+        let n_chunks = head.size.div_ceil(CHUNK);
+        let open = |p: &PathBuf| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(|e| io(format!("cannot open the cache file '{}'", p.display()), e))
+        };
+        // The map first, locked exclusively while the files are checked; a map an evictor removed after we
+        // opened it is opened again.
+        let mut attempts = 0u32;
+        let map = loop {
+            let map = open(&path("map"))?;
+            flock(&map, libc::LOCK_EX).map_err(|e| io("cannot lock the cache map", e))?;
+            let linked = map.metadata().map(|m| m.nlink() > 0).unwrap_or(false);
+            if linked {
+                break map;
+            }
+            attempts = attempts.saturating_add(1);
+            if attempts > 10 {
+                return Err(Error::new(ErrorKind::Io, "the cache map keeps being removed"));
+            }
+        };
+        let data = open(&path("data"))?;
+        let data_len = data.metadata().map_err(|e| io("stat of the cache data", e))?.len();
+        let map_len = map.metadata().map_err(|e| io("stat of the cache map", e))?.len();
+        if data_len != head.size || map_len != n_chunks {
+            // New, or left inconsistent: start this version over (map cleared before the data is resized).
+            map.set_len(0).map_err(|e| io("cannot reset the cache map", e))?;
+            map.sync_all().map_err(|e| io("cannot sync the cache map", e))?;
+            data.set_len(0).map_err(|e| io("cannot reset the cache data", e))?;
+            data.set_len(head.size).map_err(|e| io("cannot size the cache data", e))?;
+            map.set_len(n_chunks).map_err(|e| io("cannot size the cache map", e))?;
+            let info = format!("{url}\nversion {}\nsize {}\n", head.version, head.size);
+            let _ = std::fs::write(path("info"), info);
+        }
+        // Read what earlier fetches left; bytes other than 1 count as missing.
+        let words = usize::try_from(n_chunks.div_ceil(64))
+            .map_err(|_| Error::unsupported("the object is too large for this machine"))?;
+        let present: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < n_chunks {
+            let n = usize::try_from((n_chunks.saturating_sub(at)).min(buf.len() as u64)).unwrap_or(buf.len());
+            let b = &mut buf[..n];
+            map.read_exact_at(b, at).map_err(|e| io("cannot read the cache map", e))?;
+            for (i, &v) in b.iter().enumerate() {
+                if v == 1 {
+                    set_bit(&present, at.saturating_add(i as u64));
+                }
+            }
+            at = at.saturating_add(n as u64);
+        }
+        // Mark it used (eviction removes the least recently opened first), then share the lock.
+        let _ = map.set_modified(std::time::SystemTime::now());
+        flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+        Ok(CachedObject {
+            client,
+            head,
+            name,
+            data,
+            map,
+            n_chunks,
+            present,
+            inflight: Default::default(),
+            done: Condvar::new(),
+            pending: Default::default(),
+            flush_scheduled: AtomicBool::new(false),
+            seq_next: AtomicU64::new(u64::MAX),
+            readahead: AtomicU64::new(MIN_READAHEAD_CHUNKS),
+            changed: OnceLock::new(),
+            fetched_since_check: AtomicU64::new(0),
+            dir: cfg.dir.clone(),
+            max_bytes: cfg.max_bytes,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.client.url
+    }
+
+    pub fn size(&self) -> u64 {
+        self.head.size
+    }
+
+    /// Identity for loop detection and sharing: a device number no file has, and the name's first bytes.
+    pub fn identity(&self) -> (u64, u64) {
+        let mut b = [0u8; 8];
+        for (d, s) in b.iter_mut().zip(self.name.as_bytes().chunks(2)) {
+            *d = std::str::from_utf8(s).ok().and_then(|x| u8::from_str_radix(x, 16).ok()).unwrap_or(0);
+        }
+        (u64::MAX, u64::from_le_bytes(b))
+    }
+
+    fn is_present(&self, chunk: u64) -> bool {
+        let (w, bit) = (chunk / 64, chunk % 64);
+        usize::try_from(w)
+            .ok()
+            .and_then(|w| self.present.get(w))
+            .is_some_and(|a| a.load(Ordering::Acquire) & (1u64 << bit) != 0)
+    }
+
+    fn missing(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
+        (first..=last).filter(|&c| !self.is_present(c))
+    }
+
+    /// Reads `buf` at `offset`: what the cache lacks is fetched first; bytes past the object read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(why) = self.changed.get() {
+            return Err(Error::new(ErrorKind::Io, why.clone()));
+        }
+        let end = offset.saturating_add(buf.len() as u64).min(self.head.size);
+        if offset >= end {
+            buf.fill(0);
+            return Ok(());
+        }
+        let (first, last) = (offset / CHUNK, end.saturating_sub(1) / CHUNK);
+        self.ensure(first, last)?;
+        let n = usize::try_from(end.saturating_sub(offset)).unwrap_or(buf.len()).min(buf.len());
+        let (have, past) = buf.split_at_mut(n);
+        self.data
+            .read_exact_at(have, offset)
+            .map_err(|e| io(format!("cannot read the cache of '{}'", self.url()), e))?;
+        past.fill(0);
+        Ok(())
+    }
+
+    /// Makes chunks `first..=last` present: fetched by this thread, or waited for while another fetches them.
+    fn ensure(&self, first: u64, last: u64) -> Result<()> {
+        let sequential = self.seq_next.swap(last.saturating_add(1), Ordering::Relaxed) == first;
+        let ra = if sequential {
+            let r = self.readahead.load(Ordering::Relaxed);
+            self.readahead.store(r.saturating_mul(2).min(MAX_READAHEAD_CHUNKS), Ordering::Relaxed);
+            r
+        } else {
+            self.readahead.store(MIN_READAHEAD_CHUNKS, Ordering::Relaxed);
+            0
+        };
+        // A few rounds: a chunk another reader failed to fetch is tried once more by this one.
+        for round in 0..3 {
+            if self.missing(first, last).next().is_none() {
+                return Ok(());
+            }
+            if round == 0 {
+                self.load_map(first, last)?;
+                if self.missing(first, last).next().is_none() {
+                    return Ok(());
+                }
+            }
+            let (mine, theirs) = {
+                let mut fl =
+                    self.inflight.lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache lock poisoned"))?;
+                let (mut mine, mut theirs) = (Vec::new(), false);
+                for c in self.missing(first, last) {
+                    if fl.chunks.insert(c) {
+                        mine.push(c);
+                    } else {
+                        theirs = true;
+                    }
+                }
+                // Readahead: the chunks after the request, when this reader is sequential and nobody has them.
+                if !mine.is_empty() && ra > 0 {
+                    let stop = last.saturating_add(ra).min(self.n_chunks.saturating_sub(1));
+                    for c in last.saturating_add(1)..=stop {
+                        if self.is_present(c) || !fl.chunks.insert(c) {
+                            break;
+                        }
+                        mine.push(c);
+                    }
+                }
+                (mine, theirs)
+            };
+            if !mine.is_empty() {
+                let r = self.fetch(&mine);
+                if let Ok(mut fl) = self.inflight.lock() {
+                    for c in &mine {
+                        fl.chunks.remove(c);
+                    }
+                }
+                self.done.notify_all();
+                r?;
+            }
+            if theirs {
+                let mut fl =
+                    self.inflight.lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache lock poisoned"))?;
+                while (first..=last).any(|c| fl.chunks.contains(&c)) {
+                    // Another reader's fetch ends (its client has timeouts); the timeout only re-checks.
+                    fl = match self.done.wait_timeout(fl, std::time::Duration::from_secs(1)) {
+                        Ok((g, _)) => g,
+                        Err(_) => return Err(Error::new(ErrorKind::Io, "remote cache lock poisoned")),
+                    };
+                }
+            }
+        }
+        if self.missing(first, last).next().is_none() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("Could not read '{}': fetching chunks {first}..={last} failed", self.url()),
+        ))
+    }
+
+    /// Chunks other processes fetched: the map bytes for `first..=last`.
+    fn load_map(&self, first: u64, last: u64) -> Result<()> {
+        let n = usize::try_from(last.saturating_sub(first).saturating_add(1)).unwrap_or(0);
+        let mut b = vec![0u8; n];
+        self.map.read_exact_at(&mut b, first).map_err(|e| io("cannot read the cache map", e))?;
+        for (i, &v) in b.iter().enumerate() {
+            if v == 1 {
+                set_bit(&self.present, first.saturating_add(i as u64));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the chunks `mine` (sorted, claimed by this thread): one GET per run of adjacent chunks.
+    fn fetch(self: &CachedObject, mine: &[u64]) -> Result<()> {
+        let mut sorted = mine.to_vec();
+        sorted.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new(); // chunk ranges [a, b)
+        for &c in &sorted {
+            match runs.last_mut() {
+                Some((a, b)) if *b == c && c.saturating_sub(*a) < MAX_GET_CHUNKS => *b = c.saturating_add(1),
+                _ => runs.push((c, c.saturating_add(1))),
+            }
+        }
+        let bytes: Vec<(u64, u64)> =
+            runs.iter().map(|&(a, b)| (a.saturating_mul(CHUNK), b.saturating_mul(CHUNK).min(self.head.size))).collect();
+        let results = self.client.get_many(&bytes, &self.head)?;
+        let mut first_err = None;
+        for ((r, &(start, _)), &(a, b)) in results.into_iter().zip(&bytes).zip(&runs) {
+            GETS.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(got) => {
+                    if let Err(e) = self.data.write_all_at(&got, start) {
+                        first_err.get_or_insert(io(format!("cannot write the cache of '{}'", self.url()), e));
+                        continue;
+                    }
+                    BYTES.fetch_add(got.len() as u64, Ordering::Relaxed);
+                    CHUNKS.fetch_add(b.saturating_sub(a), Ordering::Relaxed);
+                    self.fetched_since_check.fetch_add(got.len() as u64, Ordering::Relaxed);
+                    for c in a..b {
+                        set_bit(&self.present, c);
+                    }
+                    if let Ok(mut p) = self.pending.lock() {
+                        p.push((a, b));
+                    }
+                }
+                Err((e, changed)) => {
+                    ERRORS.fetch_add(1, Ordering::Relaxed);
+                    if changed {
+                        let _ = self.changed.set(e.to_string());
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.schedule_flush();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the map bytes of fetched chunks after syncing their data, shortly, in a background thread: the
+    /// fetches of a burst share one `fdatasync`.
+    fn schedule_flush(&self) {
+        if self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new().name("qnbd-cache-sync".into()).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let o = registry().lock().ok().and_then(|r| r.get(&name).and_then(Weak::upgrade));
+            if let Some(o) = o {
+                o.flush_scheduled.store(false, Ordering::Release);
+                o.flush_pending();
+                o.evict_if_needed(false);
+            }
+        });
+        if spawned.is_err() {
+            self.flush_scheduled.store(false, Ordering::Release);
+            self.flush_pending();
+        }
+    }
+
+    /// Syncs the data of every pending range, then maps it.
+    fn flush_pending(&self) {
+        let ranges = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if ranges.is_empty() {
+            return;
+        }
+        if self.data.sync_data().is_err() {
+            // Not durable: left unmapped (served from memory by this process, fetched again by the next).
+            return;
+        }
+        for (a, b) in ranges {
+            let n = usize::try_from(b.saturating_sub(a)).unwrap_or(0);
+            let mut old = vec![0u8; n];
+            if self.map.read_exact_at(&mut old, a).is_ok() {
+                let dup = old.iter().filter(|&&v| v == 1).count() as u64;
+                REFETCHED.fetch_add(dup, Ordering::Relaxed);
+            }
+            let _ = self.map.write_all_at(&vec![1u8; n], a);
+        }
+    }
+
+    /// Removes unused object versions, least recently opened first, while the folder is over its limit.
+    /// Checked at open (`force`) and after every [`EVICT_CHECK_BYTES`] fetched.
+    fn evict_if_needed(&self, force: bool) {
+        use std::os::unix::fs::MetadataExt;
+        if !force {
+            if self.fetched_since_check.load(Ordering::Relaxed) < EVICT_CHECK_BYTES {
+                return;
+            }
+            self.fetched_since_check.store(0, Ordering::Relaxed);
+        }
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
+        let mut objects = Vec::new();
+        let mut total = 0u64;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("data") {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            let used = m.blocks().saturating_mul(512);
+            total = total.saturating_add(used);
+            let stem = p.with_extension("");
+            let opened = std::fs::metadata(stem.with_extension("map")).and_then(|m| m.modified()).ok();
+            objects.push((opened, stem, used));
+        }
+        if total <= self.max_bytes {
+            return;
+        }
+        objects.sort_by_key(|o| o.0);
+        for (_, stem, used) in objects {
+            if total <= self.max_bytes {
+                break;
+            }
+            let Ok(map) = File::open(stem.with_extension("map")) else { continue };
+            if flock(&map, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                continue; // open somewhere
+            }
+            // The data goes first: a map without its data is reset by the next open.
+            let _ = std::fs::remove_file(stem.with_extension("data"));
+            let _ = std::fs::remove_file(stem.with_extension("info"));
+            let _ = std::fs::remove_file(stem.with_extension("map"));
+            total = total.saturating_sub(used);
+        }
+        if total > self.max_bytes {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "qnbd: the remote cache '{}' holds {total} bytes, over its limit of {}: the rest is in use",
+                    self.dir.display(),
+                    self.max_bytes
+                );
+            }
+        }
+    }
+}
+
+impl Drop for CachedObject {
+    fn drop(&mut self) {
+        self.flush_pending();
+    }
+}
+
+fn set_bit(bits: &[AtomicU64], chunk: u64) {
+    if let Some(a) = usize::try_from(chunk / 64).ok().and_then(|w| bits.get(w)) {
+        a.fetch_or(1u64 << (chunk % 64), Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,340 @@
+//! The object store client: settings from options, environment and `~/.aws` files; HEAD, ranged GET and
+//! multipart upload, run on this module's runtime and waited for from any thread.
+
+use super::{Location, RemoteSpec};
+use crate::error::{Error, ErrorKind, Result};
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Requests in flight at once, per process.
+const MAX_IN_FLIGHT: usize = 16;
+
+struct Runtime {
+    rt: tokio::runtime::Runtime,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+fn runtime() -> Result<&'static Runtime> {
+    static RT: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("qnbd-remote")
+            .enable_all()
+            .build()
+            .map(|rt| Runtime { rt, slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)) })
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the remote I/O runtime: {e}")))
+}
+
+/// Runs `fut` on the remote runtime and waits for it from this thread (any thread: a plain channel, never a
+/// nested `block_on`).
+fn run<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send + 'static) -> Result<T> {
+    let rt = runtime()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| Error::new(ErrorKind::Io, "remote request abandoned"))
+}
+
+/// What HEAD says of an object.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub size: u64,
+    /// The ETag, or for servers without one the modification time: the version the cache is keyed by.
+    pub version: String,
+    /// Whether `version` is an ETag that GETs can be conditional on.
+    pub etag: bool,
+}
+
+/// One object and the client that reaches it.
+pub(crate) struct Client {
+    store: Arc<dyn ObjectStore>,
+    path: ObjPath,
+    /// The name shown in messages.
+    pub url: String,
+    /// What identifies the object across processes (endpoint, bucket and key; or the URL).
+    pub identity: String,
+}
+
+/// The shared AWS files: `[section]` headers and `key = value` lines.
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(h) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = h.trim() == section;
+            continue;
+        }
+        if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn home_file(env: &str, rel: &str) -> Option<String> {
+    let path = std::env::var(env).ok().or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/{rel}")))?;
+    std::fs::read_to_string(path).ok()
+}
+
+/// Settings from `~/.aws/credentials` and `~/.aws/config` for the profile in use.
+fn aws_files() -> Vec<(String, String)> {
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_string());
+    let mut kv = Vec::new();
+    if let Some(t) = home_file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
+        kv.extend(ini_section(&t, &profile));
+    }
+    if let Some(t) = home_file("AWS_CONFIG_FILE", ".aws/config") {
+        let section = if profile == "default" { profile.clone() } else { format!("profile {profile}") };
+        kv.extend(ini_section(&t, &section));
+    }
+    kv
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn remote_err(url: &str, what: &str, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::new(ErrorKind::Io, format!("{what} '{url}': no such object")),
+        object_store::Error::Precondition { .. } => Error::new(
+            ErrorKind::Io,
+            format!("{what} '{url}': the object changed after it was opened (base images must not change)"),
+        ),
+        e => Error::new(ErrorKind::Io, format!("{what} '{url}': {e}")),
+    }
+}
+
+impl Client {
+    pub fn new(spec: &RemoteSpec, loc: &Location) -> Result<Client> {
+        let timeout = Duration::from_secs(spec.timeout.unwrap_or(30).clamp(1, 3600));
+        let options = ClientOptions::new()
+            .with_timeout(timeout)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_allow_http(true);
+        // Transient failures (a restarting gateway) are retried with backoff for a while, then fail the read.
+        let retry = RetryConfig {
+            max_retries: 4,
+            retry_timeout: Duration::from_secs(20),
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+        };
+        let bad = |e: object_store::Error| Error::new(ErrorKind::InvalidArgument, format!("'{}': {e}", spec.url));
+        match loc {
+            Location::S3 { bucket, key } => {
+                let files = aws_files();
+                let file = |k: &str| files.iter().find(|(fk, _)| fk == k).map(|(_, v)| v.clone());
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(options)
+                    .with_retry(retry);
+                let endpoint = spec.endpoint.clone().or_else(|| {
+                    env("AWS_ENDPOINT_URL_S3")
+                        .or_else(|| env("AWS_ENDPOINT_URL"))
+                        .or_else(|| env("AWS_ENDPOINT"))
+                        .or_else(|| file("endpoint_url"))
+                });
+                if let Some(e) = &endpoint {
+                    // A gateway of one's own (Ceph RGW, MinIO) answers path-style requests.
+                    let virtual_hosted =
+                        env("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                    b = b.with_endpoint(e).with_virtual_hosted_style_request(virtual_hosted);
+                }
+                let region = spec
+                    .region
+                    .clone()
+                    .or_else(|| env("AWS_REGION"))
+                    .or_else(|| env("AWS_DEFAULT_REGION"))
+                    .or_else(|| file("region"))
+                    .unwrap_or_else(|| "us-east-1".to_string());
+                b = b.with_region(region);
+                let key_id = spec.access_key_id.clone().or_else(|| env("AWS_ACCESS_KEY_ID"));
+                let secret = spec.secret_access_key.clone().or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+                match (key_id, secret) {
+                    (Some(k), Some(s)) => {
+                        b = b.with_access_key_id(k).with_secret_access_key(s);
+                        if spec.access_key_id.is_some() {
+                            // Keys given with the image do not mix with a session token from elsewhere.
+                            b = b.with_token("");
+                        }
+                    }
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidArgument,
+                            format!("'{}': an S3 access key id needs its secret access key, and back", spec.url),
+                        ));
+                    }
+                    (None, None) => match (file("aws_access_key_id"), file("aws_secret_access_key")) {
+                        (Some(k), Some(s)) => {
+                            b = b.with_access_key_id(k).with_secret_access_key(s);
+                            if let Some(t) = file("aws_session_token") {
+                                b = b.with_token(t);
+                            }
+                        }
+                        // No credentials anywhere: a public bucket, requests unsigned (never the instance
+                        // metadata service, which would stall a machine outside a cloud).
+                        _ if env("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_none()
+                            && env("AWS_WEB_IDENTITY_TOKEN_FILE").is_none() =>
+                        {
+                            b = b.with_skip_signature(true)
+                        }
+                        _ => {}
+                    },
+                }
+                let store = b.build().map_err(bad)?;
+                let path = ObjPath::from(key.as_str());
+                let identity = format!("s3://{}/{bucket}/{key}", endpoint.unwrap_or_else(|| "aws".to_string()));
+                Ok(Client { store: Arc::new(store), path, url: spec.url.clone(), identity })
+            }
+            Location::Http { base, path } => {
+                let store = object_store::http::HttpBuilder::new()
+                    .with_url(base.as_str())
+                    .with_client_options(options)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(bad)?;
+                let path = ObjPath::from_url_path(path)
+                    .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("'{}': bad path: {e}", spec.url)))?;
+                Ok(Client { store: Arc::new(store), path, url: spec.url.clone(), identity: spec.url.clone() })
+            }
+        }
+    }
+
+    /// HEAD: size and version.
+    pub fn head(&self) -> Result<Head> {
+        let (store, path, url) = (self.store.clone(), self.path.clone(), self.url.clone());
+        run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, "Could not open", e)).map(|m| match m
+            .e_tag
+            .filter(|e| !e.is_empty())
+        {
+            Some(e) => Head { size: m.size, version: e, etag: true },
+            None => Head { size: m.size, version: m.last_modified.to_rfc3339(), etag: false },
+        })
+    }
+
+    /// GETs the byte ranges `[start, end)` of the version `head` names, concurrently, each holding one of the
+    /// process's request slots. A range fails alone; `Err((e, true))`: the object changed since it was opened.
+    pub fn get_many(
+        &self,
+        ranges: &[(u64, u64)],
+        head: &Head,
+    ) -> Result<Vec<std::result::Result<bytes::Bytes, (Error, bool)>>> {
+        let if_match = head.etag.then(|| head.version.clone());
+        let slots = runtime()?.slots.clone();
+        let mut tasks = Vec::with_capacity(ranges.len());
+        for &(start, end) in ranges {
+            let (store, path, if_match, slots) =
+                (self.store.clone(), self.path.clone(), if_match.clone(), slots.clone());
+            tasks.push(async move {
+                let _slot = slots.acquire_owned().await;
+                let opts = GetOptions { if_match, range: Some(GetRange::Bounded(start..end)), ..Default::default() };
+                match store.get_opts(&path, opts).await {
+                    Ok(r) => r.bytes().await,
+                    Err(e) => Err(e),
+                }
+            });
+        }
+        let results = run(async move {
+            let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+            let mut out = Vec::with_capacity(handles.len());
+            for h in handles {
+                out.push(h.await);
+            }
+            out
+        })?;
+        Ok(results
+            .into_iter()
+            .zip(ranges)
+            .map(|(r, &(start, end))| {
+                let what = format!("Could not read bytes {start}..{end} of");
+                let got = match r {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let changed = matches!(e, object_store::Error::Precondition { .. });
+                        return Err((remote_err(&self.url, &what, e), changed));
+                    }
+                    Err(e) => return Err((Error::new(ErrorKind::Io, format!("{what} '{}': {e}", self.url)), false)),
+                };
+                let want = end.saturating_sub(start);
+                if got.len() as u64 != want {
+                    return Err((
+                        Error::new(
+                            ErrorKind::Io,
+                            format!("{what} '{}': the server sent {} bytes, not {want}", self.url, got.len()),
+                        ),
+                        false,
+                    ));
+                }
+                Ok(got)
+            })
+            .collect())
+    }
+}
+
+/// Uploads the local file `src` to the remote name `dst` (`s3://BUCKET/KEY`) with a multipart upload: parts of
+/// 16 MiB, at most 4 in flight (so about 80 MiB of memory whatever the image size). A failure aborts the upload,
+/// leaving no object behind.
+pub fn upload(src: &std::path::Path, dst: &RemoteSpec) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let loc = dst.location()?;
+    if !matches!(loc, Location::S3 { .. }) {
+        return Err(Error::unsupported(format!("'{}': only s3:// names can be written", dst.url)));
+    }
+    let client = Client::new(dst, &loc)?;
+    let f = std::fs::File::open(src).map_err(|e| Error::io(format!("Could not open '{}'", src.display()), e))?;
+    let (store, path, url, name) = (client.store, client.path, dst.url.clone(), src.display().to_string());
+    run(async move {
+        let err = |e: object_store::Error| Error::new(ErrorKind::Io, format!("Could not write '{url}': {e}"));
+        let mut f = tokio::fs::File::from_std(f);
+        let mut w =
+            object_store::WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await.map_err(err)?, 16 << 20);
+        let mut buf = vec![0u8; 4 << 20];
+        let failed = loop {
+            let n = match f.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(n) => n,
+                Err(e) => break Some(Error::io(format!("Could not read '{name}'"), e)),
+            };
+            if let Err(e) = w.wait_for_capacity(4).await {
+                break Some(err(e));
+            }
+            w.write(&buf[..n]);
+        };
+        match failed {
+            None => w.finish().await.map(|_| ()).map_err(err),
+            Some(e) => {
+                let _ = w.abort().await;
+                Err(e)
+            }
+        }
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ini_section;
+
+    #[test]
+    fn aws_files() {
+        let t = "[default]\naws_access_key_id = A\n# c\n[profile x]\nregion=eu\nendpoint_url = http://h:1\n";
+        assert_eq!(ini_section(t, "default"), vec![("aws_access_key_id".to_string(), "A".to_string())]);
+        assert_eq!(ini_section(t, "profile x").len(), 2);
+        assert!(ini_section(t, "y").is_empty());
+    }
+}
