@@ -5,7 +5,7 @@ use super::{Location, RemoteSpec};
 use crate::error::{Error, ErrorKind, Result};
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Requests in flight at once, per process.
@@ -14,21 +14,32 @@ const MAX_IN_FLIGHT: usize = 16;
 struct Runtime {
     rt: tokio::runtime::Runtime,
     slots: Arc<tokio::sync::Semaphore>,
+    /// The process the runtime's threads run in.
+    pid: u32,
 }
 
+/// The runtime of this process. qnbd forks after opening its images (`--fork`, `-c`, the commit helper): a
+/// child has none of its parent's threads, so it makes a runtime of its own, and the parent's (with its
+/// sockets, shared with the parent through the fork) is left untouched, never dropped.
 fn runtime() -> Result<&'static Runtime> {
-    static RT: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("qnbd-remote")
-            .enable_all()
-            .build()
-            .map(|rt| Runtime { rt, slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)) })
-            .map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the remote I/O runtime: {e}")))
+    static RT: Mutex<Option<&'static Runtime>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut g = RT.lock().map_err(|_| Error::new(ErrorKind::Io, "remote runtime lock poisoned"))?;
+    if let Some(r) = *g {
+        if r.pid == pid {
+            return Ok(r);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("qnbd-remote")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the remote I/O runtime: {e}")))?;
+    let r: &'static Runtime =
+        Box::leak(Box::new(Runtime { rt, slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)), pid }));
+    *g = Some(r);
+    Ok(r)
 }
 
 /// Runs `fut` on the remote runtime and waits for it from this thread (any thread: a plain channel, never a
@@ -54,7 +65,10 @@ pub(crate) struct Head {
 
 /// One object and the client that reaches it.
 pub(crate) struct Client {
-    store: Arc<dyn ObjectStore>,
+    /// The store client and the process it was made in (its connections belong to that process's runtime).
+    store: Mutex<(u32, Arc<dyn ObjectStore>)>,
+    spec: RemoteSpec,
+    loc: Location,
     path: ObjPath,
     /// The name shown in messages.
     pub url: String,
@@ -120,6 +134,31 @@ fn remote_err(url: &str, what: &str, e: object_store::Error) -> Error {
 
 impl Client {
     pub fn new(spec: &RemoteSpec, loc: &Location) -> Result<Client> {
+        let (store, path, identity) = Self::build(spec, loc)?;
+        Ok(Client {
+            store: Mutex::new((std::process::id(), store)),
+            spec: spec.clone(),
+            loc: loc.clone(),
+            path,
+            url: spec.url.clone(),
+            identity,
+        })
+    }
+
+    /// The store client for this process: one made before a fork is left to the parent (leaked, not dropped:
+    /// its sockets are the parent's too) and made again.
+    fn store(&self) -> Result<Arc<dyn ObjectStore>> {
+        let pid = std::process::id();
+        let mut g = self.store.lock().map_err(|_| Error::new(ErrorKind::Io, "remote client lock poisoned"))?;
+        if g.0 != pid {
+            let (fresh, _, _) = Self::build(&self.spec, &self.loc)?;
+            let old = std::mem::replace(&mut *g, (pid, fresh));
+            std::mem::forget(old);
+        }
+        Ok(g.1.clone())
+    }
+
+    fn build(spec: &RemoteSpec, loc: &Location) -> Result<(Arc<dyn ObjectStore>, ObjPath, String)> {
         let timeout = Duration::from_secs(spec.timeout.unwrap_or(30).clamp(1, 3600));
         let options = ClientOptions::new()
             .with_timeout(timeout)
@@ -200,7 +239,7 @@ impl Client {
                 let store = b.build().map_err(bad)?;
                 let path = ObjPath::from(key.as_str());
                 let identity = format!("s3://{}/{bucket}/{key}", endpoint.unwrap_or_else(|| "aws".to_string()));
-                Ok(Client { store: Arc::new(store), path, url: spec.url.clone(), identity })
+                Ok((Arc::new(store), path, identity))
             }
             Location::Http { base, path } => {
                 let store = object_store::http::HttpBuilder::new()
@@ -211,14 +250,14 @@ impl Client {
                     .map_err(bad)?;
                 let path = ObjPath::from_url_path(path)
                     .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("'{}': bad path: {e}", spec.url)))?;
-                Ok(Client { store: Arc::new(store), path, url: spec.url.clone(), identity: spec.url.clone() })
+                Ok((Arc::new(store), path, spec.url.clone()))
             }
         }
     }
 
     /// HEAD: size and version.
     pub fn head(&self) -> Result<Head> {
-        let (store, path, url) = (self.store.clone(), self.path.clone(), self.url.clone());
+        let (store, path, url) = (self.store()?, self.path.clone(), self.url.clone());
         run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, "Could not open", e)).map(|m| match m
             .e_tag
             .filter(|e| !e.is_empty())
@@ -237,10 +276,10 @@ impl Client {
     ) -> Result<Vec<std::result::Result<bytes::Bytes, (Error, bool)>>> {
         let if_match = head.etag.then(|| head.version.clone());
         let slots = runtime()?.slots.clone();
+        let store = self.store()?;
         let mut tasks = Vec::with_capacity(ranges.len());
         for &(start, end) in ranges {
-            let (store, path, if_match, slots) =
-                (self.store.clone(), self.path.clone(), if_match.clone(), slots.clone());
+            let (store, path, if_match, slots) = (store.clone(), self.path.clone(), if_match.clone(), slots.clone());
             tasks.push(async move {
                 let _slot = slots.acquire_owned().await;
                 let opts = GetOptions { if_match, range: Some(GetRange::Bounded(start..end)), ..Default::default() };
@@ -298,7 +337,7 @@ pub fn upload(src: &std::path::Path, dst: &RemoteSpec) -> Result<()> {
     }
     let client = Client::new(dst, &loc)?;
     let f = std::fs::File::open(src).map_err(|e| Error::io(format!("Could not open '{}'", src.display()), e))?;
-    let (store, path, url, name) = (client.store, client.path, dst.url.clone(), src.display().to_string());
+    let (store, path, url, name) = (client.store()?, client.path.clone(), dst.url.clone(), src.display().to_string());
     run(async move {
         let err = |e: object_store::Error| Error::new(ErrorKind::Io, format!("Could not write '{url}': {e}"));
         let mut f = tokio::fs::File::from_std(f);

@@ -59,6 +59,11 @@ impl RemoteSpec {
         RemoteSpec { url: url.to_string(), ..Default::default() }
     }
 
+    /// Whether the name is one qnbd can reach (`s3://BUCKET/KEY`, `http(s)://HOST/PATH`).
+    pub fn check(&self) -> Result<()> {
+        self.location().map(|_| ())
+    }
+
     pub(crate) fn location(&self) -> Result<Location> {
         let bad = |why: &str| Error::new(ErrorKind::InvalidArgument, format!("'{}': {why}", self.url));
         let (scheme, rest) = self.url.split_once("://").ok_or_else(|| bad("not a URL"))?;

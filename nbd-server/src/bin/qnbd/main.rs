@@ -193,6 +193,14 @@ struct Cli {
     /// With -L --vsock: the CID to connect to (default 1, this machine; 2 is the host).
     #[arg(long = "vsock-cid", value_name = "CID", default_value_t = 1)]
     vsock_cid: u32,
+    /// Folder of the local cache of remote images (s3://, http(s)://), shared with other qnbd and qimg processes
+    /// using it (default: $QNBD_CACHE_DIR, else $XDG_CACHE_HOME/qnbd, else ~/.cache/qnbd).
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    cache_dir: Option<String>,
+    /// Size limit of the remote cache folder (default: $QNBD_CACHE_SIZE, else 20G); object versions no process
+    /// has open are removed, least recently opened first.
+    #[arg(long = "cache-size", value_name = "SIZE")]
+    cache_size: Option<String>,
     /// Image files to serve.
     #[arg(required_unless_present_any = ["list", "disconnect"])]
     files: Vec<String>,
@@ -227,6 +235,19 @@ fn main() -> ExitCode {
         } else {
             "--fuse serves exactly one image"
         });
+    }
+    if cli.cache_dir.is_some() || cli.cache_size.is_some() {
+        let mut c = qcow2::remote::CacheConfig::default();
+        if let Some(d) = &cli.cache_dir {
+            c.dir = d.into();
+        }
+        if let Some(s) = &cli.cache_size {
+            match qcow2::spec::parse_size("--cache-size", s) {
+                Ok(n) => c.max_bytes = n,
+                Err(e) => return fail(e),
+            }
+        }
+        qcow2::remote::configure(c);
     }
     let exports = match build_exports(&cli) {
         Ok(e) => e,
@@ -271,5 +292,18 @@ fn main() -> ExitCode {
     if let Some(mp) = &cli.fuse {
         return run_fuse(&cli, exports, mp);
     }
-    listen::serve(&cli, exports, tls, allow)
+    let code = listen::serve(&cli, exports, tls, allow);
+    report_remote();
+    code
+}
+
+/// At exit, what the remote images cost: the GET counter the tests compare with the object store's own log.
+fn report_remote() {
+    let s = qcow2::remote::stats();
+    if s.gets > 0 {
+        eprintln!(
+            "qnbd: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed",
+            s.gets, s.bytes, s.chunks, s.refetched, s.errors
+        );
+    }
 }

@@ -93,8 +93,39 @@ pub struct Args {
     pub files: Vec<String>,
 }
 
-/// Runs `qimg convert`.
-pub fn run(a: Args) -> Result<(), String> {
+/// Runs `qimg convert`. A remote target (`s3://BUCKET/KEY`) is written to a temporary file in `$TMPDIR` first,
+/// then uploaded with a multipart upload: the object appears whole or not at all.
+pub fn run(mut a: Args) -> Result<(), String> {
+    let Some(output) = a.files.last().cloned() else { return Err("Expecting image file name".into()) };
+    if !qcow2::remote::is_remote(&output) {
+        return run_local(a);
+    }
+    if a.no_create || a.target_image_opts {
+        return Err(format!("Could not open '{output}': remote images are written whole (no -n)"));
+    }
+    let spec = qcow2::remote::RemoteSpec::from_url(&output);
+    spec.check().map_err(|e| e.to_string())?;
+    if !output.starts_with("s3://") {
+        return Err(format!("Could not create '{output}': only s3:// names can be written"));
+    }
+    let tmp = std::env::temp_dir().join(format!("qimg-upload-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let staged = tmp.to_string_lossy().into_owned();
+    if let Some(last) = a.files.last_mut() {
+        last.clone_from(&staged);
+    }
+    let quiet = a.quiet || !a.progress;
+    let r = run_local(a).and_then(|()| {
+        if !quiet {
+            eprintln!("uploading to {output}");
+        }
+        qcow2::remote::upload(&tmp, &spec).map_err(|e| e.to_string())
+    });
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
+fn run_local(a: Args) -> Result<(), String> {
     let (output, inputs) = a.files.split_last().ok_or("Expecting image file name")?;
     let output = output.clone();
     if a.compress && a.out_format != "qcow2" {

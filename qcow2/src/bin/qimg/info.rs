@@ -7,17 +7,35 @@ use qcow2::format::snapshot::Snapshot;
 use qcow2::{Image, Layer};
 use serde_json::{json, Map, Value};
 
+/// The protocol under an image: `file`, or a remote object's scheme (`s3`, `http`, `https`), as qemu names
+/// its curl drivers.
+fn protocol(img: &Image) -> String {
+    match img.filename().split_once("://") {
+        Some((scheme, _)) if qcow2::remote::is_remote(img.filename()) => scheme.to_ascii_lowercase(),
+        _ => "file".to_string(),
+    }
+}
+
 fn file_child(img: &Image) -> Value {
     let st = img.storage();
-    json!({
+    let proto = protocol(img);
+    let mut v = json!({
         "children": [],
         "virtual-size": st.len().unwrap_or(0).div_ceil(512) * 512,
         "filename": img.filename(),
-        "format": "file",
+        "format": proto,
         "actual-size": st.allocated_bytes().unwrap_or(0),
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false
-    })
+    });
+    if proto != "file" {
+        // qemu shows no allocation for a URL, and no file-specific data.
+        if let Some(m) = v.as_object_mut() {
+            m.remove("actual-size");
+            m.remove("format-specific");
+        }
+    }
+    v
 }
 
 fn snapshot_json(s: &Snapshot) -> Value {
@@ -104,7 +122,9 @@ pub fn info_json(img: &Image) -> Value {
         m.insert("cluster-size".into(), json!(q.cluster_size()));
     }
     m.insert("format".into(), json!(img.format().name()));
-    m.insert("actual-size".into(), json!(img.storage().allocated_bytes().unwrap_or(0)));
+    if protocol(img) == "file" {
+        m.insert("actual-size".into(), json!(img.storage().allocated_bytes().unwrap_or(0)));
+    }
     if let (Some(h), Some(q)) = (h, q) {
         m.insert("format-specific".into(), qcow2_specific(q));
         if let Some(b) = &h.backing_file {
@@ -204,7 +224,9 @@ pub fn info_human(img: &Image) -> String {
     s += &format!("image: {}\n", img.filename());
     s += &format!("file format: {}\n", img.format().name());
     s += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
-    s += &format!("disk size: {}\n", size_to_str(disk));
+    let remote = protocol(img) != "file";
+    let disk_str = if remote { "unavailable".to_string() } else { size_to_str(disk) };
+    s += &format!("disk size: {disk_str}\n");
     if let Layer::Qcow2(q) = img.layer() {
         let h = q.header();
         s += &format!("cluster_size: {}\n", q.cluster_size());
@@ -231,8 +253,8 @@ pub fn info_human(img: &Image) -> String {
     let flen = img.storage().len().unwrap_or(0).div_ceil(512) * 512;
     s += "Child node '/file':\n";
     s += &format!("    filename: {}\n", img.filename());
-    s += "    protocol type: file\n";
+    s += &format!("    protocol type: {}\n", protocol(img));
     s += &format!("    file length: {} ({flen} bytes)\n", size_to_str(flen));
-    s += &format!("    disk size: {}\n", size_to_str(disk));
+    s += &format!("    disk size: {disk_str}\n");
     s
 }
