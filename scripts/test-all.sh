@@ -20,10 +20,17 @@ command -v fio >/dev/null || need+=(fio)
 for t in losetup:mount openssl:openssl mkfs.ext4:e2fsprogs debugfs:e2fsprogs objcopy:binutils dpkg-deb:dpkg md5sum:coreutils; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
+command -v curl >/dev/null || need+=(curl)
+# the S3 test: a single-node Ceph cluster with radosgw (scripts/ceph-rgw.sh), without the recommended extras
+ceph=()
+for t in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw; do
+  command -v "${t%%:*}" >/dev/null || ceph+=("${t#*:}")
+done
+if [ ${#need[@]} -gt 0 ] || [ ${#ceph[@]} -gt 0 ]; then
+  echo "installing: ${need[*]} ${ceph[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  [ ${#need[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  [ ${#ceph[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${ceph[@]}" >/dev/null
 fi
 qemu-img --version | head -1
 

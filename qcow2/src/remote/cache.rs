@@ -92,6 +92,8 @@ pub struct RemoteStats {
     pub refetched: u64,
     /// GETs that failed (after the client's retries).
     pub errors: u64,
+    /// HEAD requests (one per object version opened in this process).
+    pub heads: u64,
 }
 
 static GETS: AtomicU64 = AtomicU64::new(0);
@@ -99,6 +101,7 @@ static BYTES: AtomicU64 = AtomicU64::new(0);
 static CHUNKS: AtomicU64 = AtomicU64::new(0);
 static REFETCHED: AtomicU64 = AtomicU64::new(0);
 static ERRORS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static HEADS: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) fn global_stats() -> RemoteStats {
     RemoteStats {
@@ -107,6 +110,7 @@ pub(crate) fn global_stats() -> RemoteStats {
         chunks: CHUNKS.load(Ordering::Relaxed),
         refetched: REFETCHED.load(Ordering::Relaxed),
         errors: ERRORS.load(Ordering::Relaxed),
+        heads: HEADS.load(Ordering::Relaxed),
     }
 }
 
@@ -162,6 +166,8 @@ pub(crate) struct CachedObject {
     /// Set when a GET found the object changed: every later read fails.
     changed: OnceLock<String>,
     fetched_since_check: AtomicU64,
+    /// A failed GET was shown (once per object).
+    warned: AtomicBool,
     dir: PathBuf,
     max_bytes: u64,
 }
@@ -273,6 +279,7 @@ impl CachedObject {
             readahead: AtomicU64::new(MIN_READAHEAD_CHUNKS),
             changed: OnceLock::new(),
             fetched_since_check: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
             dir: cfg.dir.clone(),
             max_bytes: cfg.max_bytes,
         })
@@ -452,8 +459,10 @@ impl CachedObject {
                 }
                 Err((e, changed)) => {
                     ERRORS.fetch_add(1, Ordering::Relaxed);
-                    if changed {
-                        let _ = self.changed.set(e.to_string());
+                    if changed && self.changed.set(e.to_string()).is_ok() {
+                        eprintln!("qnbd: {e}; every read of it fails from now on");
+                    } else if !self.warned.swap(true, Ordering::Relaxed) {
+                        eprintln!("qnbd: {e} (the request fails with EIO; later failures are counted, not shown)");
                     }
                     first_err.get_or_insert(e);
                 }

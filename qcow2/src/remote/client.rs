@@ -121,15 +121,17 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn remote_err(url: &str, what: &str, e: object_store::Error) -> Error {
-    match e {
-        object_store::Error::NotFound { .. } => Error::new(ErrorKind::Io, format!("{what} '{url}': no such object")),
-        object_store::Error::Precondition { .. } => Error::new(
-            ErrorKind::Io,
-            format!("{what} '{url}': the object changed after it was opened (base images must not change)"),
-        ),
-        e => Error::new(ErrorKind::Io, format!("{what} '{url}': {e}")),
-    }
+/// The message for a failed request; `what` (with the URL) leads it, or nothing where the caller adds its own.
+fn remote_err(url: &str, what: Option<&str>, e: object_store::Error) -> Error {
+    let lead = what.map(|w| format!("{w} '{url}': ")).unwrap_or_default();
+    let why = match e {
+        object_store::Error::NotFound { .. } => "no such object".to_string(),
+        object_store::Error::Precondition { .. } => {
+            "the object changed after it was opened (base images must not change)".to_string()
+        }
+        e => e.to_string(),
+    };
+    Error::new(ErrorKind::Io, format!("{lead}{why}"))
 }
 
 impl Client {
@@ -258,12 +260,12 @@ impl Client {
     /// HEAD: size and version.
     pub fn head(&self) -> Result<Head> {
         let (store, path, url) = (self.store()?, self.path.clone(), self.url.clone());
-        run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, "Could not open", e)).map(|m| match m
-            .e_tag
-            .filter(|e| !e.is_empty())
-        {
-            Some(e) => Head { size: m.size, version: e, etag: true },
-            None => Head { size: m.size, version: m.last_modified.to_rfc3339(), etag: false },
+        super::cache::HEADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, None, e)).map(|m| {
+            match m.e_tag.filter(|e| !e.is_empty()) {
+                Some(e) => Head { size: m.size, version: e, etag: true },
+                None => Head { size: m.size, version: m.last_modified.to_rfc3339(), etag: false },
+            }
         })
     }
 
@@ -306,7 +308,7 @@ impl Client {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
                         let changed = matches!(e, object_store::Error::Precondition { .. });
-                        return Err((remote_err(&self.url, &what, e), changed));
+                        return Err((remote_err(&self.url, Some(&what), e), changed));
                     }
                     Err(e) => return Err((Error::new(ErrorKind::Io, format!("{what} '{}': {e}", self.url)), false)),
                 };

@@ -300,10 +300,10 @@ fn main() -> ExitCode {
 /// At exit, what the remote images cost: the GET counter the tests compare with the object store's own log.
 fn report_remote() {
     let s = qcow2::remote::stats();
-    if s.gets > 0 {
+    if s.heads > 0 {
         eprintln!(
-            "qnbd: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed",
-            s.gets, s.bytes, s.chunks, s.refetched, s.errors
+            "qnbd: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed, {} HEADs",
+            s.gets, s.bytes, s.chunks, s.refetched, s.errors, s.heads
         );
     }
 }
