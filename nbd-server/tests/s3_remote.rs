@@ -419,6 +419,17 @@ fn faults(rgw: &Rgw, dir: &Path, obj_len: u64) {
     let mut c = with_env(qimg_path(), &p("qimg-cache"));
     c.args(["convert", "-c", "-O", "qcow2", s(&p("base.raw")), "s3://images/base.qcow2"]);
     must(c);
+    // Over its size limit, the cache drops the versions no process has open, and keeps the one in use.
+    let mut c = with_env(qimg_path(), &cache);
+    c.env("QNBD_CACHE_SIZE", "1k").args(["compare", "s3://images/base.qcow2", s(&p("base.raw"))]);
+    must(c);
+    let left: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.iter().filter(|n| n.ends_with(".map")).count(), 1, "{left:?}");
+    assert_eq!(left.iter().filter(|n| n.ends_with(".data")).count(), 1, "{left:?}");
 }
 
 /// qemu-style options, the shared AWS files, a public http:// URL, and the refusals.
