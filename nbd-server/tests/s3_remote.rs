@@ -432,8 +432,48 @@ fn faults(rgw: &Rgw, dir: &Path, obj_len: u64) {
     assert_eq!(left.iter().filter(|n| n.ends_with(".data")).count(), 1, "{left:?}");
 }
 
+/// A cache folder on a full file system (a 256 KiB tmpfs): reads are served from the fetched bytes, correct,
+/// and the cache keeps what fits.
+fn full_cache_disk(dir: &Path) {
+    let full = dir.join("cache-full");
+    std::fs::create_dir_all(&full).unwrap();
+    ok("mount", &["-t", "tmpfs", "-o", "size=256k", "tmpfs", s(&full)]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(full.clone());
+    let o = with_env(qimg_path(), &full)
+        .args(["compare", "s3://images/base.qcow2", s(&dir.join("base.raw"))])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "compare with a full cache disk: {e}{}", String::from_utf8_lossy(&o.stdout));
+    assert!(e.contains("served without being kept"), "{e}");
+}
+
+/// `--fork`: the server goes on in a child process, which makes its own remote client.
+fn forked(dir: &Path) {
+    let (cache, sock, pid) = (dir.join("cache-fork"), dir.join("fork.sock"), dir.join("fork.pid"));
+    let mut c = with_env(QNBD, &cache);
+    c.args(["--fork", "-r", "-t", "--pid-file", s(&pid), "-k", s(&sock), "s3://images/base.qcow2"]);
+    must(c);
+    wait_for(&pid);
+    let uri = format!("nbd+unix:///?socket={}", s(&sock));
+    let r = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &uri, s(&dir.join("base.raw"))]);
+    let pid: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until("the forked server exits", Duration::from_secs(20), || !alive(pid as u32));
+    assert!(r.status.success(), "{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+}
+
 /// qemu-style options, the shared AWS files, a public http:// URL, and the refusals.
 fn other_ways_in(dir: &Path) {
+    full_cache_disk(dir);
+    forked(dir);
     let p = |n: &str| dir.join(n);
     // --image-opts with the endpoint and keys given there (nothing in the environment).
     let (cache, sock) = (p("cache-opts"), p("opts.sock"));

@@ -325,18 +325,44 @@ impl CachedObject {
             return Ok(());
         }
         let (first, last) = (offset / CHUNK, end.saturating_sub(1) / CHUNK);
-        self.ensure(first, last)?;
+        let uncached = self.ensure(first, last)?;
         let n = usize::try_from(end.saturating_sub(offset)).unwrap_or(buf.len()).min(buf.len());
         let (have, past) = buf.split_at_mut(n);
         self.data
             .read_exact_at(have, offset)
             .map_err(|e| io(format!("cannot read the cache of '{}'", self.url()), e))?;
+        // Ranges the cache could not keep (its disk full) come from the fetched bytes.
+        for (start, bytes) in uncached {
+            let from = start.max(offset);
+            let to = start.saturating_add(bytes.len() as u64).min(end);
+            if from < to {
+                let (src, dst) = (from.saturating_sub(start), from.saturating_sub(offset));
+                let len = to.saturating_sub(from);
+                let (Ok(src), Ok(dst), Ok(len)) = (usize::try_from(src), usize::try_from(dst), usize::try_from(len))
+                else {
+                    continue;
+                };
+                if let (Some(d), Some(s)) =
+                    (have.get_mut(dst..dst.saturating_add(len)), bytes.get(src..src.saturating_add(len)))
+                {
+                    d.copy_from_slice(s);
+                }
+            }
+        }
         past.fill(0);
         Ok(())
     }
 
     /// Makes chunks `first..=last` present: fetched by this thread, or waited for while another fetches them.
-    fn ensure(&self, first: u64, last: u64) -> Result<()> {
+    /// Returns the fetched runs the cache could not keep (`(offset, bytes)`), for this read to use directly.
+    fn ensure(&self, first: u64, last: u64) -> Result<Vec<(u64, bytes::Bytes)>> {
+        let mut uncached: Vec<(u64, bytes::Bytes)> = Vec::new();
+        let covered = |c: u64, u: &[(u64, bytes::Bytes)]| {
+            u.iter().any(|(s, b)| {
+                let at = c.saturating_mul(CHUNK);
+                *s <= at && at < s.saturating_add(b.len() as u64)
+            })
+        };
         let sequential = self.seq_next.swap(last.saturating_add(1), Ordering::Relaxed) == first;
         let ra = if sequential {
             let r = self.readahead.load(Ordering::Relaxed);
@@ -348,20 +374,20 @@ impl CachedObject {
         };
         // A few rounds: a chunk another reader failed to fetch is tried once more by this one.
         for round in 0..3 {
-            if self.missing(first, last).next().is_none() {
-                return Ok(());
+            if self.missing(first, last).all(|c| covered(c, &uncached)) {
+                return Ok(uncached);
             }
             if round == 0 {
                 self.load_map(first, last)?;
-                if self.missing(first, last).next().is_none() {
-                    return Ok(());
+                if self.missing(first, last).all(|c| covered(c, &uncached)) {
+                    return Ok(uncached);
                 }
             }
             let (mine, theirs) = {
                 let mut fl =
                     self.inflight.lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache lock poisoned"))?;
                 let (mut mine, mut theirs) = (Vec::new(), false);
-                for c in self.missing(first, last) {
+                for c in self.missing(first, last).filter(|&c| !covered(c, &uncached)) {
                     if fl.chunks.insert(c) {
                         mine.push(c);
                     } else {
@@ -388,7 +414,7 @@ impl CachedObject {
                     }
                 }
                 self.done.notify_all();
-                r?;
+                uncached.extend(r?);
             }
             if theirs {
                 let mut fl =
@@ -402,8 +428,8 @@ impl CachedObject {
                 }
             }
         }
-        if self.missing(first, last).next().is_none() {
-            return Ok(());
+        if self.missing(first, last).all(|c| covered(c, &uncached)) {
+            return Ok(uncached);
         }
         Err(Error::new(
             ErrorKind::Io,
@@ -424,8 +450,9 @@ impl CachedObject {
         Ok(())
     }
 
-    /// Fetches the chunks `mine` (sorted, claimed by this thread): one GET per run of adjacent chunks.
-    fn fetch(self: &CachedObject, mine: &[u64]) -> Result<()> {
+    /// Fetches the chunks `mine` (claimed by this thread): one GET per run of adjacent chunks. Runs the cache
+    /// cannot keep (a write to its disk failed: full) are returned, to be served from memory this once.
+    fn fetch(self: &CachedObject, mine: &[u64]) -> Result<Vec<(u64, bytes::Bytes)>> {
         let mut sorted = mine.to_vec();
         sorted.sort_unstable();
         let mut runs: Vec<(u64, u64)> = Vec::new(); // chunk ranges [a, b)
@@ -439,16 +466,24 @@ impl CachedObject {
             runs.iter().map(|&(a, b)| (a.saturating_mul(CHUNK), b.saturating_mul(CHUNK).min(self.head.size))).collect();
         let results = self.client.get_many(&bytes, &self.head)?;
         let mut first_err = None;
+        let mut uncached = Vec::new();
         for ((r, &(start, _)), &(a, b)) in results.into_iter().zip(&bytes).zip(&runs) {
             GETS.fetch_add(1, Ordering::Relaxed);
             match r {
                 Ok(got) => {
-                    if let Err(e) = self.data.write_all_at(&got, start) {
-                        first_err.get_or_insert(io(format!("cannot write the cache of '{}'", self.url()), e));
-                        continue;
-                    }
                     BYTES.fetch_add(got.len() as u64, Ordering::Relaxed);
                     CHUNKS.fetch_add(b.saturating_sub(a), Ordering::Relaxed);
+                    if let Err(e) = self.data.write_all_at(&got, start) {
+                        static SHOWN: AtomicBool = AtomicBool::new(false);
+                        if !SHOWN.swap(true, Ordering::Relaxed) {
+                            eprintln!(
+                                "qnbd: cannot write the cache of '{}' ({e}): fetched data is served without being kept",
+                                self.url()
+                            );
+                        }
+                        uncached.push((start, got));
+                        continue;
+                    }
                     self.fetched_since_check.fetch_add(got.len() as u64, Ordering::Relaxed);
                     for c in a..b {
                         set_bit(&self.present, c);
@@ -471,7 +506,7 @@ impl CachedObject {
         self.schedule_flush();
         match first_err {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(uncached),
         }
     }
 

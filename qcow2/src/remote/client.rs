@@ -3,6 +3,7 @@
 
 use super::{Location, RemoteSpec};
 use crate::error::{Error, ErrorKind, Result};
+use futures::StreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
 use std::sync::{Arc, Mutex};
@@ -285,10 +286,22 @@ impl Client {
             tasks.push(async move {
                 let _slot = slots.acquire_owned().await;
                 let opts = GetOptions { if_match, range: Some(GetRange::Bounded(start..end)), ..Default::default() };
-                match store.get_opts(&path, opts).await {
-                    Ok(r) => r.bytes().await,
-                    Err(e) => Err(e),
+                // The body is taken piece by piece, never past what was asked: a server that ignores the
+                // range (or lies about it) cannot make this allocate more.
+                let want = usize::try_from(end.saturating_sub(start)).unwrap_or(usize::MAX);
+                let mut body = store.get_opts(&path, opts).await?.into_stream();
+                let mut out = bytes::BytesMut::with_capacity(want.min(8 << 20));
+                while let Some(piece) = body.next().await {
+                    let piece = piece?;
+                    if piece.len() > want.saturating_sub(out.len()) {
+                        return Err(object_store::Error::Generic {
+                            store: "remote",
+                            source: "the server sent more bytes than the range asked for".into(),
+                        });
+                    }
+                    out.extend_from_slice(&piece);
                 }
+                Ok(out.freeze())
             });
         }
         let results = run(async move {
