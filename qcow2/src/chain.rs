@@ -232,9 +232,10 @@ fn file_id(path: &str) -> Option<(u64, u64)> {
 fn chain_id(file: &crate::spec::FileSpec, path: &str) -> Option<(u64, u64)> {
     match &file.remote {
         Some(r) => {
+            // By URL alone: an overlay names its remote backing file by URL, whatever options opened the base.
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            r.hash(&mut h);
+            r.url.hash(&mut h);
             Some((u64::MAX, h.finish()))
         }
         None => file_id(path),
@@ -560,11 +561,17 @@ impl Image {
     /// `opts.shared` when set).
     pub fn create_overlay(self: &Arc<Image>, path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
         use std::io::Write;
-        let abs = std::fs::canonicalize(self.filename())
-            .map_err(|e| Error::io(format!("cannot resolve '{}'", self.filename()), e))?;
+        let backing = if crate::remote::is_remote(self.filename()) {
+            self.filename().to_string()
+        } else {
+            std::fs::canonicalize(self.filename())
+                .map_err(|e| Error::io(format!("cannot resolve '{}'", self.filename()), e))?
+                .to_string_lossy()
+                .into_owned()
+        };
         let co = crate::image::create::CreateOptions {
             size: self.size,
-            backing_file: Some(abs.to_string_lossy().into_owned()),
+            backing_file: Some(backing),
             backing_format: Some(self.format().name().to_string()),
             ..Default::default()
         };
