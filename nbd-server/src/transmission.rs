@@ -280,7 +280,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
-    let direct = export.device.direct_io();
+    // O_DIRECT or a remote base: every request on the blocking pool (see `Conn::offloading`).
+    let direct = export.device.slow_io();
     let conn = Arc::new(Conn {
         direct,
         export,

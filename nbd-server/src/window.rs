@@ -55,6 +55,9 @@ impl BlockDevice for Window {
     fn direct_io(&self) -> bool {
         self.inner.direct_io()
     }
+    fn slow_io(&self) -> bool {
+        self.inner.slow_io()
+    }
     fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
         self.inner.dirty_run(bitmap, offset + self.offset, len)
     }

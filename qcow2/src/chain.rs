@@ -456,6 +456,10 @@ impl Image {
                             .map_err(|e| e.context(format!("Could not open backing file of '{path}'")))?;
                         if !name.starts_with("json:") {
                             bspec.file.filename = resolve_relative(&path, &bspec.file.filename);
+                            // A relative name in a remote image names an object beside it.
+                            if bspec.file.remote.is_none() && crate::remote::is_remote(&bspec.file.filename) {
+                                bspec.file.remote = Some(crate::remote::RemoteSpec::from_url(&bspec.file.filename));
+                            }
                         }
                         if bspec.format.is_none() {
                             bspec.format = h.backing_format.as_deref().map(Format::parse).transpose()?;
@@ -949,6 +953,10 @@ impl BlockDevice for Image {
 
     fn direct_io(&self) -> bool {
         self.direct
+    }
+
+    fn slow_io(&self) -> bool {
+        self.direct || self.storage().is_remote() || self.backing.as_ref().is_some_and(|b| b.slow_io())
     }
 
     fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {

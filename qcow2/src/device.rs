@@ -168,6 +168,11 @@ pub trait BlockDevice: Send + Sync {
     fn direct_io(&self) -> bool {
         false
     }
+    /// Whether a transfer may wait on something slower than the page cache (`O_DIRECT`, a remote object): a
+    /// server then runs every request on its blocking pool, never inline on its event loop.
+    fn slow_io(&self) -> bool {
+        self.direct_io()
+    }
     /// Persistent dirty bitmap `bitmap` at `offset`: whether that granule is dirty and for how many bytes
     /// (at most `len`) the answer holds. `None` when the device has no such bitmap.
     fn dirty_run(&self, bitmap: &str, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {

@@ -499,7 +499,7 @@ fn take_remote_node(map: &mut BTreeMap<String, Value>, driver: &str, what: &str)
         r.access_key_id = take_str(map, "access-key-id")?;
         r.secret_access_key = take_str(map, "secret-access-key")?;
     } else {
-        r.url = take_str(map, "url")?.unwrap_or_default();
+        r.url = url.unwrap_or_default();
         if !r.url.to_ascii_lowercase().starts_with(&format!("{driver}://")) {
             return Err(arg(format!("{what}: the {driver} driver needs 'url={driver}://HOST/PATH'")));
         }
@@ -659,6 +659,36 @@ mod tests {
         assert_eq!((b.format, b.file.filename.as_str()), (Some(Format::Raw), "base.raw"));
         let s = ImageSpec::parse_opts("driver=host_device,filename=/dev/loop0").unwrap();
         assert!(s.protocol_only && s.file.host_device);
+    }
+
+    #[test]
+    fn remote_names_and_options() {
+        let s = ImageSpec::parse_filename("s3://b/dir/k.qcow2").unwrap();
+        assert_eq!(s.file.remote.as_ref().map(|r| r.url.as_str()), Some("s3://b/dir/k.qcow2"));
+        let s =
+            ImageSpec::parse_opts("driver=qcow2,file.driver=https,file.url=https://h/p.qcow2,file.timeout=5").unwrap();
+        let r = s.file.remote.unwrap();
+        assert_eq!((r.url.as_str(), r.timeout), ("https://h/p.qcow2", Some(5)));
+        let s = ImageSpec::parse_opts(
+            "driver=qcow2,file.driver=s3,file.bucket=b,file.key=k/x,file.endpoint=http://e:1,file.region=r,\
+             file.access-key-id=A,file.secret-access-key=S",
+        )
+        .unwrap();
+        let r = s.file.remote.unwrap();
+        assert_eq!(r.url, "s3://b/k/x");
+        assert_eq!((r.endpoint.as_deref(), r.region.as_deref()), (Some("http://e:1"), Some("r")));
+        assert_eq!((r.access_key_id.as_deref(), r.secret_access_key.as_deref()), (Some("A"), Some("S")));
+        let s = ImageSpec::parse_opts("driver=http,url=http://h/raw.img").unwrap();
+        assert!(s.protocol_only && s.file.remote.is_some());
+        let e = |s: &str| ImageSpec::parse_opts(s).unwrap_err().to_string();
+        assert!(e("driver=qcow2,file.driver=s3,file.bucket=b").contains("needs 'url=s3://BUCKET/KEY'"));
+        assert!(e("driver=qcow2,file.driver=https,file.url=http://h/p").contains("needs 'url=https://HOST/PATH'"));
+        assert!(e("driver=qcow2,file.driver=https,file.url=https://h/p,file.sslverify=off").contains("sslverify"));
+        assert_eq!(
+            e("driver=qcow2,file.driver=s3,file.url=s3://b/k,file.bogus=1"),
+            "Block protocol 's3' doesn't support the option 'bogus'"
+        );
+        assert!(ImageSpec::parse_filename("nbd://h/x").is_err());
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub trait Storage: Send + Sync {
     fn host_offset(&self, offset: u64) -> u64 {
         offset
     }
+    /// Whether reads may wait on the network (a remote object).
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Whether the storage cannot grow (a block device, a window): allocation starts after the last cluster
     /// in use instead of at the end.
     fn is_fixed_size(&self) -> bool {

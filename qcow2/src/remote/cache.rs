@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 
 /// Bytes per chunk: the unit fetched, cached and mapped (a default qcow2 cluster).
@@ -49,20 +49,33 @@ pub struct CacheConfig {
     pub max_bytes: u64,
 }
 
-impl Default for CacheConfig {
-    /// `$QNBD_CACHE_DIR`, else `$XDG_CACHE_HOME/qnbd`, else `~/.cache/qnbd`, else `/var/tmp/qnbd-cache`;
-    /// `$QNBD_CACHE_SIZE` (a size such as `20G`), else 20 GiB.
-    fn default() -> Self {
+impl CacheConfig {
+    /// `$QNBD_CACHE_DIR`, else `$XDG_CACHE_HOME/qnbd`, else `~/.cache/qnbd`, else `/var/tmp/qnbd-cache-UID`;
+    /// `$QNBD_CACHE_SIZE` (a size such as `20G`), else 20 GiB. A size that does not parse is an error.
+    pub fn from_env() -> Result<Self> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let dir = env("QNBD_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| env("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("qnbd")))
             .or_else(|| env("HOME").map(|d| PathBuf::from(d).join(".cache/qnbd")))
-            .unwrap_or_else(|| PathBuf::from("/var/tmp/qnbd-cache"));
-        let max_bytes = env("QNBD_CACHE_SIZE")
-            .and_then(|s| crate::spec::parse_size("QNBD_CACHE_SIZE", &s).ok())
-            .unwrap_or(20 << 30);
-        CacheConfig { dir, max_bytes }
+            .unwrap_or_else(fallback_dir);
+        let max_bytes = match env("QNBD_CACHE_SIZE") {
+            Some(v) => crate::spec::parse_size("QNBD_CACHE_SIZE", &v)?,
+            None => 20 << 30,
+        };
+        Ok(CacheConfig { dir, max_bytes })
+    }
+}
+
+/// The folder used when no setting names one: per user, under `/var/tmp`.
+fn fallback_dir() -> PathBuf {
+    PathBuf::from(format!("/var/tmp/qnbd-cache-{}", nix::unistd::geteuid()))
+}
+
+impl Default for CacheConfig {
+    /// [`CacheConfig::from_env`]; its defaults where the environment is wrong.
+    fn default() -> Self {
+        Self::from_env().unwrap_or_else(|_| CacheConfig { dir: fallback_dir(), max_bytes: 20 << 30 })
     }
 }
 
@@ -74,8 +87,11 @@ pub(crate) fn set_config(c: CacheConfig) {
     }
 }
 
-fn config() -> CacheConfig {
-    CONFIG.read().ok().and_then(|g| g.clone()).unwrap_or_default()
+fn config() -> Result<CacheConfig> {
+    match CONFIG.read().ok().and_then(|g| g.clone()) {
+        Some(c) => Ok(c),
+        None => CacheConfig::from_env(),
+    }
 }
 
 /// What this process fetched from remote objects.
@@ -114,6 +130,48 @@ pub(crate) fn global_stats() -> RemoteStats {
     }
 }
 
+/// Flush threads running or sleeping in this process.
+static FLUSHERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Before a fork: every fetched chunk mapped now, no flush thread running (a child would inherit its locks
+/// without it; waits at most a second for them), and the remote runtime shut down (its threads joined): the
+/// fork copies no thread's half-done state. Parent and child each make a new runtime when they next read.
+pub(crate) fn quiesce() {
+    let objects: Vec<Arc<CachedObject>> = match registry().lock() {
+        Ok(r) => r.values().filter_map(Weak::upgrade).collect(),
+        Err(_) => return,
+    };
+    for o in &objects {
+        o.flush_pending();
+    }
+    drop(objects);
+    let t = std::time::Instant::now();
+    while FLUSHERS.load(Ordering::Acquire) > 0 && t.elapsed() < std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    super::client::stop_runtime();
+}
+
+/// Makes the cache folder (mode 0700 when it is new) and checks it: a folder, not a symbolic link, and for the
+/// shared fallback under `/var/tmp`, owned by this user.
+fn check_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let shown = dir.display();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io(format!("cannot create the cache folder '{shown}'"), e))?;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| io(format!("cannot stat the cache folder '{shown}'"), e))?;
+    if !m.is_dir() {
+        return Err(Error::invalid(format!("the cache folder '{shown}' is not a folder (a symbolic link is refused)")));
+    }
+    if dir == fallback_dir() && m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(Error::invalid(format!("the cache folder '{shown}' belongs to another user")));
+    }
+    Ok(())
+}
+
 /// Objects open in this process, by cache file name: opening one twice shares it.
 fn registry() -> &'static Mutex<HashMap<String, Weak<CachedObject>>> {
     static R: OnceLock<Mutex<HashMap<String, Weak<CachedObject>>>> = OnceLock::new();
@@ -138,10 +196,31 @@ fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-/// Which chunks a reader may fetch, and the readers waiting for chunks another reader is fetching.
+/// The chunks some reader is fetching.
 #[derive(Default)]
 struct InFlight {
     chunks: HashSet<u64>,
+}
+
+/// Chunks this reader claimed: released, and the waiting readers woken, when it is dropped (also on an error
+/// or a panic).
+struct Claim<'a> {
+    object: &'a CachedObject,
+    chunks: Vec<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut fl = match self.object.inflight.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for c in &self.chunks {
+            fl.chunks.remove(c);
+        }
+        drop(fl);
+        self.object.done.notify_all();
+    }
 }
 
 /// One remote object version with its cache files.
@@ -159,7 +238,13 @@ pub(crate) struct CachedObject {
     done: Condvar,
     /// Chunk ranges fetched and not yet in the map: written there after a sync of `data`.
     pending: Mutex<Vec<(u64, u64)>>,
-    flush_scheduled: AtomicBool,
+    /// The process that has a flush thread on its way (0: none). A fork's child has no such thread.
+    flush_scheduled: AtomicU32,
+    /// A sync of the data failed: nothing is mapped any more (Linux reports a writeback error once, so a later
+    /// successful sync does not prove the earlier writes).
+    sync_failed: AtomicBool,
+    /// This object, for its flush threads.
+    me: OnceLock<Weak<CachedObject>>,
     /// The chunk after the last one read, and the readahead for a reader continuing there.
     seq_next: AtomicU64,
     readahead: AtomicU64,
@@ -186,15 +271,28 @@ impl CachedObject {
             h.update(part);
         }
         let name: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        let mut reg = registry().lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache registry poisoned"))?;
-        reg.retain(|_, w| w.strong_count() > 0);
-        if let Some(o) = reg.get(&name).and_then(Weak::upgrade) {
-            return Ok(o);
+        let poisoned = || Error::new(ErrorKind::Io, "remote cache registry poisoned");
+        {
+            let mut reg = registry().lock().map_err(|_| poisoned())?;
+            reg.retain(|_, w| w.strong_count() > 0);
+            if let Some(o) = reg.get(&name).and_then(Weak::upgrade) {
+                return Ok(o);
+            }
         }
-        let cfg = config();
-        let o = Arc::new(Self::open_files(client, head, name.clone(), url, &cfg)?);
-        reg.insert(name, Arc::downgrade(&o));
-        drop(reg);
+        let cfg = config()?;
+        // The files are opened and locked without the registry held (a lock may wait for another process); a
+        // racing open of the same version in this process keeps whichever registered first.
+        let opened = Self::open_files(client, head, name.clone(), url, &cfg)?;
+        let o = {
+            let mut reg = registry().lock().map_err(|_| poisoned())?;
+            if let Some(o) = reg.get(&name).and_then(Weak::upgrade) {
+                return Ok(o);
+            }
+            let o = Arc::new(opened);
+            let _ = o.me.set(Arc::downgrade(&o));
+            reg.insert(name, Arc::downgrade(&o));
+            o
+        };
         o.evict_if_needed(true);
         Ok(o)
     }
@@ -202,28 +300,34 @@ impl CachedObject {
     fn open_files(client: Client, head: Head, name: String, url: &str, cfg: &CacheConfig) -> Result<CachedObject> {
         use std::os::unix::fs::MetadataExt;
         let dir = &cfg.dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| io(format!("cannot create the cache folder '{}'", dir.display()), e))?;
+        check_dir(dir)?;
         let path = |ext: &str| dir.join(format!("{name}.{ext}"));
         let n_chunks = head.size.div_ceil(CHUNK);
         let open = |p: &PathBuf| {
+            use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
                 .map_err(|e| io(format!("cannot open the cache file '{}'", p.display()), e))
         };
-        // The map first, locked exclusively while the files are checked; a map an evictor removed after we
-        // opened it is opened again.
+        // The map first. Alone, a process locks it exclusively while it checks (and if needed resets) the
+        // files; while others have this version open it shares their lock and takes the files as they made
+        // them. A map an evictor removed after we opened it is opened again.
         let mut attempts = 0u32;
-        let map = loop {
+        let (map, exclusive) = loop {
             let map = open(&path("map"))?;
-            flock(&map, libc::LOCK_EX).map_err(|e| io("cannot lock the cache map", e))?;
+            let exclusive = flock(&map, libc::LOCK_EX | libc::LOCK_NB).is_ok();
+            if !exclusive {
+                flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+            }
             let linked = map.metadata().map(|m| m.nlink() > 0).unwrap_or(false);
             if linked {
-                break map;
+                break (map, exclusive);
             }
             attempts = attempts.saturating_add(1);
             if attempts > 10 {
@@ -233,6 +337,12 @@ impl CachedObject {
         let data = open(&path("data"))?;
         let data_len = data.metadata().map_err(|e| io("stat of the cache data", e))?.len();
         let map_len = map.metadata().map_err(|e| io("stat of the cache map", e))?.len();
+        if (data_len != head.size || map_len != n_chunks) && !exclusive {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("the cache entry '{}' has the wrong size while another process uses it", path("map").display()),
+            ));
+        }
         if data_len != head.size || map_len != n_chunks {
             // New, or left inconsistent: start this version over (map cleared before the data is resized).
             map.set_len(0).map_err(|e| io("cannot reset the cache map", e))?;
@@ -262,7 +372,9 @@ impl CachedObject {
         }
         // Mark it used (eviction removes the least recently opened first), then share the lock.
         let _ = map.set_modified(std::time::SystemTime::now());
-        flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+        if exclusive {
+            flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+        }
         Ok(CachedObject {
             client,
             head,
@@ -274,7 +386,9 @@ impl CachedObject {
             inflight: Default::default(),
             done: Condvar::new(),
             pending: Default::default(),
-            flush_scheduled: AtomicBool::new(false),
+            flush_scheduled: AtomicU32::new(0),
+            sync_failed: AtomicBool::new(false),
+            me: OnceLock::new(),
             seq_next: AtomicU64::new(u64::MAX),
             readahead: AtomicU64::new(MIN_READAHEAD_CHUNKS),
             changed: OnceLock::new(),
@@ -372,8 +486,12 @@ impl CachedObject {
             self.readahead.store(MIN_READAHEAD_CHUNKS, Ordering::Relaxed);
             0
         };
-        // A few rounds: a chunk another reader failed to fetch is tried once more by this one.
-        for round in 0..3 {
+        let poisoned = || Error::new(ErrorKind::Io, "remote cache lock poisoned");
+        // Another reader's fetch ends within its client's timeouts and retries; this bound is only a backstop.
+        let started = std::time::Instant::now();
+        let mut last_err = None;
+        // A few rounds: a chunk another reader failed to fetch (or could not keep) is fetched by this one.
+        for round in 0..5 {
             if self.missing(first, last).all(|c| covered(c, &uncached)) {
                 return Ok(uncached);
             }
@@ -383,48 +501,56 @@ impl CachedObject {
                     return Ok(uncached);
                 }
             }
-            let (mine, theirs) = {
-                let mut fl =
-                    self.inflight.lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache lock poisoned"))?;
-                let (mut mine, mut theirs) = (Vec::new(), false);
+            let (claim, theirs) = {
+                let mut fl = self.inflight.lock().map_err(|_| poisoned())?;
+                let mut claim = Claim { object: self, chunks: Vec::new() };
+                let mut theirs = false;
                 for c in self.missing(first, last).filter(|&c| !covered(c, &uncached)) {
                     if fl.chunks.insert(c) {
-                        mine.push(c);
+                        claim.chunks.push(c);
                     } else {
                         theirs = true;
                     }
                 }
                 // Readahead: the chunks after the request, when this reader is sequential and nobody has them.
-                if !mine.is_empty() && ra > 0 {
+                if !claim.chunks.is_empty() && ra > 0 {
                     let stop = last.saturating_add(ra).min(self.n_chunks.saturating_sub(1));
                     for c in last.saturating_add(1)..=stop {
                         if self.is_present(c) || !fl.chunks.insert(c) {
                             break;
                         }
-                        mine.push(c);
+                        claim.chunks.push(c);
                     }
                 }
-                (mine, theirs)
+                (claim, theirs)
             };
-            if !mine.is_empty() {
-                let r = self.fetch(&mine);
-                if let Ok(mut fl) = self.inflight.lock() {
-                    for c in &mine {
-                        fl.chunks.remove(c);
+            if !claim.chunks.is_empty() {
+                let r = self.fetch(&claim.chunks);
+                drop(claim); // released and waiters woken, also on an error
+                match r {
+                    Ok(u) => uncached.extend(u),
+                    // A failed readahead alone does not fail the read: only the chunks it asked for matter.
+                    Err(e) => {
+                        if self.missing(first, last).any(|c| !covered(c, &uncached)) {
+                            return Err(e);
+                        }
                     }
                 }
-                self.done.notify_all();
-                uncached.extend(r?);
             }
             if theirs {
-                let mut fl =
-                    self.inflight.lock().map_err(|_| Error::new(ErrorKind::Io, "remote cache lock poisoned"))?;
+                let mut fl = self.inflight.lock().map_err(|_| poisoned())?;
                 while (first..=last).any(|c| fl.chunks.contains(&c)) {
-                    // Another reader's fetch ends (its client has timeouts); the timeout only re-checks.
-                    fl = match self.done.wait_timeout(fl, std::time::Duration::from_secs(1)) {
-                        Ok((g, _)) => g,
-                        Err(_) => return Err(Error::new(ErrorKind::Io, "remote cache lock poisoned")),
-                    };
+                    if started.elapsed() > std::time::Duration::from_secs(300) {
+                        last_err = Some(Error::new(
+                            ErrorKind::Io,
+                            format!("Could not read '{}': another read's fetch did not end", self.url()),
+                        ));
+                        break;
+                    }
+                    fl = self.done.wait_timeout(fl, std::time::Duration::from_secs(1)).map_err(|_| poisoned())?.0;
+                }
+                if let Some(e) = last_err.take() {
+                    return Err(e);
                 }
             }
         }
@@ -513,21 +639,28 @@ impl CachedObject {
     /// Writes the map bytes of fetched chunks after syncing their data, shortly, in a background thread: the
     /// fetches of a burst share one `fdatasync`.
     fn schedule_flush(&self) {
-        if self.flush_scheduled.swap(true, Ordering::AcqRel) {
+        let pid = std::process::id();
+        if self.flush_scheduled.swap(pid, Ordering::AcqRel) == pid {
             return;
         }
-        let name = self.name.clone();
+        let Some(me) = self.me.get().cloned() else {
+            self.flush_scheduled.store(0, Ordering::Release);
+            self.flush_pending();
+            return;
+        };
+        FLUSHERS.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new().name("qnbd-cache-sync".into()).spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));
-            let o = registry().lock().ok().and_then(|r| r.get(&name).and_then(Weak::upgrade));
-            if let Some(o) = o {
-                o.flush_scheduled.store(false, Ordering::Release);
+            if let Some(o) = me.upgrade() {
+                o.flush_scheduled.store(0, Ordering::Release);
                 o.flush_pending();
                 o.evict_if_needed(false);
             }
+            FLUSHERS.fetch_sub(1, Ordering::AcqRel);
         });
         if spawned.is_err() {
-            self.flush_scheduled.store(false, Ordering::Release);
+            FLUSHERS.fetch_sub(1, Ordering::AcqRel);
+            self.flush_scheduled.store(0, Ordering::Release);
             self.flush_pending();
         }
     }
@@ -538,11 +671,13 @@ impl CachedObject {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => return,
         };
-        if ranges.is_empty() {
+        if ranges.is_empty() || self.sync_failed.load(Ordering::Acquire) {
             return;
         }
         if self.data.sync_data().is_err() {
-            // Not durable: left unmapped (served from memory by this process, fetched again by the next).
+            // Not durable: left unmapped (served by this process, fetched again by the next), and nothing is
+            // mapped from now on.
+            self.sync_failed.store(true, Ordering::Release);
             return;
         }
         for (a, b) in ranges {
@@ -592,6 +727,14 @@ impl CachedObject {
             let Ok(map) = File::open(stem.with_extension("map")) else { continue };
             if flock(&map, libc::LOCK_EX | libc::LOCK_NB).is_err() {
                 continue; // open somewhere
+            }
+            // Still the file at that name (not one a racing opener replaced after we opened ours).
+            let same = match (map.metadata(), std::fs::symlink_metadata(stem.with_extension("map"))) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
             }
             // The data goes first: a map without its data is reset by the next open.
             let _ = std::fs::remove_file(stem.with_extension("data"));

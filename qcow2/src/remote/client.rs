@@ -12,24 +12,24 @@ use std::time::Duration;
 /// Requests in flight at once, per process.
 const MAX_IN_FLIGHT: usize = 16;
 
+/// The runtime's handle and the process-wide request slots.
+#[derive(Clone)]
 struct Runtime {
-    rt: tokio::runtime::Runtime,
+    handle: tokio::runtime::Handle,
     slots: Arc<tokio::sync::Semaphore>,
-    /// The process the runtime's threads run in.
-    pid: u32,
 }
 
-/// The runtime of this process. qnbd forks after opening its images (`--fork`, `-c`, the commit helper): a
-/// child has none of its parent's threads, so it makes a runtime of its own, and the parent's (with its
-/// sockets, shared with the parent through the fork) is left untouched, never dropped.
-fn runtime() -> Result<&'static Runtime> {
-    static RT: Mutex<Option<&'static Runtime>> = Mutex::new(None);
-    let pid = std::process::id();
+/// The remote runtime of this process, made on first use. [`stop_runtime`] shuts it down before a fork, so a
+/// fork never copies its threads' state half-way; the next request makes a new one (in parent and child).
+static RT: Mutex<Option<(tokio::runtime::Runtime, Runtime)>> = Mutex::new(None);
+
+/// Bumped by every [`stop_runtime`]: store clients made before belong to a runtime that is gone.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn runtime() -> Result<Runtime> {
     let mut g = RT.lock().map_err(|_| Error::new(ErrorKind::Io, "remote runtime lock poisoned"))?;
-    if let Some(r) = *g {
-        if r.pid == pid {
-            return Ok(r);
-        }
+    if let Some((_, r)) = &*g {
+        return Ok(r.clone());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -37,10 +37,18 @@ fn runtime() -> Result<&'static Runtime> {
         .enable_all()
         .build()
         .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start the remote I/O runtime: {e}")))?;
-    let r: &'static Runtime =
-        Box::leak(Box::new(Runtime { rt, slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)), pid }));
-    *g = Some(r);
+    let r = Runtime { handle: rt.handle().clone(), slots: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)) };
+    *g = Some((rt, r.clone()));
     Ok(r)
+}
+
+/// Shuts the remote runtime down (its threads joined, at most 2 s) and retires every store client made on it.
+pub(crate) fn stop_runtime() {
+    let taken = RT.lock().ok().and_then(|mut g| g.take());
+    GENERATION.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    if let Some((rt, _)) = taken {
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
 }
 
 /// Runs `fut` on the remote runtime and waits for it from this thread (any thread: a plain channel, never a
@@ -48,7 +56,7 @@ fn runtime() -> Result<&'static Runtime> {
 fn run<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send + 'static) -> Result<T> {
     let rt = runtime()?;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.rt.spawn(async move {
+    rt.handle.spawn(async move {
         let _ = tx.send(fut.await);
     });
     rx.recv().map_err(|_| Error::new(ErrorKind::Io, "remote request abandoned"))
@@ -66,8 +74,8 @@ pub(crate) struct Head {
 
 /// One object and the client that reaches it.
 pub(crate) struct Client {
-    /// The store client and the process it was made in (its connections belong to that process's runtime).
-    store: Mutex<(u32, Arc<dyn ObjectStore>)>,
+    /// The store client and the runtime generation it was made in (its connections belong to that runtime).
+    store: Mutex<(u64, Arc<dyn ObjectStore>)>,
     spec: RemoteSpec,
     loc: Location,
     path: ObjPath,
@@ -139,7 +147,7 @@ impl Client {
     pub fn new(spec: &RemoteSpec, loc: &Location) -> Result<Client> {
         let (store, path, identity) = Self::build(spec, loc)?;
         Ok(Client {
-            store: Mutex::new((std::process::id(), store)),
+            store: Mutex::new((GENERATION.load(std::sync::atomic::Ordering::Acquire), store)),
             spec: spec.clone(),
             loc: loc.clone(),
             path,
@@ -148,15 +156,13 @@ impl Client {
         })
     }
 
-    /// The store client for this process: one made before a fork is left to the parent (leaked, not dropped:
-    /// its sockets are the parent's too) and made again.
+    /// The store client for the current runtime: one made on a runtime since shut down is made again.
     fn store(&self) -> Result<Arc<dyn ObjectStore>> {
-        let pid = std::process::id();
+        let generation = GENERATION.load(std::sync::atomic::Ordering::Acquire);
         let mut g = self.store.lock().map_err(|_| Error::new(ErrorKind::Io, "remote client lock poisoned"))?;
-        if g.0 != pid {
+        if g.0 != generation {
             let (fresh, _, _) = Self::build(&self.spec, &self.loc)?;
-            let old = std::mem::replace(&mut *g, (pid, fresh));
-            std::mem::forget(old);
+            *g = (generation, fresh);
         }
         Ok(g.1.clone())
     }
@@ -262,12 +268,18 @@ impl Client {
     pub fn head(&self) -> Result<Head> {
         let (store, path, url) = (self.store()?, self.path.clone(), self.url.clone());
         super::cache::HEADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, None, e)).map(|m| {
-            match m.e_tag.filter(|e| !e.is_empty()) {
-                Some(e) => Head { size: m.size, version: e, etag: true },
-                None => Head { size: m.size, version: m.last_modified.to_rfc3339(), etag: false },
-            }
-        })
+        let m = run(async move { store.head(&path).await })?.map_err(|e| remote_err(&url, None, e))?;
+        match m.e_tag.filter(|e| !e.is_empty()) {
+            // A weak ETag (`W/"..."`) names the version, but `If-Match` never matches one.
+            Some(e) if e.starts_with("W/") => Ok(Head { size: m.size, version: e, etag: false }),
+            Some(e) => Ok(Head { size: m.size, version: e, etag: true }),
+            // object_store reads a missing Last-Modified as the epoch: nothing then tells versions apart.
+            None if m.last_modified.timestamp() == 0 => Err(Error::unsupported(
+                "the server gives neither an ETag nor a modification time, so a changed object could not be told \
+                 from the cached one",
+            )),
+            None => Ok(Head { size: m.size, version: m.last_modified.to_rfc3339(), etag: false }),
+        }
     }
 
     /// GETs the byte ranges `[start, end)` of the version `head` names, concurrently, each holding one of the
@@ -342,8 +354,8 @@ impl Client {
 }
 
 /// Uploads the local file `src` to the remote name `dst` (`s3://BUCKET/KEY`) with a multipart upload: parts of
-/// 16 MiB, at most 4 in flight (so about 80 MiB of memory whatever the image size). A failure aborts the upload,
-/// leaving no object behind.
+/// 16 MiB (more for files over 144 GiB, to stay under S3's 10,000 parts), at most 4 in flight. A failure aborts
+/// the upload, leaving no object behind.
 pub fn upload(src: &std::path::Path, dst: &RemoteSpec) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let loc = dst.location()?;
@@ -352,12 +364,14 @@ pub fn upload(src: &std::path::Path, dst: &RemoteSpec) -> Result<()> {
     }
     let client = Client::new(dst, &loc)?;
     let f = std::fs::File::open(src).map_err(|e| Error::io(format!("Could not open '{}'", src.display()), e))?;
+    let len = f.metadata().map_err(|e| Error::io(format!("stat of '{}'", src.display()), e))?.len();
     let (store, path, url, name) = (client.store()?, client.path.clone(), dst.url.clone(), src.display().to_string());
     run(async move {
         let err = |e: object_store::Error| Error::new(ErrorKind::Io, format!("Could not write '{url}': {e}"));
+        let part = usize::try_from(len.div_ceil(9000).next_multiple_of(1 << 20)).unwrap_or(usize::MAX).max(16 << 20);
         let mut f = tokio::fs::File::from_std(f);
         let mut w =
-            object_store::WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await.map_err(err)?, 16 << 20);
+            object_store::WriteMultipart::new_with_chunk_size(store.put_multipart(&path).await.map_err(err)?, part);
         let mut buf = vec![0u8; 4 << 20];
         let failed = loop {
             let n = match f.read(&mut buf).await {

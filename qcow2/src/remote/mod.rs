@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 /// Whether `name` names a remote image (`s3://`, `http://`, `https://`).
 pub fn is_remote(name: &str) -> bool {
-    ["s3://", "http://", "https://"].iter().any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p))
+    ["s3://", "http://", "https://"]
+        .iter()
+        .any(|p| name.len() > p.len() && name.get(..p.len()).is_some_and(|s| s.eq_ignore_ascii_case(p)))
 }
 
 /// Where a remote image lives and how to reach it: the parsed name plus the options given with it.
@@ -145,11 +147,20 @@ impl Storage for RemoteStorage {
     fn is_fixed_size(&self) -> bool {
         true
     }
+    fn is_remote(&self) -> bool {
+        true
+    }
 }
 
 /// Counters of this process's remote fetches (every object), for `qnbd`'s report and the tests.
 pub fn stats() -> RemoteStats {
     cache::global_stats()
+}
+
+/// Before a fork: every fetched chunk mapped, no cache thread in the middle of its work. The child makes its
+/// own runtime and clients when it reads.
+pub fn quiesce() {
+    cache::quiesce();
 }
 
 /// Sets where the cache lives and how large it may grow, for objects opened from now on.
@@ -164,6 +175,8 @@ mod tests {
     #[test]
     fn names() {
         assert!(is_remote("s3://b/k"));
+        assert!(!is_remote("données.qcow2"));
+        assert!(!is_remote("ééé"));
         assert!(is_remote("HTTPS://h/p"));
         assert!(!is_remote("s3://"));
         assert!(!is_remote("/s3://b"));

@@ -19,7 +19,9 @@ impl Ready {
         use std::io::Read;
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(format!("pipe: {e}")))?;
         let (mut rd, wr) = (std::fs::File::from(rd), std::fs::File::from(wr));
-        // SAFETY: no thread has been started yet, so the child is a faithful copy.
+        // Remote images' cache brought to rest (their runtime's idle threads are left to this parent).
+        qcow2::remote::quiesce();
+        // SAFETY: no thread of ours runs (the remote runtime's are idle), so the child is a faithful copy.
         match unsafe { nix::unistd::fork() } {
             Err(e) => Err(fail(format!("fork failed: {e}"))),
             Ok(nix::unistd::ForkResult::Child) => {
@@ -112,7 +114,10 @@ pub(crate) fn release_terminal() {
 /// `--fork` for the network server: the parent exits at once (the listeners are bound already), the child
 /// carries on in a new session. `None` in the child, `Some(code)` for the parent to exit with.
 pub(crate) fn fork_daemon() -> Option<ExitCode> {
-    // SAFETY: no threads exist yet (the runtime starts after this), so fork is safe.
+    // Remote images' cache brought to rest (their runtime's idle threads are left to this parent).
+    qcow2::remote::quiesce();
+    // SAFETY: no thread of ours runs yet (the server's runtime starts after this; the remote runtime's threads
+    // are idle), so fork is safe.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Some(fail(format!("fork failed: {e}"))),
         Ok(nix::unistd::ForkResult::Child) => {

@@ -286,13 +286,13 @@ fn main() -> ExitCode {
             return fail(e);
         }
     }
-    if let Some(dev) = &cli.connect {
-        return run_kernel(&cli, exports, dev);
-    }
-    if let Some(mp) = &cli.fuse {
-        return run_fuse(&cli, exports, mp);
-    }
-    let code = listen::serve(&cli, exports, tls, allow);
+    let code = if let Some(dev) = &cli.connect {
+        run_kernel(&cli, exports, dev)
+    } else if let Some(mp) = &cli.fuse {
+        run_fuse(&cli, exports, mp)
+    } else {
+        listen::serve(&cli, exports, tls, allow)
+    };
     report_remote();
     code
 }

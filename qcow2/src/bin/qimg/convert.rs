@@ -101,15 +101,27 @@ pub fn run(mut a: Args) -> Result<(), String> {
         return run_local(a);
     }
     if a.no_create || a.target_image_opts {
-        return Err(format!("Could not open '{output}': remote images are written whole (no -n)"));
+        return Err(format!(
+            "Could not open '{output}': a remote target is written whole: -n and --target-image-opts do not apply"
+        ));
     }
     let spec = qcow2::remote::RemoteSpec::from_url(&output);
     spec.check().map_err(|e| e.to_string())?;
     if !output.starts_with("s3://") {
         return Err(format!("Could not create '{output}': only s3:// names can be written"));
     }
-    let tmp = std::env::temp_dir().join(format!("qimg-upload-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    // A private folder (mode 0700, a name that must not exist yet) holds the staged image.
+    let stage = {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let d = std::env::temp_dir().join(format!("qimg-upload-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| format!("Could not create a staging folder '{}': {e}", d.display()))?;
+        d
+    };
+    let tmp = stage.join("image");
     let staged = tmp.to_string_lossy().into_owned();
     if let Some(last) = a.files.last_mut() {
         last.clone_from(&staged);
@@ -122,6 +134,7 @@ pub fn run(mut a: Args) -> Result<(), String> {
         qcow2::remote::upload(&tmp, &spec).map_err(|e| e.to_string())
     });
     let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&stage);
     r
 }
 

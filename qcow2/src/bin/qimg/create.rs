@@ -26,6 +26,11 @@ pub fn run(
     opts: &[String],
     quiet: bool,
 ) -> Result<(), String> {
+    if qcow2::remote::is_remote(file) {
+        return Err(format!(
+            "Could not create '{file}': remote images are read-only here; publish one with qimg convert -O FMT SRC {file}"
+        ));
+    }
     let mut o = CreateOptions::default();
     let mut prealloc = "off".to_string();
     let mut backing = backing.map(str::to_string);

@@ -155,7 +155,11 @@ pub unsafe fn install_helper() -> Result<()> {
     {
         return Err(Error::io("cannot create the commit helper's pipes", std::io::Error::last_os_error()));
     }
-    // SAFETY: the caller guarantees the process is single-threaded here, so fork is sound.
+    // Remote images opened before this have threads: their cache is brought to rest first (the child keeps
+    // no lock a thread of the parent held; it makes its own remote client if it ever needs one).
+    crate::remote::quiesce();
+    // SAFETY: the caller guarantees no other thread of this process runs code that takes locks the child
+    // needs (only the remote runtime's idle workers may exist), so fork is sound.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(Error::io("cannot fork the commit helper", std::io::Error::last_os_error()));
