@@ -27,6 +27,8 @@
 #   tls-nbdcopy1                nbdcopy -C 1 over TLS (both servers with the same x509 certificates made here
 #                               with openssl, client certificates not required; fio's nbd engine refuses the
 #                               tls-certificates URI parameter, so there is no fio case over TLS)
+#   clients1000                 1000 clients at once, each on its own connection doing 4 KiB random reads at QD1
+#                               (benches/clients.rs), both servers with -e 1000: aggregate IOPS and peak RSS
 #   overlays50                  50 overlays of one base: one qnbd with 50 exports against 50 qemu-nbd processes,
 #                               each read in turn (64 MiB sequential); total peak RSS (KiB) is the number
 #   read-qd32/uring write-alloc/uring cow/uring seq-read/uring
@@ -48,7 +50,11 @@ export PATH=/usr/bin:$PATH
 if [ -z "${QNBD:-}" ]; then
   cargo build --release -q -p nbd-server
 fi
+cargo build --release -q -p qnbd-benches --bin nbd-clients
+clients_bin=$PWD/target/release/nbd-clients
 qnbd=${QNBD:-$PWD/target/release/qnbd}
+# 1000 clients need more than the usual 1024 descriptors, for the servers and the client.
+ulimit -n 8192 2>/dev/null || true
 dir=$(mktemp -d /var/tmp/qnbd-bench.XXXXXX)
 trap 'pkill -f "$dir" 2>/dev/null || true; sleep 0.2; rm -rf "$dir"' EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
@@ -113,23 +119,23 @@ fio_args() {
   esac
 }
 
-start() { # server image sock [uring] -> pid
-  local server=$1 img=$2 sock=$3 uring=${4:-} fmt=qcow2
+start() { # server image sock [uring] -> pid   ($clients: the -e limit, default 8)
+  local server=$1 img=$2 sock=$3 uring=${4:-} fmt=qcow2 e=${clients:-8}
   case $img in *.raw) fmt=raw ;; esac
   rm -f "$sock"
   local direct=()
   [ "$uring" = direct ] && direct=(--cache=none)
   [ "$uring" = tls ] && direct=(--object "tls-creds-x509,id=tls0,dir=$dir/pki/server,endpoint=server,verify-peer=off" --tls-creds tls0)
   if [ "$server" = qnbd ]; then
-    "$qnbd" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$qnbd" -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ "$server" = before ]; then
-    "$QNBD_BEFORE" -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$QNBD_BEFORE" -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ "$uring" = tls ]; then
-    qemu-nbd -t -e 8 -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
   elif [ -n "$uring" ]; then
-    qemu-nbd -t -e 8 -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
   else
-    qemu-nbd -t -e 8 -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
   fi
   local pid=$!
   for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
@@ -146,7 +152,8 @@ stop() { # pid sock: stop the server and wait until it (and qnbd's commit helper
 }
 
 run_one() { # server case -> "value rss_kib"
-  local server=$1 case=$2 sock="$dir/s.sock" img pid val uring=
+  local server=$1 case=$2 sock="$dir/s.sock" img pid val uring= clients=8
+  [ "$case" = clients1000 ] && clients=1000
   local uri
   case $case in */uring) uring=1 ;; */direct) uring=direct ;; tls-*) uring=tls ;; esac
   uri="nbd+unix:///?socket=$sock"
@@ -154,6 +161,8 @@ run_one() { # server case -> "value rss_kib"
   img=$(prep "$case")
   pid=$(start "$server" "$img" "$sock" $uring)
   case ${case%%/*} in
+    clients1000)
+      val=$("$clients_bin" "$sock" 1000 "$secs") ;;
     nbdcopy* | raw-nbdcopy* | tls-nbdcopy*)
       local n=${case##*nbdcopy} t0 t1
       t0=$(date +%s.%N)
@@ -185,7 +194,7 @@ overlays50() { # server -> "total_peak_rss_kib seconds"
     for i in $(seq 50); do args+=(-x "ov$i"); done
     for i in $(seq 50); do args+=("$dir/ov$i.qcow2"); done
     rm -f "$dir/o.sock"
-    "$qnbd" -t -e 8 -f qcow2 -k "$dir/o.sock" "${args[@]}" >/dev/null 2>&1 & pids=($!)
+    "$qnbd" -t -e "$e" -f qcow2 -k "$dir/o.sock" "${args[@]}" >/dev/null 2>&1 & pids=($!)
     for _ in $(seq 250); do [ -S "$dir/o.sock" ] && break; sleep 0.02; done
     for i in $(seq 50); do
       fio --name=b --ioengine=nbd --uri="nbd+unix:///ov$i?socket=$dir/o.sock" --rw=read --bs=1M --size=64M \

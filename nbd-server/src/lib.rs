@@ -16,3 +16,6 @@ pub mod server;
 pub mod tls;
 pub mod transmission;
 pub mod window;
+
+/// Threads a server runs blocking requests on at most (qemu's thread pool has 64).
+pub const BLOCKING_THREADS: usize = 64;

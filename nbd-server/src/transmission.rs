@@ -298,7 +298,18 @@ where
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
         let r = async {
             while let Some((o, permits)) = rx.recv().await {
-                send(&wconn, &mut w, splice.as_ref(), o).await?;
+                match o {
+                    // A lone reply in one buffer (a client at queue depth 1): written as it is, without a copy
+                    // into the write buffer, whose pages then stay untouched (a thousand idle-ish clients cost
+                    // a thousand times less memory).
+                    Out::Bytes(b) if rx.is_empty() && w.buffer().is_empty() => {
+                        w.get_mut().write_all(&b).await?;
+                        wconn.pool.put(b);
+                        drop(permits);
+                        continue;
+                    }
+                    o => send(&wconn, &mut w, splice.as_ref(), o).await?,
+                }
                 drop(permits);
                 while let Ok((o, permits)) = rx.try_recv() {
                     send(&wconn, &mut w, splice.as_ref(), o).await?;

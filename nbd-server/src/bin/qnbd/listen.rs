@@ -125,7 +125,14 @@ pub(crate) fn serve(
     if let Err(e) = crate::daemon::write_pid_file(cli) {
         return fail(e);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The blocking pool runs the requests that may wait (slow or O_DIRECT I/O, remote images, flushes): at
+    // most BLOCKING_THREADS of them at once, as qemu's thread pool (64), so a thousand clients do not make a
+    // thousand threads; more requests wait in the pool's queue.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(nbd_server::BLOCKING_THREADS)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
