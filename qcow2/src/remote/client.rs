@@ -225,7 +225,9 @@ impl Client {
                     (Some(_), None) | (None, Some(_)) => {
                         return Err(Error::new(
                             ErrorKind::InvalidArgument,
-                            format!("'{}': an S3 access key id needs its secret access key, and back", spec.url),
+                            "an S3 access key id and its secret access key must be given together \
+                             (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or access-key-id and secret-access-key)"
+                                .to_string(),
                         ));
                     }
                     (None, None) => match (file("aws_access_key_id"), file("aws_secret_access_key")) {
