@@ -161,8 +161,9 @@ fn check_dir(dir: &std::path::Path) -> Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| io(format!("cannot create the cache folder '{shown}'"), e))?;
-    let m = std::fs::symlink_metadata(dir).map_err(|e| io(format!("cannot stat the cache folder '{shown}'"), e))?;
+        .map_err(|e| Error::io(format!("cannot create the cache folder '{shown}'"), e))?;
+    let m =
+        std::fs::symlink_metadata(dir).map_err(|e| Error::io(format!("cannot stat the cache folder '{shown}'"), e))?;
     if !m.is_dir() {
         return Err(Error::invalid(format!("the cache folder '{shown}' is not a folder (a symbolic link is refused)")));
     }
@@ -176,10 +177,6 @@ fn check_dir(dir: &std::path::Path) -> Result<()> {
 fn registry() -> &'static Mutex<HashMap<String, Weak<CachedObject>>> {
     static R: OnceLock<Mutex<HashMap<String, Weak<CachedObject>>>> = OnceLock::new();
     R.get_or_init(Default::default)
-}
-
-fn io(what: impl Into<String>, e: std::io::Error) -> Error {
-    Error::io(what, e)
 }
 
 fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -196,12 +193,6 @@ fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-/// The chunks some reader is fetching.
-#[derive(Default)]
-struct InFlight {
-    chunks: HashSet<u64>,
-}
-
 /// Chunks this reader claimed: released, and the waiting readers woken, when it is dropped (also on an error
 /// or a panic).
 struct Claim<'a> {
@@ -216,7 +207,7 @@ impl Drop for Claim<'_> {
             Err(p) => p.into_inner(),
         };
         for c in &self.chunks {
-            fl.chunks.remove(c);
+            fl.remove(c);
         }
         drop(fl);
         self.object.done.notify_all();
@@ -227,14 +218,14 @@ impl Drop for Claim<'_> {
 pub(crate) struct CachedObject {
     client: Client,
     head: Head,
-    name: String,
     data: File,
     /// Holds a shared `flock` while open (eviction takes an exclusive one).
     map: File,
     n_chunks: u64,
     /// Chunks present in `data` (fetched by this process, or mapped by any).
     present: Vec<AtomicU64>,
-    inflight: Mutex<InFlight>,
+    /// The chunks some reader is fetching.
+    inflight: Mutex<HashSet<u64>>,
     done: Condvar,
     /// Chunk ranges fetched and not yet in the map: written there after a sync of `data`.
     pending: Mutex<Vec<(u64, u64)>>,
@@ -282,7 +273,7 @@ impl CachedObject {
         let cfg = config()?;
         // The files are opened and locked without the registry held (a lock may wait for another process); a
         // racing open of the same version in this process keeps whichever registered first.
-        let opened = Self::open_files(client, head, name.clone(), url, &cfg)?;
+        let opened = Self::open_files(client, head, &name, url, &cfg)?;
         let o = {
             let mut reg = registry().lock().map_err(|_| poisoned())?;
             if let Some(o) = reg.get(&name).and_then(Weak::upgrade) {
@@ -297,7 +288,7 @@ impl CachedObject {
         Ok(o)
     }
 
-    fn open_files(client: Client, head: Head, name: String, url: &str, cfg: &CacheConfig) -> Result<CachedObject> {
+    fn open_files(client: Client, head: Head, name: &str, url: &str, cfg: &CacheConfig) -> Result<CachedObject> {
         use std::os::unix::fs::MetadataExt;
         let dir = &cfg.dir;
         check_dir(dir)?;
@@ -313,7 +304,7 @@ impl CachedObject {
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
-                .map_err(|e| io(format!("cannot open the cache file '{}'", p.display()), e))
+                .map_err(|e| Error::io(format!("cannot open the cache file '{}'", p.display()), e))
         };
         // The map first. Alone, a process locks it exclusively while it checks (and if needed resets) the
         // files; while others have this version open it shares their lock and takes the files as they made
@@ -323,7 +314,7 @@ impl CachedObject {
             let map = open(&path("map"))?;
             let exclusive = flock(&map, libc::LOCK_EX | libc::LOCK_NB).is_ok();
             if !exclusive {
-                flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+                flock(&map, libc::LOCK_SH).map_err(|e| Error::io("cannot lock the cache map", e))?;
             }
             let linked = map.metadata().map(|m| m.nlink() > 0).unwrap_or(false);
             if linked {
@@ -335,8 +326,8 @@ impl CachedObject {
             }
         };
         let data = open(&path("data"))?;
-        let data_len = data.metadata().map_err(|e| io("stat of the cache data", e))?.len();
-        let map_len = map.metadata().map_err(|e| io("stat of the cache map", e))?.len();
+        let data_len = data.metadata().map_err(|e| Error::io("stat of the cache data", e))?.len();
+        let map_len = map.metadata().map_err(|e| Error::io("stat of the cache map", e))?.len();
         if (data_len != head.size || map_len != n_chunks) && !exclusive {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -345,11 +336,11 @@ impl CachedObject {
         }
         if data_len != head.size || map_len != n_chunks {
             // New, or left inconsistent: start this version over (map cleared before the data is resized).
-            map.set_len(0).map_err(|e| io("cannot reset the cache map", e))?;
-            map.sync_all().map_err(|e| io("cannot sync the cache map", e))?;
-            data.set_len(0).map_err(|e| io("cannot reset the cache data", e))?;
-            data.set_len(head.size).map_err(|e| io("cannot size the cache data", e))?;
-            map.set_len(n_chunks).map_err(|e| io("cannot size the cache map", e))?;
+            map.set_len(0).map_err(|e| Error::io("cannot reset the cache map", e))?;
+            map.sync_all().map_err(|e| Error::io("cannot sync the cache map", e))?;
+            data.set_len(0).map_err(|e| Error::io("cannot reset the cache data", e))?;
+            data.set_len(head.size).map_err(|e| Error::io("cannot size the cache data", e))?;
+            map.set_len(n_chunks).map_err(|e| Error::io("cannot size the cache map", e))?;
             let info = format!("{url}\nversion {}\nsize {}\n", head.version, head.size);
             let _ = std::fs::write(path("info"), info);
         }
@@ -362,7 +353,7 @@ impl CachedObject {
         while at < n_chunks {
             let n = usize::try_from((n_chunks.saturating_sub(at)).min(buf.len() as u64)).unwrap_or(buf.len());
             let b = &mut buf[..n];
-            map.read_exact_at(b, at).map_err(|e| io("cannot read the cache map", e))?;
+            map.read_exact_at(b, at).map_err(|e| Error::io("cannot read the cache map", e))?;
             for (i, &v) in b.iter().enumerate() {
                 if v == 1 {
                     set_bit(&present, at.saturating_add(i as u64));
@@ -373,12 +364,11 @@ impl CachedObject {
         // Mark it used (eviction removes the least recently opened first), then share the lock.
         let _ = map.set_modified(std::time::SystemTime::now());
         if exclusive {
-            flock(&map, libc::LOCK_SH).map_err(|e| io("cannot lock the cache map", e))?;
+            flock(&map, libc::LOCK_SH).map_err(|e| Error::io("cannot lock the cache map", e))?;
         }
         Ok(CachedObject {
             client,
             head,
-            name,
             data,
             map,
             n_chunks,
@@ -405,15 +395,6 @@ impl CachedObject {
 
     pub fn size(&self) -> u64 {
         self.head.size
-    }
-
-    /// Identity for loop detection and sharing: a device number no file has, and the name's first bytes.
-    pub fn identity(&self) -> (u64, u64) {
-        let mut b = [0u8; 8];
-        for (d, s) in b.iter_mut().zip(self.name.as_bytes().chunks(2)) {
-            *d = std::str::from_utf8(s).ok().and_then(|x| u8::from_str_radix(x, 16).ok()).unwrap_or(0);
-        }
-        (u64::MAX, u64::from_le_bytes(b))
     }
 
     fn is_present(&self, chunk: u64) -> bool {
@@ -444,7 +425,7 @@ impl CachedObject {
         let (have, past) = buf.split_at_mut(n);
         self.data
             .read_exact_at(have, offset)
-            .map_err(|e| io(format!("cannot read the cache of '{}'", self.url()), e))?;
+            .map_err(|e| Error::io(format!("cannot read the cache of '{}'", self.url()), e))?;
         // Ranges the cache could not keep (its disk full) come from the fetched bytes.
         for (start, bytes) in uncached {
             let from = start.max(offset);
@@ -506,7 +487,7 @@ impl CachedObject {
                 let mut claim = Claim { object: self, chunks: Vec::new() };
                 let mut theirs = false;
                 for c in self.missing(first, last).filter(|&c| !covered(c, &uncached)) {
-                    if fl.chunks.insert(c) {
+                    if fl.insert(c) {
                         claim.chunks.push(c);
                     } else {
                         theirs = true;
@@ -516,7 +497,7 @@ impl CachedObject {
                 if !claim.chunks.is_empty() && ra > 0 {
                     let stop = last.saturating_add(ra).min(self.n_chunks.saturating_sub(1));
                     for c in last.saturating_add(1)..=stop {
-                        if self.is_present(c) || !fl.chunks.insert(c) {
+                        if self.is_present(c) || !fl.insert(c) {
                             break;
                         }
                         claim.chunks.push(c);
@@ -539,7 +520,7 @@ impl CachedObject {
             }
             if theirs {
                 let mut fl = self.inflight.lock().map_err(|_| poisoned())?;
-                while (first..=last).any(|c| fl.chunks.contains(&c)) {
+                while (first..=last).any(|c| fl.contains(&c)) {
                     if started.elapsed() > std::time::Duration::from_secs(300) {
                         last_err = Some(Error::new(
                             ErrorKind::Io,
@@ -567,7 +548,7 @@ impl CachedObject {
     fn load_map(&self, first: u64, last: u64) -> Result<()> {
         let n = usize::try_from(last.saturating_sub(first).saturating_add(1)).unwrap_or(0);
         let mut b = vec![0u8; n];
-        self.map.read_exact_at(&mut b, first).map_err(|e| io("cannot read the cache map", e))?;
+        self.map.read_exact_at(&mut b, first).map_err(|e| Error::io("cannot read the cache map", e))?;
         for (i, &v) in b.iter().enumerate() {
             if v == 1 {
                 set_bit(&self.present, first.saturating_add(i as u64));
@@ -578,7 +559,7 @@ impl CachedObject {
 
     /// Fetches the chunks `mine` (claimed by this thread): one GET per run of adjacent chunks. Runs the cache
     /// cannot keep (a write to its disk failed: full) are returned, to be served from memory this once.
-    fn fetch(self: &CachedObject, mine: &[u64]) -> Result<Vec<(u64, bytes::Bytes)>> {
+    fn fetch(&self, mine: &[u64]) -> Result<Vec<(u64, bytes::Bytes)>> {
         let mut sorted = mine.to_vec();
         sorted.sort_unstable();
         let mut runs: Vec<(u64, u64)> = Vec::new(); // chunk ranges [a, b)
@@ -593,6 +574,7 @@ impl CachedObject {
         let results = self.client.get_many(&bytes, &self.head)?;
         let mut first_err = None;
         let mut uncached = Vec::new();
+        let mut fetched = false;
         for ((r, &(start, _)), &(a, b)) in results.into_iter().zip(&bytes).zip(&runs) {
             GETS.fetch_add(1, Ordering::Relaxed);
             match r {
@@ -616,6 +598,7 @@ impl CachedObject {
                     }
                     if let Ok(mut p) = self.pending.lock() {
                         p.push((a, b));
+                        fetched = true;
                     }
                 }
                 Err((e, changed)) => {
@@ -629,7 +612,9 @@ impl CachedObject {
                 }
             }
         }
-        self.schedule_flush();
+        if fetched {
+            self.schedule_flush();
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(uncached),

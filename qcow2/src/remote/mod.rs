@@ -114,11 +114,6 @@ impl RemoteStorage {
             .map_err(|e| e.context(format!("Could not open '{}'", spec.url)))?;
         Ok(RemoteStorage { object })
     }
-
-    /// A stable identity for loop detection and sharing (in place of a device and inode).
-    pub fn identity(&self) -> (u64, u64) {
-        self.object.identity()
-    }
 }
 
 fn read_only(what: &str) -> Error {
