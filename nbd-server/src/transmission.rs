@@ -304,6 +304,8 @@ where
                     // a thousand times less memory).
                     Out::Bytes(b) if rx.is_empty() && w.buffer().is_empty() => {
                         w.get_mut().write_all(&b).await?;
+                        // Through the layer under the buffer too (TLS keeps records until flushed).
+                        w.flush().await?;
                         wconn.pool.put(b);
                         drop(permits);
                         continue;
