@@ -3,7 +3,7 @@
 # driven by the same clients (fio's nbd engine; nbdcopy for the streaming cases). Prints one table: IOPS or MiB/s
 # for each server, the ratio qnbd / qemu-nbd, and each server's peak RSS.
 #
-# Usage: benches/side-by-side.sh [SECONDS_PER_RUN=5] [REPEATS=1] [CASES...]
+# Usage: benches/side-by-side.sh [SECONDS_PER_RUN=5] [REPEATS=1] [CASES...]   (each number: the median of REPEATS runs)
 # qemu-nbd runs with its defaults; cases ending in "/uring" run it with --cache=none --aio=io_uring instead
 # (qnbd stays on the page cache there); cases ending in "/direct" run both without the page cache.
 # Cases (default: all):
@@ -23,7 +23,7 @@
 #   seq-read seq-write          1 MiB sequential read / write, QD4
 #   raw-seq-read                the same sequential read of the raw base served by qnbd (the qcow2 ceiling)
 #   nbdcopy1 nbdcopy4           nbdcopy of the whole 1 GiB qcow2 to null: with 1 and 4 connections (multi-conn)
-#   raw-nbdcopy4                nbdcopy of the raw base through qnbd (the ceiling for nbdcopy4)
+#   raw-nbdcopy1 raw-nbdcopy4   nbdcopy of the raw base through qnbd (the ceilings for nbdcopy1 and nbdcopy4)
 #   tls-nbdcopy1                nbdcopy -C 1 over TLS (both servers with the same x509 certificates made here
 #                               with openssl, client certificates not required; fio's nbd engine refuses the
 #                               tls-certificates URI parameter, so there is no fio case over TLS)
@@ -227,6 +227,10 @@ unit() {
   esac
 }
 
+median() { # values -> the median (of an even count, the lower middle one)
+  printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"
+}
+
 echo "# $(uname -r), $(nproc) cores, $(qemu-nbd --version | head -1), qnbd ${QNBD:-$(git rev-parse --short HEAD 2>/dev/null)}${QNBD_BEFORE:+, before: $QNBD_BEFORE}"
 extra() { # before-value after-value -> the extra columns when QNBD_BEFORE is set
   [ -n "${QNBD_BEFORE:-}" ] || return 0
@@ -261,16 +265,16 @@ for case in "${cases[@]}"; do
     done
     order=("${order[@]:1}" "${order[0]}")
   done
-  q=$(printf '%s\n' "${qs[@]}" | sort -n | tail -1)
+  q=$(median "${qs[@]}")
   bq=-
-  [ ${#bs[@]} -eq 0 ] || bq=$(printf '%s\n' "${bs[@]}" | sort -n | tail -1)
+  [ ${#bs[@]} -eq 0 ] || bq=$(median "${bs[@]}")
   if [ "$server_b" = skip ]; then
     printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" - - "$qr" -
     extra "$bq" "$q"
     echo
     continue
   fi
-  m=$(printf '%s\n' "${ms[@]}" | sort -n | tail -1)
+  m=$(median "${ms[@]}")
   printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" "$m" \
     "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')" "$qr" "$mr"
   extra "$bq" "$q"

@@ -205,6 +205,7 @@ impl Server {
             let r: std::io::Result<()> = match &l {
                 Listener::Unix(u, _) => match u.accept().await {
                     Ok((s, _)) => {
+                        grow_send_buffer(&s);
                         let fd = s.as_fd().try_clone_to_owned().ok();
                         self.clone().spawn_client(s, fd, slot.take());
                         Ok(())
@@ -274,6 +275,29 @@ impl Server {
                 tracing::debug!("connection ended: {e}");
             }
         });
+    }
+}
+
+/// Send buffer asked for on unix sockets: room for several 256 KiB read replies (the request size of `nbdcopy`
+/// and qemu's mirror jobs) at once. Linux's default (about 208 KiB, doubled for overhead) holds less than one such
+/// reply, so the writer and the client took turns at every reply: `nbdcopy -C 1` of a 1 GiB qcow2 took 0.36 s
+/// with the default and 0.19 s with this on the development machine. It is a limit, not an allocation: an idle
+/// connection costs nothing more. TCP sockets keep the kernel's autotuning, which setting a size would turn off.
+const UNIX_SEND_BUFFER: usize = 1 << 20;
+
+/// Raises a unix socket's send buffer to [`UNIX_SEND_BUFFER`]; past `net.core.wmem_max` only with
+/// `CAP_NET_ADMIN` (SO_SNDBUFFORCE). Failing changes nothing but speed, so it is not reported.
+pub fn grow_send_buffer<F: AsFd>(s: &F) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let fd = s.as_fd();
+    // The kernel doubles what it is given (bookkeeping overhead) and reports the doubled value.
+    let enough = |fd| getsockopt(&fd, sockopt::SndBuf).is_ok_and(|v| v >= UNIX_SEND_BUFFER);
+    if enough(fd) {
+        return;
+    }
+    let _ = setsockopt(&fd, sockopt::SndBuf, &UNIX_SEND_BUFFER);
+    if !enough(fd) {
+        let _ = setsockopt(&fd, sockopt::SndBufForce, &UNIX_SEND_BUFFER);
     }
 }
 

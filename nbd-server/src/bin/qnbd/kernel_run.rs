@@ -62,6 +62,7 @@ pub(crate) fn run_kernel(cli: &Cli, exports: Exports, dev_path: &str) -> ExitCod
                 Ok(p) => p,
                 Err(e) => return ready.fail(format!("socketpair: {e}")),
             };
+            nbd_server::server::grow_send_buffer(&s);
             let fd = s.as_fd().try_clone_to_owned().ok();
             tasks.push(rt.spawn(nbd_server::server::serve_kernel(s, export.clone(), fd)));
             kernel_ends.push(k);
