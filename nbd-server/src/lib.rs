@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod fuse;
 pub mod kernel;
+mod lent;
 pub mod list;
 pub mod negotiate;
 pub mod overlay;

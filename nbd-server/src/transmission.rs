@@ -15,6 +15,7 @@
 //! buffered.
 
 use crate::export::{DetectZeroes, Export};
+use crate::lent::{LentReader, LentWriter, Shelf, REPLY_SHELF};
 use crate::negotiate::{Context, Transmit};
 use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
@@ -106,7 +107,8 @@ struct Conn {
     export: Arc<Export>,
     style: Style,
     contexts: Vec<Context>,
-    pool: Pool,
+    /// Reply and payload buffers (shared by every connection).
+    pool: &'static Shelf,
     /// Requests still to send to the blocking pool after some were slow (the image is not in the page cache).
     offload: AtomicU32,
     /// Slow requests in a row.
@@ -222,42 +224,6 @@ impl Splice {
     }
 }
 
-/// Buffers kept for reuse per connection.
-const POOL_BUFFERS: usize = 16;
-/// Largest buffer kept for reuse.
-const POOL_MAX_BUFFER: usize = 2 << 20;
-
-/// Reply and payload buffers of one connection, reused: a read fills a buffer that is neither zeroed again nor
-/// freshly mapped by the allocator (page faults and memset were a fifth of the time of a streaming read).
-struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
-
-impl Pool {
-    fn take(&self) -> Vec<u8> {
-        self.0.lock().ok().and_then(|mut p| p.pop()).unwrap_or_default()
-    }
-
-    /// A buffer of exactly `n` bytes whose contents the caller overwrites.
-    fn sized(&self, n: usize) -> Vec<u8> {
-        let mut v = self.take();
-        if v.len() < n {
-            v.resize(n, 0);
-        } else {
-            v.truncate(n);
-        }
-        v
-    }
-
-    fn put(&self, v: Vec<u8>) {
-        if (4096..=POOL_MAX_BUFFER).contains(&v.capacity()) {
-            if let Ok(mut p) = self.0.lock() {
-                if p.len() < POOL_BUFFERS {
-                    p.push(v);
-                }
-            }
-        }
-    }
-}
-
 /// Serves the transmission phase on `rd` / `wr` until DISC, EOF or a protocol violation.
 pub async fn run<R, W>(rd: R, wr: W, t: Transmit, export: Arc<Export>) -> std::io::Result<()>
 where
@@ -279,7 +245,7 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
+    let mut rd = LentReader::new(rd);
     // O_DIRECT or a remote base: every request on the blocking pool (see `Conn::offloading`).
     let direct = export.device.slow_io();
     let conn = Arc::new(Conn {
@@ -287,7 +253,7 @@ where
         export,
         style: t.style,
         contexts: t.contexts,
-        pool: Pool(Default::default()),
+        pool: &REPLY_SHELF,
         offload: AtomicU32::new(0),
         slow: AtomicU32::new(0),
         splice: splice.is_some(),
@@ -295,7 +261,7 @@ where
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
-        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+        let mut w = LentWriter::new(wr);
         let r = async {
             while let Some((o, permits)) = rx.recv().await {
                 match o {
@@ -455,7 +421,7 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// Writes one reply: spliced parts go out with `sendfile` after everything buffered before them.
 async fn send<W: AsyncWrite + Unpin>(
     c: &Conn,
-    w: &mut tokio::io::BufWriter<W>,
+    w: &mut LentWriter<W>,
     splice: Option<&Splice>,
     o: Out,
 ) -> std::io::Result<()> {
