@@ -13,6 +13,7 @@ pub mod list;
 pub mod negotiate;
 pub mod overlay;
 pub mod proto;
+mod queue;
 pub mod server;
 pub mod tls;
 pub mod transmission;

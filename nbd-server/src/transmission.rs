@@ -20,6 +20,7 @@ use crate::negotiate::{Context, Transmit};
 use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
 use crate::proto::*;
+use crate::queue::{queue, Sender};
 use qcow2::util::is_zero;
 use qcow2::{ErrorKind, Source, SpliceFile};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Most requests of one connection in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -150,8 +151,9 @@ impl Conn {
 type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
 
 /// A reply on its way to the writing task, with the budget it holds (released once it is written: a client
-/// that does not read its replies cannot make the server hold more than the budget).
-type Queued = (Out, Option<Permits>);
+/// that does not read its replies cannot make the server hold more than the budget, and the queue of replies
+/// holds at most [`MAX_IN_FLIGHT`]).
+type Queued = (Out, Permits);
 
 /// A reply on its way to the writing task.
 enum Out {
@@ -258,7 +260,7 @@ where
         slow: AtomicU32::new(0),
         splice: splice.is_some(),
     });
-    let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
+    let (tx, mut rx) = queue::<Queued>();
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
         let mut w = LentWriter::new(wr);
@@ -279,7 +281,7 @@ where
                     o => send(&wconn, &mut w, splice.as_ref(), o).await?,
                 }
                 drop(permits);
-                while let Ok((o, permits)) = rx.try_recv() {
+                while let Some((o, permits)) = rx.try_recv() {
                     send(&wconn, &mut w, splice.as_ref(), o).await?;
                     drop(permits);
                 }
@@ -355,15 +357,18 @@ where
         if req.flags & !allowed_flags(req.kind, conn.style) != 0 && early.is_none() {
             early = Some((NBD_EINVAL, "unsupported flags for this command"));
         }
+        let Ok(slot) = inflight.clone().acquire_owned().await else {
+            break Ok(());
+        };
         if let Some((e, msg)) = early {
-            if tx.send((Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg)), None)).await.is_err() {
+            let Ok(mem) = memory.clone().acquire_many_owned(0).await else {
+                break Ok(());
+            };
+            if tx.send((Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg)), (mem, slot))).is_err() {
                 break Ok(());
             }
             continue;
         }
-        let Ok(slot) = inflight.clone().acquire_owned().await else {
-            break Ok(());
-        };
         let reply_bytes = if req.kind == NBD_CMD_READ { req.length.min(MAX_PAYLOAD) as usize } else { 0 };
         let units = (reply_bytes + payload.len()).div_ceil(1024) as u32;
         let Ok(mem) = memory.clone().acquire_many_owned(units).await else {
@@ -399,7 +404,7 @@ where
         };
         if let Some((out, permits)) = out {
             // Answered here: the reply goes out in order with the others.
-            if tx.send((out, Some(permits))).await.is_err() {
+            if tx.send((out, permits)).is_err() {
                 break Ok(());
             }
         }
@@ -533,13 +538,13 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
 
 /// Runs one request and returns its whole reply; the payload buffer goes back to the pool.
 /// Runs a request on the blocking pool; its reply goes to the writer when done.
-fn offload(conn: &Arc<Conn>, tx: &mpsc::Sender<Queued>, req: Request, payload: Vec<u8>, permits: Permits) {
+fn offload(conn: &Arc<Conn>, tx: &Sender<Queued>, req: Request, payload: Vec<u8>, permits: Permits) {
     let conn = conn.clone();
     let tx = tx.clone();
     tokio::spawn(async move {
         let r = tokio::task::spawn_blocking(move || handle(&conn, req, payload)).await;
         if let Ok(bytes) = r {
-            let _ = tx.send((Out::Bytes(bytes), Some(permits))).await;
+            let _ = tx.send((Out::Bytes(bytes), permits));
         }
     });
 }
