@@ -30,7 +30,8 @@ pub struct Receiver<T>(Arc<Shared<T>>);
 /// queue is empty.
 pub fn queue<T>() -> (Sender<T>, Receiver<T>) {
     let s = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), senders: 1, receiver_gone: false }),
+        // Room for one: a client at queue depth 1 never needs more (the deque grows for deeper queues).
+        state: Mutex::new(State { items: VecDeque::with_capacity(1), senders: 1, receiver_gone: false }),
         ready: Notify::new(),
     });
     (Sender(s.clone()), Receiver(s))

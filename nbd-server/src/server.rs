@@ -70,7 +70,12 @@ impl Server {
 
     /// Runs the whole connection: handshake (with STARTTLS when configured), then transmission. `splice` is a
     /// duplicate of the stream's socket, for sending large reads with `sendfile` when no TLS is in the way.
-    pub async fn serve_connection<S>(self: &Arc<Self>, mut stream: S, splice: Option<OwnedFd>) -> std::io::Result<()>
+    pub async fn serve_connection<S>(
+        self: &Arc<Self>,
+        mut stream: S,
+        splice: Option<OwnedFd>,
+        held: Held,
+    ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -89,13 +94,13 @@ impl Server {
             Err(_) => return timed_out(),
         };
         match tokio::time::timeout_at(deadline, negotiate(&mut stream, neg, exports)).await {
-            Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t, splice).await,
+            Ok(Ok(Ended::Transmit(t))) => self.transmit(stream, t, splice, held).await,
             Ok(Ok(Ended::Closed)) => Ok(()),
             // Boxed: the TLS state would otherwise make every plain connection's task as large as a TLS one's
             // (5 KiB against 2.5 KiB).
             Ok(Ok(Ended::StartTls(neg))) => {
                 drop(splice);
-                Box::pin(self.serve_tls(stream, neg, deadline)).await
+                Box::pin(self.serve_tls(stream, neg, deadline, held)).await
             }
             Ok(Err(e)) => Err(e),
             Err(_) => timed_out(),
@@ -108,6 +113,7 @@ impl Server {
         stream: S,
         mut neg: Negotiation,
         deadline: tokio::time::Instant,
+        held: Held,
     ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -140,18 +146,22 @@ impl Server {
         }
         neg.tls_started();
         match tokio::time::timeout_at(deadline, negotiate(&mut s, neg, &self.config.exports)).await {
-            Ok(Ok(Ended::Transmit(t))) => self.transmit(s, t, None).await,
+            Ok(Ok(Ended::Transmit(t))) => self.transmit(s, t, None, held).await,
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => timed_out(),
         }
     }
 
+    /// Starts the transmission phase as a task of its own, which holds `held` until the connection ends. (The
+    /// handshake's task ends here: its state, larger than the transmission's, is not kept for the whole
+    /// connection.)
     async fn transmit<S>(
         self: &Arc<Self>,
         stream: S,
-        t: crate::negotiate::Transmit,
+        t: Box<crate::negotiate::Transmit>,
         splice: Option<OwnedFd>,
+        held: Held,
     ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -169,7 +179,14 @@ impl Server {
             }
         }
         let (rd, wr) = tokio::io::split(stream);
-        transmission::run_spliced(rd, wr, t, export, splice.and_then(transmission::Splice::new)).await
+        let run = transmission::run_spliced(rd, wr, *t, export, splice.and_then(transmission::Splice::new));
+        tokio::spawn(async move {
+            let _held = held;
+            if let Err(e) = run.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+        Ok(())
     }
 
     /// Accepts clients on every listener until shutdown (or, unless persistent, until the last client leaves).
@@ -277,23 +294,31 @@ impl Server {
             return;
         }
         self.served.fetch_add(1, Ordering::SeqCst);
-        /// Gives the connection's slot back however the connection ends (even by a panic).
-        struct Slot(Arc<Server>);
-        impl Drop for Slot {
-            fn drop(&mut self) {
-                self.0.active.fetch_sub(1, Ordering::SeqCst);
-                self.0.idle.notify_one();
-            }
-        }
+        let held = Held { _slot: Slot(self.clone()), _permit: permit };
         tokio::spawn(async move {
-            // The waiting slot is given back after the count above (drop order: `slot` first).
-            let _permit = permit;
-            let slot = Slot(self);
-            if let Err(e) = slot.0.serve_connection(s, splice).await {
+            if let Err(e) = self.serve_connection(s, splice, held).await {
                 tracing::debug!("connection ended: {e}");
             }
         });
     }
+}
+
+/// Gives the connection's slot back however the connection ends (even by a panic).
+struct Slot(Arc<Server>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_one();
+    }
+}
+
+/// What a connection holds of its server until it ends: its place in the count of clients and, with `-e`, its
+/// slot.
+pub struct Held {
+    // Dropped in this order: the count first, then the slot.
+    _slot: Slot,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Send buffer asked for on unix sockets: room for several 256 KiB read replies (the request size of `nbdcopy`
@@ -342,7 +367,7 @@ where
 /// How option haggling ended.
 pub enum Ended {
     /// Enter transmission.
-    Transmit(crate::negotiate::Transmit),
+    Transmit(Box<crate::negotiate::Transmit>),
     /// The client asked for TLS and was acknowledged: run the TLS handshake, then negotiate again.
     StartTls(Negotiation),
     /// The connection is over.
@@ -368,7 +393,7 @@ pub async fn negotiate<S>(s: &mut S, mut neg: Negotiation, exports: &Exports) ->
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(4096);
+    let mut out = Vec::new();
     loop {
         let mut h = [0u8; OPTION_HEADER_LEN];
         if s.read_exact(&mut h).await.is_err() {
@@ -407,7 +432,7 @@ where
         match step {
             Step::Continue => {}
             Step::Close => return Ok(Ended::Closed),
-            Step::Transmit(t) => return Ok(Ended::Transmit(t)),
+            Step::Transmit(t) => return Ok(Ended::Transmit(Box::new(t))),
             Step::StartTls => return Ok(Ended::StartTls(neg)),
         }
     }
@@ -422,7 +447,7 @@ where
         return Ok(None);
     };
     match negotiate(s, neg, exports).await? {
-        Ended::Transmit(t) => Ok(Some(t)),
+        Ended::Transmit(t) => Ok(Some(*t)),
         _ => Ok(None),
     }
 }

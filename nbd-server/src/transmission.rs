@@ -172,30 +172,61 @@ enum Part {
 
 /// The socket of a plain connection, for `sendfile` (a duplicate descriptor, registered for writability on
 /// its own).
-pub struct Splice(AsyncFd<OwnedFd>);
+/// It is registered with the runtime at the first large read, not before: a connection that only ever moves
+/// small blocks does not pay for the registration.
+pub enum Splice {
+    /// Not registered yet.
+    Idle(OwnedFd),
+    /// Registered for writability.
+    Registered(AsyncFd<OwnedFd>),
+    /// Registration failed: large reads go out through a buffer.
+    Failed,
+}
 
 impl Splice {
     /// Shuts the socket down both ways.
     fn shutdown(&self) {
-        let _ = nix::sys::socket::shutdown(self.0.get_ref().as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let fd = match self {
+            Splice::Idle(fd) => fd.as_raw_fd(),
+            Splice::Registered(a) => a.get_ref().as_raw_fd(),
+            Splice::Failed => return,
+        };
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
     }
 
-    /// Wraps a duplicate of the connection's socket; `None` if it cannot be registered.
+    /// Wraps a duplicate of the connection's socket.
     pub fn new(fd: OwnedFd) -> Option<Splice> {
-        // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, as the same descriptor, until the
-        // `AsyncFd` that owns it is dropped.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok().map(Splice)
+        Some(Splice::Idle(fd))
+    }
+
+    /// The registered socket, registering it on first use; `None` if it cannot be.
+    fn registered(&mut self) -> Option<&AsyncFd<OwnedFd>> {
+        if let Splice::Idle(_) = self {
+            let Splice::Idle(fd) = std::mem::replace(self, Splice::Failed) else { return None };
+            // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, as the same descriptor, until the
+            // `AsyncFd` that owns it is dropped.
+            if let Ok(a) = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
+                *self = Splice::Registered(a);
+            }
+        }
+        match self {
+            Splice::Registered(a) => Some(a),
+            _ => None,
+        }
     }
 
     /// Sends up to `len` bytes of file `file` from `offset`; returns how many went out (fewer at the end of
     /// the file, or where the file cannot be spliced: the caller sends the rest another way) and the time
     /// spent in the system calls (reading the file; not waiting for the client). Errors are the socket's or
     /// the file's.
-    async fn sendfile(&self, file: i32, mut offset: u64, len: u64) -> std::io::Result<(u64, Duration)> {
+    async fn sendfile(&mut self, file: i32, mut offset: u64, len: u64) -> std::io::Result<(u64, Duration)> {
         let mut sent = 0u64;
         let mut busy = Duration::ZERO;
+        let Some(sock) = self.registered() else {
+            return Ok((0, busy));
+        };
         while sent < len {
-            let mut ready = self.0.writable().await?;
+            let mut ready = sock.writable().await?;
             let want = (len - sent).min(1 << 30) as usize;
             let r = ready.try_io(|s| {
                 let mut off = libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
@@ -236,18 +267,18 @@ where
 }
 
 /// [`run`], with the plain socket under `wr` for sending large reads with `sendfile` (`None` under TLS).
-pub async fn run_spliced<R, W>(
+/// (Not itself `async`: the returned future keeps only what it uses, not `t`, a connection's task is smaller.)
+pub fn run_spliced<R, W>(
     rd: R,
     wr: W,
     t: Transmit,
     export: Arc<Export>,
     splice: Option<Splice>,
-) -> std::io::Result<()>
+) -> impl std::future::Future<Output = std::io::Result<()>> + Send
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut rd = LentReader::new(rd);
     // O_DIRECT or a remote base: every request on the blocking pool (see `Conn::offloading`).
     let direct = export.device.slow_io();
     let conn = Arc::new(Conn {
@@ -260,6 +291,15 @@ where
         slow: AtomicU32::new(0),
         splice: splice.is_some(),
     });
+    serve(rd, wr, conn, splice)
+}
+
+async fn serve<R, W>(rd: R, wr: W, conn: Arc<Conn>, mut splice: Option<Splice>) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut rd = LentReader::new(rd);
     let (tx, mut rx) = queue::<Queued>();
     let wconn = conn.clone();
     let writer = tokio::spawn(async move {
@@ -278,11 +318,11 @@ where
                         drop(permits);
                         continue;
                     }
-                    o => send(&wconn, &mut w, splice.as_ref(), o).await?,
+                    o => send(&wconn, &mut w, splice.as_mut(), o).await?,
                 }
                 drop(permits);
                 while let Some((o, permits)) = rx.try_recv() {
-                    send(&wconn, &mut w, splice.as_ref(), o).await?;
+                    send(&wconn, &mut w, splice.as_mut(), o).await?;
                     drop(permits);
                 }
                 w.flush().await?;
@@ -427,17 +467,27 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 async fn send<W: AsyncWrite + Unpin>(
     c: &Conn,
     w: &mut LentWriter<W>,
-    splice: Option<&Splice>,
+    splice: Option<&mut Splice>,
     o: Out,
 ) -> std::io::Result<()> {
-    let parts = match o {
+    match o {
         Out::Bytes(b) => {
             w.write_all(&b).await?;
             c.pool.put(b);
-            return Ok(());
+            Ok(())
         }
-        Out::Parts(p) => p,
-    };
+        // Boxed: its state is large and would otherwise be part of every connection's writing task.
+        Out::Parts(p) => Box::pin(send_parts(c, w, splice, p)).await,
+    }
+}
+
+/// Writes the parts of a spliced reply.
+async fn send_parts<W: AsyncWrite + Unpin>(
+    c: &Conn,
+    w: &mut LentWriter<W>,
+    mut splice: Option<&mut Splice>,
+    parts: Vec<Part>,
+) -> std::io::Result<()> {
     for p in parts {
         match p {
             Part::Bytes(b) => w.write_all(&b).await?,
@@ -450,7 +500,7 @@ async fn send<W: AsyncWrite + Unpin>(
             }
             Part::File { file, offset, len } => {
                 w.flush().await?;
-                let sent = match (splice, file.fd()) {
+                let sent = match (splice.as_deref_mut(), file.fd()) {
                     (Some(s), Some(fd)) => {
                         let (n, busy) = s.sendfile(fd, offset, len).await?;
                         c.note_time(busy, n);
