@@ -38,7 +38,9 @@ impl Shelf {
         v
     }
 
-    /// A buffer of exactly `n` bytes whose contents the caller overwrites.
+    /// A buffer of exactly `n` bytes whose contents the caller overwrites. It may hold another connection's
+    /// bytes (another client's write payload): every user fills the whole of it before sending any of it
+    /// (`read_at` fills its whole destination, holes and file ends with zeros), so nothing crosses clients.
     pub fn sized(&self, n: usize) -> Vec<u8> {
         let mut v = self.take();
         if v.len() < n {

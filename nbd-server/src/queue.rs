@@ -107,10 +107,13 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        let mut st = lock(&self.0);
-        st.receiver_gone = true;
-        // What was queued is dropped now (it may hold the connection's budget).
-        st.items.clear();
+        let items = {
+            let mut st = lock(&self.0);
+            st.receiver_gone = true;
+            std::mem::take(&mut st.items)
+        };
+        // What was queued is dropped now, outside the lock (it may hold the connection's budget).
+        drop(items);
     }
 }
 

@@ -24,7 +24,7 @@ use crate::queue::{queue, Sender};
 use qcow2::util::is_zero;
 use qcow2::{ErrorKind, Source, SpliceFile};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
@@ -114,8 +114,8 @@ struct Conn {
     offload: AtomicU32,
     /// Slow requests in a row.
     slow: AtomicU32,
-    /// Whether large reads go out with `sendfile` (a plain socket).
-    splice: bool,
+    /// Whether large reads go out with `sendfile` (a plain socket whose registration has not failed).
+    splice: AtomicBool,
     /// The device bypasses the page cache (`--cache=none`): nothing is quick enough to run inline.
     direct: bool,
 }
@@ -179,8 +179,8 @@ pub enum Splice {
     Idle(OwnedFd),
     /// Registered for writability.
     Registered(AsyncFd<OwnedFd>),
-    /// Registration failed: large reads go out through a buffer.
-    Failed,
+    /// Registration failed: large reads go out through a buffer (the descriptor is kept for `shutdown`).
+    Failed(OwnedFd),
 }
 
 impl Splice {
@@ -189,7 +189,7 @@ impl Splice {
         let fd = match self {
             Splice::Idle(fd) => fd.as_raw_fd(),
             Splice::Registered(a) => a.get_ref().as_raw_fd(),
-            Splice::Failed => return,
+            Splice::Failed(fd) => fd.as_raw_fd(),
         };
         let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
     }
@@ -201,13 +201,18 @@ impl Splice {
 
     /// The registered socket, registering it on first use; `None` if it cannot be.
     fn registered(&mut self) -> Option<&AsyncFd<OwnedFd>> {
-        if let Splice::Idle(_) = self {
-            let Splice::Idle(fd) = std::mem::replace(self, Splice::Failed) else { return None };
+        if let Splice::Idle(fd) = self {
+            let Ok(fd) = fd.try_clone() else { return None };
             // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, as the same descriptor, until the
             // `AsyncFd` that owns it is dropped.
-            if let Ok(a) = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
-                *self = Splice::Registered(a);
-            }
+            *self = match unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) } {
+                Ok(a) => Splice::Registered(a),
+                Err(e) => {
+                    let (fd, e) = e.into_parts();
+                    tracing::debug!("cannot register the socket for sendfile: {e}");
+                    Splice::Failed(fd)
+                }
+            };
         }
         match self {
             Splice::Registered(a) => Some(a),
@@ -289,7 +294,7 @@ where
         pool: &REPLY_SHELF,
         offload: AtomicU32::new(0),
         slow: AtomicU32::new(0),
-        splice: splice.is_some(),
+        splice: AtomicBool::new(splice.is_some()),
     });
     serve(rd, wr, conn, splice)
 }
@@ -415,7 +420,7 @@ where
             break Ok(());
         };
         // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
-        let splice = conn.splice
+        let splice = conn.splice.load(Ordering::Relaxed)
             && req.kind == NBD_CMD_READ
             && (SPLICE_MIN..=SPLICE_MAX).contains(&req.length)
             && conn.offload.load(Ordering::Relaxed) == 0;
@@ -503,6 +508,10 @@ async fn send_parts<W: AsyncWrite + Unpin>(
                 let sent = match (splice.as_deref_mut(), file.fd()) {
                     (Some(s), Some(fd)) => {
                         let (n, busy) = s.sendfile(fd, offset, len).await?;
+                        if matches!(s, Splice::Failed(_)) {
+                            // Plan no more spliced reads: their data would be read here, on a runtime thread.
+                            c.splice.store(false, Ordering::Relaxed);
+                        }
                         c.note_time(busy, n);
                         n
                     }
