@@ -18,6 +18,11 @@ const MAX_IO: u32 = 1 << 20;
 const FILE_INO: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Each FUSE thread's read buffer (up to [`MAX_IO`]).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The filesystem: one file backed by a block device.
 pub struct ImageFs {
     device: Arc<dyn BlockDevice>,
@@ -111,6 +116,9 @@ impl fuser::Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Asynchronous direct I/O: an aio or io_uring client's queue of O_DIRECT requests reaches the threads
+        // here as a queue, not one at a time (without it the kernel waits for each before sending the next).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 
@@ -189,11 +197,16 @@ impl fuser::Filesystem for ImageFs {
             return reply.error(Errno::EISDIR);
         }
         let (off, n) = self.clamp(offset, u64::from(size));
-        let mut buf = vec![0u8; n];
-        match self.device.read_at(&mut buf, off) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(eio(e)),
-        }
+        // This thread's buffer, reused: no fresh pages, no zeroing per request (`read_at` fills all of it).
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            match self.device.read_at(&mut buf[..n], off) {
+                Ok(()) => reply.data(&buf[..n]),
+                Err(e) => reply.error(eio(e)),
+            }
+        })
     }
 
     fn write(
@@ -302,6 +315,9 @@ pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Res
     }
     config.acl = if o.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     config.n_threads = Some(4);
+    // Each thread its own /dev/fuse descriptor (FUSE_DEV_IOC_CLONE): its own queue of requests being
+    // processed in the kernel, instead of one list all threads lock.
+    config.clone_fd = true;
     let mut fs = ImageFs::new(device, o.read_only, file_name);
     fs.others = o.allow_other;
     fuser::spawn_mount(fs, &o.mountpoint, &config)
