@@ -17,6 +17,7 @@ mod queue;
 pub mod server;
 pub mod tls;
 pub mod transmission;
+mod uring;
 pub mod window;
 
 /// Threads a server runs blocking requests on at most (qemu's thread pool has 64).

@@ -21,6 +21,7 @@ use crate::proto::reply::{self, Style};
 use crate::proto::request::{self, Request};
 use crate::proto::*;
 use crate::queue::{queue, Sender};
+use crate::uring::{AlignedBuf, Ring};
 use qcow2::util::is_zero;
 use qcow2::{ErrorKind, Source, SpliceFile};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -105,6 +106,10 @@ fn allowed_flags(kind: u16, style: Style) -> u16 {
 
 /// Everything a request handler needs from the connection.
 struct Conn {
+    /// Reads may go through io_uring: the device reads local files with `O_DIRECT`.
+    direct_reads: bool,
+    /// The connection's ring, started at the first direct read (`None` inside: io_uring is unavailable).
+    ring: std::sync::OnceLock<Option<Arc<Ring>>>,
     export: Arc<Export>,
     style: Style,
     contexts: Vec<Context>,
@@ -144,6 +149,93 @@ impl Conn {
         }
         self.offload.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(Some(r)) = self.ring.get() {
+            r.close();
+        }
+    }
+}
+
+/// Largest read sent through io_uring (larger ones go to the blocking pool).
+const DIRECT_MAX: u64 = 1 << 20;
+
+/// The ring and the read plan for an `O_DIRECT` read it can do: every piece a file range aligned for
+/// `O_DIRECT` (or zeros of an aligned length, so the pieces after it stay aligned in the buffer). `None`: the
+/// read goes the ordinary way (unaligned, compressed clusters, no io_uring, an error to report).
+fn direct_plan(c: &Conn, req: &Request) -> Option<(Arc<Ring>, Vec<qcow2::Piece>)> {
+    let end = req.offset.checked_add(req.length)?;
+    if req.length == 0 || req.length > DIRECT_MAX || end > c.export.device.size() {
+        return None;
+    }
+    let ring = c.ring.get_or_init(Ring::start).clone()?;
+    let mut plan = Vec::new();
+    c.export.device.plan_read(req.offset, req.length, &mut plan).ok()?;
+    let mut align = 512u64;
+    for p in &plan {
+        match &p.source {
+            Source::File { file, .. } if file.direct_fd().is_some() => align = align.max(file.alignment()),
+            Source::File { .. } => return None,
+            Source::Zero => {}
+            _ => return None,
+        }
+    }
+    let aligned = plan.iter().all(|p| {
+        p.len % align == 0 && !matches!(&p.source, Source::File { offset, .. } if offset % align != 0)
+    });
+    aligned.then_some((ring, plan))
+}
+
+/// Runs a planned direct read through the ring and returns its reply (one data chunk). A short read (a
+/// file shorter than its mapping says) or a ring that cannot take the read falls back to the ordinary way.
+async fn direct_read(c: &Arc<Conn>, ring: &Ring, req: Request, plan: Vec<qcow2::Piece>) -> Vec<u8> {
+    let style = c.style;
+    let len = req.length as usize;
+    let fallback = |c: &Arc<Conn>| {
+        let c = c.clone();
+        async move {
+            let cc = c.clone();
+            match tokio::task::spawn_blocking(move || handle(&cc, req, Vec::new())).await {
+                Ok(v) => v,
+                Err(_) => reply::done(c.style, req.cookie, req.offset, NBD_EIO, "the read failed"),
+            }
+        }
+    };
+    let Some(mut buf) = AlignedBuf::zeroed(len) else {
+        return reply::done(style, req.cookie, req.offset, NBD_ENOMEM, "out of memory");
+    };
+    let mut pos = 0usize;
+    for p in plan {
+        let n = p.len as usize;
+        match p.source {
+            Source::File { file, offset } => {
+                let Some(fd) = file.direct_fd() else { return fallback(c).await };
+                match ring.read(file, fd, buf, pos, n, offset).await {
+                    Ok((got, b)) if got == n => buf = b,
+                    Ok(_) => return fallback(c).await,
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return fallback(c).await,
+                    Err(e) => {
+                        tracing::warn!("read at {} failed: {e}", req.offset);
+                        return reply::done(style, req.cookie, req.offset, NBD_EIO, &e.to_string());
+                    }
+                }
+            }
+            _ => buf.as_mut_slice()[pos..pos + n].fill(0),
+        }
+        pos += n;
+    }
+    let mut h = Vec::with_capacity(40);
+    if style == Style::Simple {
+        h.extend_from_slice(&reply::simple(req.cookie, 0));
+    } else {
+        reply::data_header(&mut h, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
+    }
+    let mut v = c.pool.sized(h.len() + len);
+    v[..h.len()].copy_from_slice(&h);
+    v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
+    v
 }
 
 /// What a request holds of the connection's budget (a slot among [`MAX_IN_FLIGHT`] and its share of
@@ -287,6 +379,8 @@ where
     // O_DIRECT or a remote base: every request on the blocking pool (see `Conn::offloading`).
     let direct = export.device.slow_io();
     let conn = Arc::new(Conn {
+        direct_reads: direct && export.device.direct_io(),
+        ring: Default::default(),
         direct,
         export,
         style: t.style,
@@ -426,6 +520,17 @@ where
             && conn.offload.load(Ordering::Relaxed) == 0;
         // The permits go with the reply: released once the writer has written it to the socket.
         let permits: Permits = (mem, slot);
+        // O_DIRECT: a read goes to the connection's io_uring, its task waits for the disk, not a thread.
+        if !splice && conn.direct_reads && req.kind == NBD_CMD_READ {
+            if let Some((ring, plan)) = direct_plan(&conn, &req) {
+                let (c, t) = (conn.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let bytes = direct_read(&c, &ring, req, plan).await;
+                    let _ = t.send((Out::Bytes(bytes), permits));
+                });
+                continue;
+            }
+        }
         let out = match splice.then(|| spliced_read(&conn, &req)).flatten() {
             Some(parts) => Some((Out::Parts(parts), permits)),
             None if !always_offload(&req) && !conn.offloading() => {
@@ -541,7 +646,14 @@ fn spliced_read(c: &Conn, req: &Request) -> Option<Vec<Part>> {
     }
     let mut plan = Vec::new();
     dev.plan_read(req.offset, req.length, &mut plan).ok()?;
-    if plan.len() > SPLICE_MAX_PIECES || plan.iter().any(|p| matches!(p.source, Source::Read { .. })) {
+    // Every piece must be zeros or a file `sendfile` can read (not `Read`, not an `O_DIRECT` file: their data
+    // would be read in the writing task, on a runtime thread).
+    let sendable = |p: &qcow2::Piece| match &p.source {
+        Source::Zero => true,
+        Source::File { file, .. } => file.fd().is_some(),
+        _ => false,
+    };
+    if plan.len() > SPLICE_MAX_PIECES || !plan.iter().all(sendable) {
         return None;
     }
     let data = |src: Source, len: u64| match src {

@@ -780,7 +780,7 @@ impl Image {
 /// Plans `len` bytes of storage `s` from `at` (`top` in the device): file pieces, zeros for the file's holes
 /// where `holes` (as block status reports them), or pieces for `read_at` when the storage has no descriptor.
 fn plan_file(s: &Arc<dyn Storage>, at: u64, top: u64, len: u64, holes: bool, out: &mut Vec<Piece>) -> Result<()> {
-    if s.raw_fd().is_none() {
+    if s.raw_fd().is_none() && s.direct_fd().is_none() {
         push_piece(out, len, Source::Read { offset: top });
         return Ok(());
     }

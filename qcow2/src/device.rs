@@ -19,14 +19,24 @@ impl SpliceFile {
         SpliceFile(storage.clone())
     }
 
-    /// The descriptor to `sendfile` from, if the file has one.
+    /// The descriptor to `sendfile` from, if the file has one (not for `O_DIRECT` files).
     pub fn fd(&self) -> Option<i32> {
         self.0.raw_fd()
+    }
+
+    /// The `O_DIRECT` descriptor, for aligned reads into aligned buffers (see [`SpliceFile::alignment`]).
+    pub fn direct_fd(&self) -> Option<i32> {
+        self.0.direct_fd()
     }
 
     /// Reads `buf.len()` bytes at `offset` of the file (zeros past its end).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_at(buf, offset)
+    }
+
+    /// The alignment the file's transfers need (`O_DIRECT`: 512 or 4096; 1 otherwise).
+    pub fn alignment(&self) -> u64 {
+        self.0.alignment()
     }
 
     /// Whether two pieces come from the same file.

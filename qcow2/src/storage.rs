@@ -54,6 +54,11 @@ pub trait Storage: Send + Sync {
     fn alignment(&self) -> u64 {
         1
     }
+    /// The `O_DIRECT` descriptor behind the storage, for reads aligned to [`Storage::alignment`] into aligned
+    /// buffers (io_uring); `None` for any other storage.
+    fn direct_fd(&self) -> Option<i32> {
+        None
+    }
     /// Where byte `offset` of this storage lies in the file underneath (for `qemu-img map`'s host offsets).
     fn host_offset(&self, offset: u64) -> u64 {
         offset
@@ -481,6 +486,10 @@ impl Storage for FileStorage {
 
     fn alignment(&self) -> u64 {
         FileStorage::alignment(self)
+    }
+
+    fn direct_fd(&self) -> Option<i32> {
+        self.direct.as_ref().map(|_| self.file.as_raw_fd())
     }
 
     fn is_fixed_size(&self) -> bool {
