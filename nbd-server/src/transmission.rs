@@ -182,9 +182,9 @@ fn direct_plan(c: &Conn, req: &Request) -> Option<(Arc<Ring>, Vec<qcow2::Piece>)
             _ => return None,
         }
     }
-    let aligned = plan.iter().all(|p| {
-        p.len % align == 0 && !matches!(&p.source, Source::File { offset, .. } if offset % align != 0)
-    });
+    let aligned = plan
+        .iter()
+        .all(|p| p.len % align == 0 && !matches!(&p.source, Source::File { offset, .. } if offset % align != 0));
     aligned.then_some((ring, plan))
 }
 
@@ -514,14 +514,16 @@ where
             break Ok(());
         };
         // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
+        // (Not with O_DIRECT: those files are never sent with `sendfile`; io_uring reads them below.)
         let splice = conn.splice.load(Ordering::Relaxed)
+            && !conn.direct_reads
             && req.kind == NBD_CMD_READ
             && (SPLICE_MIN..=SPLICE_MAX).contains(&req.length)
             && conn.offload.load(Ordering::Relaxed) == 0;
         // The permits go with the reply: released once the writer has written it to the socket.
         let permits: Permits = (mem, slot);
         // O_DIRECT: a read goes to the connection's io_uring, its task waits for the disk, not a thread.
-        if !splice && conn.direct_reads && req.kind == NBD_CMD_READ {
+        if conn.direct_reads && req.kind == NBD_CMD_READ {
             if let Some((ring, plan)) = direct_plan(&conn, &req) {
                 let (c, t) = (conn.clone(), tx.clone());
                 tokio::spawn(async move {
