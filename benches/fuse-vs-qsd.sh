@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Side-by-side: the FUSE export of qnbd (`qnbd --fuse FILE`) against qemu-storage-daemon's (`--export
 # type=fuse`) on the same 1 GiB fully allocated qcow2, alternating, driven by the same fio jobs on the exported
-# file (libaio, O_DIRECT). Prints each case's best of RUNS for both and the ratio qnbd / qsd.
-# Needs root (FUSE mounts) and /dev/fuse.
-# Usage: benches/fuse-vs-qsd.sh [SECONDS=5] [RUNS=2] [CASES...]   (randread randwrite seqread seqwrite)
+# file (libaio, O_DIRECT), or on a loop device over it (`loop-*` cases: `losetup --direct-io=on`, the way an
+# injection pipeline without the nbd driver gets a block device). Prints each case's median of RUNS for both and
+# the ratio qnbd / qsd.
+# Needs root (FUSE mounts, loop devices) and /dev/fuse.
+# Usage: benches/fuse-vs-qsd.sh [SECONDS=5] [RUNS=3] [CASES...]
+#   (randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
-runs=${2:-2}
+runs=${2:-3}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(randread randwrite seqread seqwrite)
+[ ${#cases[@]} -gt 0 ] || cases=(randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite)
 cargo build --release -q -p nbd-server
 qnbd=$PWD/target/release/qnbd
 dir=$(mktemp -d /var/tmp/qnbd-fuse.XXXXXX)
-cleanup() { umount "$dir/mnt" 2>/dev/null || true; pkill -f "$dir" 2>/dev/null || true; sleep 0.3; rm -rf "$dir"; }
+cleanup() { [ -z "${lo:-}" ] || losetup -d "$lo" 2>/dev/null || true; umount "$dir/mnt" 2>/dev/null || true; pkill -f "$dir" 2>/dev/null || true; sleep 0.3; rm -rf "$dir"; }
 trap cleanup EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
 qemu-io -f raw -c 'write -P 0x5a 0 1G' "$dir/base.raw" >/dev/null
@@ -37,7 +40,7 @@ start() { # server -> pid
 }
 stop() { kill "$1" 2>/dev/null || true; for _ in $(seq 250); do mounted || break; sleep 0.02; done; wait "$1" 2>/dev/null || true; }
 job() {
-  case $1 in
+  case ${1#loop-} in
     randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
     randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     seqread) echo "--rw=read --bs=1M --iodepth=4" ;;
@@ -45,25 +48,34 @@ job() {
   esac
 }
 one() { # server case -> value
-  local pid v field=iops
-  case $2 in seq*) field=bw ;; esac
+  local pid v field=iops target="$dir/mnt"
+  case ${2#loop-} in seq*) field=bw ;; esac
   pid=$(start "$1")
+  lo=
+  if [ "${2#loop-}" != "$2" ]; then
+    lo=$(losetup -f --show --direct-io=on "$dir/mnt")
+    target=$lo
+  fi
   # shellcheck disable=SC2046
-  v=$(fio --name=b --filename="$dir/mnt" --ioengine=libaio --direct=1 --size=1G --time_based --runtime="$secs" \
+  v=$(fio --name=b --filename="$target" --ioengine=libaio --direct=1 --size=1G --time_based --runtime="$secs" \
     $(job "$2") --output-format=json 2>/dev/null |
     python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; f=sys.argv[1]
 v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field")
+  [ -z "$lo" ] || losetup -d "$lo"
+  lo=
   stop "$pid"
   echo "$v"
 }
 echo "# $(uname -r), $(nproc) cores, $(qemu-storage-daemon --version | head -1), qnbd $(git rev-parse --short HEAD)"
 printf '%-10s %-6s %10s %10s %7s\n' case unit qnbd qsd ratio
+median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
 for c in "${cases[@]}"; do
-  q=0; m=0
+  qs=(); ms=()
   for ((r = 0; r < runs; r++)); do
-    a=$(one qnbd "$c"); b=$(one qsd "$c")
-    q=$((a > q ? a : q)); m=$((b > m ? b : m))
+    # each server goes first in turn
+    if ((r % 2 == 0)); then qs+=("$(one qnbd "$c")"); ms+=("$(one qsd "$c")"); else ms+=("$(one qsd "$c")"); qs+=("$(one qnbd "$c")"); fi
   done
-  unit=IOPS; case $c in seq*) unit=MiB/s ;; esac
+  q=$(median "${qs[@]}"); m=$(median "${ms[@]}")
+  unit=IOPS; case ${c#loop-} in seq*) unit=MiB/s ;; esac
   printf '%-10s %-6s %10s %10s %7s\n' "$c" "$unit" "$q" "$m" "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", b ? a/b : 0}')"
 done
