@@ -190,3 +190,18 @@ async fn reap(ring: Arc<Ring>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_are_aligned_and_zeroed() {
+        for len in [1usize, 512, 4096, 65536 + 512] {
+            let b = AlignedBuf::zeroed(len).unwrap();
+            assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0);
+            assert_eq!(b.as_slice().len(), len);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+        }
+    }
+}
