@@ -63,6 +63,10 @@ osd pool default min size = 1
 mon allow pool size one = true
 mon warn on pool no redundancy = false
 mon allow pool delete = true
+# a throwaway test cluster: the monitor refuses to start below 5 % free disk by default, which a build
+# machine's full disk reaches long before the test runs out of room (it writes a few hundred MiB)
+mon data avail crit = 1
+mon data avail warn = 2
 osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off

@@ -317,7 +317,9 @@ pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Res
     config.n_threads = Some(4);
     // Each thread its own /dev/fuse descriptor (FUSE_DEV_IOC_CLONE): its own queue of requests being
     // processed in the kernel, instead of one list all threads lock.
-    config.clone_fd = true;
+    // (Only where /dev/fuse can be opened again: the clones are opened after the mount, and a failure there
+    // would end the session after it was reported ready.)
+    config.clone_fd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
     let mut fs = ImageFs::new(device, o.read_only, file_name);
     fs.others = o.allow_other;
     fuser::spawn_mount(fs, &o.mountpoint, &config)

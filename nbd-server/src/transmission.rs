@@ -172,7 +172,11 @@ fn direct_plan(c: &Conn, req: &Request) -> Option<(Arc<Ring>, Vec<qcow2::Piece>)
     }
     let ring = c.ring.get_or_init(Ring::start).clone()?;
     let mut plan = Vec::new();
-    c.export.device.plan_read(req.offset, req.length, &mut plan).ok()?;
+    // Only from cached tables: this runs on the event loop, and an L2 table read with O_DIRECT waits for the
+    // disk (a miss goes the ordinary way, on the blocking pool, which caches the table for the next reads).
+    if !c.export.device.plan_read_cached(req.offset, req.length, &mut plan).ok()? {
+        return None;
+    }
     let mut align = 512u64;
     for p in &plan {
         match &p.source {
@@ -215,7 +219,16 @@ async fn direct_read(c: &Arc<Conn>, ring: &Ring, req: Request, plan: Vec<qcow2::
                 match ring.read(file, fd, buf, pos, n, offset).await {
                     Ok((got, b)) if got == n => buf = b,
                     Ok(_) => return fallback(c).await,
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return fallback(c).await,
+                    // The ring could not take it, or this kernel's io_uring cannot read this file: the
+                    // ordinary way can (bounce buffers).
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                        ) =>
+                    {
+                        return fallback(c).await
+                    }
                     Err(e) => {
                         tracing::warn!("read at {} failed: {e}", req.offset);
                         return reply::done(style, req.cookie, req.offset, NBD_EIO, &e.to_string());

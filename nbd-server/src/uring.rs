@@ -79,7 +79,21 @@ pub struct Ring {
     pending: Mutex<HashMap<u64, Pending>>,
     next: AtomicU64,
     closed: AtomicBool,
+    /// A submission failed: the reaper tries again.
+    retry: AtomicBool,
+    /// Wakes the reaper: the ring closed, or a submission is to be retried.
     close: Notify,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Reads still in flight (the runtime is going away under them): the kernel may yet write into their
+        // buffers, so they are leaked, never freed.
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        if !pending.is_empty() {
+            std::mem::forget(pending);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,6 +111,12 @@ impl Ring {
                 return None;
             }
         };
+        // IORING_OP_READ came in Linux 5.6; rings exist since 5.1.
+        let mut probe = io_uring::Probe::new();
+        if uring.submitter().register_probe(&mut probe).is_err() || !probe.is_supported(opcode::Read::CODE) {
+            tracing::debug!("io_uring cannot read here: direct reads go to the thread pool");
+            return None;
+        }
         let raw = std::os::fd::AsRawFd::as_raw_fd(&uring);
         // SAFETY: `raw` is the ring's descriptor, open for as long as `uring` lives, which is longer than the
         // AsyncFd (declared first in `Ring`, so dropped first).
@@ -107,6 +127,7 @@ impl Ring {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            retry: AtomicBool::new(false),
             close: Notify::new(),
         });
         tokio::spawn(reap(ring.clone()));
@@ -153,8 +174,11 @@ impl Ring {
                 return Err(io::Error::from_raw_os_error(libc::EAGAIN));
             }
             lock(&self.pending).insert(id, Pending { done, buf, _file: file });
-            // A failed submit leaves the entry queued: the reaper submits again.
-            let _ = u.submit();
+            // A failed submit leaves the entry queued: the reaper submits it again.
+            if u.submit().is_err() {
+                self.retry.store(true, Ordering::SeqCst);
+                self.close.notify_one();
+            }
         }
         match rx.await {
             Ok((r, buf)) if r >= 0 => Ok((r as usize, buf)),
@@ -172,17 +196,29 @@ async fn reap(ring: Arc<Ring>) {
             return;
         }
         let ready = tokio::select! {
-            r = ring.fd.readable() => r,
-            _ = ring.close.notified() => continue,
+            r = ring.fd.readable() => Some(r),
+            _ = ring.close.notified() => None,
         };
-        let Ok(mut ready) = ready else { return };
-        // Cleared before draining: a completion posted after the drain makes the descriptor readable again.
-        ready.clear_ready();
+        match ready {
+            // Cleared before draining: a completion posted after the drain makes the descriptor readable again.
+            Some(Ok(mut r)) => r.clear_ready(),
+            Some(Err(_)) => return,
+            None => {}
+        }
+        let mut failed = false;
         let done: Vec<(u64, i32)> = {
             let mut u = lock(&ring.uring);
-            let _ = u.submit();
+            if ring.retry.swap(false, Ordering::SeqCst) || !u.submission().is_empty() {
+                failed = u.submit().is_err();
+            }
             u.completion().map(|c| (c.user_data(), c.result())).collect()
         };
+        if failed {
+            // The kernel refused the submission for now (memory, a full completion queue): try again shortly.
+            ring.retry.store(true, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            ring.close.notify_one();
+        }
         for (id, r) in done {
             if let Some(p) = lock(&ring.pending).remove(&id) {
                 let _ = p.done.send((r, p.buf));

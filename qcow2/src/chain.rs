@@ -735,15 +735,23 @@ impl Image {
     /// Plans `len` bytes at `offset` of this layer and its backing chain (the range inside this layer);
     /// `top` is the same offset in the device the plan is for (pieces only `read_at` can produce are read
     /// there).
-    fn plan_layer(&self, offset: u64, len: u64, top: u64, out: &mut Vec<Piece>) -> Result<()> {
+    /// Plans this layer's part of a read; `Ok(false)` when `cached_only` and an L2 table is not in the cache.
+    fn plan_layer(&self, offset: u64, len: u64, top: u64, out: &mut Vec<Piece>, cached_only: bool) -> Result<bool> {
         let q = match &self.layer {
-            Layer::Raw(s) => return plan_file(s, offset, top, len, true, out),
+            Layer::Raw(s) => return plan_file(s, offset, top, len, true, out).map(|()| true),
             Layer::Qcow2(q) => q,
         };
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            let (m, n) = q.mapping(GuestOffset(pos), len - done)?;
+            let (m, n) = if cached_only {
+                match q.mapping_cached(GuestOffset(pos), len - done)? {
+                    Some(m) => m,
+                    None => return Ok(false),
+                }
+            } else {
+                q.mapping(GuestOffset(pos), len - done)?
+            };
             match m {
                 // Holes of the host file count only with metadata preallocation (as in `layer_status`).
                 Mapping::Data { host } => {
@@ -755,7 +763,9 @@ impl Image {
                     // Past the end of a shorter backing file: zeros (as `read_backing`).
                     Some(b) if pos < b.size => {
                         let k = n.min(b.size - pos);
-                        b.plan_layer(pos, k, top + done, out)?;
+                        if !b.plan_layer(pos, k, top + done, out, cached_only)? {
+                            return Ok(false);
+                        }
                         push_piece(out, n - k, Source::Zero);
                     }
                     _ => push_piece(out, n, Source::Zero),
@@ -763,7 +773,7 @@ impl Image {
             }
             done += n;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The file that holds this layer's host offsets (the external data file for qcow2 with one).
@@ -824,7 +834,12 @@ impl BlockDevice for Image {
 
     fn plan_read(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
         self.check_range(offset, len)?;
-        self.plan_layer(offset, len, offset, out)
+        self.plan_layer(offset, len, offset, out, false).map(|_| ())
+    }
+
+    fn plan_read_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<bool> {
+        self.check_range(offset, len)?;
+        self.plan_layer(offset, len, offset, out, true)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Status> {

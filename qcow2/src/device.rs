@@ -145,6 +145,12 @@ pub trait BlockDevice: Send + Sync {
         push_piece(out, len, Source::Read { offset });
         Ok(())
     }
+    /// [`BlockDevice::plan_read`] without reading any metadata from disk: `Ok(false)` (and `out` unspecified)
+    /// when the plan would need a table that is not cached. The default never plans.
+    fn plan_read_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<bool> {
+        let _ = (offset, len, out);
+        Ok(false)
+    }
     /// The status of the run starting at `offset`, at most `len` bytes (`offset` inside the device).
     fn block_status(&self, offset: u64, len: u64) -> Result<Status>;
     /// Whether writes are refused.

@@ -60,6 +60,19 @@ impl Qcow2 {
     /// Maps the guest range starting at `guest`, at most `max_len` bytes long, and returns the mapping of its
     /// first run and that run's length (> 0). `guest` must be below the virtual size.
     pub fn mapping(&self, guest: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
+        match self.mapping_io(guest, max_len, true)? {
+            Some(m) => Ok(m),
+            None => Err(Error::new(crate::ErrorKind::Corrupt, "an L2 table could not be read")),
+        }
+    }
+
+    /// [`Qcow2::mapping`] without reading anything from the file: `None` when the L2 table it needs is not in
+    /// the cache (for callers that must not wait for the disk, like an event loop).
+    pub fn mapping_cached(&self, guest: GuestOffset, max_len: u64) -> Result<Option<(Mapping, u64)>> {
+        self.mapping_io(guest, max_len, false)
+    }
+
+    fn mapping_io(&self, guest: GuestOffset, max_len: u64, io: bool) -> Result<Option<(Mapping, u64)>> {
         let guest = guest.get();
         let size = self.size();
         if guest >= size || max_len == 0 {
@@ -77,13 +90,16 @@ impl Qcow2 {
         let l2_off = table::l1_l2_offset(l1_entry);
         if l2_off == 0 {
             let m = self.unallocated_at(guest);
-            return Ok((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?));
+            return Ok(Some((m, self.extend(m, guest, lim, |p| Ok(self.unallocated_at(p)))?)));
         }
         if let Some(r) = self.l2_cache.with(l2_off, |t| self.map_in(t, guest, lim)) {
-            return r;
+            return r.map(Some);
+        }
+        if !io {
+            return Ok(None);
         }
         let t = self.l2_table(l2_off)?;
-        self.l2_cache.read(|| self.map_in(&t, guest, lim))
+        self.l2_cache.read(|| self.map_in(&t, guest, lim)).map(Some)
     }
 
     /// The mapping at `guest` and its run up to `lim`, from L2 table `t`.
