@@ -109,6 +109,9 @@ impl<R> LentReader<R> {
 impl<R: AsyncRead + Unpin> AsyncRead for LentReader<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, dst: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
+        if dst.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if me.pos == me.filled {
             if dst.remaining() >= READ_BUFFER {
                 return Pin::new(&mut me.inner).poll_read(cx, dst);

@@ -179,7 +179,7 @@ impl Server {
             }
         }
         let (rd, wr) = tokio::io::split(stream);
-        let run = transmission::run_spliced(rd, wr, *t, export, splice.and_then(transmission::Splice::new));
+        let run = transmission::run_spliced(rd, wr, *t, export, splice.map(transmission::Splice::new));
         tokio::spawn(async move {
             let _held = held;
             if let Err(e) = run.await {
@@ -361,7 +361,7 @@ where
         style: crate::proto::reply::Style::Simple,
         contexts: Vec::new(),
     };
-    transmission::run_spliced(rd, wr, t, export, splice.and_then(transmission::Splice::new)).await
+    transmission::run_spliced(rd, wr, t, export, splice.map(transmission::Splice::new)).await
 }
 
 /// How option haggling ended.

@@ -192,33 +192,24 @@ fn direct_plan(c: &Conn, req: &Request) -> Option<(Arc<Ring>, Vec<qcow2::Piece>)
     aligned.then_some((ring, plan))
 }
 
-/// Runs a planned direct read through the ring and returns its reply (one data chunk). A short read (a
-/// file shorter than its mapping says) or a ring that cannot take the read falls back to the ordinary way.
-async fn direct_read(c: &Arc<Conn>, ring: &Ring, req: Request, plan: Vec<qcow2::Piece>) -> Vec<u8> {
+/// Runs a planned direct read through the ring and returns its reply (one data chunk); `None` when the read
+/// should go the ordinary way instead: a short read (a file shorter than its mapping says) or a ring that
+/// cannot take it.
+async fn direct_read(c: &Conn, ring: &Ring, req: &Request, plan: Vec<qcow2::Piece>) -> Option<Vec<u8>> {
     let style = c.style;
     let len = req.length as usize;
-    let fallback = |c: &Arc<Conn>| {
-        let c = c.clone();
-        async move {
-            let cc = c.clone();
-            match tokio::task::spawn_blocking(move || handle(&cc, req, Vec::new())).await {
-                Ok(v) => v,
-                Err(_) => reply::done(c.style, req.cookie, req.offset, NBD_EIO, "the read failed"),
-            }
-        }
-    };
     let Some(mut buf) = AlignedBuf::zeroed(len) else {
-        return reply::done(style, req.cookie, req.offset, NBD_ENOMEM, "out of memory");
+        return Some(reply::done(style, req.cookie, req.offset, NBD_ENOMEM, "out of memory"));
     };
     let mut pos = 0usize;
     for p in plan {
         let n = p.len as usize;
         match p.source {
             Source::File { file, offset } => {
-                let Some(fd) = file.direct_fd() else { return fallback(c).await };
+                let fd = file.direct_fd()?;
                 match ring.read(file, fd, buf, pos, n, offset).await {
                     Ok((got, b)) if got == n => buf = b,
-                    Ok(_) => return fallback(c).await,
+                    Ok(_) => return None,
                     // The ring could not take it, or this kernel's io_uring cannot read this file: the
                     // ordinary way can (bounce buffers).
                     Err(e)
@@ -227,11 +218,11 @@ async fn direct_read(c: &Arc<Conn>, ring: &Ring, req: Request, plan: Vec<qcow2::
                             Some(libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
                         ) =>
                     {
-                        return fallback(c).await
+                        return None
                     }
                     Err(e) => {
                         tracing::warn!("read at {} failed: {e}", req.offset);
-                        return reply::done(style, req.cookie, req.offset, NBD_EIO, &e.to_string());
+                        return Some(reply::done(style, req.cookie, req.offset, NBD_EIO, &e.to_string()));
                     }
                 }
             }
@@ -239,16 +230,23 @@ async fn direct_read(c: &Arc<Conn>, ring: &Ring, req: Request, plan: Vec<qcow2::
         }
         pos += n;
     }
+    let h = whole_data_header(style, req);
+    let mut v = c.pool.sized(h.len() + len);
+    v[..h.len()].copy_from_slice(&h);
+    v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
+    Some(v)
+}
+
+/// The header of a READ reply that carries all its data at once: a simple reply, or one OFFSET_DATA chunk
+/// with DONE.
+fn whole_data_header(style: Style, req: &Request) -> Vec<u8> {
     let mut h = Vec::with_capacity(40);
     if style == Style::Simple {
         h.extend_from_slice(&reply::simple(req.cookie, 0));
     } else {
         reply::data_header(&mut h, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
     }
-    let mut v = c.pool.sized(h.len() + len);
-    v[..h.len()].copy_from_slice(&h);
-    v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
-    v
+    h
 }
 
 /// What a request holds of the connection's budget (a slot among [`MAX_IN_FLIGHT`] and its share of
@@ -300,8 +298,8 @@ impl Splice {
     }
 
     /// Wraps a duplicate of the connection's socket.
-    pub fn new(fd: OwnedFd) -> Option<Splice> {
-        Some(Splice::Idle(fd))
+    pub fn new(fd: OwnedFd) -> Splice {
+        Splice::Idle(fd)
     }
 
     /// The registered socket, registering it on first use; `None` if it cannot be.
@@ -540,8 +538,12 @@ where
             if let Some((ring, plan)) = direct_plan(&conn, &req) {
                 let (c, t) = (conn.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let bytes = direct_read(&c, &ring, req, plan).await;
-                    let _ = t.send((Out::Bytes(bytes), permits));
+                    match direct_read(&c, &ring, &req, plan).await {
+                        Some(bytes) => {
+                            let _ = t.send((Out::Bytes(bytes), permits));
+                        }
+                        None => offload(&c, &t, req, Vec::new(), permits),
+                    }
                 });
                 continue;
             }
@@ -680,13 +682,7 @@ fn spliced_read(c: &Conn, req: &Request) -> Option<Vec<Part>> {
     let df = req.flags & NBD_CMD_FLAG_DF != 0;
     let holes = plan.iter().any(|p| matches!(p.source, Source::Zero));
     if style == Style::Simple || df || !holes {
-        let mut h = Vec::with_capacity(40);
-        if style == Style::Simple {
-            h.extend_from_slice(&reply::simple(req.cookie, 0));
-        } else {
-            reply::data_header(&mut h, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
-        }
-        parts.push(Part::Bytes(h));
+        parts.push(Part::Bytes(whole_data_header(style, req)));
         parts.extend(plan.into_iter().map(|p| data(p.source, p.len)));
         return Some(parts);
     }
@@ -878,9 +874,7 @@ fn read(c: &Conn, req: &Request) -> Vec<u8> {
     let fail = |e: qcow2::Error| reply::done(style, req.cookie, req.offset, errno(&e), &e.to_string());
     // A single data chunk when the client asks for it, the read is small, or it is all data anyway.
     if df || len <= 4096 || dev.block_status(req.offset, req.length).is_ok_and(|st| !st.zero && st.len >= req.length) {
-        let mut h = Vec::with_capacity(40);
-        reply::data_header(&mut h, style, NBD_REPLY_FLAG_DONE, req.cookie, req.offset, req.offset, req.length);
-        return one(&h).unwrap_or_else(fail);
+        return one(&whole_data_header(style, req)).unwrap_or_else(fail);
     }
     let mut v = c.pool.take();
     v.clear();

@@ -82,7 +82,7 @@ pub struct Ring {
     /// A submission failed: the reaper tries again.
     retry: AtomicBool,
     /// Wakes the reaper: the ring closed, or a submission is to be retried.
-    close: Notify,
+    wake: Notify,
 }
 
 impl Drop for Ring {
@@ -128,7 +128,7 @@ impl Ring {
             next: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             retry: AtomicBool::new(false),
-            close: Notify::new(),
+            wake: Notify::new(),
         });
         tokio::spawn(reap(ring.clone()));
         Some(ring)
@@ -137,7 +137,7 @@ impl Ring {
     /// Stops the reaper once nothing is in flight (the connection has ended).
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.close.notify_one();
+        self.wake.notify_one();
     }
 
     /// Reads `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]`; gives back the
@@ -177,7 +177,7 @@ impl Ring {
             // A failed submit leaves the entry queued: the reaper submits it again.
             if u.submit().is_err() {
                 self.retry.store(true, Ordering::SeqCst);
-                self.close.notify_one();
+                self.wake.notify_one();
             }
         }
         match rx.await {
@@ -197,7 +197,7 @@ async fn reap(ring: Arc<Ring>) {
         }
         let ready = tokio::select! {
             r = ring.fd.readable() => Some(r),
-            _ = ring.close.notified() => None,
+            _ = ring.wake.notified() => None,
         };
         match ready {
             // Cleared before draining: a completion posted after the drain makes the descriptor readable again.
@@ -217,7 +217,7 @@ async fn reap(ring: Arc<Ring>) {
             // The kernel refused the submission for now (memory, a full completion queue): try again shortly.
             ring.retry.store(true, Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            ring.close.notify_one();
+            ring.wake.notify_one();
         }
         for (id, r) in done {
             if let Some(p) = lock(&ring.pending).remove(&id) {

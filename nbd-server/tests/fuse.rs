@@ -39,6 +39,33 @@ fn pid_of(pid_file: &Path) -> u32 {
     std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
 }
 
+/// What [`export_overlay`] made and started.
+struct Exported {
+    base: PathBuf,
+    ov: PathBuf,
+    mp: PathBuf,
+    pid_file: PathBuf,
+    pid: u32,
+}
+
+/// In `d`: a raw base of `size` filled with 0x5a and a qcow2 overlay on it, exported by `qnbd --fuse --fork`
+/// on the regular file `disk.img` (registered in `c` for unmounting).
+fn export_overlay(d: &Path, size: &str, c: &mut Cleanup) -> Exported {
+    let base = d.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), size]);
+    ok("qemu-io", &["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}"), s(&base)]);
+    let ov = d.join("overlay.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
+    let mp = d.join("disk.img");
+    std::fs::write(&mp, b"").unwrap();
+    let pid_file = d.join("qnbd.pid");
+    // --fork returns once the file is mounted
+    ok(QNBD, &["--fuse", s(&mp), "--fork", "--pid-file", s(&pid_file), "-f", "qcow2", s(&ov)]);
+    c.mounts.push(mp.clone());
+    let pid = pid_of(&pid_file);
+    Exported { base, ov, mp, pid_file, pid }
+}
+
 #[test]
 fn overlay_through_fuse_and_loop_is_formatted_mounted_and_written() {
     if !usable() {
@@ -46,21 +73,9 @@ fn overlay_through_fuse_and_loop_is_formatted_mounted_and_written() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = d.join("base.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "96M"]);
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 96M", s(&base)]);
-    let base_md5 = md5(&base);
-    let ov = d.join("overlay.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
-    let mp = d.join("disk.img");
-    std::fs::write(&mp, b"").unwrap();
-    let pid_file = d.join("qnbd.pid");
     let mut c = Cleanup { mounts: vec![], loops: vec![] };
-
-    // --fork returns once the file is mounted
-    ok(QNBD, &["--fuse", s(&mp), "--fork", "--pid-file", s(&pid_file), "-f", "qcow2", s(&ov)]);
-    c.mounts.push(mp.clone());
-    let pid = pid_of(&pid_file);
+    let Exported { base, ov, mp, pid_file, pid } = export_overlay(d, "96M", &mut c);
+    let base_md5 = md5(&base);
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 96 << 20, "the file has the image's virtual size");
     // what the overlay shows before any write is the base
     let head = std::fs::read(&mp).unwrap();
@@ -149,18 +164,8 @@ fn queued_direct_io_through_fuse_keeps_every_byte() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = d.join("base.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "64M"]);
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64M", s(&base)]);
-    let ov = d.join("overlay.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
-    let mp = d.join("disk.img");
-    std::fs::write(&mp, b"").unwrap();
-    let pid_file = d.join("qnbd.pid");
     let mut c = Cleanup { mounts: vec![], loops: vec![] };
-    ok(QNBD, &["--fuse", s(&mp), "--fork", "--pid-file", s(&pid_file), "-f", "qcow2", s(&ov)]);
-    c.mounts.push(mp.clone());
-    let pid = pid_of(&pid_file);
+    let Exported { ov, mp, pid, .. } = export_overlay(d, "64M", &mut c);
     let file_arg = format!("--filename={}", s(&mp));
     let fio = |extra: &[&str]| {
         let mut a = vec![
