@@ -26,7 +26,7 @@ use qcow2::util::is_zero;
 use qcow2::{ErrorKind, Source, SpliceFile};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
@@ -190,6 +190,72 @@ fn direct_plan(c: &Conn, req: &Request) -> Option<(Arc<Ring>, Vec<qcow2::Piece>)
         .iter()
         .all(|p| p.len % align == 0 && !matches!(&p.source, Source::File { offset, .. } if offset % align != 0));
     aligned.then_some((ring, plan))
+}
+
+/// Largest direct read answered by the ring's reaper itself: it copies the data into the reply, which for a
+/// large read would hold up every other completion (those go through a task of their own).
+const REAPED_MAX: u64 = 128 << 10;
+
+/// Queues a planned direct read that is one file range on the ring; the reaper sends its reply (or hands it to
+/// the blocking pool: a short read, or a kernel whose io_uring cannot read this file). Gives the request back
+/// when the plan has more pieces or the ring cannot take it.
+fn queue_direct(
+    c: &Arc<Conn>,
+    ring: &Ring,
+    tx: &Sender<Queued>,
+    req: Request,
+    plan: &mut Vec<qcow2::Piece>,
+    permits: Permits,
+) -> std::result::Result<(), (Request, Permits)> {
+    let len = req.length as usize;
+    let one_file =
+        plan.len() == 1 && matches!(&plan[0].source, Source::File { file, .. } if file.direct_fd().is_some());
+    if !one_file || plan[0].len != req.length || req.length > REAPED_MAX {
+        return Err((req, permits));
+    }
+    let Some(piece) = plan.pop() else { return Err((req, permits)) };
+    let Source::File { file, offset } = piece.source else { return Err((req, permits)) };
+    let (Some(fd), Some(buf)) = (file.direct_fd(), AlignedBuf::zeroed(len)) else {
+        plan.push(qcow2::Piece { len: piece.len, source: Source::File { file, offset } });
+        return Err((req, permits));
+    };
+    // The request and its budget travel with the read; only a refused push gives them back (below).
+    let slot = Arc::new(Mutex::new(Some((req, permits))));
+    let (c2, t, s2) = (c.clone(), tx.clone(), slot.clone());
+    let done: crate::uring::Done = Box::new(move |r, buf| {
+        let Some((req, permits)) = take(&s2) else { return };
+        if r >= 0 && r as usize == len {
+            let h = whole_data_header(c2.style, &req);
+            let mut v = c2.pool.sized(h.len() + len);
+            v[..h.len()].copy_from_slice(&h);
+            v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
+            let _ = t.send((Out::Bytes(v), permits));
+        } else if r >= 0 || matches!(-r, libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) {
+            // Short (a file shorter than its mapping says), or this kernel's io_uring cannot read the file:
+            // the ordinary way can.
+            offload(&c2, &t, req, Vec::new(), permits);
+        } else {
+            let e = std::io::Error::from_raw_os_error(-r);
+            tracing::warn!("read at {} failed: {e}", req.offset);
+            let _ =
+                t.send((Out::Bytes(reply::done(c2.style, req.cookie, req.offset, NBD_EIO, &e.to_string())), permits));
+        }
+    });
+    match ring.push_read(file, fd, buf, 0, len, offset, done) {
+        Ok(()) => Ok(()),
+        Err((file, _, _)) => {
+            plan.push(qcow2::Piece { len: piece.len, source: Source::File { file, offset } });
+            // The read was never queued, so `done` never ran: the request is still in the slot.
+            match take(&slot) {
+                Some(back) => Err(back),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// Runs a planned direct read through the ring and returns its reply (one data chunk); `None` when the read
@@ -535,7 +601,13 @@ where
         let permits: Permits = (mem, slot);
         // O_DIRECT: a read goes to the connection's io_uring, its task waits for the disk, not a thread.
         if conn.direct_reads && req.kind == NBD_CMD_READ {
-            if let Some((ring, plan)) = direct_plan(&conn, &req) {
+            if let Some((ring, mut plan)) = direct_plan(&conn, &req) {
+                // One file range (the usual case): queued here, answered by the reaper when the disk is done.
+                let (req, permits) = match queue_direct(&conn, &ring, &tx, req, &mut plan, permits) {
+                    Ok(()) => continue,
+                    Err(back) => back,
+                };
+                // Several pieces: read one after the other by a task of their own.
                 let (c, t) = (conn.clone(), tx.clone());
                 tokio::spawn(async move {
                     match direct_read(&c, &ring, &req, plan).await {

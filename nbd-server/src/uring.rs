@@ -64,9 +64,13 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// What to do with a finished read: its result (bytes read, or a negative errno) and the buffer back. Runs on
+/// the reaper's task, so it must not block.
+pub type Done = Box<dyn FnOnce(i32, AlignedBuf) + Send>;
+
 /// A read in flight: what the kernel uses until it completes.
 struct Pending {
-    done: oneshot::Sender<(i32, AlignedBuf)>,
+    done: Done,
     buf: AlignedBuf,
     _file: SpliceFile,
 }
@@ -140,9 +144,14 @@ impl Ring {
         self.wake.notify_one();
     }
 
-    /// Reads `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]`; gives back the
-    /// number of bytes read (fewer at the end of the file) and the buffer.
-    pub async fn read(
+    /// Submits a read of `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]`. `done` gets
+    /// the number of bytes read (fewer at the end of the file) or a negative errno, and the buffer, on the reaper's
+    /// task. Gives everything back when the ring cannot take the read.
+    ///
+    /// Each read is submitted at once. Gathering a batch of requests' reads into one submission was measured
+    /// slower (0.95x qemu-nbd against 1.6x at 4 KiB QD32): the first reads of a batch wait for the last.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_read(
         &self,
         file: SpliceFile,
         fd: i32,
@@ -150,35 +159,55 @@ impl Ring {
         at: usize,
         len: usize,
         offset: u64,
-    ) -> io::Result<(usize, AlignedBuf)> {
+        done: Done,
+    ) -> Result<(), (SpliceFile, AlignedBuf, Done)> {
         let fits = at.checked_add(len).is_some_and(|e| e <= buf.len) && u32::try_from(len).is_ok();
         if !fits {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err((file, buf, done));
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `at + len` is inside the buffer (checked above).
         let ptr = unsafe { buf.as_mut_slice().as_mut_ptr().add(at) };
         let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).build().user_data(id);
-        let (done, rx) = oneshot::channel();
-        {
-            let mut u = lock(&self.uring);
-            // SAFETY: the buffer and the file it reads are kept in `pending` (inserted below, before the
-            // submission reaches the kernel, under the same lock) until the reaper takes the completion.
-            let mut pushed = unsafe { u.submission().push(&sqe) }.is_ok();
-            if !pushed {
-                let _ = u.submit();
-                // SAFETY: as above.
-                pushed = unsafe { u.submission().push(&sqe) }.is_ok();
-            }
-            if !pushed {
-                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
-            }
-            lock(&self.pending).insert(id, Pending { done, buf, _file: file });
-            // A failed submit leaves the entry queued: the reaper submits it again.
-            if u.submit().is_err() {
-                self.retry.store(true, Ordering::SeqCst);
-                self.wake.notify_one();
-            }
+        let mut u = lock(&self.uring);
+        // SAFETY: the buffer and the file it reads are kept in `pending` (inserted below, before the
+        // submission reaches the kernel, under the same lock) until the reaper takes the completion.
+        let mut pushed = unsafe { u.submission().push(&sqe) }.is_ok();
+        if !pushed {
+            // The submission queue is full: submit what is there to make room.
+            let _ = u.submit();
+            // SAFETY: as above.
+            pushed = unsafe { u.submission().push(&sqe) }.is_ok();
+        }
+        if !pushed {
+            return Err((file, buf, done));
+        }
+        lock(&self.pending).insert(id, Pending { done, buf, _file: file });
+        // A failed submit leaves the entry queued: the reaper submits it again.
+        if u.submit().is_err() {
+            self.retry.store(true, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]` at once; gives back the
+    /// number of bytes read (fewer at the end of the file) and the buffer.
+    pub async fn read(
+        &self,
+        file: SpliceFile,
+        fd: i32,
+        buf: AlignedBuf,
+        at: usize,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<(usize, AlignedBuf)> {
+        let (tx, rx) = oneshot::channel();
+        let done: Done = Box::new(move |r, buf| {
+            let _ = tx.send((r, buf));
+        });
+        if self.push_read(file, fd, buf, at, len, offset, done).is_err() {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
         match rx.await {
             Ok((r, buf)) if r >= 0 => Ok((r as usize, buf)),
@@ -220,8 +249,9 @@ async fn reap(ring: Arc<Ring>) {
             ring.wake.notify_one();
         }
         for (id, r) in done {
-            if let Some(p) = lock(&ring.pending).remove(&id) {
-                let _ = p.done.send((r, p.buf));
+            let p = lock(&ring.pending).remove(&id);
+            if let Some(p) = p {
+                (p.done)(r, p.buf);
             }
         }
     }
