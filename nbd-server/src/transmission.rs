@@ -254,6 +254,80 @@ fn queue_direct(
     }
 }
 
+/// Queues an `O_DIRECT` WRITE that changes no metadata (`plan_write_cached`: one aligned range of allocated
+/// clusters) on the connection's ring; the reaper sends its reply once the disk has the data. Gives the request
+/// back when it must go the ordinary way: FUA, zero detection, a plan of several ranges or none, unaligned, a
+/// read-modify-write of the file under way, no io_uring writes.
+fn queue_direct_write(
+    c: &Arc<Conn>,
+    tx: &Sender<Queued>,
+    req: Request,
+    payload: Vec<u8>,
+    permits: Permits,
+) -> std::result::Result<(), (Request, Vec<u8>, Permits)> {
+    let ex = &c.export;
+    let len = payload.len();
+    let quick = req.flags & NBD_CMD_FLAG_FUA == 0
+        && len as u64 == req.length
+        && req.length <= DIRECT_MAX
+        && !ex.is_read_only()
+        && !(ex.detect_zeroes != DetectZeroes::Off && is_zero(&payload));
+    let Some(ring) = quick.then(|| c.ring.get_or_init(Ring::start).clone()).flatten().filter(|r| r.can_write()) else {
+        return Err((req, payload, permits));
+    };
+    let mut plan = Vec::new();
+    if !ex.device.plan_write_cached(req.offset, req.length, &mut plan) || plan.len() != 1 {
+        return Err((req, payload, permits));
+    }
+    let Some(qcow2::Piece { source: Source::File { file, offset }, .. }) = plan.pop() else {
+        return Err((req, payload, permits));
+    };
+    let align = file.alignment().max(512);
+    let aligned = offset.is_multiple_of(align) && req.length.is_multiple_of(align);
+    let (Some(fd), true, Some(pin), Some(mut buf)) =
+        (file.direct_fd(), aligned, aligned.then(|| file.pin_direct_write()).flatten(), AlignedBuf::zeroed(len))
+    else {
+        return Err((req, payload, permits));
+    };
+    buf.as_mut_slice()[..len].copy_from_slice(&payload);
+    c.pool.put(payload);
+    let slot = Arc::new(Mutex::new(Some((req, permits))));
+    let (c2, t, s2) = (c.clone(), tx.clone(), slot.clone());
+    let done: crate::uring::Done = Box::new(move |r, buf| {
+        // The write is over (done or failed): a read-modify-write of the file may start.
+        drop(pin);
+        let Some((req, permits)) = take(&s2) else { return };
+        let reply = if r >= 0 && r as usize == len {
+            reply::done(c2.style, req.cookie, req.offset, 0, "")
+        } else if r >= 0 || matches!(-r, libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) {
+            // Short (the disk took part of it: the whole write again, the ordinary way), or this kernel's
+            // io_uring cannot write the file.
+            let mut payload = c2.pool.sized(len);
+            payload.copy_from_slice(&buf.as_slice()[..len]);
+            offload(&c2, &t, req, payload, permits);
+            return;
+        } else {
+            let e = std::io::Error::from_raw_os_error(-r);
+            tracing::warn!("write at {} failed: {e}", req.offset);
+            let code = if matches!(-r, libc::ENOSPC | libc::EDQUOT) { NBD_ENOSPC } else { NBD_EIO };
+            reply::done(c2.style, req.cookie, req.offset, code, &e.to_string())
+        };
+        let _ = t.send((Out::Bytes(reply), permits));
+    });
+    match ring.push_write(file, fd, buf, len, offset, done) {
+        Ok(()) => Ok(()),
+        Err((_, buf, _)) => match take(&slot) {
+            // Never queued (`done` dropped with the pin): the ordinary way, with the payload back.
+            Some((req, permits)) => {
+                let mut payload = c.pool.sized(len);
+                payload.copy_from_slice(&buf.as_slice()[..len]);
+                Err((req, payload, permits))
+            }
+            None => Ok(()),
+        },
+    }
+}
+
 fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
     m.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
@@ -620,6 +694,15 @@ where
                 continue;
             }
         }
+        // O_DIRECT: an in-place write of allocated clusters goes to the ring too.
+        let (req, payload, permits) = if conn.direct_reads && req.kind == NBD_CMD_WRITE {
+            match queue_direct_write(&conn, &tx, req, payload, permits) {
+                Ok(()) => continue,
+                Err(back) => back,
+            }
+        } else {
+            (req, payload, permits)
+        };
         let out = match splice.then(|| spliced_read(&conn, &req)).flatten() {
             Some(parts) => Some((Out::Parts(parts), permits)),
             None if !always_offload(&req) && !conn.offloading() => {

@@ -12,10 +12,9 @@
 
 use io_uring::{opcode, types, IoUring};
 use qcow2::SpliceFile;
-use std::collections::HashMap;
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -76,29 +75,30 @@ struct Pending {
 }
 
 /// One connection's ring.
+///
+/// Each entry's `user_data` is its [`Pending`], boxed and leaked at submission and taken back by the reaper
+/// from the completion (each entry here completes exactly once): no table to lock between the connection's
+/// task and the reaper, which measured as contention on two cores.
 pub struct Ring {
     // Dropped before `uring`: deregistered while the descriptor is still open.
     fd: AsyncFd<i32>,
-    uring: Mutex<IoUring>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next: AtomicU64,
+    uring: IoUring,
+    /// Held to fill and submit the submission queue (the connection's task, and the reaper retrying). The
+    /// completion queue is the reaper's alone.
+    submit: Mutex<()>,
+    /// Entries submitted and not yet reaped.
+    in_flight: AtomicUsize,
     closed: AtomicBool,
     /// A submission failed: the reaper tries again.
     retry: AtomicBool,
     /// Wakes the reaper: the ring closed, or a submission is to be retried.
     wake: Notify,
+    /// `IORING_OP_WRITE` is there (Linux 5.6, as `IORING_OP_READ`; a kernel could still filter it).
+    can_write: bool,
 }
 
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // Reads still in flight (the runtime is going away under them): the kernel may yet write into their
-        // buffers, so they are leaked, never freed.
-        let pending = std::mem::take(&mut *lock(&self.pending));
-        if !pending.is_empty() {
-            std::mem::forget(pending);
-        }
-    }
-}
+// Entries still in flight when a ring is dropped (the runtime going away under them) are never reaped: their
+// `Pending` stays leaked, so the kernel never writes into freed buffers or reads a closed descriptor.
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -127,12 +127,13 @@ impl Ring {
         let fd = unsafe { AsyncFd::register_with_interest(raw, Interest::READABLE) }.ok()?;
         let ring = Arc::new(Ring {
             fd,
-            uring: Mutex::new(uring),
-            pending: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
+            uring,
+            submit: Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             retry: AtomicBool::new(false),
             wake: Notify::new(),
+            can_write: probe.is_supported(opcode::Write::CODE),
         });
         tokio::spawn(reap(ring.clone()));
         Some(ring)
@@ -165,26 +166,57 @@ impl Ring {
         if !fits {
             return Err((file, buf, done));
         }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `at + len` is inside the buffer (checked above).
         let ptr = unsafe { buf.as_mut_slice().as_mut_ptr().add(at) };
-        let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).build().user_data(id);
-        let mut u = lock(&self.uring);
-        // SAFETY: the buffer and the file it reads are kept in `pending` (inserted below, before the
-        // submission reaches the kernel, under the same lock) until the reaper takes the completion.
-        let mut pushed = unsafe { u.submission().push(&sqe) }.is_ok();
-        if !pushed {
-            // The submission queue is full: submit what is there to make room.
-            let _ = u.submit();
-            // SAFETY: as above.
-            pushed = unsafe { u.submission().push(&sqe) }.is_ok();
-        }
-        if !pushed {
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).build();
+        self.push(sqe, Pending { done, buf, _file: file }).map_err(|p| (p._file, p.buf, p.done))
+    }
+
+    /// Submits a write of the first `len` bytes of `buf` to `file` (descriptor `fd`) at `offset`; `done` gets the
+    /// number of bytes written or a negative errno, and the buffer, on the reaper's task. Gives everything back
+    /// when the ring cannot take the write (or cannot write at all: [`Ring::can_write`]).
+    pub fn push_write(
+        &self,
+        file: SpliceFile,
+        fd: i32,
+        buf: AlignedBuf,
+        len: usize,
+        offset: u64,
+        done: Done,
+    ) -> Result<(), (SpliceFile, AlignedBuf, Done)> {
+        if !self.can_write || len > buf.len || u32::try_from(len).is_err() {
             return Err((file, buf, done));
         }
-        lock(&self.pending).insert(id, Pending { done, buf, _file: file });
+        let sqe = opcode::Write::new(types::Fd(fd), buf.as_slice().as_ptr(), len as u32).offset(offset).build();
+        self.push(sqe, Pending { done, buf, _file: file }).map_err(|p| (p._file, p.buf, p.done))
+    }
+
+    /// Whether this kernel's io_uring has `IORING_OP_WRITE`.
+    pub fn can_write(&self) -> bool {
+        self.can_write
+    }
+
+    /// Queues `sqe` (its buffer and file are in `p`) and submits it.
+    fn push(&self, sqe: io_uring::squeue::Entry, p: Pending) -> Result<(), Pending> {
+        let raw = Box::into_raw(Box::new(p));
+        let sqe = sqe.user_data(raw as u64);
+        let _g = lock(&self.submit);
+        // SAFETY: the submission queue is only touched under `submit`. The entry's buffer and file live in the
+        // leaked `Pending` until the reaper takes it back from the completion.
+        let mut pushed = unsafe { self.uring.submission_shared().push(&sqe) }.is_ok();
+        if !pushed {
+            // The submission queue is full: submit what is there to make room.
+            let _ = self.uring.submit();
+            // SAFETY: as above.
+            pushed = unsafe { self.uring.submission_shared().push(&sqe) }.is_ok();
+        }
+        if !pushed {
+            // SAFETY: `raw` came from Box::into_raw above and the kernel never saw it.
+            return Err(*unsafe { Box::from_raw(raw) });
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         // A failed submit leaves the entry queued: the reaper submits it again.
-        if u.submit().is_err() {
+        if self.uring.submit().is_err() {
             self.retry.store(true, Ordering::SeqCst);
             self.wake.notify_one();
         }
@@ -220,8 +252,9 @@ impl Ring {
 
 /// Hands completions back until the ring is closed and nothing is in flight.
 async fn reap(ring: Arc<Ring>) {
+    let mut done: Vec<(u64, i32)> = Vec::new();
     loop {
-        if ring.closed.load(Ordering::SeqCst) && lock(&ring.pending).is_empty() {
+        if ring.closed.load(Ordering::SeqCst) && ring.in_flight.load(Ordering::SeqCst) == 0 {
             return;
         }
         let ready = tokio::select! {
@@ -234,25 +267,26 @@ async fn reap(ring: Arc<Ring>) {
             Some(Err(_)) => return,
             None => {}
         }
-        let mut failed = false;
-        let done: Vec<(u64, i32)> = {
-            let mut u = lock(&ring.uring);
-            if ring.retry.swap(false, Ordering::SeqCst) || !u.submission().is_empty() {
-                failed = u.submit().is_err();
+        if ring.retry.swap(false, Ordering::SeqCst) {
+            let _g = lock(&ring.submit);
+            if ring.uring.submit().is_err() {
+                // The kernel refused the submission for now (memory, a full completion queue): try again
+                // shortly, after reaping what has completed.
+                ring.retry.store(true, Ordering::SeqCst);
+                let r = ring.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    r.wake.notify_one();
+                });
             }
-            u.completion().map(|c| (c.user_data(), c.result())).collect()
-        };
-        if failed {
-            // The kernel refused the submission for now (memory, a full completion queue): try again shortly.
-            ring.retry.store(true, Ordering::SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            ring.wake.notify_one();
         }
-        for (id, r) in done {
-            let p = lock(&ring.pending).remove(&id);
-            if let Some(p) = p {
-                (p.done)(r, p.buf);
-            }
+        // SAFETY: only this task reads the completion queue.
+        done.extend(unsafe { ring.uring.completion_shared() }.map(|c| (c.user_data(), c.result())));
+        for (ud, r) in done.drain(..) {
+            // SAFETY: every entry's user_data is a `Pending` leaked by `push`, and it completes once.
+            let p = unsafe { Box::from_raw(ud as *mut Pending) };
+            ring.in_flight.fetch_sub(1, Ordering::SeqCst);
+            (p.done)(r, p.buf);
         }
     }
 }

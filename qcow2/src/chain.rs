@@ -917,6 +917,33 @@ impl BlockDevice for Image {
         }
     }
 
+    fn plan_write_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> bool {
+        if self.check_writable(offset, len).is_err() || len == 0 {
+            return false;
+        }
+        // A probed raw image's first sector is checked against format magics by `write_at`.
+        if self.probed_raw && offset < crate::format::probe::PROBE_BYTES as u64 {
+            return false;
+        }
+        match &self.layer {
+            Layer::Raw(s) if s.direct_fd().is_some() => {
+                push_piece(out, len, Source::File { file: SpliceFile::new(s), offset });
+                true
+            }
+            Layer::Raw(_) => false,
+            Layer::Qcow2(q) => {
+                let mut runs = Vec::new();
+                if q.data_storage().direct_fd().is_none() || !q.plan_write_cached(offset, len, &mut runs) {
+                    return false;
+                }
+                for (host, n) in runs {
+                    push_piece(out, n, Source::File { file: SpliceFile::new(q.data_storage()), offset: host });
+                }
+                true
+            }
+        }
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         // Zeros can complete a magic too ("QED\0"): the first sector is checked as for a write.

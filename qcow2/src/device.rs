@@ -29,6 +29,12 @@ impl SpliceFile {
         self.0.direct_fd()
     }
 
+    /// Permission to write an aligned range of [`SpliceFile::direct_fd`], held until the write completes
+    /// (`None`: write through the device instead).
+    pub fn pin_direct_write(&self) -> Option<crate::storage::WritePin> {
+        self.0.pin_direct_write()
+    }
+
     /// Reads `buf.len()` bytes at `offset` of the file (zeros past its end).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_at(buf, offset)
@@ -163,6 +169,14 @@ pub trait BlockDevice: Send + Sync {
     fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         let _ = (buf, offset);
         None
+    }
+    /// Plans a write of `len` bytes at `offset` that changes no metadata, for a server that writes the data
+    /// itself (io_uring with `O_DIRECT`): appends the file ranges the bytes go to, in order, and returns true;
+    /// nothing is read from disk. Each range's [`SpliceFile::pin_direct_write`] is to be held until its write
+    /// completes. `false` (and `out` unspecified): call [`BlockDevice::write_at`]. The default never plans.
+    fn plan_write_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> bool {
+        let _ = (offset, len, out);
+        false
     }
     /// Makes the range read as zeros; may deallocate it if `may_unmap`.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()>;

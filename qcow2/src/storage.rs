@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
 /// Positioned reads and writes on one file. Reads past the end of the storage return zeros, as qemu's
@@ -59,6 +60,11 @@ pub trait Storage: Send + Sync {
     fn direct_fd(&self) -> Option<i32> {
         None
     }
+    /// Permission to write aligned ranges of [`Storage::direct_fd`] from outside the storage (io_uring), held
+    /// until the write completes; `None` when the storage has no such descriptor or cannot grant it now.
+    fn pin_direct_write(&self) -> Option<WritePin> {
+        None
+    }
     /// Where byte `offset` of this storage lies in the file underneath (for `qemu-img map`'s host offsets).
     fn host_offset(&self, offset: u64) -> u64 {
         offset
@@ -101,11 +107,37 @@ pub struct FileStorage {
 
 /// `O_DIRECT` state: transfers must be aligned in memory, offset and length. Unaligned requests go through an
 /// aligned bounce buffer; a partial block is read, patched and written back under the write side of `rmw`,
-/// while aligned writes take its read side, so no write is lost to a concurrent read-modify-write.
+/// while aligned writes take its read side, so no write is lost to a concurrent read-modify-write. Aligned
+/// writes issued outside the storage (a server's io_uring) hold a [`WritePin`] instead, and a
+/// read-modify-write waits for the pinned writes to complete before it reads.
 #[derive(Debug)]
 struct Direct {
     align: u64,
     rmw: RwLock<()>,
+    pinned: std::sync::Arc<AtomicUsize>,
+}
+
+/// An aligned `O_DIRECT` write in flight outside the storage ([`Storage::pin_direct_write`]): until it is
+/// dropped, no read-modify-write of a partial block of the file starts.
+#[derive(Debug)]
+pub struct WritePin(std::sync::Arc<AtomicUsize>);
+
+impl Drop for WritePin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Direct {
+    /// Takes the write side of `rmw` and waits for the pinned writes in flight (each completes or fails with
+    /// its device: the wait is the disk's latency). New pins are refused while the lock is held.
+    fn exclusive(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>> {
+        let g = self.rmw.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?;
+        while self.pinned.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        Ok(g)
+    }
 }
 
 /// Alignment of bounce buffers (a page: enough for every device's memory alignment).
@@ -200,7 +232,7 @@ impl FileStorage {
             no_flush: o.no_flush,
         };
         if o.direct {
-            s.direct = Some(Direct { align: s.probe_alignment(), rmw: RwLock::new(()) });
+            s.direct = Some(Direct { align: s.probe_alignment(), rmw: RwLock::new(()), pinned: Default::default() });
         }
         Ok(s)
     }
@@ -335,7 +367,7 @@ impl FileStorage {
         }
         let (start, n) = Self::widen(d.align, offset, buf.len())
             .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "write past 2^64"))?;
-        let _g = d.rmw.write().map_err(|_| poisoned())?;
+        let _g = d.exclusive()?;
         let old_len = self.len()?;
         Bounce::with(n, |b| {
             self.pread_direct(b, start)?;
@@ -429,7 +461,7 @@ impl Storage for FileStorage {
             let (o, l) = (libc::off_t::try_from(offset), libc::off_t::try_from(len));
             // With O_DIRECT a read-modify-write of a partial block must not run across the punch.
             let _rmw = match &self.direct {
-                Some(d) => Some(d.rmw.write().map_err(|_| Error::new(crate::ErrorKind::Io, "poisoned lock"))?),
+                Some(d) => Some(d.exclusive()?),
                 None => None,
             };
             if let (Ok(o), Ok(l)) = (o, l) {
@@ -490,6 +522,14 @@ impl Storage for FileStorage {
 
     fn direct_fd(&self) -> Option<i32> {
         self.direct.as_ref().map(|_| self.file.as_raw_fd())
+    }
+
+    fn pin_direct_write(&self) -> Option<WritePin> {
+        let d = self.direct.as_ref()?;
+        // Never waits (callers are event loops): a read-modify-write under way means "write it the ordinary way".
+        let _g = d.rmw.try_read().ok()?;
+        d.pinned.fetch_add(1, Ordering::AcqRel);
+        Some(WritePin(d.pinned.clone()))
     }
 
     fn is_fixed_size(&self) -> bool {

@@ -585,3 +585,73 @@ fn concurrent_writers_to_the_same_new_clusters_lose_nothing() {
         assert!(std::fs::read(&raw).unwrap() == got, "{name}: qemu reads other bytes");
     }
 }
+
+/// `plan_write_cached` (the io_uring write path of `--cache=none`): plans only in-place writes of allocated,
+/// uncompressed clusters whose L2 table is cached, on `O_DIRECT` files; a write to the planned host range
+/// reads back through the image; and an unaligned write (a read-modify-write of a block) waits while a
+/// planned write holds its pin.
+#[test]
+fn plan_write_cached_plans_only_in_place_writes() {
+    use qcow2::Source;
+    use std::os::unix::fs::FileExt;
+    let d = tmpdir();
+    let img = d.path().join("p.qcow2");
+    create(&img, "", "4M");
+    io(&img, "qcow2", &["write -P 1 0 1M", "write -c -P 2 1M 64k"]);
+    let plan = |dev: &Image, off: u64, len: u64| {
+        let mut out = Vec::new();
+        dev.plan_write_cached(off, len, &mut out).then_some(out)
+    };
+    // Without O_DIRECT there is nothing to plan for.
+    {
+        let dev = Image::open(p(&img), &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        let mut b = vec![0u8; 4096];
+        dev.read_at(&mut b, 0).unwrap();
+        assert!(plan(&dev, 0, 4096).is_none());
+    }
+    let dev = Image::open(p(&img), &OpenOptions { writable: true, direct: true, ..Default::default() }).unwrap();
+    assert!(plan(&dev, 0, 4096).is_none(), "the L2 table is not cached yet");
+    let mut b = vec![0u8; 4096];
+    dev.read_at(&mut b, 0).unwrap();
+    let planned: u64 = plan(&dev, 60 << 10, 8192).expect("two allocated clusters").iter().map(|p| p.len).sum();
+    assert_eq!(planned, 8192);
+    assert!(plan(&dev, 1 << 20, 4096).is_none(), "compressed");
+    assert!(plan(&dev, 2 << 20, 4096).is_none(), "unallocated");
+    assert!(plan(&dev, (4 << 20) - 4096, 8192).is_none(), "past the end");
+    let pieces = plan(&dev, 8192, 4096).unwrap();
+    let [qcow2::Piece { len: 4096, source: Source::File { file, offset } }] = &pieces[..] else {
+        panic!("one file range expected")
+    };
+    let fd = file.direct_fd().expect("an O_DIRECT descriptor");
+    // Written where the plan says, with an aligned buffer, as io_uring would.
+    #[repr(C, align(4096))]
+    struct Block([u8; 4096]);
+    let data = Box::new(Block([0x77; 4096]));
+    // SAFETY: `fd` stays open while `dev` lives; ManuallyDrop keeps the File from closing it.
+    let f = std::mem::ManuallyDrop::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    let pin = file.pin_direct_write().expect("no read-modify-write under way");
+    f.write_all_at(&data.0, *offset).unwrap();
+    dev.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, vec![0x77; 4096]);
+    // A read-modify-write waits for the pin.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // 100 bytes: unaligned for any O_DIRECT alignment (512 or 4096).
+            dev.write_at(&[0x55; 100], 16384 + 100, false).unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!done.load(std::sync::atomic::Ordering::SeqCst), "the read-modify-write ran under a pinned write");
+        drop(pin);
+    });
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    dev.read_at(&mut b, 16384).unwrap();
+    assert!(b[..100].iter().all(|&x| x == 1) && b[100..200].iter().all(|&x| x == 0x55) && b[200] == 1);
+    dev.flush().unwrap();
+    // The plan holds the file open (and so its lock) like the image does.
+    drop(pieces);
+    drop(dev);
+    let r = ok("qemu-io", &["-r", "-c", "read -P 0x77 8k 4k", "-c", "read -P 0x55 16484 100", p(&img)]);
+    assert!(!r.contains("fail"), "{r}");
+}

@@ -414,6 +414,54 @@ impl Qcow2 {
         Some(Ok(()))
     }
 
+    /// Where an in-place write of `len` bytes at guest `offset` would go, without writing: host ranges of
+    /// [`Qcow2::data_storage`] appended to `out` (merged where contiguous), for a server that writes them itself
+    /// (io_uring with `O_DIRECT`). Only what [`Qcow2::write_quick`] writes without a lock qualifies: every
+    /// cluster touched owned by this image, not compressed, every touched subcluster allocated, and its L2 table
+    /// cached (nothing is read here: an event loop calls this). The range is marked in the dirty bitmaps before
+    /// this returns, as a write does before its data goes out. `false`: write it with [`Qcow2::write`].
+    ///
+    /// The host clusters stay this image's while the write is in flight: a cluster freed meanwhile (a
+    /// concurrent discard) is not handed to a new owner while the image is open (`alloc.rs`).
+    pub fn plan_write_cached(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> bool {
+        if self.writer.is_none() || self.poisoned.load(Ordering::Acquire) || len == 0 {
+            return false;
+        }
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size()) else { return false };
+        let cs = self.cluster_size();
+        let mut pos = offset;
+        while pos < end {
+            let in_cluster = pos & (cs - 1);
+            let n = (cs - in_cluster).min(end - pos);
+            let touched = self.touched(in_cluster, in_cluster + n);
+            let Some(s) = self.peek_cached(pos) else { return false };
+            let Some(host) = s.host.filter(|_| s.copied && s.compressed.is_none() && s.alloc & touched == touched)
+            else {
+                return false;
+            };
+            let at = host + in_cluster;
+            match out.last_mut() {
+                Some((h, l)) if h.checked_add(*l) == Some(at) => *l += n,
+                _ => out.push((at, n)),
+            }
+            pos += n;
+        }
+        self.mark_dirty(offset, len);
+        true
+    }
+
+    /// [`Qcow2::peek`] from a cached L2 table only; `None` also for anything the writer would refuse.
+    fn peek_cached(&self, pos: u64) -> Option<ClusterState> {
+        let (l1_idx, idx) = self.indices(pos);
+        let e = self.l1.read().ok()?.get(l1_idx).copied()?;
+        if e & OFFSET_MASK == 0 || e & OFLAG_COPIED == 0 {
+            return None;
+        }
+        let s = self.l2_cache.with(e & OFFSET_MASK, |t| self.state_of(t, idx))?;
+        self.validate(&s, pos).ok()?;
+        Some(s)
+    }
+
     /// The locked part of [`Qcow2::write_quick`].
     fn write_if_unlocked(&self, buf: &[u8], offset: u64, backing: BackingReader<'_>) -> Option<Result<()>> {
         let mut st = self.writer.as_ref()?.try_lock().ok()?;
