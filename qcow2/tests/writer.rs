@@ -655,3 +655,37 @@ fn plan_write_cached_plans_only_in_place_writes() {
     let r = ok("qemu-io", &["-r", "-c", "read -P 0x77 8k 4k", "-c", "read -P 0x55 16484 100", p(&img)]);
     assert!(!r.contains("fail"), "{r}");
 }
+
+/// In-place writes over several allocated clusters are merged into one write where the host clusters follow
+/// each other, and split where they do not (clusters qemu allocated out of order, a compressed one between),
+/// with the same result as qemu's.
+#[test]
+fn in_place_writes_across_clusters_in_any_host_order_match_qemu() {
+    let d = tmpdir();
+    let img = d.path().join("o.qcow2");
+    create(&img, "", "4M");
+    // Host order: cluster 1, 0, 3, 2, then 4..8 in order, 9 compressed, 10 and 11 in order.
+    io(
+        &img,
+        "qcow2",
+        &[
+            "write -P 1 64k 64k",
+            "write -P 2 0 64k",
+            "write -P 3 192k 64k",
+            "write -P 4 128k 64k",
+            "write -P 5 256k 320k",
+            "write -c -P 6 576k 64k",
+            "write -P 7 640k 128k",
+        ],
+    );
+    same_as_qemu(
+        &img,
+        &[
+            Op::Write(0x61, 0, 256 << 10),
+            Op::Write(0x62, 1000, 200_000),
+            Op::Write(0x63, 300 << 10, 400 << 10),
+            Op::Write(0x64, (256 << 10) - 7, 14),
+            Op::Write(0x65, 0, 768 << 10),
+        ],
+    );
+}

@@ -338,6 +338,13 @@ impl Qcow2 {
         self.mark_dirty(offset, buf.len() as u64);
         let cs = self.cluster_size();
         let mut done = 0usize;
+        // In-place clusters whose host clusters follow each other: one write for the run (a 1 MiB write into
+        // a qcow2 that qemu wrote sequentially is one write, not sixteen), as (host, start in buf, length).
+        let mut run: Option<(u64, usize, usize)> = None;
+        let flush = |run: &mut Option<(u64, usize, usize)>| match run.take() {
+            Some((host, at, n)) => self.data.write_at(&buf[at..at + n], host),
+            None => Ok(()),
+        };
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_cluster = pos & (cs - 1);
@@ -348,6 +355,7 @@ impl Qcow2 {
             let peeked = match self.peek(pos) {
                 Ok(p) => p,
                 Err(e) => {
+                    flush(&mut run)?;
                     let r = Err(e);
                     if let Ok(mut st) = self.lock() {
                         self.note_corruption(&mut st, &r);
@@ -355,10 +363,24 @@ impl Qcow2 {
                     return r;
                 }
             };
+            let in_place = |s: &ClusterState| {
+                s.copied && s.compressed.is_none() && s.host.is_some() && s.alloc & touched == touched
+            };
+            if !peeked.as_ref().is_some_and(in_place) {
+                flush(&mut run)?;
+            }
             match peeked {
-                Some(s) if s.copied && s.compressed.is_none() && s.host.is_some() && s.alloc & touched == touched => {
+                Some(s) if in_place(&s) => {
                     let host = s.host.unwrap_or(0) + in_cluster;
-                    self.data.write_at(chunk, host)?;
+                    match &mut run {
+                        Some((h, at, len)) if h.checked_add(*len as u64) == Some(host) && *at + *len == done => {
+                            *len += n
+                        }
+                        _ => {
+                            flush(&mut run)?;
+                            run = Some((host, done, n));
+                        }
+                    }
                 }
                 // Two or more whole clusters to allocate: reserved together, written with one write per
                 // contiguous run of host clusters, published together.
@@ -376,7 +398,7 @@ impl Qcow2 {
             }
             done += n;
         }
-        Ok(())
+        flush(&mut run)
     }
 
     /// A write that costs the caller no waiting, for a server's event-loop thread: with no lock if every
@@ -400,7 +422,14 @@ impl Qcow2 {
             // A lookup error is the slow path's to report (and to mark the image corrupt for).
             match self.peek(pos).ok()? {
                 Some(s) if s.copied && s.compressed.is_none() && s.alloc & touched == touched => {
-                    hosts.push((s.host? + in_cluster, done, n));
+                    let host = s.host? + in_cluster;
+                    // Host clusters that follow each other: one write.
+                    match hosts.last_mut() {
+                        Some((h, at, len)) if h.checked_add(*len as u64) == Some(host) && *at + *len == done => {
+                            *len += n
+                        }
+                        _ => hosts.push((host, done, n)),
+                    }
                 }
                 _ => return self.write_if_unlocked(buf, offset, backing),
             }
