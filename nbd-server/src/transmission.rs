@@ -237,10 +237,10 @@ fn queue_direct(
             // the ordinary way can.
             offload(&c2, &t, req, Vec::new(), permits);
         } else {
-            let e = std::io::Error::from_raw_os_error(-r);
-            tracing::warn!("read at {} failed: {e}", req.offset);
+            let e = qcow2::Error::io(format!("read at {}", req.offset), std::io::Error::from_raw_os_error(-r));
+            tracing::warn!("{e}");
             let _ =
-                t.send((Out::Bytes(reply::done(c2.style, req.cookie, req.offset, NBD_EIO, &e.to_string())), permits));
+                t.send((Out::Bytes(reply::done(c2.style, req.cookie, req.offset, errno(&e), &e.to_string())), permits));
         }
     });
     match ring.push_read(file, fd, buf, 0, len, offset, done) {
@@ -309,10 +309,9 @@ fn queue_direct_write(
             offload(&c2, &t, req, payload, permits);
             return;
         } else {
-            let e = std::io::Error::from_raw_os_error(-r);
-            tracing::warn!("write at {} failed: {e}", req.offset);
-            let code = if matches!(-r, libc::ENOSPC | libc::EDQUOT) { NBD_ENOSPC } else { NBD_EIO };
-            reply::done(c2.style, req.cookie, req.offset, code, &e.to_string())
+            let e = qcow2::Error::io(format!("write at {}", req.offset), std::io::Error::from_raw_os_error(-r));
+            tracing::warn!("{e}");
+            reply::done(c2.style, req.cookie, req.offset, errno(&e), &e.to_string())
         };
         let _ = t.send((Out::Bytes(reply), permits));
     });

@@ -1,14 +1,14 @@
-//! Reads with `O_DIRECT` (`--cache=none`, `directsync`) through io_uring.
+//! `O_DIRECT` transfers (`--cache=none`, `directsync`) through io_uring.
 //!
 //! Without the page cache every read waits for the disk. Run on the blocking pool, each costs a thread hand-off,
 //! a thread asleep in the kernel and a wake-up back: on two cores that was most of the time (140,000 context
-//! switches a second at 37,000 reads). Here the connection's task submits the read to a ring of its own and
-//! awaits its completion; the ring's descriptor is polled by the runtime like a socket, and one task (the
-//! reaper) hands completions back. No thread waits for the disk.
+//! switches a second at 37,000 reads). Here the connection's task submits the read, or the write into
+//! allocated clusters, to a ring of its own; the ring's descriptor is polled by the runtime like a socket, and
+//! one task (the reaper) runs each completion's callback, which sends the reply. No thread waits for the disk.
 //!
-//! Ownership: a submitted read's buffer and the file it reads move into the ring's table of pending reads and
-//! come back with the completion, so a connection that ends (its task dropped mid-read) never leaves the
-//! kernel writing into freed memory or reading a closed descriptor.
+//! Ownership: a submitted entry's buffer and file move into its [`Pending`] state, leaked into the entry's
+//! `user_data` and taken back with the completion, so a connection that ends never leaves the kernel writing
+//! into freed memory or using a closed descriptor.
 
 use io_uring::{opcode, types, IoUring};
 use qcow2::SpliceFile;
@@ -88,6 +88,8 @@ pub struct Ring {
     submit: Mutex<()>,
     /// Entries submitted and not yet reaped.
     in_flight: AtomicUsize,
+    /// The reaper is gone: nothing more is submitted.
+    dead: AtomicBool,
     closed: AtomicBool,
     /// A submission failed: the reaper tries again.
     retry: AtomicBool,
@@ -130,6 +132,7 @@ impl Ring {
             uring,
             submit: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
+            dead: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             retry: AtomicBool::new(false),
             wake: Notify::new(),
@@ -201,6 +204,10 @@ impl Ring {
         let raw = Box::into_raw(Box::new(p));
         let sqe = sqe.user_data(raw as u64);
         let _g = lock(&self.submit);
+        if self.dead.load(Ordering::SeqCst) {
+            // SAFETY: `raw` came from Box::into_raw above and the kernel never saw it.
+            return Err(*unsafe { Box::from_raw(raw) });
+        }
         // SAFETY: the submission queue is only touched under `submit`. The entry's buffer and file live in the
         // leaked `Pending` until the reaper takes it back from the completion.
         let mut pushed = unsafe { self.uring.submission_shared().push(&sqe) }.is_ok();
@@ -215,12 +222,19 @@ impl Ring {
             return Err(*unsafe { Box::from_raw(raw) });
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        // A failed submit leaves the entry queued: the reaper submits it again.
-        if self.uring.submit().is_err() {
+        // A failed or partial submission leaves entries queued: the reaper submits them again.
+        if !self.submit_queued() {
             self.retry.store(true, Ordering::SeqCst);
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Submits what is queued (the caller holds `submit`); false if anything is left in the queue (the kernel
+    /// refused the submission, or took only part of it).
+    fn submit_queued(&self) -> bool {
+        // SAFETY: the caller holds `submit`, the lock of the submission queue.
+        self.uring.submit().is_ok() && unsafe { self.uring.submission_shared() }.is_empty()
     }
 
     /// Reads `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]` at once; gives back the
@@ -252,6 +266,7 @@ impl Ring {
 
 /// Hands completions back until the ring is closed and nothing is in flight.
 async fn reap(ring: Arc<Ring>) {
+    let _drain = Drain(ring.clone());
     let mut done: Vec<(u64, i32)> = Vec::new();
     loop {
         if ring.closed.load(Ordering::SeqCst) && ring.in_flight.load(Ordering::SeqCst) == 0 {
@@ -269,7 +284,7 @@ async fn reap(ring: Arc<Ring>) {
         }
         if ring.retry.swap(false, Ordering::SeqCst) {
             let _g = lock(&ring.submit);
-            if ring.uring.submit().is_err() {
+            if !ring.submit_queued() {
                 // The kernel refused the submission for now (memory, a full completion queue): try again
                 // shortly, after reaping what has completed.
                 ring.retry.store(true, Ordering::SeqCst);
@@ -287,6 +302,43 @@ async fn reap(ring: Arc<Ring>) {
             let p = unsafe { Box::from_raw(ud as *mut Pending) };
             ring.in_flight.fetch_sub(1, Ordering::SeqCst);
             (p.done)(r, p.buf);
+        }
+    }
+}
+
+/// Ends a reaper that stops with entries in flight (the runtime shutting down, a failed poll of the ring): waits
+/// for the kernel to finish them, a few seconds at most, and drops their state without answering, so that what
+/// the callbacks hold (the connection and with it the image, whose drop stores its bitmaps; write pins) is
+/// released. What the kernel has not finished by then stays leaked, never freed under it.
+struct Drain(Arc<Ring>);
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        let ring = &self.0;
+        // No entry after this one: a connection task still running on another thread while the runtime
+        // shuts down would leave its entry (and the connection it holds) leaked, never reaped.
+        {
+            let _g = lock(&ring.submit);
+            ring.dead.store(true, Ordering::SeqCst);
+        }
+        for _ in 0..5000 {
+            if ring.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            {
+                let _g = lock(&ring.submit);
+                let _ = ring.submit_queued();
+            }
+            // SAFETY: the reaper is gone (this runs as it is dropped): nothing else reads the completion queue.
+            let done: Vec<u64> = unsafe { ring.uring.completion_shared() }.map(|c| c.user_data()).collect();
+            for ud in &done {
+                // SAFETY: as in `reap`: each user_data is a `Pending` leaked by `push`, completed once.
+                drop(unsafe { Box::from_raw(*ud as *mut Pending) });
+                ring.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            if done.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 }

@@ -224,6 +224,9 @@ fn cache_none_reads_and_writes_unaligned_requests_correctly() {
                     "write -P 0x72 65537 100",
                     "-c",
                     "write -P 0x73 1M 1M",
+                    "-c",
+                    // Long and unaligned at both ends: partial first and last blocks, an aligned middle.
+                    "write -P 0x74 2097252 204800",
                     &srv.uri(),
                 ],
             );
@@ -240,6 +243,12 @@ fn cache_none_reads_and_writes_unaligned_requests_correctly() {
                     "read -P 0 65637 100",
                     "-c",
                     "read -P 0x73 1M 1M",
+                    "-c",
+                    "read -P 0 2097152 100",
+                    "-c",
+                    "read -P 0x74 2097252 204800",
+                    "-c",
+                    "read -P 0 2302052 100",
                     &srv.uri(),
                 ],
             );
@@ -430,4 +439,43 @@ fn stop(mut srv: Served) {
     ok("kill", &["-TERM", &pid]);
     let st = srv._srv.0.wait().unwrap();
     assert!(st.success(), "the server exited with {st}");
+}
+
+/// SIGTERM while a client has writes in flight through `--cache=none`'s io_uring: the server waits for the
+/// kernel to finish them, exits cleanly and stores the image's bitmaps (not left "in-use", which qemu refuses).
+#[test]
+fn cache_none_sigterm_under_load_stores_bitmaps() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("t.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    ok("qemu-io", &["-c", "write -P 1 0 64M", s(&img)]);
+    ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    for round in 0..3 {
+        let srv = serve(QNBD, &d.path().join("s"), &["-t", "-f", "qcow2", "--cache=none", s(&img)]);
+        let mut fio = Command::new("fio")
+            .args([
+                "--name=t",
+                "--ioengine=nbd",
+                &format!("--uri={}", srv.uri()),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--time_based",
+                "--runtime=3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700 + 200 * round));
+        stop(srv);
+        let _ = fio.kill();
+        let _ = fio.wait();
+        wait_gone(s(&img));
+        let info: serde_json::Value =
+            serde_json::from_str(&ok("qemu-img", &["info", "--output=json", s(&img)])).unwrap();
+        let flags = &info["format-specific"]["data"]["bitmaps"][0]["flags"];
+        assert_eq!(flags, &serde_json::json!(["auto"]), "round {round}: {info}");
+        assert_check_clean(&img, "after SIGTERM under load");
+    }
 }

@@ -365,6 +365,24 @@ impl FileStorage {
                 self.pwrite_all(b, offset)
             });
         }
+        // A long unaligned write: only its partial first and last blocks are read, patched and written back
+        // (each under the exclusive lock, briefly); the aligned middle goes out as an aligned write.
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "write past 2^64"))?;
+        let (a0, a1) = (offset.next_multiple_of(d.align), end - end % d.align);
+        if a1 > a0 && (offset != a0 || end != a1) {
+            let (head, rest) = buf.split_at((a0 - offset) as usize);
+            let (middle, tail) = rest.split_at((a1 - a0) as usize);
+            if !head.is_empty() {
+                self.direct_write(d, head, offset)?;
+            }
+            self.direct_write(d, middle, a0)?;
+            if !tail.is_empty() {
+                self.direct_write(d, tail, a1)?;
+            }
+            return Ok(());
+        }
         let (start, n) = Self::widen(d.align, offset, buf.len())
             .ok_or_else(|| Error::new(crate::ErrorKind::OutOfBounds, "write past 2^64"))?;
         let _g = d.exclusive()?;
