@@ -339,12 +339,16 @@ fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
 async fn direct_read(c: &Conn, ring: &Ring, req: &Request, plan: Vec<qcow2::Piece>) -> Option<Vec<u8>> {
     let style = c.style;
     let len = req.length as usize;
-    let Some(mut buf) = AlignedBuf::zeroed(len) else {
+    // Every byte of it is read or zero-filled below before it is copied out (a short read gives up).
+    let Some(mut buf) = AlignedBuf::reused(len) else {
         return Some(reply::done(style, req.cookie, req.offset, NBD_ENOMEM, "out of memory"));
     };
     let mut pos = 0usize;
     for p in plan {
         let n = p.len as usize;
+        if pos.checked_add(n).is_none_or(|e| e > len) {
+            return None;
+        }
         match p.source {
             Source::File { file, offset } => {
                 let fd = file.direct_fd()?;
@@ -371,10 +375,15 @@ async fn direct_read(c: &Conn, ring: &Ring, req: &Request, plan: Vec<qcow2::Piec
         }
         pos += n;
     }
+    if pos != len {
+        // A plan that does not cover the request (never expected): the ordinary way.
+        return None;
+    }
     let h = whole_data_header(style, req);
     let mut v = c.pool.sized(h.len() + len);
     v[..h.len()].copy_from_slice(&h);
     v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
+    buf.recycle();
     Some(v)
 }
 

@@ -28,11 +28,22 @@ const ENTRIES: u32 = 64;
 /// A heap buffer aligned for `O_DIRECT`.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
+    /// Bytes in use (`as_slice`), at most `cap`.
     len: usize,
+    /// Bytes allocated (all initialised: zeroed at allocation).
+    cap: usize,
 }
 
 // SAFETY: the buffer is plain owned memory; nothing else refers to it.
 unsafe impl Send for AlignedBuf {}
+
+/// Spare large buffers: a fresh 1 MiB buffer is mapped, faulted in page by page and unmapped again by the
+/// allocator for every large direct read.
+static SPARE: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
+/// Sizes of buffers kept spare.
+const SPARE_SIZES: std::ops::RangeInclusive<usize> = (256 << 10)..=(1 << 20);
+/// Most spare buffers kept (by the whole process).
+const SPARE_COUNT: usize = 8;
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (`len` > 0).
@@ -40,11 +51,35 @@ impl AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(len.max(1), ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        NonNull::new(p).map(|ptr| AlignedBuf { ptr, len: len.max(1) })
+        NonNull::new(p).map(|ptr| AlignedBuf { ptr, len: len.max(1), cap: len.max(1) })
+    }
+
+    /// A buffer of `len` bytes that may hold another transfer's bytes (a spare one when there is one): the
+    /// caller overwrites all of it before any of it leaves the process.
+    pub fn reused(len: usize) -> Option<AlignedBuf> {
+        if SPARE_SIZES.contains(&len) {
+            let mut spare = lock(&SPARE);
+            if let Some(i) = spare.iter().position(|b| b.cap >= len) {
+                let mut b = spare.swap_remove(i);
+                b.len = len;
+                return Some(b);
+            }
+        }
+        Self::zeroed(len)
+    }
+
+    /// Keeps the buffer for [`AlignedBuf::reused`] if it is of a size kept and there is room; frees it otherwise.
+    pub fn recycle(self) {
+        if SPARE_SIZES.contains(&self.cap) {
+            let mut spare = lock(&SPARE);
+            if spare.len() < SPARE_COUNT {
+                spare.push(self);
+            }
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points at len initialised (zeroed at allocation) bytes owned by self.
+        // SAFETY: ptr points at cap >= len initialised (zeroed at allocation) bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -56,7 +91,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if let Ok(layout) = std::alloc::Layout::from_size_align(self.len, ALIGN) {
+        if let Ok(layout) = std::alloc::Layout::from_size_align(self.cap, ALIGN) {
             // SAFETY: allocated in `zeroed` with this very layout.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }
@@ -346,6 +381,25 @@ impl Drop for Drain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_buffers_are_reused_small_ones_are_not() {
+        let mut b = AlignedBuf::reused(1 << 20).unwrap();
+        b.as_mut_slice().fill(7);
+        let p = b.as_slice().as_ptr();
+        b.recycle();
+        // A smaller large read takes the same buffer back, sized to what it asked.
+        let b = AlignedBuf::reused(512 << 10).unwrap();
+        assert_eq!(b.as_slice().len(), 512 << 10);
+        assert_eq!(b.as_slice().as_ptr() as usize % ALIGN, 0);
+        // (No other test of this crate takes large buffers.)
+        assert_eq!(b.as_slice().as_ptr(), p, "the spare buffer was reused");
+        b.recycle();
+        let small = AlignedBuf::reused(4096).unwrap();
+        assert!(small.as_slice().iter().all(|&x| x == 0), "small buffers are always fresh and zeroed");
+        small.recycle();
+        assert!(lock(&SPARE).iter().all(|b| SPARE_SIZES.contains(&b.cap)));
+    }
 
     #[test]
     fn aligned_buffers_are_aligned_and_zeroed() {
