@@ -206,19 +206,16 @@ fn queue_direct(
     ring: &Ring,
     tx: &Sender<Queued>,
     req: Request,
-    plan: &mut Vec<qcow2::Piece>,
+    plan: &[qcow2::Piece],
     permits: Permits,
 ) -> std::result::Result<(), (Request, Permits)> {
     let len = req.length as usize;
-    let one_file =
-        plan.len() == 1 && matches!(&plan[0].source, Source::File { file, .. } if file.direct_fd().is_some());
-    if !one_file || plan[0].len != req.length || req.length > REAPED_MAX {
+    let [qcow2::Piece { len: piece_len, source: Source::File { file, offset } }] = plan else {
         return Err((req, permits));
-    }
-    let Some(piece) = plan.pop() else { return Err((req, permits)) };
-    let Source::File { file, offset } = piece.source else { return Err((req, permits)) };
-    let (Some(fd), Some(buf)) = (file.direct_fd(), AlignedBuf::zeroed(len)) else {
-        plan.push(qcow2::Piece { len: piece.len, source: Source::File { file, offset } });
+    };
+    let (Some(fd), true, Some(buf)) =
+        (file.direct_fd(), *piece_len == req.length && req.length <= REAPED_MAX, AlignedBuf::zeroed(len))
+    else {
         return Err((req, permits));
     };
     // The request and its budget travel with the read; only a refused push gives them back (below).
@@ -227,12 +224,8 @@ fn queue_direct(
     let done: crate::uring::Done = Box::new(move |r, buf| {
         let Some((req, permits)) = take(&s2) else { return };
         if r >= 0 && r as usize == len {
-            let h = whole_data_header(c2.style, &req);
-            let mut v = c2.pool.sized(h.len() + len);
-            v[..h.len()].copy_from_slice(&h);
-            v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
-            let _ = t.send((Out::Bytes(v), permits));
-        } else if r >= 0 || matches!(-r, libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) {
+            let _ = t.send((Out::Bytes(data_reply(&c2, &req, &buf.as_slice()[..len])), permits));
+        } else if r >= 0 || ring_declined(-r) {
             // Short (a file shorter than its mapping says), or this kernel's io_uring cannot read the file:
             // the ordinary way can.
             offload(&c2, &t, req, Vec::new(), permits);
@@ -243,17 +236,26 @@ fn queue_direct(
                 t.send((Out::Bytes(reply::done(c2.style, req.cookie, req.offset, errno(&e), &e.to_string())), permits));
         }
     });
-    match ring.push_read(file, fd, buf, 0, len, offset, done) {
-        Ok(()) => Ok(()),
-        Err((file, _, _)) => {
-            plan.push(qcow2::Piece { len: piece.len, source: Source::File { file, offset } });
-            // The read was never queued, so `done` never ran: the request is still in the slot.
-            match take(&slot) {
-                Some(back) => Err(back),
-                None => Ok(()),
-            }
-        }
+    if ring.push_read(file.clone(), fd, buf, 0, len, *offset, done) {
+        return Ok(());
     }
+    // The read was never queued, so `done` never ran: the request is still in the slot.
+    take(&slot).map_or(Ok(()), Err)
+}
+
+/// Whether a ring transfer's error means "this kernel's io_uring cannot do it" (or the ring could not take it):
+/// the ordinary way can.
+fn ring_declined(errno: i32) -> bool {
+    matches!(errno, libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+}
+
+/// A READ reply that carries all its data at once.
+fn data_reply(c: &Conn, req: &Request, data: &[u8]) -> Vec<u8> {
+    let h = whole_data_header(c.style, req);
+    let mut v = c.pool.sized(h.len() + data.len());
+    v[..h.len()].copy_from_slice(&h);
+    v[h.len()..].copy_from_slice(data);
+    v
 }
 
 /// Queues an `O_DIRECT` WRITE that changes no metadata (`plan_write_cached`: one aligned range of allocated
@@ -285,14 +287,13 @@ fn queue_direct_write(
         return Err((req, payload, permits));
     };
     let align = file.alignment().max(512);
-    let aligned = offset.is_multiple_of(align) && req.length.is_multiple_of(align);
-    let (Some(fd), true, Some(pin), Some(mut buf)) =
-        (file.direct_fd(), aligned, aligned.then(|| file.pin_direct_write()).flatten(), AlignedBuf::zeroed(len))
-    else {
+    let (Some(fd), true) = (file.direct_fd(), offset.is_multiple_of(align) && req.length.is_multiple_of(align)) else {
         return Err((req, payload, permits));
     };
-    buf.as_mut_slice()[..len].copy_from_slice(&payload);
-    c.pool.put(payload);
+    let (Some(pin), Some(mut buf)) = (file.pin_direct_write(), AlignedBuf::zeroed(len)) else {
+        return Err((req, payload, permits));
+    };
+    buf.as_mut_slice().copy_from_slice(&payload);
     let slot = Arc::new(Mutex::new(Some((req, permits))));
     let (c2, t, s2) = (c.clone(), tx.clone(), slot.clone());
     let done: crate::uring::Done = Box::new(move |r, buf| {
@@ -301,7 +302,7 @@ fn queue_direct_write(
         let Some((req, permits)) = take(&s2) else { return };
         let reply = if r >= 0 && r as usize == len {
             reply::done(c2.style, req.cookie, req.offset, 0, "")
-        } else if r >= 0 || matches!(-r, libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) {
+        } else if r >= 0 || ring_declined(-r) {
             // Short (the disk took part of it: the whole write again, the ordinary way), or this kernel's
             // io_uring cannot write the file.
             let mut payload = c2.pool.sized(len);
@@ -315,17 +316,14 @@ fn queue_direct_write(
         };
         let _ = t.send((Out::Bytes(reply), permits));
     });
-    match ring.push_write(file, fd, buf, len, offset, done) {
-        Ok(()) => Ok(()),
-        Err((_, buf, _)) => match take(&slot) {
-            // Never queued (`done` dropped with the pin): the ordinary way, with the payload back.
-            Some((req, permits)) => {
-                let mut payload = c.pool.sized(len);
-                payload.copy_from_slice(&buf.as_slice()[..len]);
-                Err((req, payload, permits))
-            }
-            None => Ok(()),
-        },
+    if ring.push_write(file, fd, buf, len, offset, done) {
+        c.pool.put(payload);
+        return Ok(());
+    }
+    // Never queued (`done` dropped with the pin): the ordinary way, with the payload.
+    match take(&slot) {
+        Some((req, permits)) => Err((req, payload, permits)),
+        None => Ok(()),
     }
 }
 
@@ -357,14 +355,7 @@ async fn direct_read(c: &Conn, ring: &Ring, req: &Request, plan: Vec<qcow2::Piec
                     Ok(_) => return None,
                     // The ring could not take it, or this kernel's io_uring cannot read this file: the
                     // ordinary way can (bounce buffers).
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-                        ) =>
-                    {
-                        return None
-                    }
+                    Err(e) if e.raw_os_error().is_some_and(ring_declined) => return None,
                     Err(e) => {
                         tracing::warn!("read at {} failed: {e}", req.offset);
                         return Some(reply::done(style, req.cookie, req.offset, NBD_EIO, &e.to_string()));
@@ -379,10 +370,7 @@ async fn direct_read(c: &Conn, ring: &Ring, req: &Request, plan: Vec<qcow2::Piec
         // A plan that does not cover the request (never expected): the ordinary way.
         return None;
     }
-    let h = whole_data_header(style, req);
-    let mut v = c.pool.sized(h.len() + len);
-    v[..h.len()].copy_from_slice(&h);
-    v[h.len()..].copy_from_slice(&buf.as_slice()[..len]);
+    let v = data_reply(c, req, &buf.as_slice()[..len]);
     buf.recycle();
     Some(v)
 }
@@ -685,9 +673,9 @@ where
         let permits: Permits = (mem, slot);
         // O_DIRECT: a read goes to the connection's io_uring, its task waits for the disk, not a thread.
         if conn.direct_reads && req.kind == NBD_CMD_READ {
-            if let Some((ring, mut plan)) = direct_plan(&conn, &req) {
+            if let Some((ring, plan)) = direct_plan(&conn, &req) {
                 // One file range (the usual case): queued here, answered by the reaper when the disk is done.
-                let (req, permits) = match queue_direct(&conn, &ring, &tx, req, &mut plan, permits) {
+                let (req, permits) = match queue_direct(&conn, &ring, &tx, req, &plan, permits) {
                     Ok(()) => continue,
                     Err(back) => back,
                 };

@@ -98,11 +98,11 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// What to do with a finished read: its result (bytes read, or a negative errno) and the buffer back. Runs on
-/// the reaper's task, so it must not block.
+/// What to do with a finished transfer: its result (bytes moved, or a negative errno) and the buffer back. Runs
+/// on the reaper's task, so it must not block.
 pub type Done = Box<dyn FnOnce(i32, AlignedBuf) + Send>;
 
-/// A read in flight: what the kernel uses until it completes.
+/// A transfer in flight: what the kernel uses until it completes.
 struct Pending {
     done: Done,
     buf: AlignedBuf,
@@ -134,8 +134,8 @@ pub struct Ring {
     can_write: bool,
 }
 
-// Entries still in flight when a ring is dropped (the runtime going away under them) are never reaped: their
-// `Pending` stays leaked, so the kernel never writes into freed buffers or reads a closed descriptor.
+// Entries the kernel has not finished when the reaper goes (see `Drain`) are never reaped: their `Pending` stays
+// leaked, so the kernel never writes into freed buffers or uses a closed descriptor.
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -185,7 +185,7 @@ impl Ring {
 
     /// Submits a read of `len` bytes of `file` (descriptor `fd`) at `offset` into `buf[at..at + len]`. `done` gets
     /// the number of bytes read (fewer at the end of the file) or a negative errno, and the buffer, on the reaper's
-    /// task. Gives everything back when the ring cannot take the read.
+    /// task. False when the ring cannot take the read (`done` is then dropped, never run).
     ///
     /// Each read is submitted at once. Gathering a batch of requests' reads into one submission was measured
     /// slower (0.95x qemu-nbd against 1.6x at 4 KiB QD32): the first reads of a batch wait for the last.
@@ -199,34 +199,26 @@ impl Ring {
         len: usize,
         offset: u64,
         done: Done,
-    ) -> Result<(), (SpliceFile, AlignedBuf, Done)> {
+    ) -> bool {
         let fits = at.checked_add(len).is_some_and(|e| e <= buf.len) && u32::try_from(len).is_ok();
         if !fits {
-            return Err((file, buf, done));
+            return false;
         }
         // SAFETY: `at + len` is inside the buffer (checked above).
         let ptr = unsafe { buf.as_mut_slice().as_mut_ptr().add(at) };
         let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).build();
-        self.push(sqe, Pending { done, buf, _file: file }).map_err(|p| (p._file, p.buf, p.done))
+        self.push(sqe, Pending { done, buf, _file: file })
     }
 
     /// Submits a write of the first `len` bytes of `buf` to `file` (descriptor `fd`) at `offset`; `done` gets the
-    /// number of bytes written or a negative errno, and the buffer, on the reaper's task. Gives everything back
-    /// when the ring cannot take the write (or cannot write at all: [`Ring::can_write`]).
-    pub fn push_write(
-        &self,
-        file: SpliceFile,
-        fd: i32,
-        buf: AlignedBuf,
-        len: usize,
-        offset: u64,
-        done: Done,
-    ) -> Result<(), (SpliceFile, AlignedBuf, Done)> {
+    /// number of bytes written or a negative errno, and the buffer, on the reaper's task. False when the ring
+    /// cannot take the write, or cannot write at all ([`Ring::can_write`]); `done` is then dropped, never run.
+    pub fn push_write(&self, file: SpliceFile, fd: i32, buf: AlignedBuf, len: usize, offset: u64, done: Done) -> bool {
         if !self.can_write || len > buf.len || u32::try_from(len).is_err() {
-            return Err((file, buf, done));
+            return false;
         }
         let sqe = opcode::Write::new(types::Fd(fd), buf.as_slice().as_ptr(), len as u32).offset(offset).build();
-        self.push(sqe, Pending { done, buf, _file: file }).map_err(|p| (p._file, p.buf, p.done))
+        self.push(sqe, Pending { done, buf, _file: file })
     }
 
     /// Whether this kernel's io_uring has `IORING_OP_WRITE`.
@@ -234,14 +226,16 @@ impl Ring {
         self.can_write
     }
 
-    /// Queues `sqe` (its buffer and file are in `p`) and submits it.
-    fn push(&self, sqe: io_uring::squeue::Entry, p: Pending) -> Result<(), Pending> {
+    /// Queues `sqe` (its buffer and file are in `p`) and submits it; false (and `p` dropped, its callback never
+    /// run) if the ring cannot take it.
+    fn push(&self, sqe: io_uring::squeue::Entry, p: Pending) -> bool {
         let raw = Box::into_raw(Box::new(p));
         let sqe = sqe.user_data(raw as u64);
         let _g = lock(&self.submit);
         if self.dead.load(Ordering::SeqCst) {
             // SAFETY: `raw` came from Box::into_raw above and the kernel never saw it.
-            return Err(*unsafe { Box::from_raw(raw) });
+            drop(unsafe { Box::from_raw(raw) });
+            return false;
         }
         // SAFETY: the submission queue is only touched under `submit`. The entry's buffer and file live in the
         // leaked `Pending` until the reaper takes it back from the completion.
@@ -254,7 +248,8 @@ impl Ring {
         }
         if !pushed {
             // SAFETY: `raw` came from Box::into_raw above and the kernel never saw it.
-            return Err(*unsafe { Box::from_raw(raw) });
+            drop(unsafe { Box::from_raw(raw) });
+            return false;
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         // A failed or partial submission leaves entries queued: the reaper submits them again.
@@ -262,7 +257,7 @@ impl Ring {
             self.retry.store(true, Ordering::SeqCst);
             self.wake.notify_one();
         }
-        Ok(())
+        true
     }
 
     /// Submits what is queued (the caller holds `submit`); false if anything is left in the queue (the kernel
@@ -287,7 +282,7 @@ impl Ring {
         let done: Done = Box::new(move |r, buf| {
             let _ = tx.send((r, buf));
         });
-        if self.push_read(file, fd, buf, at, len, offset, done).is_err() {
+        if !self.push_read(file, fd, buf, at, len, offset, done) {
             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
         }
         match rx.await {

@@ -356,10 +356,7 @@ fn cache_none_chain_reads_equal_qemu() {
 #[test]
 fn cache_none_in_place_writes_equal_qemu() {
     let d = tempfile::tempdir().unwrap();
-    let mine = d.path().join("mine.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&mine), "64M"]);
-    ok("qemu-io", &["-c", "write -P 0x31 0 32M", s(&mine)]);
-    ok("qemu-img", &["bitmap", "--add", s(&mine), "b0"]);
+    let mine = image_with_bitmap(d.path(), "mine.qcow2", "32M");
     let theirs = d.path().join("theirs.qcow2");
     std::fs::copy(&mine, &theirs).unwrap();
     let cmds = [
@@ -433,6 +430,15 @@ fn cache_none_in_place_writes_equal_qemu() {
     assert_check_clean(&mine, "after fio through --cache=none");
 }
 
+/// A 64 MiB qcow2 whose first `written` bytes qemu-io wrote (allocated clusters), with an enabled bitmap `b0`.
+fn image_with_bitmap(dir: &Path, name: &str, written: &str) -> PathBuf {
+    let img = dir.join(name);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    ok("qemu-io", &["-c", &format!("write -P 0x31 0 {written}"), s(&img)]);
+    ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    img
+}
+
 /// Stops a server as a user does (SIGTERM: it stores its bitmaps and exits) and checks that it exited cleanly.
 fn stop(mut srv: Served) {
     let pid = srv._srv.0.id().to_string();
@@ -446,10 +452,7 @@ fn stop(mut srv: Served) {
 #[test]
 fn cache_none_sigterm_under_load_stores_bitmaps() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("t.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
-    ok("qemu-io", &["-c", "write -P 1 0 64M", s(&img)]);
-    ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let img = image_with_bitmap(d.path(), "t.qcow2", "64M");
     for round in 0..3 {
         let srv = serve(QNBD, &d.path().join("s"), &["-t", "-f", "qcow2", "--cache=none", s(&img)]);
         let mut fio = Command::new("fio")

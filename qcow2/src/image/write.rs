@@ -339,10 +339,11 @@ impl Qcow2 {
         let cs = self.cluster_size();
         let mut done = 0usize;
         // In-place clusters whose host clusters follow each other: one write for the run (a 1 MiB write into
-        // a qcow2 that qemu wrote sequentially is one write, not sixteen), as (host, start in buf, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        let flush = |run: &mut Option<(u64, usize, usize)>| match run.take() {
-            Some((host, at, n)) => self.data.write_at(&buf[at..at + n], host),
+        // a qcow2 that qemu wrote sequentially is one write, not sixteen), as (host, length); the run ends at
+        // `done`, where it is written before anything else.
+        let mut run: Option<(u64, usize)> = None;
+        let flush = |run: &mut Option<(u64, usize)>, end: usize| match run.take() {
+            Some((host, n)) => self.data.write_at(&buf[end - n..end], host),
             None => Ok(()),
         };
         while done < buf.len() {
@@ -355,7 +356,7 @@ impl Qcow2 {
             let peeked = match self.peek(pos) {
                 Ok(p) => p,
                 Err(e) => {
-                    flush(&mut run)?;
+                    flush(&mut run, done)?;
                     let r = Err(e);
                     if let Ok(mut st) = self.lock() {
                         self.note_corruption(&mut st, &r);
@@ -367,18 +368,16 @@ impl Qcow2 {
                 s.copied && s.compressed.is_none() && s.host.is_some() && s.alloc & touched == touched
             };
             if !peeked.as_ref().is_some_and(in_place) {
-                flush(&mut run)?;
+                flush(&mut run, done)?;
             }
             match peeked {
                 Some(s) if in_place(&s) => {
                     let host = s.host.unwrap_or(0) + in_cluster;
                     match &mut run {
-                        Some((h, at, len)) if h.checked_add(*len as u64) == Some(host) && *at + *len == done => {
-                            *len += n
-                        }
+                        Some((h, len)) if h.checked_add(*len as u64) == Some(host) => *len += n,
                         _ => {
-                            flush(&mut run)?;
-                            run = Some((host, done, n));
+                            flush(&mut run, done)?;
+                            run = Some((host, n));
                         }
                     }
                 }
@@ -398,7 +397,7 @@ impl Qcow2 {
             }
             done += n;
         }
-        flush(&mut run)
+        flush(&mut run, done)
     }
 
     /// A write that costs the caller no waiting, for a server's event-loop thread: with no lock if every
@@ -411,36 +410,55 @@ impl Qcow2 {
             return None;
         }
         self.mark_dirty(offset, buf.len() as u64);
-        let cs = self.cluster_size();
-        let mut hosts: Vec<(u64, usize, usize)> = Vec::with_capacity(4);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset.checked_add(done as u64)?;
-            let in_cluster = pos & (cs - 1);
-            let n = ((cs - in_cluster) as usize).min(buf.len() - done);
-            let touched = self.touched(in_cluster, in_cluster + n as u64);
-            // A lookup error is the slow path's to report (and to mark the image corrupt for).
-            match self.peek(pos).ok()? {
-                Some(s) if s.copied && s.compressed.is_none() && s.alloc & touched == touched => {
-                    let host = s.host? + in_cluster;
-                    // Host clusters that follow each other: one write.
-                    match hosts.last_mut() {
-                        Some((h, at, len)) if h.checked_add(*len as u64) == Some(host) && *at + *len == done => {
-                            *len += n
-                        }
-                        _ => hosts.push((host, done, n)),
-                    }
-                }
-                _ => return self.write_if_unlocked(buf, offset, backing),
-            }
-            done += n;
-        }
-        for (host, at, n) in hosts {
+        // A lookup error is the slow path's to report (and to mark the image corrupt for).
+        let Some(runs) = self.in_place_runs(offset, buf.len() as u64, false).ok()? else {
+            return self.write_if_unlocked(buf, offset, backing);
+        };
+        let mut at = 0usize;
+        for (host, n) in runs {
+            let n = n as usize;
             if let Err(e) = self.data.write_at(&buf[at..at + n], host) {
                 return Some(Err(e));
             }
+            at += n;
         }
         Some(Ok(()))
+    }
+
+    /// The host ranges `(host, length)` of an in-place write of `len` bytes at guest `offset`, in order, those
+    /// that follow each other on the host merged (one write each): `Ok(None)` if some cluster is not written in
+    /// place (not owned by this image alone, compressed, a touched subcluster unallocated); `Err(())` if a
+    /// lookup failed, found a state the writer refuses, or (with `cached_only`) needs an L2 table that is not
+    /// cached.
+    fn in_place_runs(
+        &self,
+        offset: u64,
+        len: u64,
+        cached_only: bool,
+    ) -> std::result::Result<Option<Vec<(u64, u64)>>, ()> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.size()).ok_or(())?;
+        let cs = self.cluster_size();
+        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(4);
+        let mut pos = offset;
+        while pos < end {
+            let in_cluster = pos & (cs - 1);
+            let n = (cs - in_cluster).min(end - pos);
+            let touched = self.touched(in_cluster, in_cluster + n);
+            let peeked =
+                if cached_only { Some(self.peek_cached(pos).ok_or(())?) } else { self.peek(pos).map_err(|_| ())? };
+            match peeked {
+                Some(s) if s.copied && s.compressed.is_none() && s.alloc & touched == touched => {
+                    let host = s.host.and_then(|h| h.checked_add(in_cluster)).ok_or(())?;
+                    match runs.last_mut() {
+                        Some((h, l)) if h.checked_add(*l) == Some(host) => *l += n,
+                        _ => runs.push((host, n)),
+                    }
+                }
+                _ => return Ok(None),
+            }
+            pos += n;
+        }
+        Ok(Some(runs))
     }
 
     /// Where an in-place write of `len` bytes at guest `offset` would go, without writing: host ranges of
@@ -456,26 +474,9 @@ impl Qcow2 {
         if self.writer.is_none() || self.poisoned.load(Ordering::Acquire) || len == 0 {
             return false;
         }
-        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size()) else { return false };
-        let cs = self.cluster_size();
-        let mut pos = offset;
-        while pos < end {
-            let in_cluster = pos & (cs - 1);
-            let n = (cs - in_cluster).min(end - pos);
-            let touched = self.touched(in_cluster, in_cluster + n);
-            let Some(s) = self.peek_cached(pos) else { return false };
-            let Some(host) = s.host.filter(|_| s.copied && s.compressed.is_none() && s.alloc & touched == touched)
-            else {
-                return false;
-            };
-            let at = host + in_cluster;
-            match out.last_mut() {
-                Some((h, l)) if h.checked_add(*l) == Some(at) => *l += n,
-                _ => out.push((at, n)),
-            }
-            pos += n;
-        }
+        let Ok(Some(runs)) = self.in_place_runs(offset, len, true) else { return false };
         self.mark_dirty(offset, len);
+        out.extend(runs);
         true
     }
 
