@@ -100,8 +100,7 @@ impl<R> LentReader<R> {
     }
 
     /// Bytes buffered and not yet read.
-    #[cfg(test)]
-    fn buffered(&self) -> usize {
+    pub fn buffered(&self) -> usize {
         self.filled - self.pos
     }
 }

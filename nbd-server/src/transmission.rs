@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Most requests of one connection in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -262,12 +262,15 @@ fn data_reply(c: &Conn, req: &Request, data: &[u8]) -> Vec<u8> {
 /// clusters) on the connection's ring; the reaper sends its reply once the disk has the data. Gives the request
 /// back when it must go the ordinary way: FUA, zero detection, a plan of several ranges or none, unaligned, a
 /// read-modify-write of the file under way, no io_uring writes.
+///
+/// `more`: another request is waiting behind this one (see [`Ring::push_write`]'s `defer`).
 fn queue_direct_write(
     c: &Arc<Conn>,
     tx: &Sender<Queued>,
     req: Request,
     payload: Vec<u8>,
     permits: Permits,
+    more: bool,
 ) -> std::result::Result<(), (Request, Vec<u8>, Permits)> {
     let ex = &c.export;
     let len = payload.len();
@@ -316,7 +319,7 @@ fn queue_direct_write(
         };
         let _ = t.send((Out::Bytes(reply), permits));
     });
-    if ring.push_write(file, fd, buf, len, offset, done) {
+    if ring.push_write(file, fd, buf, len, offset, done, more) {
         c.pool.put(payload);
         return Ok(());
     }
@@ -324,6 +327,26 @@ fn queue_direct_write(
     match take(&slot) {
         Some((req, permits)) => Err((req, payload, permits)),
         None => Ok(()),
+    }
+}
+
+/// Sends the connection's deferred ring entries to the kernel: called before its task waits for anything (the
+/// client's next bytes, budget that replies free), since what it waits for may need them done.
+fn submit_deferred(c: &Conn) {
+    if let Some(Some(r)) = c.ring.get() {
+        r.submit_deferred();
+    }
+}
+
+/// `n` units of `s`, submitting the deferred ring entries first if they are not there yet.
+async fn acquire(c: &Conn, s: &Arc<Semaphore>, n: u32) -> Option<OwnedSemaphorePermit> {
+    match s.clone().try_acquire_many_owned(n) {
+        Ok(p) => Some(p),
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => {
+            submit_deferred(c);
+            s.clone().acquire_many_owned(n).await.ok()
+        }
     }
 }
 
@@ -389,7 +412,7 @@ fn whole_data_header(style: Style, req: &Request) -> Vec<u8> {
 
 /// What a request holds of the connection's budget (a slot among [`MAX_IN_FLIGHT`] and its share of
 /// [`MAX_BUFFERED`]) until its reply is written to the socket.
-type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 /// A reply on its way to the writing task, with the budget it holds (released once it is written: a client
 /// that does not read its replies cannot make the server hold more than the budget, and the queue of replies
@@ -594,6 +617,9 @@ where
     let hlen = request::header_len(ext);
     let mut hdr = [0u8; 32];
     let result: std::io::Result<()> = loop {
+        if rd.buffered() < hlen {
+            submit_deferred(&conn);
+        }
         match rd.read_exact(&mut hdr[..hlen]).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -626,16 +652,20 @@ where
                     tracing::debug!("payload of {} bytes is too large: closing", req.length);
                     break Ok(());
                 }
+                submit_deferred(&conn);
                 if let Err(e) = discard(&mut rd, req.length).await {
                     break Err(e);
                 }
                 early = Some((NBD_EINVAL, "payload larger than the maximum block size"));
             } else {
                 let units = (req.length as usize).div_ceil(1024) as u32;
-                let Ok(permit) = memory.clone().acquire_many_owned(units).await else {
+                let Some(permit) = acquire(&conn, &memory, units).await else {
                     break Ok(());
                 };
                 payload = conn.pool.sized(req.length as usize);
+                if rd.buffered() < payload.len() {
+                    submit_deferred(&conn);
+                }
                 if let Err(e) = rd.read_exact(&mut payload).await {
                     break Err(e);
                 }
@@ -645,7 +675,7 @@ where
         if req.flags & !allowed_flags(req.kind, conn.style) != 0 && early.is_none() {
             early = Some((NBD_EINVAL, "unsupported flags for this command"));
         }
-        let Ok(slot) = inflight.clone().acquire_owned().await else {
+        let Some(slot) = acquire(&conn, &inflight, 1).await else {
             break Ok(());
         };
         if let Some((e, msg)) = early {
@@ -659,7 +689,7 @@ where
         }
         let reply_bytes = if req.kind == NBD_CMD_READ { req.length.min(MAX_PAYLOAD) as usize } else { 0 };
         let units = (reply_bytes + payload.len()).div_ceil(1024) as u32;
-        let Ok(mem) = memory.clone().acquire_many_owned(units).await else {
+        let Some(mem) = acquire(&conn, &memory, units).await else {
             break Ok(());
         };
         // A large read on a plain socket: plan it here (metadata only) and let the writer send the data.
@@ -694,7 +724,8 @@ where
         }
         // O_DIRECT: an in-place write of allocated clusters goes to the ring too.
         let (req, payload, permits) = if conn.direct_reads && req.kind == NBD_CMD_WRITE {
-            match queue_direct_write(&conn, &tx, req, payload, permits) {
+            let more = rd.buffered() >= hlen;
+            match queue_direct_write(&conn, &tx, req, payload, permits, more) {
                 Ok(()) => continue,
                 Err(back) => back,
             }
@@ -730,6 +761,7 @@ where
         }
     };
     // DISC or EOF: let every request in flight finish and its reply go out (proto.md, NBD_CMD_DISC).
+    submit_deferred(&conn);
     let _ = inflight.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(tx);
     let w = writer.await.unwrap_or(Ok(()));

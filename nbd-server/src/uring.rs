@@ -24,6 +24,8 @@ use tokio::sync::{oneshot, Notify};
 const ALIGN: usize = 4096;
 /// Entries of a connection's ring (its requests in flight are bounded by `MAX_IN_FLIGHT` anyway).
 const ENTRIES: u32 = 64;
+/// Most entries a connection leaves queued for one submission ([`Ring::push_write`]'s `defer`).
+const DEFER_MAX: usize = 16;
 
 /// A heap buffer aligned for `O_DIRECT`.
 pub struct AlignedBuf {
@@ -123,6 +125,8 @@ pub struct Ring {
     submit: Mutex<()>,
     /// Entries submitted and not yet reaped.
     in_flight: AtomicUsize,
+    /// Entries queued and not yet submitted (`defer`): [`Ring::submit_deferred`] sends them.
+    deferred: AtomicUsize,
     /// The reaper is gone: nothing more is submitted.
     dead: AtomicBool,
     closed: AtomicBool,
@@ -167,6 +171,7 @@ impl Ring {
             uring,
             submit: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
+            deferred: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             retry: AtomicBool::new(false),
@@ -207,18 +212,36 @@ impl Ring {
         // SAFETY: `at + len` is inside the buffer (checked above).
         let ptr = unsafe { buf.as_mut_slice().as_mut_ptr().add(at) };
         let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).build();
-        self.push(sqe, Pending { done, buf, _file: file })
+        self.push(sqe, Pending { done, buf, _file: file }, false)
     }
 
     /// Submits a write of the first `len` bytes of `buf` to `file` (descriptor `fd`) at `offset`; `done` gets the
     /// number of bytes written or a negative errno, and the buffer, on the reaper's task. False when the ring
     /// cannot take the write, or cannot write at all ([`Ring::can_write`]); `done` is then dropped, never run.
-    pub fn push_write(&self, file: SpliceFile, fd: i32, buf: AlignedBuf, len: usize, offset: u64, done: Done) -> bool {
+    ///
+    /// `defer`: more requests are waiting to be queued behind this one, so the write may wait in the submission
+    /// queue for them (at most [`DEFER_MAX`] entries) and go to the kernel with them, in one system call, one
+    /// block plug and one notification of the device. The caller then calls [`Ring::submit_deferred`] before
+    /// it waits for anything. With 4 KiB writes at queue depth 32 the connection's task was the bottleneck
+    /// (the client's requests queued in the socket) and this took it from about 42k to 60k writes a second.
+    /// Reads are not deferred: the disk is their bottleneck, and a read waiting in the queue is a read the
+    /// disk is not doing (0.7x when reads were deferred the same way).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_write(
+        &self,
+        file: SpliceFile,
+        fd: i32,
+        buf: AlignedBuf,
+        len: usize,
+        offset: u64,
+        done: Done,
+        defer: bool,
+    ) -> bool {
         if !self.can_write || len > buf.len || u32::try_from(len).is_err() {
             return false;
         }
         let sqe = opcode::Write::new(types::Fd(fd), buf.as_slice().as_ptr(), len as u32).offset(offset).build();
-        self.push(sqe, Pending { done, buf, _file: file })
+        self.push(sqe, Pending { done, buf, _file: file }, defer)
     }
 
     /// Whether this kernel's io_uring has `IORING_OP_WRITE`.
@@ -226,9 +249,10 @@ impl Ring {
         self.can_write
     }
 
-    /// Queues `sqe` (its buffer and file are in `p`) and submits it; false (and `p` dropped, its callback never
-    /// run) if the ring cannot take it.
-    fn push(&self, sqe: io_uring::squeue::Entry, p: Pending) -> bool {
+    /// Queues `sqe` (its buffer and file are in `p`) and submits it with whatever is queued, unless `defer` and
+    /// fewer than [`DEFER_MAX`] entries wait; false (and `p` dropped, its callback never run) if the ring cannot
+    /// take it.
+    fn push(&self, sqe: io_uring::squeue::Entry, p: Pending, defer: bool) -> bool {
         let raw = Box::into_raw(Box::new(p));
         let sqe = sqe.user_data(raw as u64);
         let _g = lock(&self.submit);
@@ -243,6 +267,7 @@ impl Ring {
         if !pushed {
             // The submission queue is full: submit what is there to make room.
             let _ = self.uring.submit();
+            self.deferred.store(0, Ordering::Relaxed);
             // SAFETY: as above.
             pushed = unsafe { self.uring.submission_shared().push(&sqe) }.is_ok();
         }
@@ -252,12 +277,31 @@ impl Ring {
             return false;
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        // (Counted under `submit`.)
+        if defer && self.deferred.load(Ordering::Relaxed) + 1 < DEFER_MAX {
+            self.deferred.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.deferred.store(0, Ordering::Relaxed);
         // A failed or partial submission leaves entries queued: the reaper submits them again.
         if !self.submit_queued() {
             self.retry.store(true, Ordering::SeqCst);
             self.wake.notify_one();
         }
         true
+    }
+
+    /// Submits the entries left queued by `defer`, if any.
+    pub fn submit_deferred(&self) {
+        if self.deferred.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let _g = lock(&self.submit);
+        self.deferred.store(0, Ordering::Relaxed);
+        if !self.submit_queued() {
+            self.retry.store(true, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
     }
 
     /// Submits what is queued (the caller holds `submit`); false if anything is left in the queue (the kernel
@@ -394,6 +438,68 @@ mod tests {
         assert!(small.as_slice().iter().all(|&x| x == 0), "small buffers are always fresh and zeroed");
         small.recycle();
         assert!(lock(&SPARE).iter().all(|b| SPARE_SIZES.contains(&b.cap)));
+    }
+
+    /// Deferred writes wait in the submission queue until `submit_deferred` (or the `DEFER_MAX`th entry, or an
+    /// entry that is not deferred) sends them, and then land where they were aimed.
+    #[tokio::test]
+    async fn deferred_writes_wait_for_their_submission() {
+        use qcow2::{BlockDevice, Image, OpenOptions, Source};
+        use std::sync::atomic::AtomicU32;
+        use std::time::Duration;
+        // O_DIRECT needs a disk file system (/tmp may be tmpfs).
+        let d = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+        let path = d.path().join("d.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let opts = OpenOptions { format: Some(qcow2::Format::Raw), writable: true, direct: true, ..Default::default() };
+        let dev = Image::open(path.to_str().unwrap(), &opts).unwrap();
+        let Some(ring) = Ring::start().filter(|r| r.can_write()) else {
+            eprintln!("no io_uring writes here: skipped");
+            return;
+        };
+        let done = Arc::new(AtomicU32::new(0));
+        let push = |i: u64, defer: bool| {
+            let mut plan = Vec::new();
+            assert!(dev.plan_write_cached(i * 4096, 4096, &mut plan));
+            let Some(qcow2::Piece { source: Source::File { file, offset }, .. }) = plan.pop() else {
+                panic!("a file range expected")
+            };
+            let mut buf = AlignedBuf::zeroed(4096).unwrap();
+            buf.as_mut_slice().fill(i as u8 + 1);
+            let fd = file.direct_fd().unwrap();
+            let n = done.clone();
+            let cb: Done = Box::new(move |r, _| {
+                assert_eq!(r, 4096);
+                n.fetch_add(1, Ordering::SeqCst);
+            });
+            assert!(ring.push_write(file, fd, buf, 4096, offset, cb, defer));
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(100));
+        for i in 0..3 {
+            push(i, true);
+        }
+        settle().await;
+        assert_eq!(done.load(Ordering::SeqCst), 0, "deferred writes went to the kernel on their own");
+        ring.submit_deferred();
+        settle().await;
+        assert_eq!(done.load(Ordering::SeqCst), 3);
+        // At most DEFER_MAX wait: the last of them submits them all.
+        for i in 3..3 + DEFER_MAX as u64 {
+            push(i, true);
+        }
+        settle().await;
+        assert_eq!(done.load(Ordering::SeqCst), 3 + DEFER_MAX as u32);
+        // An entry that is not deferred takes the deferred ones with it.
+        push(40, true);
+        push(41, false);
+        settle().await;
+        assert_eq!(done.load(Ordering::SeqCst), 5 + DEFER_MAX as u32);
+        ring.close();
+        let mut b = vec![0u8; 4096];
+        for i in (0..3 + DEFER_MAX as u64).chain([40, 41]) {
+            dev.read_at(&mut b, i * 4096).unwrap();
+            assert!(b.iter().all(|&x| x == i as u8 + 1), "block {i}");
+        }
     }
 
     #[test]
