@@ -129,6 +129,7 @@ pub(crate) fn serve(
     // most BLOCKING_THREADS of them at once, as qemu's thread pool (64), so a thousand clients do not make a
     // thousand threads; more requests wait in the pool's queue.
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(nbd_server::worker_threads())
         .max_blocking_threads(nbd_server::BLOCKING_THREADS)
         .enable_all()
         .build()
