@@ -679,7 +679,7 @@ where
             break Ok(());
         };
         if let Some((e, msg)) = early {
-            let Ok(mem) = memory.clone().acquire_many_owned(0).await else {
+            let Some(mem) = acquire(&conn, &memory, 0).await else {
                 break Ok(());
             };
             if tx.send((Out::Bytes(reply::done(conn.style, req.cookie, req.offset, e, msg)), (mem, slot))).is_err() {
