@@ -198,7 +198,7 @@ overlays50() { # server -> "total_peak_rss_kib seconds"
     for i in $(seq 50); do args+=(-x "ov$i"); done
     for i in $(seq 50); do args+=("$dir/ov$i.qcow2"); done
     rm -f "$dir/o.sock"
-    "$qnbd" -t -e "$e" -f qcow2 -k "$dir/o.sock" "${args[@]}" >/dev/null 2>&1 & pids=($!)
+    "$qnbd" -t -e 8 -f qcow2 -k "$dir/o.sock" "${args[@]}" >/dev/null 2>&1 & pids=($!)
     for _ in $(seq 250); do [ -S "$dir/o.sock" ] && break; sleep 0.02; done
     for i in $(seq 50); do
       fio --name=b --ioengine=nbd --uri="nbd+unix:///ov$i?socket=$dir/o.sock" --rw=read --bs=1M --size=64M \
