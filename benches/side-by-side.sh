@@ -35,6 +35,9 @@
 #   read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct
 #                               both servers bypass the page cache: qnbd --cache=none against qemu-nbd
 #                               --cache=none --aio=io_uring
+# The cases with a raw twin (write-alloc-io, seq-read, nbdcopy1, nbdcopy4) also run qnbd on that twin in the same
+# rotation, so that the qcow2/raw ratio compares runs minutes apart no more than the qemu-nbd ratio does (columns
+# qnbd_raw and qcow2/raw).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -187,6 +190,13 @@ v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field
   echo "$val $r"
 }
 
+raw_twin() { # case -> the raw case whose number is the ceiling of this qcow2 case, if any
+  case $1 in
+    write-alloc-io) echo raw-write-io ;;
+    seq-read | nbdcopy1 | nbdcopy4) echo "raw-$1" ;;
+  esac
+}
+
 overlays50() { # server -> "total_peak_rss_kib seconds"
   local server=$1 i pids=() t0 t1 total=0
   for i in $(seq 50); do
@@ -242,7 +252,14 @@ extra() { # before-value after-value -> the extra columns when QNBD_BEFORE is se
 }
 printf '%-18s %-8s %12s %12s %7s %12s %12s' case unit qnbd qemu-nbd ratio qnbd_rss_kb qemu_rss_kb
 [ -z "${QNBD_BEFORE:-}" ] || printf ' %12s %7s' before after/before
+printf ' %12s %9s' qnbd_raw qcow2/raw
 echo
+twin() { # raw-values qcow2-value -> the qnbd_raw and qcow2/raw columns
+  local q=$1; shift
+  if [ $# -eq 0 ]; then printf ' %12s %9s' - -; return; fi
+  local r; r=$(median "$@")
+  printf ' %12s %9s' "$r" "$(awk -v a="$q" -v b="$r" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')"
+}
 for case in "${cases[@]}"; do
   if [ "$case" = overlays50 ]; then
     read -r q qt < <(overlays50 qnbd)
@@ -251,20 +268,23 @@ for case in "${cases[@]}"; do
     printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "RSS-KiB" "$q" "$m" \
       "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", a/b}')" "(${qt}s)" "(${mt}s)"
     extra - -
+    twin -
     echo
     continue
   fi
   server_b=qemu-nbd
   case $case in raw-*) server_b=skip ;; esac
-  qs=(); ms=(); bs=(); qr=0; mr=0
+  qs=(); ms=(); bs=(); rs=(); qr=0; mr=0
+  raw=$(raw_twin "$case")
   # The servers take turns going first (the first run after an image is prepared measures a little lower).
-  order=(qnbd qemu-nbd before)
+  order=(qnbd qemu-nbd before raw)
   for ((r = 0; r < reps; r++)); do
     for srv in "${order[@]}"; do
       case $srv in
         qnbd) read -r a b < <(run_one qnbd "$case"); qs+=("$a"); qr=$((b > qr ? b : qr)) ;;
         qemu-nbd) [ "$server_b" = skip ] || { read -r a b < <(run_one qemu-nbd "$case"); ms+=("$a"); mr=$((b > mr ? b : mr)); } ;;
         before) [ -z "${QNBD_BEFORE:-}" ] || { read -r a b < <(run_one before "$case"); bs+=("$a"); } ;;
+        raw) [ -z "$raw" ] || { read -r a b < <(run_one qnbd "$raw"); rs+=("$a"); } ;;
       esac
     done
     order=("${order[@]:1}" "${order[0]}")
@@ -275,6 +295,7 @@ for case in "${cases[@]}"; do
   if [ "$server_b" = skip ]; then
     printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" - - "$qr" -
     extra "$bq" "$q"
+    twin "$q"
     echo
     continue
   fi
@@ -282,5 +303,6 @@ for case in "${cases[@]}"; do
   printf '%-18s %-8s %12s %12s %7s %12s %12s' "$case" "$(unit "$case")" "$q" "$m" \
     "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')" "$qr" "$mr"
   extra "$bq" "$q"
+  twin "$q" ${rs[@]+"${rs[@]}"}
   echo
 done
