@@ -36,8 +36,8 @@
 #                               both servers bypass the page cache: qnbd --cache=none against qemu-nbd
 #                               --cache=none --aio=io_uring
 # The cases with a raw twin (write-alloc-io, seq-read, nbdcopy1, nbdcopy4) also run qnbd on that twin in the same
-# rotation, so that the qcow2/raw ratio compares runs minutes apart no more than the qemu-nbd ratio does (columns
-# qnbd_raw and qcow2/raw).
+# rotation, so that the qcow2/raw ratio, like the qemu-nbd one, compares runs made side by side (columns qnbd_raw
+# and qcow2/raw).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -254,7 +254,7 @@ printf '%-18s %-8s %12s %12s %7s %12s %12s' case unit qnbd qemu-nbd ratio qnbd_r
 [ -z "${QNBD_BEFORE:-}" ] || printf ' %12s %7s' before after/before
 printf ' %12s %9s' qnbd_raw qcow2/raw
 echo
-twin() { # raw-values qcow2-value -> the qnbd_raw and qcow2/raw columns
+twin() { # qcow2-value raw-values... -> the qnbd_raw and qcow2/raw columns ("- -" without raw values)
   local q=$1; shift
   if [ $# -eq 0 ]; then printf ' %12s %9s' - -; return; fi
   local r; r=$(median "$@")
