@@ -58,6 +58,8 @@ fn qcow2_written_through_nbd_checks_clean_and_reads_back() {
     ok("nbdcopy", &[&u, s(&out)]);
     let _ = srv.kill();
     let _ = srv.wait();
+    // qnbd's commit helper holds the image's locks until it has seen the server go.
+    wait_gone(s(&sock));
     assert_check_clean(&ov, "after the clients");
     // What qemu reads from the image is what the clients read through qnbd.
     ok("qemu-img", &["compare", "-F", "raw", s(&ov), s(&out)]);
@@ -278,6 +280,8 @@ fn offset_exports_the_rest_of_the_image() {
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x31 0 64k", "-c", "write -P 0x32 2M 4k", &uri(&sock)]);
     let _ = srv.kill();
     let _ = srv.wait();
+    // qnbd's commit helper holds the image's locks until it has seen the server go.
+    wait_gone(s(&sock));
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x32 3M 4k", s(&img)]);
 }
 
@@ -311,6 +315,8 @@ fn four_writers_with_multi_conn_keep_the_qcow2_consistent() {
     ok("nbdcopy", &["-C", "4", "--flush", s(&src), &uri(&sock)]);
     let _ = srv.kill();
     let _ = srv.wait();
+    // qnbd's commit helper holds the image's locks until it has seen the server go.
+    wait_gone(s(&sock));
     assert_check_clean(&ov, "after four writers");
     let out = d.path().join("out.raw");
     ok("qemu-img", &["convert", "-O", "raw", s(&ov), s(&out)]);
