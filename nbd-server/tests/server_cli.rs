@@ -324,3 +324,65 @@ fn four_writers_with_multi_conn_keep_the_qcow2_consistent() {
     assert!(back[..data.len()] == data[..], "data written over four connections differs");
     assert!(back[data.len()..].iter().all(|&b| b == 0x11), "the base shows through after the copied range");
 }
+
+/// The pids of the processes with `needle` in their command line (a zombie's is empty).
+fn pids_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody has reaped yet).
+fn exited(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+        .unwrap_or(true)
+}
+
+/// A user stops the server and uses the image at once (`kill $pid; wait $pid; qemu-img check ...`): once the
+/// server has exited, so has its commit helper, which shares the image's open files and with them its locks.
+/// The helper is made slow to go (`QNBD_TEST_HELPER_LINGER_MS`, as on a loaded machine) so that a server that
+/// does not wait for it leaves the image locked when it exits.
+#[test]
+fn a_stopped_server_leaves_the_image_unlocked_when_it_exits() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("u.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let sock = d.path().join("u.sock");
+    let linger = |c: &mut Command| {
+        c.env("QNBD_TEST_HELPER_LINGER_MS", "500");
+    };
+    let mut cmd = Command::new(QNBD);
+    cmd.args(["-t", "-f", "qcow2", "-k", s(&sock), s(&img)]).stdout(Stdio::null());
+    linger(&mut cmd);
+    let mut srv = spawn_listening(cmd, &sock);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 2 0 64k", &uri(&sock)]);
+    ok("kill", &["-TERM", &srv.0.id().to_string()]);
+    let st = srv.0.wait().unwrap();
+    assert!(st.success(), "the server exited with {st}");
+    assert!(pids_with(s(&sock)).is_empty(), "a process of the server outlived it");
+    assert_check_clean(&img, "right after the server exited");
+    // In the background (--fork) the helper is not the server's child; the server still waits for it.
+    let pidfile = d.path().join("q.pid");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new(QNBD);
+    cmd.args(["--fork", "--pid-file", s(&pidfile), "-t", "-f", "qcow2", "-k", s(&sock), s(&img)]);
+    linger(&mut cmd);
+    let st = cmd.status().unwrap();
+    assert!(st.success(), "qnbd --fork exited with {st}");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 9 0 64k", &uri(&sock)]);
+    ok("kill", &["-TERM", &pid]);
+    wait_until("the background server exits", Duration::from_secs(20), || exited(&pid));
+    assert!(pids_with(s(&sock)).is_empty(), "a process of the background server outlived it");
+    assert_check_clean(&img, "right after the background server exited");
+    ok("qemu-io", &["-f", "qcow2", "-c", "read -P 9 0 64k", s(&img)]);
+}

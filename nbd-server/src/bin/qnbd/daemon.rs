@@ -111,24 +111,6 @@ pub(crate) fn release_terminal() {
     }
 }
 
-/// `--fork` for the network server: the parent exits at once (the listeners are bound already), the child
-/// carries on in a new session. `None` in the child, `Some(code)` for the parent to exit with.
-pub(crate) fn fork_daemon() -> Option<ExitCode> {
-    // Remote images' cache brought to rest (their runtime's idle threads are left to this parent).
-    qcow2::remote::quiesce();
-    // SAFETY: no thread of ours runs yet (the server's runtime starts after this; the remote runtime's threads
-    // are idle), so fork is safe.
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => Some(fail(format!("fork failed: {e}"))),
-        Ok(nix::unistd::ForkResult::Child) => {
-            let _ = nix::unistd::setsid();
-            release_terminal();
-            None
-        }
-        Ok(nix::unistd::ForkResult::Parent { .. }) => parent_exit(true),
-    }
-}
-
 /// The parent of a fork exits here, at once: it must not drop the images it opened before the fork (their
 /// close would flush metadata and store dirty bitmaps while the child goes on serving the same files).
 fn parent_exit(ok: bool) -> ! {

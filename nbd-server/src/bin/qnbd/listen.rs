@@ -117,13 +117,11 @@ pub(crate) fn serve(
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    if cli.fork {
-        if let Some(code) = crate::daemon::fork_daemon() {
-            return code;
-        }
-    }
-    if let Err(e) = crate::daemon::write_pid_file(cli) {
-        return fail(e);
+    // --fork: the parent exits once the child has written the pid file (qemu-nbd's order: a script may read it
+    // as soon as the command returns); the listeners are bound already.
+    match crate::daemon::Ready::start(cli.fork, cli) {
+        Ok(mut ready) => ready.ok(),
+        Err(code) => return code,
     }
     // The blocking pool runs the requests that may wait (slow or O_DIRECT I/O, remote images, flushes): at
     // most BLOCKING_THREADS of them at once, as qemu's thread pool (64), so a thousand clients do not make a

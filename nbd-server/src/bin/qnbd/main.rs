@@ -294,6 +294,9 @@ fn main() -> ExitCode {
         listen::serve(&cli, exports, tls, allow)
     };
     report_remote();
+    // The images are closed: let the commit helper go, and wait for it, so that their locks are gone once this
+    // process is (a script's `kill; wait` and then qemu-img on the image).
+    qcow2::image::commit::shutdown_helper();
     code
 }
 

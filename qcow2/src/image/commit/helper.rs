@@ -33,9 +33,12 @@ pub enum Op {
 }
 
 struct Helper {
-    pipes: Mutex<(std::fs::File, std::fs::File)>,
+    /// To the helper and back; `None` once [`shutdown_helper`] has let it go (commits then run in the caller).
+    pipes: Mutex<Option<(std::fs::File, std::fs::File)>>,
     /// (fd, dev, ino) of every regular file open when the helper was forked: only those can be committed.
     fds: Vec<(i32, u64, u64)>,
+    /// The helper's process id.
+    pid: libc::pid_t,
 }
 
 static HELPER: OnceLock<Helper> = OnceLock::new();
@@ -195,6 +198,10 @@ pub unsafe fn install_helper() -> Result<()> {
             };
             let _ = output.write_all(&code.to_le_bytes());
         }
+        // Fault injection for the tests: a helper slow to go, as on a loaded machine.
+        if let Some(ms) = std::env::var("QNBD_TEST_HELPER_LINGER_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+        }
         // SAFETY: leave without running the parent's destructors or atexit handlers.
         unsafe { libc::_exit(0) };
     }
@@ -206,7 +213,7 @@ pub unsafe fn install_helper() -> Result<()> {
     };
     let _ = (w.as_raw_fd(), r.as_raw_fd());
     HELPER
-        .set(Helper { pipes: Mutex::new((w, r)), fds })
+        .set(Helper { pipes: Mutex::new(Some((w, r))), fds, pid })
         .map_err(|_| Error::new(ErrorKind::InvalidArgument, "the commit helper is already installed"))
 }
 
@@ -223,12 +230,49 @@ pub fn commit_if_installed(ops: &[Op]) -> Option<Result<()>> {
     if !known {
         return None;
     }
-    Some(send(h, ops))
+    let Ok(mut g) = h.pipes.lock() else {
+        return Some(Err(Error::new(ErrorKind::Io, "commit helper lock poisoned")));
+    };
+    // Gone (the process is exiting, see `shutdown_helper`): the caller commits itself.
+    let (w, r) = g.as_mut()?;
+    Some(send(w, r, ops))
 }
 
-fn send(h: &Helper, ops: &[Op]) -> Result<()> {
-    let mut g = h.pipes.lock().map_err(|_| Error::new(ErrorKind::Io, "commit helper lock poisoned"))?;
-    let (w, r) = &mut *g;
+/// Lets the helper go and waits until it has exited, at most ten seconds: called by a server as its last step
+/// before exiting. The helper shares the images' open file descriptions, and with them their locks
+/// (`image::lock`); without this wait a user who stops the server (`kill $pid; wait $pid`) and opens the image
+/// at once could find it still locked, for as long as the helper takes to notice the server is gone. No commit
+/// is in flight when it runs (a commit holds the pipes' lock to its end); any later one runs in its caller.
+pub fn shutdown_helper() {
+    let Some(h) = HELPER.get() else { return };
+    let Ok(mut g) = h.pipes.lock() else { return };
+    // Closing the pipe to the helper ends its loop (EOF), and it exits.
+    let Some(pipes) = g.take() else { return };
+    drop(pipes);
+    drop(g);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !exited(h.pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Whether process `pid` has finished exiting (its files closed, their locks with them): reaped here if it is
+/// our child; otherwise (`--fork` made the server a grandchild of the helper's parent) gone or a zombie.
+fn exited(pid: libc::pid_t) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a local.
+    match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        0 => false,
+        r if r == pid => true,
+        _ => match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name in parentheses.
+            Ok(st) => st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        },
+    }
+}
+
+fn send(w: &mut std::fs::File, r: &mut std::fs::File, ops: &[Op]) -> Result<()> {
     w.write_all(&encode(ops)).map_err(|e| Error::io("commit helper", e))?;
     let mut code = [0u8; 4];
     r.read_exact(&mut code).map_err(|e| Error::io("commit helper", e))?;

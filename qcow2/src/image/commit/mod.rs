@@ -31,7 +31,7 @@
 
 pub mod helper;
 
-pub use helper::install_helper;
+pub use helper::{install_helper, shutdown_helper};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
