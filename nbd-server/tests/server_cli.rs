@@ -325,21 +325,6 @@ fn four_writers_with_multi_conn_keep_the_qcow2_consistent() {
     assert!(back[data.len()..].iter().all(|&b| b == 0x11), "the base shows through after the copied range");
 }
 
-/// The pids of the processes with `needle` in their command line (a zombie's is empty).
-fn pids_with(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Whether process `pid` has exited (gone, or a zombie nobody has reaped yet).
 fn exited(pid: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

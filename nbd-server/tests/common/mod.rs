@@ -98,13 +98,22 @@ pub fn md5(path: &Path) -> String {
 /// Waits until no process runs with `needle` in its command line: after SIGKILL, qnbd's commit helper (a fork
 /// of the server, with the same command line) may still be finishing the last metadata batch.
 pub fn wait_gone(needle: &str) {
-    wait_until(&format!("processes with '{needle}' exit"), Duration::from_secs(10), || {
-        !std::fs::read_dir("/proc").into_iter().flatten().filter_map(|e| e.ok()).any(|e| {
+    wait_until(&format!("processes with '{needle}' exit"), Duration::from_secs(10), || pids_with(needle).is_empty());
+}
+
+/// The pids of the processes with `needle` in their command line (a zombie's is empty).
+pub fn pids_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
             std::fs::read(e.path().join("cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
                 .unwrap_or(false)
         })
-    });
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Spawns `cmd` (its standard error captured) and waits, bounded, until it listens on the unix socket `sock`;
