@@ -342,12 +342,9 @@ fn a_stopped_server_leaves_the_image_unlocked_when_it_exits() {
     let img = d.path().join("u.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
     let sock = d.path().join("u.sock");
-    let linger = |c: &mut Command| {
-        c.env("QNBD_TEST_HELPER_LINGER_MS", "500");
-    };
     let mut cmd = Command::new(QNBD);
-    cmd.args(["-t", "-f", "qcow2", "-k", s(&sock), s(&img)]).stdout(Stdio::null());
-    linger(&mut cmd);
+    cmd.args(["-t", "-f", "qcow2", "-k", s(&sock), s(&img)]).env("QNBD_TEST_HELPER_LINGER_MS", "500");
+    cmd.stdout(Stdio::null());
     let mut srv = spawn_listening(cmd, &sock);
     ok("qemu-io", &["-f", "raw", "-c", "write -P 2 0 64k", &uri(&sock)]);
     ok("kill", &["-TERM", &srv.0.id().to_string()]);
@@ -360,7 +357,7 @@ fn a_stopped_server_leaves_the_image_unlocked_when_it_exits() {
     let _ = std::fs::remove_file(&sock);
     let mut cmd = Command::new(QNBD);
     cmd.args(["--fork", "--pid-file", s(&pidfile), "-t", "-f", "qcow2", "-k", s(&sock), s(&img)]);
-    linger(&mut cmd);
+    cmd.env("QNBD_TEST_HELPER_LINGER_MS", "500");
     let st = cmd.status().unwrap();
     assert!(st.success(), "qnbd --fork exited with {st}");
     let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
