@@ -22,14 +22,18 @@ pub(crate) fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCod
         file_name: cli.export_name.first().cloned().unwrap_or_else(|| "nbd".into()),
         read_only: export.is_read_only(),
         allow_other: cli.fuse_allow_other,
+        io_uring: true,
     };
-    let session = match nbd_server::fuse::mount(export.device.clone(), &o) {
+    let mut mounted = match nbd_server::fuse::mount(export.device.clone(), &o) {
         Ok(s) => s,
         Err(e) => return ready.fail(e),
     };
+    if mounted.over_io_uring() {
+        tracing::info!("FUSE requests travel over io_uring");
+    }
     ready.ok();
     let mut asked = false;
-    while !session.guard.is_finished() {
+    while !mounted.session.guard.is_finished() {
         if !asked && STOP.load(std::sync::atomic::Ordering::SeqCst) {
             asked = true;
             if let Err(e) = nbd_server::fuse::unmount(&o.mountpoint) {
@@ -40,10 +44,15 @@ pub(crate) fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCod
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ended = if session.guard.is_finished() {
-        session.join().map_err(|e| format!("FUSE session: {e}"))
+    let unmounted = mounted.session.guard.is_finished();
+    // The io_uring threads end with the connection (or are stopped when the unmount failed), before the flush.
+    if let Some(n) = mounted.end_ring(unmounted) {
+        tracing::info!("FUSE export: {n} requests served over io_uring");
+    }
+    let ended = if unmounted {
+        mounted.session.join().map_err(|e| format!("FUSE session: {e}"))
     } else {
-        drop(session);
+        drop(mounted);
         Ok(())
     };
     let result =

@@ -4,6 +4,9 @@
 
 use crate::error::Error;
 
+mod ring;
+mod wire;
+
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
@@ -94,16 +97,94 @@ impl ImageFs {
     }
 }
 
+/// The operations, apart from how their answers travel: fuser's `/dev/fuse` loop below and the io_uring
+/// transport ([`ring`]) both answer with these.
 impl ImageFs {
-    /// Flushes the image (nothing to do read-only) and answers.
-    fn make_durable(&self, reply: ReplyEmpty) {
+    /// Flushes the image (nothing to do read-only).
+    fn make_durable(&self) -> Result<(), Errno> {
         if self.read_only {
-            return reply.ok();
+            return Ok(());
         }
-        match self.device.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(eio(e)),
+        self.device.flush().map_err(eio)
+    }
+
+    fn lookup_file(&self, parent: INodeNo, name: &[u8]) -> Result<FileAttr, Errno> {
+        match (&self.file_name, parent) {
+            (Some(n), INodeNo::ROOT) if name == n.as_bytes() => self.attr(FILE_INO).ok_or(Errno::ENOENT),
+            _ => Err(Errno::ENOENT),
         }
+    }
+
+    fn set_attr(&self, ino: INodeNo, size: Option<u64>) -> Result<FileAttr, Errno> {
+        // The size is the image's: truncating to it (O_TRUNC on a same-size file) is fine, resizing is not.
+        if let Some(s) = size {
+            if s != self.device.size() {
+                return Err(Errno::EPERM);
+            }
+        }
+        self.attr(ino).ok_or(Errno::ENOENT)
+    }
+
+    fn open_file(&self, ino: INodeNo, flags: i32) -> Result<FopenFlags, Errno> {
+        if ino != self.file_ino() {
+            return Err(Errno::EISDIR);
+        }
+        let wants_write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
+        if wants_write && self.read_only {
+            return Err(Errno::EROFS);
+        }
+        // Direct I/O: every read and write reaches the image, so the page cache never holds stale data
+        // and fsync/flush mean what they say.
+        Ok(FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES)
+    }
+
+    /// Reads up to `size` bytes at `offset` into `buf` (grown if it is shorter); the length read.
+    fn read_into(&self, ino: INodeNo, offset: u64, size: u32, buf: &mut [u8]) -> Result<usize, Errno> {
+        if ino != self.file_ino() {
+            return Err(Errno::EISDIR);
+        }
+        let (off, n) = self.clamp(offset, u64::from(size));
+        let n = n.min(buf.len());
+        self.device.read_at(&mut buf[..n], off).map_err(eio)?;
+        Ok(n)
+    }
+
+    /// Writes `data` at `offset` (`flags`: the file's open flags, for O_SYNC/O_DSYNC); the length written.
+    fn write_from(&self, ino: INodeNo, offset: u64, data: &[u8], flags: i32) -> Result<u32, Errno> {
+        if ino != self.file_ino() {
+            return Err(Errno::EISDIR);
+        }
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        let size = self.device.size();
+        if offset >= size && !data.is_empty() {
+            return Err(Errno::ENOSPC);
+        }
+        let n = (data.len() as u64).min(size - offset.min(size)) as usize;
+        let fua = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        self.device.write_at(&data[..n], offset, fua).map_err(eio)?;
+        Ok(n as u32)
+    }
+
+    /// The directory's entries (`.`, `..`, the file); `ENOTDIR` when the root is the file.
+    fn dir_entries(&self, ino: INodeNo) -> Result<[(INodeNo, FileType, &str); 3], Errno> {
+        let Some(name) = &self.file_name else {
+            return Err(Errno::ENOTDIR);
+        };
+        if ino != INodeNo::ROOT {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok([
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, name.as_str()),
+        ])
+    }
+
+    /// statfs: (blocks, block size).
+    fn blocks(&self) -> (u64, u32) {
+        (self.device.size().div_ceil(4096), 4096)
     }
 }
 
@@ -112,31 +193,77 @@ fn eio(e: impl std::fmt::Display) -> Errno {
     Errno::EIO
 }
 
-impl fuser::Filesystem for ImageFs {
+fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn attr_reply(reply: ReplyAttr, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &a),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// fuser's view of the filesystem: the shared [`ImageFs`], and whether to ask for io_uring at INIT.
+struct Glue {
+    fs: Arc<ImageFs>,
+    want_ring: bool,
+    /// Only this user's requests are served over the rings (fuser's own check covers `/dev/fuse`).
+    owner: Option<u32>,
+    /// Made at INIT when the kernel offered io_uring and the reply asked for it; started by [`mount`].
+    rings: Arc<std::sync::Mutex<Option<ring::Rings>>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl std::ops::Deref for Glue {
+    type Target = ImageFs;
+    fn deref(&self) -> &ImageFs {
+        &self.fs
+    }
+}
+
+impl fuser::Filesystem for Glue {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         // Asynchronous direct I/O: an aio or io_uring client's queue of O_DIRECT requests reaches the threads
         // here as a queue, not one at a time (without it the kernel waits for each before sending the next).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        // Requests over io_uring where the kernel offers it (fuse.enable_uring=Y): `ring` registers the
+        // queues once the session is up; until all are registered the kernel keeps using /dev/fuse.
+        // The rings and their threads are made first: asking for io_uring and then not registering would leave
+        // every request waiting.
+        if self.want_ring && config.capabilities().contains(fuser::InitFlags::FUSE_OVER_IO_URING) {
+            match ring::Rings::prepare(self.fs.clone(), self.owner) {
+                Ok(r) => {
+                    if config.add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING).is_ok() {
+                        *lock(&self.rings) = Some(r);
+                    } else {
+                        r.abandon();
+                    }
+                }
+                Err(e) => tracing::warn!("FUSE over io_uring unavailable, serving through /dev/fuse: {e}"),
+            }
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match (&self.file_name, parent) {
-            (Some(n), INodeNo::ROOT) if name == OsStr::new(n) => match self.attr(FILE_INO) {
-                Some(a) => reply.entry(&TTL, &a, Generation(0)),
-                None => reply.error(Errno::ENOENT),
-            },
-            _ => reply.error(Errno::ENOENT),
+        use std::os::unix::ffi::OsStrExt;
+        match self.lookup_file(parent, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
-        }
+        attr_reply(reply, self.attr(ino).ok_or(Errno::ENOENT))
     }
 
     fn setattr(
@@ -157,29 +284,14 @@ impl fuser::Filesystem for ImageFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // The size is the image's: truncating to it (O_TRUNC on a same-size file) is fine, resizing is not.
-        if let Some(s) = size {
-            if s != self.device.size() {
-                return reply.error(Errno::EPERM);
-            }
-        }
-        match self.attr(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
-        }
+        attr_reply(reply, self.set_attr(ino, size))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != self.file_ino() {
-            return reply.error(Errno::EISDIR);
+        match self.open_file(ino, flags.0) {
+            Ok(f) => reply.opened(FileHandle(0), f),
+            Err(e) => reply.error(e),
         }
-        let wants_write = (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY;
-        if wants_write && self.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        // Direct I/O: every read and write reaches the image, so the page cache never holds stale data
-        // and fsync/flush mean what they say.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
     }
 
     fn read(
@@ -193,18 +305,15 @@ impl fuser::Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino != self.file_ino() {
-            return reply.error(Errno::EISDIR);
-        }
-        let (off, n) = self.clamp(offset, u64::from(size));
         // This thread's buffer, reused: no fresh pages, no zeroing per request (`read_at` fills all of it).
         READ_BUF.with_borrow_mut(|buf| {
-            if buf.len() < n {
-                buf.resize(n, 0);
+            let want = (size.min(MAX_IO)) as usize;
+            if buf.len() < want {
+                buf.resize(want, 0);
             }
-            match self.device.read_at(&mut buf[..n], off) {
-                Ok(()) => reply.data(&buf[..n]),
-                Err(e) => reply.error(eio(e)),
+            match self.read_into(ino, offset, size, buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(e),
             }
         })
     }
@@ -221,46 +330,27 @@ impl fuser::Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino != self.file_ino() {
-            return reply.error(Errno::EISDIR);
-        }
-        if self.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        let size = self.device.size();
-        if offset >= size && !data.is_empty() {
-            return reply.error(Errno::ENOSPC);
-        }
-        let n = (data.len() as u64).min(size - offset.min(size)) as usize;
-        let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        match self.device.write_at(&data[..n], offset, fua) {
-            Ok(()) => reply.written(n as u32),
-            Err(e) => reply.error(eio(e)),
+        match self.write_from(ino, offset, data, flags.0) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
         }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(2): make what was written durable, as a block device's last close does not promise but
         // users of a file expect.
-        self.make_durable(reply)
+        empty(reply, self.make_durable())
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.make_durable(reply)
+        empty(reply, self.make_durable())
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(name) = &self.file_name else {
-            return reply.error(Errno::ENOTDIR);
+        let entries = match self.dir_entries(ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        if ino != INodeNo::ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let entries = [
-            (INodeNo::ROOT, FileType::Directory, "."),
-            (INodeNo::ROOT, FileType::Directory, ".."),
-            (FILE_INO, FileType::RegularFile, name.as_str()),
-        ];
         for (i, (ino, kind, n)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, n) {
                 break;
@@ -270,8 +360,8 @@ impl fuser::Filesystem for ImageFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: fuser::ReplyStatfs) {
-        let blocks = self.device.size().div_ceil(4096);
-        reply.statfs(blocks, 0, 0, 1, 0, 4096, 255, 4096);
+        let (blocks, bsize) = self.blocks();
+        reply.statfs(blocks, 0, 0, 1, 0, bsize, 255, bsize);
     }
 }
 
@@ -285,10 +375,12 @@ pub struct FuseOptions {
     pub read_only: bool,
     /// Let every user reach the file (FUSE allow_other); otherwise only the mounting user.
     pub allow_other: bool,
+    /// Take requests over io_uring where the kernel offers it (`fuse.enable_uring=Y`).
+    pub io_uring: bool,
 }
 
 /// Mounts `device`; the returned session serves it on its own threads until unmounted.
-pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Result<fuser::BackgroundSession> {
+pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Result<Mounted> {
     let m = std::fs::metadata(&o.mountpoint)
         .map_err(|e| Error::Fuse(format!("Failed to stat mount point {}: {e}", o.mountpoint.display())))?;
     let file_name = if m.is_dir() {
@@ -322,8 +414,65 @@ pub fn mount(device: Arc<dyn BlockDevice>, o: &FuseOptions) -> crate::error::Res
     config.clone_fd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
     let mut fs = ImageFs::new(device, o.read_only, file_name);
     fs.others = o.allow_other;
-    fuser::spawn_mount(fs, &o.mountpoint, &config)
-        .map_err(|e| Error::Fuse(format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display())))
+    let fs = Arc::new(fs);
+    let rings = Arc::new(std::sync::Mutex::new(None));
+    let owner = (!o.allow_other).then(|| nix::unistd::geteuid().as_raw());
+    let glue = Glue { fs, want_ring: o.io_uring, owner, rings: rings.clone() };
+    let failed = |e: std::io::Error| Error::Fuse(format!("Failed to mount {} with FUSE: {e}", o.mountpoint.display()));
+    // Mounts and answers INIT (preparing the rings when the kernel offers io_uring); the threads serving
+    // /dev/fuse start below.
+    let session = fuser::Session::new(glue, &o.mountpoint, &config);
+    let prepared = lock(&rings).take();
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(r) = prepared {
+                r.abandon();
+            }
+            return Err(failed(e));
+        }
+    };
+    let ring = match prepared {
+        Some(r) => match r.start(std::os::fd::AsFd::as_fd(&session)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Cannot happen short of running out of descriptors; the kernel waits for the rings, so the
+                // session cannot go on.
+                return Err(Error::Fuse(format!("FUSE over io_uring: {e}")));
+            }
+        },
+        None => None,
+    };
+    let session = session.spawn().map_err(failed)?;
+    Ok(Mounted { session, ring })
+}
+
+/// A mounted export: fuser's session (the `/dev/fuse` threads) and, where the kernel took it, the io_uring
+/// queues.
+pub struct Mounted {
+    /// The `/dev/fuse` threads; finished once the file is unmounted.
+    pub session: fuser::BackgroundSession,
+    ring: Option<ring::Running>,
+}
+
+impl Mounted {
+    /// Whether requests travel over io_uring (the kernel offered it at INIT and the rings are registering).
+    pub fn over_io_uring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// After the unmount: waits for the io_uring threads (they end when the kernel ends the connection);
+    /// `unmounted` false: the unmount failed, so they are stopped instead. The requests they served.
+    pub fn end_ring(&mut self, unmounted: bool) -> Option<u64> {
+        let r = self.ring.take()?;
+        let served = r.served_total();
+        if unmounted {
+            r.join()
+        } else {
+            r.stop()
+        }
+        Some(served.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// Unmounts `path` (lazily if it is still in use, e.g. by a loop device: the session then serves until the
