@@ -4,29 +4,40 @@
 # file (libaio, O_DIRECT), or on a loop device over it (`loop-*` cases: `losetup --direct-io=on`, the way an
 # injection pipeline without the nbd driver gets a block device). Prints each case's median of RUNS for both and
 # the ratio qnbd / qsd.
+# `uring-*` cases: the same jobs with qnbd taking requests over io_uring (the kernel's fuse.enable_uring set to Y
+# while qnbd mounts, N otherwise; put back at the end). qemu-storage-daemon 10.0 does not use io_uring for FUSE.
 # Needs root (FUSE mounts, loop devices) and /dev/fuse.
 # Usage: benches/fuse-vs-qsd.sh [SECONDS=5] [RUNS=3] [CASES...]
-#   (randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite)
+#   (randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite, and where the
+#   kernel has it uring-randread uring-randwrite uring-seqread uring-seqwrite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
 runs=${2:-3}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite)
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_before=$(cat "$uring_param" 2>/dev/null || true)
+if [ ${#cases[@]} -eq 0 ]; then
+  cases=(randread randwrite seqread seqwrite loop-randread loop-randwrite loop-seqread loop-seqwrite)
+  [ -z "$uring_before" ] || cases+=(uring-randread uring-randwrite uring-seqread uring-seqwrite)
+fi
 cargo build --release -q -p nbd-server
 qnbd=$PWD/target/release/qnbd
 dir=$(mktemp -d /var/tmp/qnbd-fuse.XXXXXX)
-cleanup() { [ -z "${lo:-}" ] || losetup -d "$lo" 2>/dev/null || true; umount "$dir/mnt" 2>/dev/null || true; pkill -f "$dir" 2>/dev/null || true; sleep 0.3; rm -rf "$dir"; }
+cleanup() { [ -z "$uring_before" ] || echo "$uring_before" > "$uring_param"; [ -z "${lo:-}" ] || losetup -d "$lo" 2>/dev/null || true; umount "$dir/mnt" 2>/dev/null || true; pkill -f "$dir" 2>/dev/null || true; sleep 0.3; rm -rf "$dir"; }
 trap cleanup EXIT
 qemu-img create -q -f raw "$dir/base.raw" 1G
 qemu-io -f raw -c 'write -P 0x5a 0 1G' "$dir/base.raw" >/dev/null
 qemu-img convert -O qcow2 "$dir/base.raw" "$dir/full.qcow2"
 rm -f "$dir/base.raw"
 mounted() { findmnt -n "$dir/mnt" >/dev/null 2>&1; }
-start() { # server -> pid
+start() { # server case -> pid
   cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"
   : > "$dir/mnt"
+  if [ -n "$uring_before" ]; then
+    if [ "$1" = qnbd ] && [ "${2#uring-}" != "$2" ]; then echo Y > "$uring_param"; else echo N > "$uring_param"; fi
+  fi
   if [ "$1" = qnbd ]; then
     "$qnbd" -f qcow2 --fuse "$dir/mnt" "$dir/img.qcow2" >/dev/null 2>&1 &
   else
@@ -40,7 +51,8 @@ start() { # server -> pid
 }
 stop() { kill "$1" 2>/dev/null || true; for _ in $(seq 250); do mounted || break; sleep 0.02; done; wait "$1" 2>/dev/null || true; }
 job() {
-  case ${1#loop-} in
+  local c=${1#uring-}
+  case ${c#loop-} in
     randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
     randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     seqread) echo "--rw=read --bs=1M --iodepth=4" ;;
@@ -48,9 +60,9 @@ job() {
   esac
 }
 one() { # server case -> value
-  local pid v field=iops target="$dir/mnt"
-  case ${2#loop-} in seq*) field=bw ;; esac
-  pid=$(start "$1")
+  local pid v field=iops target="$dir/mnt" c=${2#uring-}
+  case ${c#loop-} in seq*) field=bw ;; esac
+  pid=$(start "$1" "$2")
   lo=
   if [ "${2#loop-}" != "$2" ]; then
     lo=$(losetup -f --show --direct-io=on "$dir/mnt")
@@ -67,7 +79,7 @@ v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field
   echo "$v"
 }
 echo "# $(uname -r), $(nproc) cores, $(qemu-storage-daemon --version | head -1), qnbd $(git rev-parse --short HEAD)"
-printf '%-10s %-6s %10s %10s %7s\n' case unit qnbd qsd ratio
+printf '%-15s %-6s %10s %10s %7s\n' case unit qnbd qsd ratio
 median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
 for c in "${cases[@]}"; do
   qs=(); ms=()
@@ -76,6 +88,6 @@ for c in "${cases[@]}"; do
     if ((r % 2 == 0)); then qs+=("$(one qnbd "$c")"); ms+=("$(one qsd "$c")"); else ms+=("$(one qsd "$c")"); qs+=("$(one qnbd "$c")"); fi
   done
   q=$(median "${qs[@]}"); m=$(median "${ms[@]}")
-  unit=IOPS; case ${c#loop-} in seq*) unit=MiB/s ;; esac
-  printf '%-10s %-6s %10s %10s %7s\n' "$c" "$unit" "$q" "$m" "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", b ? a/b : 0}')"
+  unit=IOPS; k=${c#uring-}; case ${k#loop-} in seq*) unit=MiB/s ;; esac
+  printf '%-15s %-6s %10s %10s %7s\n' "$c" "$unit" "$q" "$m" "$(awk -v a="$q" -v b="$m" 'BEGIN{printf "%.2f", b ? a/b : 0}')"
 done

@@ -153,6 +153,25 @@ fn directory_mount_point_read_only_and_sigterm() {
     assert!(String::from_utf8_lossy(&ordinary.stderr).contains("mount point"), "clear error for a missing mount point");
 }
 
+/// fio with O_DIRECT and libaio on `file`, verifying every block it wrote (`extra`: the job).
+fn fio_verified(file: &Path, extra: &[&str]) {
+    let file_arg = format!("--filename={}", s(file));
+    let mut a = vec![
+        file_arg.as_str(),
+        "--name=q",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--randseed=7",
+    ];
+    a.extend_from_slice(extra);
+    let out = run("fio", &a);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("verify: bad"), "fio {extra:?}: {text}");
+}
+
 /// Asynchronous direct I/O (FUSE_ASYNC_DIO): fio keeps 32 O_DIRECT requests in flight on the exported file,
 /// so the server's threads handle them at once. Every block fio wrote reads back as written (fio's own verify),
 /// and the image qemu-img sees afterwards holds exactly what the file showed.
@@ -166,26 +185,9 @@ fn queued_direct_io_through_fuse_keeps_every_byte() {
     let d = dir.path();
     let mut c = Cleanup { mounts: vec![], loops: vec![] };
     let Exported { ov, mp, pid, .. } = export_overlay(d, "64M", &mut c);
-    let file_arg = format!("--filename={}", s(&mp));
-    let fio = |extra: &[&str]| {
-        let mut a = vec![
-            file_arg.as_str(),
-            "--name=q",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randseed=7",
-        ];
-        a.extend_from_slice(extra);
-        let out = run("fio", &a);
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && !text.contains("verify: bad"), "fio {extra:?}: {text}");
-    };
     // 4 KiB random writes at queue depth 32 over the first half, then 1 MiB writes at depth 4 over a quarter.
-    fio(&["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M"]);
-    fio(&["--rw=write", "--bs=1M", "--iodepth=4", "--offset=40M", "--size=16M"]);
+    fio_verified(&mp, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M"]);
+    fio_verified(&mp, &["--rw=write", "--bs=1M", "--iodepth=4", "--offset=40M", "--size=16M"]);
     // What the file shows now, read with O_DIRECT at depth 1.
     let shown = d.join("shown.raw");
     ok("dd", &[&format!("if={}", s(&mp)), &format!("of={}", s(&shown)), "bs=1M", "iflag=direct", "status=none"]);
@@ -199,4 +201,111 @@ fn queued_direct_io_through_fuse_keeps_every_byte() {
     let bytes = std::fs::read(&shown).unwrap();
     assert!(bytes[(32 << 20)..(40 << 20)].iter().all(|&b| b == 0x5a), "the untouched range is the base's");
     assert!(bytes[(40 << 20)..(56 << 20)].iter().any(|&b| b != 0x5a), "fio's sequential writes are there");
+}
+
+/// Sets a kernel parameter for a test and puts the old value back when dropped.
+struct Param {
+    path: &'static Path,
+    before: String,
+}
+
+impl Drop for Param {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.before.trim());
+    }
+}
+
+/// `qnbd -v --fuse MP -f qcow2 IMG` in the foreground, its log in `log`; returns once the file is mounted.
+fn serve_logged(mp: &Path, img: &Path, log: &Path, extra: &[&str]) -> Srv {
+    std::fs::write(mp, b"").unwrap();
+    let mut cmd = std::process::Command::new(QNBD);
+    cmd.args(["-v", "--fuse", s(mp), "-f", "qcow2"]).args(extra).arg(img);
+    cmd.stderr(std::fs::File::create(log).unwrap());
+    let srv = Srv(cmd.spawn().unwrap());
+    wait_until("the export is mounted", Duration::from_secs(20), || std::fs::metadata(mp).is_ok_and(|m| m.len() > 0));
+    srv
+}
+
+/// FUSE over io_uring (`fuse.enable_uring=Y`, set for this test and put back after): the kernel hands requests
+/// to qnbd's rings instead of `/dev/fuse`. Queued direct I/O verifies every block, a filesystem made on a loop
+/// device over the file holds its files, the image is clean and holds exactly what the file showed, and the log
+/// counts the requests the rings answered. With the parameter off, the same export serves through `/dev/fuse`.
+#[test]
+fn requests_over_io_uring_keep_every_byte_and_fall_back_to_dev_fuse() {
+    if !usable() || run("fio", &["--version"]).status.code() != Some(0) {
+        eprintln!("skipped: needs root, /dev/fuse, loop devices and fio");
+        return;
+    }
+    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    let Ok(before) = std::fs::read_to_string(param) else {
+        eprintln!("skipped: this kernel has no FUSE over io_uring ({} is missing)", param.display());
+        return;
+    };
+    let _restore = Param { path: param, before };
+    std::fs::write(param, "Y").expect("root can switch fuse.enable_uring");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "96M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 96M", s(&base)]);
+    let ov = d.join("overlay.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&ov)]);
+    let mp = d.join("disk.img");
+    let log = d.join("qnbd.log");
+    let mut c = Cleanup { mounts: vec![], loops: vec![] };
+    let mut srv = serve_logged(&mp, &ov, &log, &[]);
+    c.mounts.push(mp.clone());
+
+    fio_verified(&mp, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M"]);
+    fio_verified(&mp, &["--rw=write", "--bs=1M", "--iodepth=4", "--offset=40M", "--size=16M"]);
+    // A filesystem on a loop device over the file, in its last 32 MiB.
+    let lo = ok("losetup", &["-f", "--show", "--offset", &(64u64 << 20).to_string(), s(&mp)]).trim().to_string();
+    c.loops.push(lo.clone());
+    ok("mkfs.ext4", &["-q", "-F", &lo]);
+    let m = d.join("m");
+    std::fs::create_dir(&m).unwrap();
+    ok("mount", &[&lo, s(&m)]);
+    c.mounts.push(m.clone());
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    std::fs::write(m.join("f.bin"), &data).unwrap();
+    ok("umount", &[s(&m)]);
+    c.mounts.pop();
+    ok("losetup", &["-d", &lo]);
+    c.loops.clear();
+    let shown = d.join("shown.raw");
+    ok("dd", &[&format!("if={}", s(&mp)), &format!("of={}", s(&shown)), "bs=1M", "iflag=direct", "status=none"]);
+    ok("umount", &[s(&mp)]);
+    c.mounts.clear();
+    let st = srv.wait().unwrap();
+    assert!(st.success(), "qnbd ends cleanly after the unmount: {st:?}");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("FUSE requests travel over io_uring"), "{text}");
+    let served: u64 = text
+        .lines()
+        .find_map(|l| l.split("FUSE export: ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of requests served over io_uring in the log: {text}"));
+    // fio alone wrote 8192 blocks of 4 KiB and 16 of 1 MiB, and read them all back.
+    assert!(served > 16_000, "{served} requests over io_uring: {text}");
+    assert_check_clean(&ov, "the overlay after I/O over io_uring");
+    let cmp = ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", s(&ov), s(&shown)]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let got = d.join("f.out");
+    let fs_image = d.join("fs.raw");
+    ok("dd", &[&format!("if={}", s(&shown)), &format!("of={}", s(&fs_image)), "bs=1M", "skip=64", "status=none"]);
+    ok("e2fsck", &["-fn", s(&fs_image)]);
+    ok("debugfs", &["-R", &format!("dump /f.bin {}", s(&got)), s(&fs_image)]);
+    assert!(std::fs::read(&got).unwrap() == data, "the file written through the loop device reads back");
+
+    // Off: the same export through /dev/fuse, nothing said of io_uring.
+    std::fs::write(param, "N").unwrap();
+    let mut srv = serve_logged(&mp, &ov, &log, &["-r"]);
+    c.mounts.push(mp.clone());
+    let bytes = std::fs::read(&mp).unwrap();
+    assert!(bytes == std::fs::read(&shown).unwrap(), "the same bytes through /dev/fuse");
+    ok("umount", &[s(&mp)]);
+    c.mounts.clear();
+    assert!(srv.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("io_uring"), "{text}");
 }
