@@ -461,17 +461,23 @@ impl Mounted {
         self.ring.is_some()
     }
 
-    /// After the unmount: waits for the io_uring threads (they end when the kernel ends the connection);
-    /// `unmounted` false: the unmount failed, so they are stopped instead. The requests they served.
-    pub fn end_ring(&mut self, unmounted: bool) -> Option<u64> {
-        let r = self.ring.take()?;
-        let served = r.served_total();
-        if unmounted {
-            r.join()
+    /// Ends the export: waits for fuser's session (dropping it unmounts the file if that has not happened yet),
+    /// then for the io_uring threads, which end with the connection; those still serving a few seconds later
+    /// (the file was not unmounted) are stopped. fuser's session result, and the requests the rings served.
+    pub fn end(self) -> (std::io::Result<()>, Option<u64>) {
+        let Mounted { session, ring } = self;
+        let ended = if session.guard.is_finished() {
+            session.join()
         } else {
-            r.stop()
-        }
-        Some(served.load(std::sync::atomic::Ordering::Relaxed))
+            drop(session);
+            Ok(())
+        };
+        let served = ring.map(|r| {
+            let served = r.served_total();
+            r.join_within(Duration::from_secs(5));
+            served.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        (ended, served)
     }
 }
 

@@ -19,6 +19,7 @@ use super::{ImageFs, MAX_IO, TTL};
 use fuser::{Errno, FileType, INodeNo};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -169,8 +170,17 @@ impl Running {
         self.served.clone()
     }
 
-    /// Waits for the threads, which end once the kernel has completed all their entries (after the unmount).
-    pub fn join(self) {
+    /// Waits for the threads, which end once the kernel has completed all their entries (after the unmount);
+    /// stops those still running after `limit` (the connection outlived the unmount: a lazy one, say).
+    pub fn join_within(self, limit: std::time::Duration) {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until && !self.threads.iter().all(|t| t.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.stop();
+    }
+
+    fn join(self) {
         for t in self.threads {
             let _ = t.join();
         }
@@ -204,6 +214,8 @@ struct Entry {
     iov: Box<[libc::iovec; 2]>,
     /// Still registered (no error completion seen).
     live: bool,
+    /// Its REGISTER has not completed yet (a COMMIT_AND_FETCH has not been sent).
+    registering: bool,
 }
 
 struct Thread {
@@ -212,6 +224,28 @@ struct Thread {
     qids: Vec<u16>,
     stop: Arc<OwnedFd>,
     served: Arc<AtomicU64>,
+}
+
+/// Makes the kernel give up the rings for this connection before it has switched to them: a REGISTER it
+/// refuses (no such queue) turns io_uring off for the connection and wakes the requests waiting for the rings,
+/// which then go through `/dev/fuse` (`fuse_uring_register`'s error path). After the switch it changes nothing.
+fn force_fallback(fd: i32) {
+    let Ok(mut ring) = Ring128::builder().build(2) else {
+        tracing::error!("FUSE io_uring: cannot turn the rings off; requests may wait until the unmount");
+        return;
+    };
+    // Leaked: the kernel may look at them after this function has given up waiting.
+    let header: &'static mut [u8] = Box::leak(vec![0u8; wire::HEADER_LEN].into_boxed_slice());
+    let payload: &'static mut [u8] = Box::leak(vec![0u8; 8192].into_boxed_slice());
+    let iov: &'static [libc::iovec; 2] = Box::leak(Box::new([
+        libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() },
+        libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
+    ]));
+    let sqe = uring_cmd(fd, CMD_REGISTER, u16::MAX, 0, Some(iov), 0);
+    // SAFETY: the iovecs and buffers are leaked, valid forever.
+    if unsafe { ring.submission().push(&sqe) }.is_ok() {
+        let _ = ring.submit_and_wait(1);
+    }
 }
 
 /// A `URING_CMD` for `/dev/fuse`: `fuse_uring_cmd_req {flags, commit_id, qid}` in the command area;
@@ -263,9 +297,10 @@ impl Thread {
             Ok(Go::Serve(d)) => d,
             _ => return,
         };
-
         let fd = dev.as_raw_fd();
-        let mut entries: Vec<Entry> = Vec::new();
+        // Never dropped while the kernel may write into an entry's buffers: freed only once every entry has
+        // completed with an error (below), leaked otherwise, also when a panic unwinds through here.
+        let mut entries: ManuallyDrop<Vec<Entry>> = ManuallyDrop::new(Vec::new());
         for &qid in &self.qids {
             for _ in 0..ENTRIES_PER_QUEUE {
                 let mut header = vec![0u8; wire::HEADER_LEN].into_boxed_slice();
@@ -276,33 +311,40 @@ impl Thread {
                     libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() },
                     libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
                 ]);
-                entries.push(Entry { qid, header, payload, iov, live: true });
+                entries.push(Entry { qid, header, payload, iov, live: true, registering: true });
             }
         }
         let stop_poll =
             opcode::PollAdd::new(types::Fd(self.stop.as_raw_fd()), libc::POLLIN as u32).build().user_data(STOP_TOKEN);
+        let mut pushed = true;
         // SAFETY: the eventfd outlives the ring (both belong to this thread's run).
-        if unsafe { ring.submission().push(&stop_poll.into()) }.is_err() {
-            return; // nothing submitted yet
-        }
+        pushed &= unsafe { ring.submission().push(&stop_poll.into()) }.is_ok();
         for (i, e) in entries.iter().enumerate() {
             let sqe = uring_cmd(fd, CMD_REGISTER, e.qid, 0, Some(&e.iov), i as u64);
-            // SAFETY: the iovecs and the buffers they point to live in `entries`, which outlives the ring's
-            // use of them: this function returns only once every entry has completed with an error.
-            if unsafe { ring.submission().push(&sqe) }.is_err() {
-                tracing::warn!("FUSE io_uring: submission queue full while registering");
-                return; // nothing submitted yet
-            }
+            // SAFETY: the iovecs and the buffers they point to are in `entries`, which is never freed while the
+            // kernel may use them.
+            pushed = pushed && unsafe { ring.submission().push(&sqe) }.is_ok();
+        }
+        if !pushed {
+            // Cannot happen (the queue has room for all): nothing was submitted, so the entries can go. The
+            // kernel was promised rings at INIT and waits for this thread's queues: make it use /dev/fuse.
+            tracing::warn!("FUSE io_uring: submission queue full while registering");
+            force_fallback(fd);
+            // SAFETY: nothing was submitted; the entries are dropped once.
+            unsafe { ManuallyDrop::drop(&mut entries) };
+            return;
         }
         let mut live = entries.len();
         let mut served = 0u64;
         let mut replies: Vec<squeue::Entry128> = Vec::with_capacity(entries.len());
+        let mut ended_early = false;
         'serve: while live > 0 {
             if let Err(e) = ring.submit_and_wait(1) {
                 if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) {
                     continue;
                 }
                 tracing::warn!("FUSE io_uring: {e}");
+                ended_early = true;
                 break 'serve;
             }
             let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
@@ -311,14 +353,14 @@ impl Thread {
                     break 'serve;
                 }
                 let Some(e) = entries.get_mut(token as usize) else { continue };
-                if res == -libc::EAGAIN || res == -libc::EINTR {
-                    // Not initialised yet (or interrupted): register again.
+                if e.registering && (res == -libc::EAGAIN || res == -libc::EINTR) {
+                    // INIT not processed yet (or interrupted): register again.
                     replies.push(uring_cmd(fd, CMD_REGISTER, e.qid, 0, Some(&e.iov), token));
                     continue;
                 }
                 if res < 0 {
-                    // ENOTCONN at the unmount; anything else leaves this entry unusable and, before the switch
-                    // to the rings, makes the kernel stay with /dev/fuse.
+                    // ENOTCONN at the unmount. Anything else loses this entry; a failed registration also makes
+                    // the kernel stay with /dev/fuse.
                     if res != -libc::ENOTCONN && res != -libc::ECONNABORTED {
                         tracing::warn!(
                             "FUSE io_uring entry on queue {}: {}",
@@ -332,6 +374,7 @@ impl Thread {
                     }
                     continue;
                 }
+                e.registering = false;
                 let commit = self.answer(e);
                 served += 1;
                 replies.push(uring_cmd(fd, CMD_COMMIT_AND_FETCH, e.qid, commit, None, token));
@@ -346,12 +389,18 @@ impl Thread {
             }
         }
         self.served.fetch_add(served, Ordering::Relaxed);
-        if live > 0 {
-            // Entries still registered: the kernel may yet write a request into their buffers (the ring's
-            // cancellation runs after this thread has moved on), so they are never freed. This happens only when
-            // the server stops before the unmount has reached it, on its way out.
-            std::mem::forget(entries);
+        if ended_early {
+            // This thread's queues may lack entries now; if the kernel has not switched to the rings yet it
+            // would wait for them forever.
+            force_fallback(fd);
         }
+        if live == 0 {
+            // SAFETY: every entry has completed with an error: the kernel holds none of them.
+            unsafe { ManuallyDrop::drop(&mut entries) };
+        }
+        // Otherwise the entries stay registered and the kernel may yet write into them (the ring's cancellation
+        // runs after this thread has moved on): they are leaked. This happens only when the server stops before
+        // the unmount has reached it, on its way out.
         drop(dev);
     }
 
@@ -364,7 +413,14 @@ impl Thread {
             wire::put_reply_header(&mut e.header, commit, -libc::EIO, 0);
             return commit;
         };
-        match self.dispatch(&hdr, req, &mut e.payload) {
+        // A panic in the device code fails the request, and the entry goes back to the kernel.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dispatch(&hdr, req, &mut e.payload)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("FUSE request {} failed: a panic in the server", hdr.opcode);
+                    Err(Errno::EIO)
+                });
+        match result {
             Ok(n) => wire::put_reply_header(&mut e.header, hdr.unique, 0, n as u32),
             Err(err) => wire::put_reply_header(&mut e.header, hdr.unique, -err.code(), 0),
         }
@@ -375,6 +431,10 @@ impl Thread {
     fn dispatch(&self, hdr: &wire::InHeader, req: Request, payload: &mut [u8]) -> Result<usize, Errno> {
         let fs = &*self.fs;
         let ino = INodeNo(hdr.nodeid);
+        if let Request::Unsupported(_) = req {
+            // Before the access check, as fuser does.
+            return Err(Errno::ENOSYS);
+        }
         // As fuser without allow_other: another user's requests are refused, except those the kernel may send
         // with any uid (reads, writes, fsync, release of an open file).
         if let Some(owner) = self.owner {

@@ -24,12 +24,12 @@ pub(crate) fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCod
         allow_other: cli.fuse_allow_other,
         io_uring: true,
     };
-    let mut mounted = match nbd_server::fuse::mount(export.device.clone(), &o) {
+    let mounted = match nbd_server::fuse::mount(export.device.clone(), &o) {
         Ok(s) => s,
         Err(e) => return ready.fail(e),
     };
     if mounted.over_io_uring() {
-        tracing::info!("FUSE requests travel over io_uring");
+        tracing::info!("FUSE over io_uring: the kernel offered it; the rings are registering");
     }
     ready.ok();
     let mut asked = false;
@@ -44,17 +44,12 @@ pub(crate) fn run_fuse(cli: &Cli, exports: Exports, mountpoint: &str) -> ExitCod
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let unmounted = mounted.session.guard.is_finished();
-    // The io_uring threads end with the connection (or are stopped when the unmount failed), before the flush.
-    if let Some(n) = mounted.end_ring(unmounted) {
+    // The io_uring threads end with the connection (or are stopped), before the flush.
+    let (ended, served) = mounted.end();
+    if let Some(n) = served {
         tracing::info!("FUSE export: {n} requests served over io_uring");
     }
-    let ended = if unmounted {
-        mounted.session.join().map_err(|e| format!("FUSE session: {e}"))
-    } else {
-        drop(mounted);
-        Ok(())
-    };
+    let ended = ended.map_err(|e| format!("FUSE session: {e}"));
     let result =
         if export.is_read_only() { Ok(()) } else { export.device.flush().map_err(|e| format!("flush failed: {e}")) };
     if let Some(p) = &cli.pid_file {
