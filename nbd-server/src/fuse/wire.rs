@@ -423,4 +423,34 @@ mod tests {
         assert_eq!(dirents(&entries, 0, 63, &mut out), 32, "only whole entries");
         assert_eq!(dirents(&entries, 3, 200, &mut out), 0);
     }
+
+    #[test]
+    fn any_bytes_parse_without_reading_past_what_the_kernel_filled() {
+        // xorshift64: a fixed sequence of headers with every opcode up to 60, random argument bytes and payload
+        // lengths (some beyond the buffer), and random payload bytes.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000u64 {
+            let mut h: Vec<u8> = (0..HEADER_LEN).map(|_| next() as u8).collect();
+            h[4..8].copy_from_slice(&((round % 61) as u32).to_le_bytes());
+            let filled = (next() % 80) as u32;
+            h[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&filled.to_le_bytes());
+            let payload: Vec<u8> = (0..64).map(|_| (next() % 4) as u8).collect();
+            let visible = (filled as usize).min(payload.len());
+            let (hdr, req) = parse(&h, &payload).unwrap();
+            assert_eq!(hdr.opcode, (round % 61) as u32);
+            match req {
+                Request::Write { len, .. } => assert!(len <= visible),
+                Request::Lookup { name_len } => {
+                    assert!(name_len < visible && payload[name_len] == 0 && !payload[..name_len].contains(&0))
+                }
+                _ => {}
+            }
+        }
+    }
 }
