@@ -27,6 +27,14 @@
 #   tls-nbdcopy1                nbdcopy -C 1 over TLS (both servers with the same x509 certificates made here
 #                               with openssl, client certificates not required; fio's nbd engine refuses the
 #                               tls-certificates URI parameter, so there is no fio case over TLS)
+#   tcp-nbdcopy1 tls-tcp-nbdcopy1
+#                               nbdcopy -C 1, plain and over TLS, with both servers listening on TCP 127.0.0.1 (a
+#                               network client's transport: TCP's buffers and the loopback's processing, not a
+#                               unix socket's)
+#   qemu-read                   qemu-img convert of the whole qcow2 from the export to null-co (qemu's NBD client,
+#                               its 2 MiB requests, up to 8 in flight), three times per run
+#   qemu-write                  qemu-img convert of a 1 GiB raw file into a fresh qcow2 through the export (qemu's
+#                               NBD client writing, as an upload or a restore does), with its final flush
 #   clients1000                 1000 clients at once, each on its own connection doing 4 KiB random reads at QD1
 #                               (benches/clients.rs), both servers with -e 1000: aggregate IOPS and peak RSS
 #   overlays50                  50 overlays of one base: one qnbd with 50 exports against 50 qemu-nbd processes,
@@ -45,7 +53,7 @@ reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc write-bitmaps cow cow-extl2 read-chain3 seq-read seq-write
-  raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring
+  raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 tcp-nbdcopy1 qemu-read qemu-write overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring
   read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct)
 export PATH=/usr/bin:$PATH
 # QNBD=path runs another qnbd binary; QNBD_BEFORE=path also runs that one (say, a build of an older commit) in
@@ -76,6 +84,8 @@ pki() {
     cp ca-cert.pem server/ && cp ca-cert.pem client/)
 }
 for c in "${cases[@]}"; do case $c in tls-*) pki; break ;; esac; done
+# The TCP cases' port on 127.0.0.1: a free one, from the kernel's ephemeral range.
+tcp_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # a 3-deep chain: every layer holds a quarter of the data
 qemu-img create -q -f qcow2 "$dir/c1.qcow2" 1G
 qemu-io -f qcow2 -c 'write -P 1 0 256M' "$dir/c1.qcow2" >/dev/null
@@ -87,7 +97,7 @@ qemu-io -f qcow2 -c 'write -P 3 512M 256M' "$dir/c3.qcow2" >/dev/null
 prep() { # case -> the image to serve (made fresh for each run)
   rm -f "$dir/img.qcow2"
   case ${1%%/*} in
-    write-fresh | write-fresh-4c | seq-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
+    write-fresh | write-fresh-4c | seq-write | qemu-write) qemu-img create -q -f qcow2 "$dir/img.qcow2" 1G; echo "$dir/img.qcow2" ;;
     alloc-4c) qemu-img create -q -f qcow2 "$dir/img.qcow2" 64G; echo "$dir/img.qcow2" ;;
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
@@ -122,26 +132,33 @@ fio_args() {
   esac
 }
 
-start() { # server image sock [uring] -> pid   ($clients: the -e limit, default 8)
+start() { # server image sock [uring] -> pid   ($clients: the -e limit, default 8; $port: TCP instead of sock)
   local server=$1 img=$2 sock=$3 uring=${4:-} fmt=qcow2 e=${clients:-8}
   case $img in *.raw) fmt=raw ;; esac
   rm -f "$sock"
+  local listen=(-k "$sock")
+  [ -z "${port:-}" ] || listen=(-b 127.0.0.1 -p "$port")
   local direct=()
   [ "$uring" = direct ] && direct=(--cache=none)
   [ "$uring" = tls ] && direct=(--object "tls-creds-x509,id=tls0,dir=$dir/pki/server,endpoint=server,verify-peer=off" --tls-creds tls0)
   if [ "$server" = qnbd ]; then
-    "$qnbd" -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$qnbd" -t -e "$e" -f "$fmt" "${direct[@]}" "${listen[@]}" "$img" >/dev/null 2>&1 &
   elif [ "$server" = before ]; then
-    "$QNBD_BEFORE" -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    "$QNBD_BEFORE" -t -e "$e" -f "$fmt" "${direct[@]}" "${listen[@]}" "$img" >/dev/null 2>&1 &
   elif [ "$uring" = tls ]; then
-    qemu-nbd -t -e "$e" -f "$fmt" "${direct[@]}" -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" "${direct[@]}" "${listen[@]}" "$img" >/dev/null 2>&1 &
   elif [ -n "$uring" ]; then
-    qemu-nbd -t -e "$e" -f "$fmt" --cache=none --aio=io_uring -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" --cache=none --aio=io_uring "${listen[@]}" "$img" >/dev/null 2>&1 &
   else
-    qemu-nbd -t -e "$e" -f "$fmt" -k "$sock" "$img" >/dev/null 2>&1 &
+    qemu-nbd -t -e "$e" -f "$fmt" "${listen[@]}" "$img" >/dev/null 2>&1 &
   fi
   local pid=$!
-  for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
+  if [ -n "${port:-}" ]; then
+    # Listening once a connection succeeds (the probe connection just ends: both servers take that).
+    for _ in $(seq 250); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.02; done
+  else
+    for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
+  fi
   echo "$pid"
 }
 
@@ -155,12 +172,15 @@ stop() { # pid sock: stop the server and wait until it (and qnbd's commit helper
 }
 
 run_one() { # server case -> "value rss_kib"
-  local server=$1 case=$2 sock="$dir/s.sock" img pid val uring= clients=8
+  local server=$1 case=$2 sock="$dir/s.sock" img pid val uring= clients=8 port=
   [ "$case" = clients1000 ] && clients=1000
   local uri
   case $case in */uring) uring=1 ;; */direct) uring=direct ;; tls-*) uring=tls ;; esac
+  case $case in tcp-* | tls-tcp-*) port=$tcp_port ;; esac
   uri="nbd+unix:///?socket=$sock"
   [ "$uring" = tls ] && uri="nbds+unix:///?socket=$sock&tls-certificates=$dir/pki/client&tls-hostname=localhost"
+  [ -z "$port" ] || uri="nbd://127.0.0.1:$port/"
+  [ -z "$port" ] || [ "$uring" != tls ] || uri="nbds://localhost:$port/?tls-certificates=$dir/pki/client"
   img=$(prep "$case")
   # A server bypassing the page cache reads what the disk has: the fresh copy is written back first, so that no
   # run pays for (or gains from) the writeback of the copy still under way.
@@ -169,7 +189,21 @@ run_one() { # server case -> "value rss_kib"
   case ${case%%/*} in
     clients1000)
       val=$("$clients_bin" "$sock" 1000 "$secs") ;;
-    nbdcopy* | raw-nbdcopy* | tls-nbdcopy*)
+    qemu-read)
+      local t0 t1
+      t0=$(date +%s.%N)
+      for _ in 1 2 3; do
+        qemu-img convert -n -f raw "$uri" --target-image-opts driver=null-co,size=1073741824 2>/dev/null
+      done
+      t1=$(date +%s.%N)
+      val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 3*1024/(b-a)}') ;;
+    qemu-write)
+      local t0 t1
+      t0=$(date +%s.%N)
+      qemu-img convert -n -f raw -O raw "$dir/base.raw" "$uri" 2>/dev/null
+      t1=$(date +%s.%N)
+      val=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%d", 1024/(b-a)}') ;;
+    nbdcopy* | raw-nbdcopy* | tls-nbdcopy* | tcp-nbdcopy* | tls-tcp-nbdcopy*)
       local n=${case##*nbdcopy} t0 t1
       # Five copies per run: one takes a fifth of a second, where a stray wakeup on two cores is 10 %.
       t0=$(date +%s.%N)
@@ -186,7 +220,7 @@ run_one() { # server case -> "value rss_kib"
 v=j["read"][f]+j["write"][f]; print(int(v/1024) if f=="bw" else int(v))' "$field") ;;
   esac
   local r; r=$(rss "$pid")
-  stop "$pid" "$sock"
+  if [ -n "$port" ]; then stop "$pid" "$img"; else stop "$pid" "$sock"; fi
   echo "$val $r"
 }
 
@@ -235,7 +269,7 @@ overlays50() { # server -> "total_peak_rss_kib seconds"
 
 unit() {
   case $1 in
-    seq-* | raw-seq-* | nbdcopy* | raw-nbdcopy* | tls-*) echo MiB/s ;;
+    seq-* | raw-seq-* | nbdcopy* | raw-nbdcopy* | tls-* | tcp-* | qemu-*) echo MiB/s ;;
     overlays50) echo "RSS KiB" ;;
     *) echo IOPS ;;
   esac

@@ -351,7 +351,7 @@ async fn acquire(c: &Conn, s: &Arc<Semaphore>, n: u32) -> Option<OwnedSemaphoreP
 }
 
 fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
-    m.lock().unwrap_or_else(|p| p.into_inner()).take()
+    crate::uring::lock(m).take()
 }
 
 /// Runs a planned direct read through the ring and returns its reply (one data chunk); `None` when the read

@@ -141,7 +141,8 @@ pub struct Ring {
 // Entries the kernel has not finished when the reaper goes (see `Drain`) are never reaped: their `Pending` stays
 // leaked, so the kernel never writes into freed buffers or uses a closed descriptor.
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Takes `m`, whether or not a thread panicked holding it (what it guards stays consistent across a panic).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -341,10 +341,7 @@ fn requests_over_io_uring_keep_every_byte_and_fall_back_to_dev_fuse() {
     assert!(text.contains("FUSE over io_uring: the kernel offered it"), "{text}");
     // (fuser's own second unmount attempt after the unmount warns at -v: not qnbd's.)
     assert!(!text.lines().any(|l| l.contains("WARN") && !l.contains("fuser::mnt")), "no warning: {text}");
-    let served: u64 = text
-        .lines()
-        .find_map(|l| l.split("FUSE export: ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count of requests served over io_uring in the log: {text}"));
+    let served = served_over_io_uring(&text);
     // fio alone wrote 8192 blocks of 4 KiB and 16 of 1 MiB, and read them all back.
     assert!(served > 16_000, "{served} requests over io_uring: {text}");
     assert_check_clean(&ov, "the overlay after I/O over io_uring");
@@ -387,10 +384,7 @@ fn requests_over_io_uring_keep_every_byte_and_fall_back_to_dev_fuse() {
     assert!(!file.exists(), "unmounted");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("FUSE over io_uring: the kernel offered it"), "{text}");
-    let served: u64 = text
-        .lines()
-        .find_map(|l| l.split("FUSE export: ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count of requests served over io_uring in the log: {text}"));
+    let served = served_over_io_uring(&text);
     assert!(served > 20, "{served} requests over io_uring: {text}");
 
     // Off: the same export through /dev/fuse, nothing said of io_uring.
@@ -404,4 +398,11 @@ fn requests_over_io_uring_keep_every_byte_and_fall_back_to_dev_fuse() {
     assert!(srv.wait().unwrap().success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("io_uring"), "{text}");
+}
+
+/// The count qnbd logs at exit ("FUSE export: N requests served over io_uring").
+fn served_over_io_uring(log: &str) -> u64 {
+    log.lines()
+        .find_map(|l| l.split("FUSE export: ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of requests served over io_uring in the log: {log}"))
 }

@@ -3,6 +3,7 @@
 //! image appears inside it as one file, as nbdfuse does). `losetup` on that file gives a block device.
 
 use crate::error::Error;
+use crate::uring::lock;
 
 mod ring;
 mod wire;
@@ -215,10 +216,6 @@ struct Glue {
     owner: Option<u32>,
     /// Made at INIT when the kernel offered io_uring and the reply asked for it; started by [`mount`].
     rings: Arc<std::sync::Mutex<Option<ring::Rings>>>,
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::ops::Deref for Glue {
