@@ -20,6 +20,8 @@
 #   alloc-4c                    the same into a fresh 64 GiB qcow2 (16 GiB each): nearly every write allocates
 #   cow cow-extl2               4 KiB random write QD32 into an overlay of a raw base (with extended L2)
 #   read-chain3                 4 KiB random read QD32 through a 3-deep backing chain
+#   cow-chain3                  4 KiB random write QD32 into the top of that chain (a copy of it for each run):
+#                               three quarters of the clusters written are copied up from the layers below
 #   seq-read seq-write          1 MiB sequential read / write, QD4
 #   raw-seq-read                the same sequential read of the raw base served by qnbd (the qcow2 ceiling)
 #   nbdcopy1 nbdcopy4           nbdcopy of the whole 1 GiB qcow2 to null, five times per run: with 1 and 4 connections
@@ -52,7 +54,7 @@ secs=${1:-5}
 reps=${2:-1}
 shift 2 2>/dev/null || shift $#
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc write-bitmaps cow cow-extl2 read-chain3 seq-read seq-write
+[ ${#cases[@]} -gt 0 ] || cases=(read-qd1 read-qd32 write-fresh write-fresh-4c alloc-4c write-alloc write-bitmaps cow cow-extl2 read-chain3 cow-chain3 seq-read seq-write
   raw-seq-read nbdcopy1 nbdcopy4 raw-nbdcopy4 tcp-nbdcopy1 qemu-read qemu-write overlays50 read-qd32/uring write-alloc/uring cow/uring seq-read/uring
   read-qd32/direct write-alloc/direct seq-read/direct seq-write/direct)
 export PATH=/usr/bin:$PATH
@@ -101,7 +103,7 @@ prep() { # case -> the image to serve (made fresh for each run)
     alloc-4c) qemu-img create -q -f qcow2 "$dir/img.qcow2" 64G; echo "$dir/img.qcow2" ;;
     cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     cow-extl2) qemu-img create -q -f qcow2 -o extended_l2=on -b "$dir/base.raw" -F raw "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
-    read-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
+    read-chain3 | cow-chain3) cp "$dir/c3.qcow2" "$dir/img.qcow2"; echo "$dir/img.qcow2" ;;
     write-bitmaps)
       cp --reflink=auto "$dir/full.qcow2" "$dir/img.qcow2"
       qemu-img bitmap --add "$dir/img.qcow2" b0
