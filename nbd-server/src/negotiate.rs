@@ -314,6 +314,8 @@ impl Negotiation {
         if r.remaining() != usize::from(n).saturating_mul(2) {
             return Self::err(out, opt, NBD_REP_ERR_INVALID, "information request list has the wrong length");
         }
+        // Whether the client asked for the block size constraints, and so promises to obey them.
+        let wants_sizes = (0..n).filter_map(|_| r.u16()).any(|i| i == NBD_INFO_BLOCK_SIZE);
         if self.needs_tls(name, cat) {
             return Self::err(out, opt, NBD_REP_ERR_TLS_REQD, &format!("export '{name}' requires TLS"));
         }
@@ -335,11 +337,25 @@ impl Negotiation {
             d.extend_from_slice(e.description.as_bytes());
             reply(out, opt, NBD_REP_INFO, &d);
         }
+        // proto.md, "Block size constraints": a client that did not ask for the constraints may send any size,
+        // so GO reports a minimum of 1 to it (every device here serves unaligned requests, with a
+        // read-modify-write where it must), as qemu-nbd does; INFO reports the real minimum, and where that is
+        // above 1 it ends with NBD_REP_ERR_BLOCK_SIZE_REQD: the client should ask for the constraints before it
+        // uses the export.
+        let min = if wants_sizes || opt == NBD_OPT_INFO { e.block_size.0 } else { 1 };
         let mut d = NBD_INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        d.extend_from_slice(&e.block_size.0.to_be_bytes());
+        d.extend_from_slice(&min.to_be_bytes());
         d.extend_from_slice(&e.block_size.1.to_be_bytes());
         d.extend_from_slice(&e.block_size.2.to_be_bytes());
         reply(out, opt, NBD_REP_INFO, &d);
+        if opt == NBD_OPT_INFO && !wants_sizes && min > 1 {
+            return Self::err(
+                out,
+                opt,
+                NBD_REP_ERR_BLOCK_SIZE_REQD,
+                &format!("export '{}' has a minimum block size of {min}: request NBD_INFO_BLOCK_SIZE", e.name),
+            );
+        }
         reply(out, opt, NBD_REP_ACK, &[]);
         if opt == NBD_OPT_INFO {
             return Step::Continue;
@@ -572,6 +588,72 @@ mod tests {
         let mut out = Vec::new();
         n.option(NBD_OPT_SET_META_CONTEXT, &meta_query("disk", &[BASE_ALLOCATION]), false, &One, &mut out);
         assert_eq!(&out[12..16], &NBD_REP_ERR_INVALID.to_be_bytes());
+    }
+
+    /// The option replies in `out`: (reply type, data).
+    fn replies(out: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut rest = out;
+        while let (Some(h), Some(body)) = (rest.get(..20), rest.get(20..)) {
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let data = body.get(..len).expect("a reply ends past the bytes written");
+            v.push((kind, data.to_vec()));
+            rest = &body[len..];
+        }
+        assert!(rest.is_empty(), "bytes after the last reply");
+        v
+    }
+
+    /// An export whose minimum block size is 512 (a probed raw image, or O_DIRECT).
+    struct Sectors;
+    impl Catalog for Sectors {
+        fn lookup(&self, name: &str) -> Option<ExportMeta> {
+            One.lookup(name).map(|e| ExportMeta { block_size: (512, 4096, 32 << 20), ..e })
+        }
+        fn list(&self) -> Vec<ExportMeta> {
+            self.lookup("").into_iter().collect()
+        }
+    }
+
+    #[test]
+    fn block_size_constraints_as_asked_for() {
+        let with = |asked: &[u16]| {
+            let mut d = go("");
+            d.truncate(d.len() - 2);
+            d.extend_from_slice(&(asked.len() as u16).to_be_bytes());
+            asked.iter().for_each(|i| d.extend_from_slice(&i.to_be_bytes()));
+            d
+        };
+        let min_of = |out: &[u8]| {
+            let r = replies(out);
+            let bs = r.iter().find(|(k, d)| *k == NBD_REP_INFO && d[..2] == NBD_INFO_BLOCK_SIZE.to_be_bytes());
+            u32::from_be_bytes(bs.expect("NBD_INFO_BLOCK_SIZE").1[2..6].try_into().unwrap())
+        };
+        let last = |out: &[u8]| replies(out).last().unwrap().0;
+        let mut n = Negotiation::new(1).unwrap();
+        // INFO without asking: the real minimum, then NBD_REP_ERR_BLOCK_SIZE_REQD (as qemu-nbd answers).
+        let mut out = Vec::new();
+        assert_eq!(n.option(NBD_OPT_INFO, &with(&[]), false, &Sectors, &mut out), Step::Continue);
+        assert_eq!((min_of(&out), last(&out)), (512, NBD_REP_ERR_BLOCK_SIZE_REQD));
+        // INFO asking (with other requests around it): the real minimum and ACK.
+        out.clear();
+        let asked = with(&[NBD_INFO_NAME, NBD_INFO_BLOCK_SIZE, 77]);
+        assert_eq!(n.option(NBD_OPT_INFO, &asked, false, &Sectors, &mut out), Step::Continue);
+        assert_eq!((min_of(&out), last(&out)), (512, NBD_REP_ACK));
+        // INFO without asking, on an export with no constraint beyond the default: ACK.
+        out.clear();
+        assert_eq!(n.option(NBD_OPT_INFO, &with(&[NBD_INFO_NAME]), false, &One, &mut out), Step::Continue);
+        assert_eq!((min_of(&out), last(&out)), (1, NBD_REP_ACK));
+        // GO without asking: a minimum of 1, since such a client may send any size; asking: the real one.
+        out.clear();
+        assert!(matches!(n.option(NBD_OPT_GO, &with(&[]), false, &Sectors, &mut out), Step::Transmit(_)));
+        assert_eq!((min_of(&out), last(&out)), (1, NBD_REP_ACK));
+        let mut n = Negotiation::new(1).unwrap();
+        out.clear();
+        let asked = with(&[NBD_INFO_BLOCK_SIZE]);
+        assert!(matches!(n.option(NBD_OPT_GO, &asked, false, &Sectors, &mut out), Step::Transmit(_)));
+        assert_eq!((min_of(&out), last(&out)), (512, NBD_REP_ACK));
     }
 
     #[test]
