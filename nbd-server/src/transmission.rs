@@ -1057,8 +1057,15 @@ fn read(c: &Conn, req: &Request) -> Vec<u8> {
     }
     let df = req.flags & NBD_CMD_FLAG_DF != 0;
     let fail = |e: qcow2::Error| reply::done(style, req.cookie, req.offset, errno(&e), &e.to_string());
-    // A single data chunk when the client asks for it, the read is small, or it is all data anyway.
-    if df || len <= 4096 || dev.block_status(req.offset, req.length).is_ok_and(|st| !st.zero && st.len >= req.length) {
+    // A single data chunk when the client asks for it or it is all data anyway; otherwise holes go as
+    // OFFSET_HOLE chunks, as from qemu-nbd. A small read looks for holes only in the image metadata, which
+    // its read maps anyway (no lseek of a raw file for each 4 KiB read).
+    let all_data = if len <= 4096 {
+        dev.metadata_hole(req.offset, req.length) != Some(true)
+    } else {
+        dev.block_status(req.offset, req.length).is_ok_and(|st| !st.zero && st.len >= req.length)
+    };
+    if df || all_data {
         return one(&whole_data_header(style, req)).unwrap_or_else(fail);
     }
     let mut v = c.pool.take();
@@ -1144,7 +1151,9 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
     let mut pos = req.offset;
     let max_len = if style == Style::Extended { u64::MAX } else { u64::from(u32::MAX) & !4095 };
     let mut steps = 0usize;
-    while pos < end && steps < MAX_EXTENTS {
+    // Only the contexts other than dirty bitmaps need the device's block status.
+    let needs_status = wanted.iter().any(|c| !matches!(c, Context::DirtyBitmap(_)));
+    while needs_status && pos < end && steps < MAX_EXTENTS {
         let st = match dev.block_status(pos, end - pos) {
             Ok(s) => s,
             Err(e) => return fail(errno(&e), &e.to_string()),
@@ -1164,7 +1173,9 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
         }
         pos += n;
         steps += 1;
-        if one {
+        // REQ_ONE: one extent, as long as the next steps keep every context's value (the device's steps end
+        // where the host mapping does; qemu-nbd merges them the same way).
+        if one && lists.iter().any(|l| l.len() > 1) {
             break;
         }
     }
@@ -1188,7 +1199,7 @@ fn block_status(c: &Conn, req: &Request, payload: &[u8]) -> Vec<u8> {
             add_extent(l, n, val, max_len);
             pos += n;
             steps += 1;
-            if one {
+            if one && l.len() > 1 {
                 break;
             }
         }

@@ -324,3 +324,61 @@ print("ok")
         assert_eq!(ok("/usr/bin/python3", &["-c", &script]).trim(), "ok");
     }
 }
+
+/// libnbd's interop tests `structured-read.sh` and `dirty-bitmap.sh` (which assert qemu-nbd's answers):
+/// a small structured read over a hole gets an OFFSET_HOLE chunk, and block status with REQ_ONE gives one
+/// extent as long as the value stays the same, across clusters that are not contiguous in the file.
+#[test]
+fn small_structured_reads_and_req_one_block_status_answer_as_qemu_nbd() {
+    let d = tempfile::tempdir().unwrap();
+    // 512-byte clusters, all 1s but a 512-byte unallocated zero cluster at 2048 (structured-read.sh).
+    let sr = d.path().join("sr.qcow2");
+    let sr_s = sr.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=512,compat=v3", sr_s, "3k"]);
+    ok("qemu-io", &["-d", "unmap", "-f", "qcow2", "-c", "w -P 1 0 3k", "-c", "w -zu 2k 512", sr_s]);
+    // Data at 0 before the bitmap, at 64k after it (another host cluster), zeros at 512k (dirty-bitmap.sh).
+    let db = d.path().join("db.qcow2");
+    let db_s = db.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", db_s, "1M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "w 0 64k", db_s]);
+    ok("qemu-img", &["bitmap", "--add", "--enable", "-f", "qcow2", db_s, "bitmap0"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "w 64k 64k", "-c", "w -z 512k 64k", db_s]);
+    let mut seen = Vec::new();
+    for bin in [QNBD, "qemu-nbd"] {
+        let a = serve(bin, d.path(), "a", &["-r", "-t", "-f", "qcow2", sr_s], false);
+        let b = serve(bin, d.path(), "b", &["-r", "-t", "-f", "qcow2", "-B", "bitmap0", db_s], false);
+        let script = format!(
+            r#"
+h = nbd.NBD()
+h.connect_uri("{}")
+chunks = []
+def cb(buf, off, status, err):
+    chunks.append((status, off, len(buf), buf[0]))
+    return 0
+buf = h.pread_structured(1024, 2048, cb)
+assert buf == b"\0" * 512 + b"\1" * 512, buf
+assert chunks == [(nbd.READ_HOLE, 2048, 512, 0), (nbd.READ_DATA, 2560, 512, 1)], chunks
+chunks.clear()
+h.pread_structured(1024, 2048, cb, nbd.CMD_FLAG_DF)
+assert chunks == [(nbd.READ_DATA, 2048, 1024, 0)], chunks
+h.shutdown()
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:dirty-bitmap:bitmap0")
+h.connect_uri("{}")
+seen = {{}}
+def f(ctx, off, entries, err):
+    seen[ctx] = list(entries)
+h.block_status(1 << 20, 0, f, nbd.CMD_FLAG_REQ_ONE)
+assert seen["base:allocation"] == [131072, 0], seen
+assert seen["qemu:dirty-bitmap:bitmap0"] == [65536, 0], seen
+h.block_status(1 << 20, 0, f)
+print(sorted(seen.items()))
+"#,
+            a.uri, b.uri
+        );
+        let out = ok("/usr/bin/python3", &["-c", &format!("import nbd\n{script}")]);
+        seen.push(out);
+    }
+    assert_eq!(seen[0], seen[1], "qnbd (left) and qemu-nbd (right) differ");
+}

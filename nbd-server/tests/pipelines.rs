@@ -266,3 +266,53 @@ fn virt_v2v_serves_image_opts() {
         true,
     );
 }
+
+#[test]
+fn virt_v2v_writes_a_compressed_qcow2_through_the_compress_filter() {
+    // virt-v2v output/output.ml for -oo compressed (and backup tools alike): qemu-nbd over qemu's compress
+    // filter, written by nbdcopy. Both servers, each into its own fresh qcow2 from the same source.
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&src), "4M"]);
+    // Compressible patterns, a hole, and a cluster of random bytes that does not compress.
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 2M 512k", s(&src)]);
+    ok("dd", &["if=/dev/urandom", &format!("of={}", s(&src)), "bs=64k", "seek=50", "count=1", "conv=notrunc"]);
+    let mut out = Vec::new();
+    for prog in [QNBD, QEMU_NBD] {
+        let dst = d.path().join(format!("out-{}.qcow2", out.len()));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&dst), "4M"]);
+        let opts = format!("driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={}", s(&dst));
+        let r = serve(prog, d.path(), &["-t", "--socket", "SOCK", "--image-opts", &opts]);
+        ok("nbdcopy", &[s(&src), &r.uri()]);
+        r.stop();
+        assert_check_clean(&dst, prog);
+        let check = ok("qemu-img", &["check", "--output=json", s(&dst)]);
+        let j: serde_json::Value = serde_json::from_str(&check).unwrap();
+        let compressed = j["compressed-clusters"].as_u64().unwrap_or(0);
+        let allocated = j["allocated-clusters"].as_u64().unwrap();
+        // Every data cluster but the random one is compressed.
+        assert_eq!(compressed + 1, allocated, "{prog}: {check}");
+        let cmp = ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&dst)]);
+        assert!(cmp.contains("identical"), "{prog}: {cmp}");
+        out.push(dst);
+    }
+    // Writes that are not whole clusters: qnbd reads, merges and compresses the cluster again (qemu's block
+    // layer does the same read-modify-write, but its qcow2 refuses to compress a cluster twice).
+    let dst = &out[0];
+    let opts = format!("driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={}", s(dst));
+    let r = serve(QNBD, d.path(), &["-t", "--socket", "SOCK", "--image-opts", &opts]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x33 1000 3000", "-c", "write -P 0x44 3M 100", &r.uri()]);
+    let o =
+        ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x33 1000 3000", "-c", "read -P 0x11 4000 1000", &r.uri()]);
+    assert!(!o.contains("fail"), "{o}");
+    r.stop();
+    assert_check_clean(dst, "after partial writes");
+    let o = ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0x44 3M 100", "-c", "read -P 0 3145828 1000", s(dst)]);
+    assert!(!o.contains("fail"), "{o}");
+    // What cannot hold compressed clusters is refused in qemu-nbd's words.
+    let raw = d.path().join("r.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "1M"]);
+    let e = run(QNBD, &["--image-opts", &format!("driver=compress,file.driver=raw,file.file.filename={}", s(&raw))]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("Compression is not supported for underlying format: raw"));
+}

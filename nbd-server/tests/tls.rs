@@ -500,7 +500,8 @@ fn bad_tls_and_access_options_are_clear_errors() {
     let psk = format!("tls-creds-psk,id=tls0,dir={},endpoint=server", psk_dir.display());
     let srv_obj = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", p.server.display());
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--object".into(), psk, "--tls-creds".into(), "tls0".into()], "TLS-PSK"),
+        (vec!["--object".into(), psk, "--tls-creds".into(), "tls0".into()], "invalid object type: tls-creds-psk"),
+        (vec!["--object".into(), "tls-creds-anon,id=a0,endpoint=server".into()], "invalid object type: tls-creds-anon"),
         (vec!["--tls-creds".into(), "nope".into()], "No TLS credentials with id 'nope'"),
         (vec!["--object".into(), client_obj(&p.client), "--tls-creds".into(), "tls0".into()], "server endpoint"),
         (vec!["--tls-cert".into(), s(&p.server.join("server-cert.pem")).into()], "--tls-key"),

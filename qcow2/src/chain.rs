@@ -184,7 +184,11 @@ pub struct Image {
     /// Serialises the check and the write of requests touching the first sector of a probed raw image, so
     /// two partial writes cannot each pass against the old sector and together form a magic.
     probe_lock: std::sync::Mutex<()>,
-    /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, else 1).
+    /// Under qemu's `compress` filter: every write is stored as compressed clusters; the lock serialises the
+    /// read-modify-writes of partial clusters (two of them into one cluster would otherwise lose one).
+    compress: Option<std::sync::Mutex<()>>,
+    /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, the cluster size
+    /// under the `compress` filter, else 1).
     min_block: u32,
     /// The file is open with `O_DIRECT`.
     direct: bool,
@@ -290,7 +294,70 @@ impl Image {
             spec.format = opts.format;
         }
         let path = spec.file.filename.clone();
-        Self::open_at(Opening { spec: &spec, writable, depth: 0, path }, opts, &mut seen)
+        let img = Self::open_at(Opening { spec: &spec, writable, depth: 0, path }, opts, &mut seen)?;
+        if spec.compress {
+            return Self::compressing(img, writable);
+        }
+        Ok(img)
+    }
+
+    /// The image under qemu's `compress` filter (block/compress.c): writes become compressed clusters, and
+    /// the cluster is the request alignment it reports, as qemu's filter does.
+    fn compressing(mut img: Arc<Image>, writable: bool) -> Result<Arc<Image>> {
+        let cs = match &img.layer {
+            Layer::Qcow2(q) if !q.has_data_file() => q.cluster_size(),
+            Layer::Qcow2(_) => {
+                return Err(Error::unsupported("Compression is not supported with an external data file"));
+            }
+            Layer::Raw(_) => return Err(Error::unsupported("Compression is not supported for underlying format: raw")),
+        };
+        if writable {
+            let Some(m) = Arc::get_mut(&mut img) else {
+                return Err(Error::new(ErrorKind::InvalidArgument, "the compressed image is already open"));
+            };
+            m.compress = Some(Default::default());
+            m.min_block = m.min_block.max(u32::try_from(cs).unwrap_or(u32::MAX));
+        }
+        Ok(img)
+    }
+
+    /// A write under the `compress` filter: cluster by cluster, each stored compressed where that makes it
+    /// smaller than a cluster and as it is otherwise (qemu's qcow2_co_pwritev_compressed_task); a partial
+    /// cluster is read, merged and written whole (qemu's block layer aligns the request the same way), and
+    /// the image's last cluster, if the size cuts it, is padded with zeros before it is compressed.
+    fn write_compressing(&self, q: &Qcow2, rmw: &std::sync::Mutex<()>, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = q.cluster_size();
+        let kind = q.header().compression_type;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "write past the end"))?;
+        let mut pos = offset;
+        while pos < end {
+            let c0 = pos - pos % cs;
+            let c1 = c0.saturating_add(cs).min(self.size);
+            let n = c1.min(end) - pos;
+            let from = (pos - offset) as usize;
+            let part = &buf[from..from + n as usize];
+            let whole;
+            let _g;
+            let data: &[u8] = if pos == c0 && n == c1 - c0 {
+                part
+            } else {
+                _g = rmw.lock().unwrap_or_else(|e| e.into_inner());
+                let mut c = vec![0u8; (c1 - c0) as usize];
+                self.read_at(&mut c, c0)?;
+                let at = (pos - c0) as usize;
+                c[at..at + part.len()].copy_from_slice(part);
+                whole = c;
+                &whole
+            };
+            match crate::image::compressed::compress_cluster(kind, data, cs) {
+                Some(c) => q.write_compressed(c0, &c)?,
+                None => q.write(data, c0, &|b, o| self.read_backing(b, o))?,
+            }
+            pos += n;
+        }
+        Ok(())
     }
 
     fn open_at(o: Opening<'_>, opts: &OpenOptions, seen: &mut Vec<(u64, u64)>) -> Result<Arc<Image>> {
@@ -416,6 +483,7 @@ impl Image {
                     writable,
                     probed_raw,
                     probe_lock: Default::default(),
+                    compress: None,
                     min_block,
                     direct,
                 }))
@@ -493,6 +561,7 @@ impl Image {
                     writable,
                     probed_raw: false,
                     probe_lock: Default::default(),
+                    compress: None,
                     min_block,
                     direct,
                 }))
@@ -615,6 +684,7 @@ impl Image {
             writable,
             probed_raw: false,
             probe_lock: Default::default(),
+            compress: None,
             min_block: 1,
             direct: false,
         }))
@@ -837,6 +907,31 @@ impl BlockDevice for Image {
         self.plan_layer(offset, len, offset, out, false).map(|_| ())
     }
 
+    fn metadata_hole(&self, offset: u64, len: u64) -> Option<bool> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.size)?;
+        let Layer::Qcow2(q) = &self.layer else { return Some(false) };
+        let mut pos = offset;
+        while pos < end {
+            let (m, n) = q.mapping(GuestOffset(pos), end - pos).ok()?;
+            let n = n.clamp(1, end - pos);
+            match m {
+                Mapping::Zero { .. } => return Some(true),
+                Mapping::Unallocated { .. } => match &self.backing {
+                    Some(b) if pos < b.size => {
+                        let k = n.min(b.size - pos);
+                        if b.metadata_hole(pos, k)? || k < n {
+                            return Some(true);
+                        }
+                    }
+                    _ => return Some(true),
+                },
+                Mapping::Data { .. } | Mapping::Compressed { .. } => {}
+            }
+            pos += n;
+        }
+        Some(false)
+    }
+
     fn plan_read_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<bool> {
         self.check_range(offset, len)?;
         self.plan_layer(offset, len, offset, out, true)
@@ -896,9 +991,10 @@ impl BlockDevice for Image {
         self.check_writable(offset, buf.len() as u64)?;
         let _first_sector = self.probed_first_sector(offset)?;
         self.check_probed_write(buf, offset)?;
-        match &self.layer {
-            Layer::Raw(s) => s.write_at(buf, offset)?,
-            Layer::Qcow2(q) => q.write(buf, offset, &|b, o| self.read_backing(b, o))?,
+        match (&self.layer, &self.compress) {
+            (Layer::Raw(s), _) => s.write_at(buf, offset)?,
+            (Layer::Qcow2(q), Some(rmw)) => self.write_compressing(q, rmw, buf, offset)?,
+            (Layer::Qcow2(q), None) => q.write(buf, offset, &|b, o| self.read_backing(b, o))?,
         }
         if fua {
             self.flush()?;
@@ -908,7 +1004,8 @@ impl BlockDevice for Image {
 
     fn write_quick(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
         self.check_writable(offset, buf.len() as u64).ok()?;
-        if self.probed_raw && offset < crate::format::probe::PROBE_BYTES as u64 {
+        // Compressed writes take `write_at` (they compress, and may read).
+        if (self.probed_raw && offset < crate::format::probe::PROBE_BYTES as u64) || self.compress.is_some() {
             return None;
         }
         match &self.layer {
@@ -918,7 +1015,7 @@ impl BlockDevice for Image {
     }
 
     fn plan_write_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> bool {
-        if self.check_writable(offset, len).is_err() || len == 0 {
+        if self.check_writable(offset, len).is_err() || len == 0 || self.compress.is_some() {
             return false;
         }
         // A probed raw image's first sector is checked against format magics by `write_at`.

@@ -151,6 +151,13 @@ pub trait BlockDevice: Send + Sync {
         push_piece(out, len, Source::Read { offset });
         Ok(())
     }
+    /// Whether the range holds a hole that the image metadata shows (a qcow2 zero or unallocated cluster over
+    /// no backing data), as cheaply as a read maps the range: the L2 tables a read would load, but no look
+    /// for a raw file's own holes (no `lseek`). `None`: not known this way. The default knows nothing.
+    fn metadata_hole(&self, offset: u64, len: u64) -> Option<bool> {
+        let _ = (offset, len);
+        None
+    }
     /// [`BlockDevice::plan_read`] without reading any metadata from disk: `Ok(false)` (and `out` unspecified)
     /// when the plan would need a table that is not cached. The default never plans.
     fn plan_read_cached(&self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<bool> {

@@ -33,7 +33,6 @@ const UNSUPPORTED_DRIVERS: &[&str] = &[
     "blkdebug",
     "blkverify",
     "blklogwrites",
-    "compress",
     "copy-on-read",
     "preallocate",
     "quorum",
@@ -153,6 +152,9 @@ pub struct ImageSpec {
     pub detect_zeroes: Option<String>,
     /// qcow2 `l2-cache-size` (bytes).
     pub l2_cache_size: Option<u64>,
+    /// Under qemu's `compress` filter (`driver=compress,file.driver=qcow2,...`): every write is stored as
+    /// compressed clusters.
+    pub compress: bool,
     /// The name as given, for messages.
     pub given: String,
 }
@@ -513,6 +515,44 @@ fn take_remote_node(map: &mut BTreeMap<String, Value>, driver: &str, what: &str)
     Ok(FileSpec { filename: r.url.clone(), remote: Some(r), ..Default::default() })
 }
 
+/// qemu's `compress` filter (block/compress.c): its `file` child is the image (a qcow2 node, or a file to
+/// probe), whose writes become compressed clusters. Its own options (`read-only`, `cache.*`, ...) apply to
+/// the whole image, as a protocol node's do.
+fn take_compress(map: &mut BTreeMap<String, Value>) -> Result<ImageSpec> {
+    match map.remove("file") {
+        Some(Value::Str(r)) => {
+            return Err(Error::unsupported(format!("Cannot find device='{r}' nor node-name='{r}'")));
+        }
+        Some(Value::Null) => return Err(arg("Invalid parameter type for 'file', expected: string")),
+        None => {}
+    }
+    let mut sub = take_subtree(map, "file");
+    if sub.is_empty() {
+        return Err(arg("A block device must be specified for \"file\""));
+    }
+    // `file.filename` without a driver is a file node, as in qemu.
+    if !sub.contains_key("driver") && sub.contains_key("filename") {
+        return Err(Error::unsupported("Compression is not supported for underlying format: file"));
+    }
+    let mut inner = take_image(&mut sub, "file")?;
+    if let Some(k) = sub.keys().next() {
+        return Err(unsupported_option(&inner, k).context("file"));
+    }
+    // Only qcow2 stores compressed clusters (qemu: "Compression is not supported for underlying format").
+    let format = match (inner.protocol_only, inner.format) {
+        (true, _) if inner.file.host_device => Some("host_device"),
+        (true, _) => Some("file"),
+        (false, Some(Format::Raw)) => Some("raw"),
+        _ => None,
+    };
+    if let Some(f) = format {
+        return Err(Error::unsupported(format!("Compression is not supported for underlying format: {f}")));
+    }
+    take_common(map, &mut inner)?;
+    inner.compress = true;
+    Ok(inner)
+}
+
 fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec> {
     let mut spec = ImageSpec::default();
     let driver = take_str(map, "driver")?;
@@ -534,6 +574,10 @@ fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec
             spec.file = take_remote_node(map, d, label)?;
             take_common(map, &mut spec)?;
             return Ok(spec);
+        }
+        Some("compress") if what.is_empty() => return take_compress(map),
+        Some("compress") => {
+            return Err(Error::unsupported(format!("{label}: the 'compress' filter is supported only on top")));
         }
         Some("qcow2") => spec.format = Some(Format::Qcow2),
         Some("raw") => spec.format = Some(Format::Raw),
@@ -711,6 +755,38 @@ mod tests {
         assert!(j("nbd://localhost/x").contains("'nbd' protocol is not supported"));
         assert!(j("json:{\"driver\":\"qcow2\",\"file\":{\"filename\":\"x\"},\"encrypt.format\":\"luks\"}")
             .contains("encrypted"));
+    }
+
+    #[test]
+    fn the_compress_filter_over_qcow2_only() {
+        // virt-v2v's output for -oo compressed (output/output.ml), with a ',' in the name.
+        let s = ImageSpec::parse_opts(
+            "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=/o/a,,b.qcow2",
+        )
+        .unwrap();
+        assert!(s.compress);
+        assert_eq!((s.format, s.file.filename.as_str()), (Some(Format::Qcow2), "/o/a,b.qcow2"));
+        // The filter's own options apply to the image; json: names work the same.
+        let s = ImageSpec::parse_filename(
+            r#"json:{"driver":"compress","read-only":true,"file":{"driver":"qcow2","file":{"filename":"x"}}}"#,
+        )
+        .unwrap();
+        assert_eq!((s.compress, s.read_only), (true, Some(true)));
+        // The child's format is probed when it has none but a file below it.
+        assert_eq!(ImageSpec::parse_opts("driver=compress,file.file.filename=x").unwrap().format, None);
+        // qemu-nbd's messages for what cannot hold compressed clusters, or holds no file.
+        let e = |s: &str| ImageSpec::parse_opts(s).unwrap_err().to_string();
+        assert_eq!(e("driver=compress"), "A block device must be specified for \"file\"");
+        assert_eq!(
+            e("driver=compress,file.driver=raw,file.file.filename=x"),
+            "Compression is not supported for underlying format: raw"
+        );
+        for f in ["file.driver=file,file.filename=x", "file.filename=x"] {
+            assert_eq!(e(&format!("driver=compress,{f}")), "Compression is not supported for underlying format: file");
+        }
+        assert!(e("driver=qcow2,file.filename=x,backing.driver=compress,backing.file.driver=qcow2").contains("on top"));
+        assert!(e("driver=compress,file.driver=qcow2,file.file.filename=x,bogus=1").contains("'bogus'"));
+        assert!(e("driver=compress,file=node0").contains("node-name='node0'"));
     }
 
     #[test]

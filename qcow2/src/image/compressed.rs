@@ -58,6 +58,22 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// One cluster's compressed bytes, or `None` when they would not be smaller than a cluster of `cs` bytes
+/// (qemu's rule: such a cluster is written as it is); a partial last cluster is padded with zeros first, as
+/// qemu does.
+pub fn compress_cluster(kind: CompressionType, piece: &[u8], cs: u64) -> Option<Vec<u8>> {
+    let padded;
+    let input: &[u8] = if (piece.len() as u64) < cs {
+        let mut v = piece.to_vec();
+        v.resize(usize::try_from(cs).ok()?, 0);
+        padded = v;
+        &padded
+    } else {
+        piece
+    };
+    compress(kind, input).filter(|c| (c.len() as u64) < cs)
+}
+
 /// Compresses one cluster for qemu to read: raw deflate with window bits -12 (zlib-rs backend) or a zstd frame
 /// (libzstd, level 3). Each thread keeps its compressor, so the per-call setup (window, tables) is paid once.
 /// Returns `None` if the result would not be smaller than the input.

@@ -99,7 +99,8 @@ impl Qcow2 {
         self.writer.is_some()
     }
 
-    pub(super) fn has_data_file(&self) -> bool {
+    /// Whether the image keeps its data in an external data file (qcow2.rst, incompatible feature bit 2).
+    pub fn has_data_file(&self) -> bool {
         self.header.incompatible_features & header::INCOMPAT_DATA_FILE != 0
     }
 

@@ -223,6 +223,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .init();
+    if let Err(e) = tls_setup::objects(&cli) {
+        return fail(e);
+    }
     if cli.list {
         return list_exports(&cli);
     }

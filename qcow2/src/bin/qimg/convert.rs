@@ -789,22 +789,9 @@ pub fn copy(img: &Sources, target: &Image, o: &Options) -> Result<(), String> {
 /// one that does not shrink below a cluster (qemu's rule). The image's last cluster, if partial, is padded
 /// with zeros first, as qemu does.
 fn compress_clusters(buf: &[u8], kind: qcow2::format::header::CompressionType, cs: u64) -> Vec<Option<Vec<u8>>> {
-    buf.chunks(cs as usize).map(|p| if is_zero(p) { None } else { compress_cluster(kind, p, cs) }).collect()
-}
-
-/// One cluster's compressed bytes, or `None` when they would not be smaller than a cluster (qemu's rule); a
-/// partial last cluster is padded with zeros first, as qemu does.
-pub fn compress_cluster(kind: qcow2::format::header::CompressionType, piece: &[u8], cs: u64) -> Option<Vec<u8>> {
-    let padded;
-    let input: &[u8] = if (piece.len() as u64) < cs {
-        let mut v = piece.to_vec();
-        v.resize(cs as usize, 0);
-        padded = v;
-        &padded
-    } else {
-        piece
-    };
-    qcow2::image::compressed::compress(kind, input).filter(|c| (c.len() as u64) < cs)
+    buf.chunks(cs as usize)
+        .map(|p| if is_zero(p) { None } else { qcow2::image::compressed::compress_cluster(kind, p, cs) })
+        .collect()
 }
 
 /// `-c`: writes a chunk's clusters, compressed where [`compress_clusters`] could, as they are otherwise;

@@ -172,7 +172,7 @@ fn write_compressed(img: &Image, data: &[u8], at: u64, cs: u64) -> qcow2::Result
     let kind = q.header().compression_type;
     for (i, piece) in data.chunks(cs as usize).enumerate() {
         let off = at + i as u64 * cs;
-        match crate::convert::compress_cluster(kind, piece, cs) {
+        match qcow2::image::compressed::compress_cluster(kind, piece, cs) {
             Some(c) => q.write_compressed(off, &c)?,
             None => img.write_at(piece, off, false)?,
         }
