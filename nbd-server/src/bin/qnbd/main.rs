@@ -206,8 +206,22 @@ struct Cli {
     files: Vec<String>,
 }
 
+/// The name messages start with: the one qnbd was run by (`qemu-nbd` through a drop-in link, whose
+/// messages scripts match on), `qnbd` otherwise.
+fn prog() -> String {
+    std::env::args_os()
+        .next()
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("qnbd")
+        .to_string()
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("qnbd: {msg}");
+    eprintln!("{}: {msg}", prog());
     ExitCode::FAILURE
 }
 
@@ -308,7 +322,8 @@ fn report_remote() {
     let s = qcow2::remote::stats();
     if s.heads > 0 {
         eprintln!(
-            "qnbd: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed, {} HEADs",
+            "{}: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed, {} HEADs",
+            prog(),
             s.gets, s.bytes, s.chunks, s.refetched, s.errors, s.heads
         );
     }
