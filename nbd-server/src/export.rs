@@ -87,6 +87,8 @@ impl std::fmt::Debug for Export {
 
 /// Block size constraints advertised: any alignment, 4 KiB preferred, 32 MiB payloads.
 pub const BLOCK_SIZE: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD as u32);
+/// The largest minimum block size a server may advertise (proto.md, "Block size constraints": at most 64 KiB).
+pub const MAX_MIN_BLOCK: u32 = 64 << 10;
 
 impl Export {
     /// Whether writes are refused.
@@ -128,8 +130,11 @@ impl Export {
             flags: self.flags(),
             allocation_depth: self.allocation_depth,
             bitmaps: self.bitmaps.clone(),
+            // proto.md, "Block size constraints": the minimum is at most 64 KiB (libnbd ignores all three
+            // constraints past that); a device with larger clusters (the compress filter) still serves any
+            // size, so it advertises 64 KiB there and its cluster as the preferred size.
             block_size: (
-                self.device.min_block_size().max(BLOCK_SIZE.0),
+                self.device.min_block_size().max(BLOCK_SIZE.0).min(MAX_MIN_BLOCK),
                 BLOCK_SIZE.1.max(self.device.min_block_size()),
                 BLOCK_SIZE.2,
             ),

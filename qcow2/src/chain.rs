@@ -184,9 +184,11 @@ pub struct Image {
     /// Serialises the check and the write of requests touching the first sector of a probed raw image, so
     /// two partial writes cannot each pass against the old sector and together form a magic.
     probe_lock: std::sync::Mutex<()>,
-    /// Under qemu's `compress` filter: every write is stored as compressed clusters; the lock serialises the
-    /// read-modify-writes of partial clusters (two of them into one cluster would otherwise lose one).
-    compress: Option<std::sync::Mutex<()>>,
+    /// Under qemu's `compress` filter: every write is stored as compressed clusters. A read-modify-write of a
+    /// partial cluster (and a WRITE_ZEROES, which zeroes partial clusters in place) holds the lock exclusively,
+    /// a whole-cluster write or a discard shares it, so no write is undone by a merge that read the cluster
+    /// before it.
+    compress: Option<std::sync::RwLock<()>>,
     /// Smallest request size that avoids a read-modify-write (512 or 4096 with `O_DIRECT`, the cluster size
     /// under the `compress` filter, else 1).
     min_block: u32,
@@ -305,10 +307,10 @@ impl Image {
     /// the cluster is the request alignment it reports, as qemu's filter does.
     fn compressing(mut img: Arc<Image>, writable: bool) -> Result<Arc<Image>> {
         let cs = match &img.layer {
-            Layer::Qcow2(q) if !q.has_data_file() => q.cluster_size(),
-            Layer::Qcow2(_) => {
+            Layer::Qcow2(q) if writable && q.has_data_file() => {
                 return Err(Error::unsupported("Compression is not supported with an external data file"));
             }
+            Layer::Qcow2(q) => q.cluster_size(),
             Layer::Raw(_) => return Err(Error::unsupported("Compression is not supported for underlying format: raw")),
         };
         if writable {
@@ -325,7 +327,7 @@ impl Image {
     /// smaller than a cluster and as it is otherwise (qemu's qcow2_co_pwritev_compressed_task); a partial
     /// cluster is read, merged and written whole (qemu's block layer aligns the request the same way), and
     /// the image's last cluster, if the size cuts it, is padded with zeros before it is compressed.
-    fn write_compressing(&self, q: &Qcow2, rmw: &std::sync::Mutex<()>, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_compressing(&self, q: &Qcow2, lock: &std::sync::RwLock<()>, buf: &[u8], offset: u64) -> Result<()> {
         let cs = q.cluster_size();
         let kind = q.header().compression_type;
         let end = offset
@@ -339,11 +341,12 @@ impl Image {
             let from = (pos - offset) as usize;
             let part = &buf[from..from + n as usize];
             let whole;
-            let _g;
+            let (_shared, _alone);
             let data: &[u8] = if pos == c0 && n == c1 - c0 {
+                _shared = lock.read().unwrap_or_else(|e| e.into_inner());
                 part
             } else {
-                _g = rmw.lock().unwrap_or_else(|e| e.into_inner());
+                _alone = lock.write().unwrap_or_else(|e| e.into_inner());
                 let mut c = vec![0u8; (c1 - c0) as usize];
                 self.read_at(&mut c, c0)?;
                 let at = (pos - c0) as usize;
@@ -993,7 +996,7 @@ impl BlockDevice for Image {
         self.check_probed_write(buf, offset)?;
         match (&self.layer, &self.compress) {
             (Layer::Raw(s), _) => s.write_at(buf, offset)?,
-            (Layer::Qcow2(q), Some(rmw)) => self.write_compressing(q, rmw, buf, offset)?,
+            (Layer::Qcow2(q), Some(lock)) => self.write_compressing(q, lock, buf, offset)?,
             (Layer::Qcow2(q), None) => q.write(buf, offset, &|b, o| self.read_backing(b, o))?,
         }
         if fua {
@@ -1046,6 +1049,7 @@ impl BlockDevice for Image {
         // Zeros can complete a magic too ("QED\0"): the first sector is checked as for a write.
         let _first_sector = self.probed_first_sector(offset)?;
         self.check_probed_zeroes(offset, len)?;
+        let _alone = self.compress.as_ref().map(|l| l.write().unwrap_or_else(|e| e.into_inner()));
         match &self.layer {
             Layer::Raw(s) => s.write_zeroes(offset, len, may_unmap)?,
             Layer::Qcow2(q) => {
@@ -1070,6 +1074,7 @@ impl BlockDevice for Image {
         self.check_writable(offset, len)?;
         let _first_sector = self.probed_first_sector(offset)?;
         self.check_probed_zeroes(offset, len)?;
+        let _shared = self.compress.as_ref().map(|l| l.read().unwrap_or_else(|e| e.into_inner()));
         match &self.layer {
             Layer::Raw(s) => s.write_zeroes(offset, len, true),
             Layer::Qcow2(q) => q.discard(offset, len, self.backing.is_some()),

@@ -324,7 +324,12 @@ fn report_remote() {
         eprintln!(
             "{}: remote fetches: {} GETs, {} bytes, {} chunks, {} fetched again, {} failed, {} HEADs",
             prog(),
-            s.gets, s.bytes, s.chunks, s.refetched, s.errors, s.heads
+            s.gets,
+            s.bytes,
+            s.chunks,
+            s.refetched,
+            s.errors,
+            s.heads
         );
     }
 }
