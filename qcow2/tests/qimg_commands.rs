@@ -152,6 +152,27 @@ fn long_options_and_accepted_flags_convert_like_the_short_ones() {
 }
 
 #[test]
+fn convert_takes_options_between_its_file_names() {
+    // `qemu-img convert SRC -O raw DST`, as scripts write it: getopt lets options come after a name.
+    let d = tmpdir();
+    let src = d.path().join("s.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&src), "4M"]);
+    io(&src, "qcow2", &["write -P 7 0 1M"]);
+    for (i, args) in [&["-O", "raw"][..], &["-O", "qcow2", "-c"], &["-p", "-O", "raw"]].iter().enumerate() {
+        let out = d.path().join(format!("o{i}"));
+        let mut a = vec!["convert", p(&src)];
+        a.extend_from_slice(args);
+        a.push(p(&out));
+        ok(QIMG, &a);
+        identical(&src, "qcow2", &out, if args.contains(&"qcow2") { "qcow2" } else { "raw" });
+    }
+    // One name only: qemu-img's message and status.
+    let (m, t) = (run(QIMG, &["convert", p(&src)]), run("qemu-img", &["convert", p(&src)]));
+    assert_eq!((m.status.code(), t.status.code()), (Some(1), Some(1)));
+    assert_eq!(stderr_tail(&m), stderr_tail(&t));
+}
+
+#[test]
 fn a_rate_limit_slows_the_copy_down() {
     let d = tmpdir();
     let src = d.path().join("s.raw");

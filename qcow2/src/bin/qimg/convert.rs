@@ -88,14 +88,19 @@ pub struct Args {
     /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
     #[arg(long = "skip-broken-bitmaps")]
     pub skip_broken_bitmaps: bool,
-    /// Input images (several are concatenated), then the output.
-    #[arg(required = true, num_args = 2..)]
+    /// Input images (several are concatenated), then the output. (Options may come between them, as qemu-img
+    /// takes `convert SRC -O raw DST`: the count is checked in `run`, not by the parser, which would want two
+    /// names in a row.)
+    #[arg(required = true)]
     pub files: Vec<String>,
 }
 
 /// Runs `qimg convert`. A remote target (`s3://BUCKET/KEY`) is written to a temporary file in `$TMPDIR` first,
 /// then uploaded with a multipart upload: the object appears whole or not at all.
 pub fn run(mut a: Args) -> Result<(), String> {
+    if a.files.len() < 2 {
+        return Err("Must specify image file name".into());
+    }
     let Some(output) = a.files.last().cloned() else { return Err("Expecting image file name".into()) };
     if !qcow2::remote::is_remote(&output) {
         return run_local(a);
@@ -264,8 +269,10 @@ fn run_local(a: Args) -> Result<(), String> {
     let target = Image::open_spec(&target_spec, &o).map_err(|e| crate::open_error(&output, e))?;
     // qemu-img aligns its writes to the target's allocation unit: a cluster, or a subcluster with
     // extended L2 entries (32 per cluster).
+    // Under the compress filter (`--target-image-opts driver=compress,...`) every write is a whole compressed
+    // cluster: a cluster is the unit there too.
     let align = target.qcow2().map_or(1, |q| {
-        if q.header().extended_l2() && !a.compress {
+        if q.header().extended_l2() && !a.compress && !target_spec.compress {
             q.cluster_size() / 32
         } else {
             q.cluster_size()
