@@ -1060,12 +1060,14 @@ fn read(c: &Conn, req: &Request) -> Vec<u8> {
     // A single data chunk when the client asks for it or it is all data anyway; otherwise holes go as
     // OFFSET_HOLE chunks, as from qemu-nbd. A small read looks for holes only in the image metadata, which
     // its read maps anyway (no lseek of a raw file for each 4 KiB read).
-    let all_data = if len <= 4096 {
-        dev.metadata_hole(req.offset, req.length) != Some(true)
-    } else {
-        dev.block_status(req.offset, req.length).is_ok_and(|st| !st.zero && st.len >= req.length)
+    let all_data = || {
+        if len <= 4096 {
+            dev.metadata_hole(req.offset, req.length) != Some(true)
+        } else {
+            dev.block_status(req.offset, req.length).is_ok_and(|st| !st.zero && st.len >= req.length)
+        }
     };
-    if df || all_data {
+    if df || all_data() {
         return one(&whole_data_header(style, req)).unwrap_or_else(fail);
     }
     let mut v = c.pool.take();

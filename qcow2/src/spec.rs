@@ -515,17 +515,21 @@ fn take_remote_node(map: &mut BTreeMap<String, Value>, driver: &str, what: &str)
     Ok(FileSpec { filename: r.url.clone(), remote: Some(r), ..Default::default() })
 }
 
+/// A child given as a reference to another node (`file=NODE`): qnbd has no node graph, so none can be found
+/// (qemu's words); JSON `null` is the wrong type there.
+fn no_node_reference(map: &mut BTreeMap<String, Value>, key: &str) -> Result<()> {
+    match map.remove(key) {
+        Some(Value::Str(r)) => Err(Error::unsupported(format!("Cannot find device='{r}' nor node-name='{r}'"))),
+        Some(Value::Null) => Err(arg(format!("Invalid parameter type for '{key}', expected: string"))),
+        None => Ok(()),
+    }
+}
+
 /// qemu's `compress` filter (block/compress.c): its `file` child is the image (a qcow2 node, or a file to
 /// probe), whose writes become compressed clusters. Its own options (`read-only`, `cache.*`, ...) apply to
 /// the whole image, as a protocol node's do.
 fn take_compress(map: &mut BTreeMap<String, Value>) -> Result<ImageSpec> {
-    match map.remove("file") {
-        Some(Value::Str(r)) => {
-            return Err(Error::unsupported(format!("Cannot find device='{r}' nor node-name='{r}'")));
-        }
-        Some(Value::Null) => return Err(arg("Invalid parameter type for 'file', expected: string")),
-        None => {}
-    }
+    no_node_reference(map, "file")?;
     let mut sub = take_subtree(map, "file");
     if sub.is_empty() {
         return Err(arg("A block device must be specified for \"file\""));
@@ -588,13 +592,7 @@ fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec
         Some(d) => return Err(Error::unsupported(format!("Unknown driver '{d}'"))),
     }
     // The file under the format driver.
-    match map.remove("file") {
-        Some(Value::Str(r)) => {
-            return Err(Error::unsupported(format!("Cannot find device='{r}' nor node-name='{r}'")));
-        }
-        Some(Value::Null) => return Err(arg("Invalid parameter type for 'file', expected: string")),
-        None => {}
-    }
+    no_node_reference(map, "file")?;
     let sub = take_subtree(map, "file");
     if sub.is_empty() {
         return Err(arg(if spec.format.is_some() {
@@ -633,13 +631,7 @@ fn take_image(map: &mut BTreeMap<String, Value>, what: &str) -> Result<ImageSpec
                 }
                 spec.backing = BackingSpec::Image(Box::new(inner));
             }
-            match map.remove("data-file") {
-                Some(Value::Str(r)) => {
-                    return Err(Error::unsupported(format!("Cannot find device='{r}' nor node-name='{r}'")));
-                }
-                Some(Value::Null) => return Err(arg("Invalid parameter type for 'data-file', expected: string")),
-                None => {}
-            }
+            no_node_reference(map, "data-file")?;
             let d = take_subtree(map, "data-file");
             if !d.is_empty() {
                 spec.data_file = Some(take_file_node(d, &mut spec, "data-file")?);
