@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
 pub mod chain;
 pub mod device;
 pub mod error;

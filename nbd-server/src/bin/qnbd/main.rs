@@ -18,6 +18,11 @@ use listen::list_exports;
 use tls_setup::build_tls;
 
 use clap::Parser;
+
+/// Large buffers placed where the kernel copies into and out of them at full speed (`qcow2::alloc`).
+#[global_allocator]
+static ALLOC: qcow2::alloc::IoAlloc = qcow2::alloc::IoAlloc;
+
 use std::process::ExitCode;
 
 const LIMITS: &str = "Limits: handshake 10 s by default (--handshake-limit); option data 64 KiB (longer: refused; \

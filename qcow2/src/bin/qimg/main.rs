@@ -18,6 +18,10 @@ mod size;
 mod snapshot;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// Large buffers placed where the kernel copies into and out of them at full speed (`qcow2::alloc`).
+#[global_allocator]
+static ALLOC: qcow2::alloc::IoAlloc = qcow2::alloc::IoAlloc;
 use qcow2::{Format, Image, OpenOptions};
 use std::process::ExitCode;
 use std::sync::Arc;
