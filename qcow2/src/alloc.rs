@@ -98,8 +98,11 @@ fn map_huge(size: usize) -> *mut u8 {
         if tail > 0 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
-        // Advice: where transparent huge pages are off, the block is an ordinary mapping.
+        // Advice: where transparent huge pages are off, the block is an ordinary mapping. A refusal (EINVAL
+        // without THP) must not show in `errno`, which the allocator's callers may still be about to read.
+        let errno = *libc::__errno_location();
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        *libc::__errno_location() = errno;
     }
     (aligned + LEAD) as *mut u8
 }
@@ -153,7 +156,8 @@ unsafe impl GlobalAlloc for IoAlloc {
             }
             Class::Huge => {
                 if let Some(len) = huge_len(layout.size()) {
-                    unsafe { libc::munmap(p.sub(LEAD) as *mut libc::c_void, len) };
+                    let r = unsafe { libc::munmap(p.sub(LEAD) as *mut libc::c_void, len) };
+                    debug_assert_eq!(r, 0, "munmap of a block this allocator mapped");
                 }
             }
         }
@@ -211,10 +215,13 @@ mod tests {
                 for to in [size * 2 + 1, MID + 1, HUGE_FROM + 1, HUGE_FROM + 2, 10, size] {
                     let q = a.realloc(cur.0, cur.1, to);
                     assert!(!q.is_null());
-                    let kept = cur.1.size().min(to).min(size);
+                    let kept = cur.1.size().min(to);
                     assert!(std::slice::from_raw_parts(q, kept).iter().all(|&b| b == 0xa5), "{size} -> {to}");
                     if to >= MID {
                         assert_eq!(q as usize % PAGE, LEAD);
+                    }
+                    if to >= HUGE_FROM {
+                        assert_eq!(q as usize % HUGE, LEAD);
                     }
                     std::slice::from_raw_parts_mut(q, to).fill(0xa5);
                     cur = (q, Layout::from_size_align(to, align).unwrap());
