@@ -1,6 +1,6 @@
-//! `copy-alignment FILE [MIB=256]`: how fast the kernel copies between the page cache and a buffer, by where the
+//! `copy-alignment FILE [MIB=256] [D...]`: how fast the kernel copies between the page cache and a buffer, by where the
 //! buffer lies against the file position. For each distance d (the destination's address minus the source's,
-//! modulo 4096: 0, 8, 16, 24, 32, 64, 128), it times `pread` of 1 MiB and of 4 KiB into a buffer d bytes past a
+//! modulo 4096: the Ds given, or 0, 8, 16, 24, 32, 64, 128), it times `pread` of 1 MiB and of 4 KiB into a buffer d bytes past a
 //! page boundary, and `pwrite` of 64 KiB from one d bytes before a page boundary, over the first MIB MiB of FILE
 //! (read once first, so that it is cached; the writes go back into the file, so use a scratch file).
 //!
@@ -13,7 +13,7 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: copy-alignment FILE [MIB]");
+        eprintln!("usage: copy-alignment FILE [MIB] [D...]");
         std::process::exit(2);
     };
     let mib: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(256);
@@ -44,7 +44,12 @@ fn main() {
         }
     }
     println!("{:>4} {:>14} {:>14} {:>15}", "d", "pread 1M MiB/s", "pread 4K MiB/s", "pwrite 64K MiB/s");
-    for d in [0usize, 8, 16, 24, 32, 64, 128] {
+    // Distances to time: the arguments after MIB, or the default set.
+    let mut dists: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).filter(|&d| d < 4096).collect();
+    if dists.is_empty() {
+        dists = vec![0, 8, 16, 24, 32, 64, 128];
+    }
+    for d in dists {
         let rate = |bs: usize, write: bool, buf: &mut [u8]| -> f64 {
             // The dirty pages of the run before are written back first, outside the timing.
             let _ = f.sync_data();
