@@ -185,8 +185,10 @@ run_one() { # server case -> "value rss_kib"
   [ -z "$port" ] || [ "$uring" != tls ] || uri="nbds://localhost:$port/?tls-certificates=$dir/pki/client"
   img=$(prep "$case")
   # A server bypassing the page cache reads what the disk has: the fresh copy is written back first, so that no
-  # run pays for (or gains from) the writeback of the copy still under way.
-  [ -z "$uring" ] || [ "$uring" = tls ] || sync "$img"
+  # run pays for (or gains from) the writeback of the copy still under way. The whole machine's dirty pages go
+  # too (the earlier cases leave gigabytes): their writeback would otherwise share the disk with whichever
+  # server runs while it lasts.
+  [ -z "$uring" ] || [ "$uring" = tls ] || sync
   pid=$(start "$server" "$img" "$sock" $uring)
   case ${case%%/*} in
     clients1000)
