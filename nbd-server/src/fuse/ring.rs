@@ -30,14 +30,21 @@ use std::thread::JoinHandle;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// Entries a thread registers on each of its queues. The kernel hands a queue's next request to its most
-/// recently returned entry, whichever thread owns it, so a request may wait for its thread to finish the
-/// others it holds: few entries a thread and several threads a queue keep one slow request (a 1 MiB write)
-/// from holding up the ones behind it, while a thread still answers and fetches two at once. Measured on
-/// 2 CPUs (`fio` 4 KiB random read QD32 and 1 MiB sequential write QD4): 8 entries on each of 2 threads a
-/// queue ran the 1 MiB writes at half the rate of `/dev/fuse`; 2 entries on each of 4 threads at its rate.
-const ENTRIES_PER_QUEUE: usize = 2;
-/// Threads serving each queue (while there are fewer than [`MAX_THREADS`]).
-const THREADS_PER_QUEUE: usize = 4;
+/// recently returned entry, whichever thread owns it, so a request given to a second entry of a busy thread
+/// waits for that thread to finish the first: one entry a thread, so that a request only ever goes to a thread
+/// that is waiting for one. Measured on 2 CPUs (`fio` on the exported file, six alternating rounds, medians):
+/// - 8 entries on each of 2 threads a queue: 1 MiB writes QD4 at half the rate of `/dev/fuse`;
+/// - 2 entries on each of 4 threads a queue: 1 MiB writes 4120 MiB/s, 4 KiB random reads QD32 146k IOPS,
+///   random writes 84k;
+/// - 1 entry on each of 2 threads a queue: 5128 MiB/s (+24 %), 132k (-10 %), 79k (-7 %); with 3 threads a
+///   queue 4617 MiB/s, 131k, 77k; 2 entries on each of 2 threads 4222 MiB/s, 142k, 79k.
+///
+/// A request waiting behind a 1 MiB write costs more than the batching a second entry gives small requests
+/// (a thread answering one and fetching the next in the same system call either way).
+const ENTRIES_PER_QUEUE: usize = 1;
+/// Threads serving each queue (while there are fewer than [`MAX_THREADS`]): as with `/dev/fuse`, more threads
+/// than processors only spin on the image file's inode lock (see `fuse::threads`).
+const THREADS_PER_QUEUE: usize = 2;
 /// Most threads (each serving one or more queues).
 const MAX_THREADS: usize = 8;
 /// The payload buffer: the kernel's `max(FUSE_MIN_READ_BUFFER, max_write, max_pages * PAGE_SIZE)`, which for
