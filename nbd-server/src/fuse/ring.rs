@@ -55,8 +55,8 @@ const MAX_THREADS: usize = 8;
 const SLOW_PER_QUEUE: usize = 16;
 const SLOW_MAX_THREADS: usize = 16;
 /// Most entries in all (each has a payload buffer of [`PAYLOAD_LEN`], paged in as requests use it): on a
-/// machine with many CPUs, fewer entries a queue.
-const MAX_ENTRIES: usize = 256;
+/// machine with many CPUs, fewer entries a queue. 128: what 64 CPUs had before the layout of session 16.
+const MAX_ENTRIES: usize = 128;
 /// The payload buffer: the kernel's `max(FUSE_MIN_READ_BUFFER, max_write, max_pages * PAGE_SIZE)`, which for
 /// qnbd's `max_write` of [`MAX_IO`] (and max_pages from it) is `MAX_IO`.
 const PAYLOAD_LEN: usize = MAX_IO as usize;
@@ -243,12 +243,64 @@ fn eventfd() -> io::Result<Arc<OwnedFd>> {
 struct Entry {
     qid: u16,
     header: Box<[u8]>,
-    payload: Box<[u8]>,
+    payload: Mapped,
     iov: Box<[libc::iovec; 2]>,
     /// Still registered (no error completion seen).
     live: bool,
     /// Its REGISTER has not completed yet (a COMMIT_AND_FETCH has not been sent).
     registering: bool,
+}
+
+/// Zero-filled anonymous memory mapped for one buffer, paged in as it is written.
+struct Mapped {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a plain owned buffer, like a `Box<[u8]>`.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    fn new(len: usize) -> io::Result<Mapped> {
+        // SAFETY: a fresh private anonymous mapping, touching no existing memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Mapped { ptr, len })
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable and writable (zero-filled, so initialised) until dropped.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Mapped {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, borrowed mutably through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 struct Thread {
@@ -337,9 +389,20 @@ impl Thread {
         for &qid in &self.qids {
             for _ in 0..ENTRIES_PER_QUEUE {
                 let mut header = vec![0u8; wire::HEADER_LEN].into_boxed_slice();
-                // Zeroed memory from the allocator's fresh mapping: pages are only made when the kernel or a
-                // reply first writes them.
-                let mut payload = vec![0u8; PAYLOAD_LEN].into_boxed_slice();
+                // A mapping of its own: pages are only made when the kernel or a reply first writes them (the
+                // allocator would clear a block this size, making all of it resident at once).
+                let mut payload = match Mapped::new(PAYLOAD_LEN) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Out of memory or mappings: nothing was submitted, so the entries can go; the kernel
+                        // waits for this thread's queues, so make it use /dev/fuse.
+                        tracing::warn!("FUSE io_uring: cannot map a request buffer: {e}");
+                        force_fallback(fd);
+                        // SAFETY: nothing was submitted; the entries are dropped once.
+                        unsafe { ManuallyDrop::drop(&mut entries) };
+                        return;
+                    }
+                };
                 let iov = Box::new([
                     libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() },
                     libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
