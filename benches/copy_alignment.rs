@@ -45,7 +45,16 @@ fn main() {
     }
     println!("{:>4} {:>14} {:>14} {:>15}", "d", "pread 1M MiB/s", "pread 4K MiB/s", "pwrite 64K MiB/s");
     // Distances to time: the arguments after MIB, or the default set.
-    let mut dists: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).filter(|&d| d < 4096).collect();
+    let mut dists = Vec::new();
+    for a in args.iter().skip(3) {
+        match a.parse::<usize>() {
+            Ok(d) if d < 4096 => dists.push(d),
+            _ => {
+                eprintln!("copy-alignment: distance {a:?}: give a number of bytes from 0 to 4095");
+                std::process::exit(2);
+            }
+        }
+    }
     if dists.is_empty() {
         dists = vec![0, 8, 16, 24, 32, 64, 128];
     }

@@ -31,8 +31,9 @@ const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// Entries a thread registers on each of its queues. The kernel hands a queue's next request to its most
 /// recently returned entry, whichever thread owns it, so a request given to a second entry of a busy thread
-/// waits for that thread to finish the first: one entry a thread, so that a request only ever goes to a thread
-/// that is waiting for one. Measured on 2 CPUs (`fio` on the exported file, six alternating rounds, medians):
+/// waits for that thread to finish the first: one entry a thread on each queue, so that where a thread serves one
+/// queue (small machines, with page-cache I/O) a request only ever goes to a thread that is waiting for one.
+/// Measured on 2 CPUs (`fio` on the exported file, six alternating rounds, medians):
 /// - 8 entries on each of 2 threads a queue: 1 MiB writes QD4 at half the rate of `/dev/fuse`;
 /// - 2 entries on each of 4 threads a queue: 1 MiB writes 4120 MiB/s, 4 KiB random reads QD32 146k IOPS,
 ///   random writes 84k;
@@ -42,10 +43,9 @@ const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// A request waiting behind a 1 MiB write costs more than the batching a second entry gives small requests
 /// (a thread answering one and fetching the next in the same system call either way).
 const ENTRIES_PER_QUEUE: usize = 1;
-/// Entries on each queue, each from a different thread (as long as there are that many threads): a CPU's
-/// requests are handed only to its own queue, so these are how many of one client thread's requests are served
-/// at once. As with `/dev/fuse`, more threads than processors only spin on the image file's inode lock (see
-/// `fuse::threads`).
+/// Entries on each online CPU's queue, each from a different thread (as long as there are that many threads): a
+/// CPU's requests are handed only to its own queue, so these are how many of one client thread's requests are
+/// served at once. Two, from the measurements above (one thread, one entry: no overlap at all).
 const PER_QUEUE: usize = 2;
 /// Most threads (each serving one or more queues).
 const MAX_THREADS: usize = 8;
@@ -55,7 +55,7 @@ const MAX_THREADS: usize = 8;
 const SLOW_PER_QUEUE: usize = 16;
 const SLOW_MAX_THREADS: usize = 16;
 /// Most entries in all (each has a payload buffer of [`PAYLOAD_LEN`], paged in as requests use it): on a
-/// machine with many CPUs, fewer entries a queue. 128: what 64 CPUs had before the layout of session 16.
+/// machine with many CPUs, fewer entries a queue (as many as 64 CPUs had with 2 entries on each of 8 threads).
 const MAX_ENTRIES: usize = 128;
 /// The payload buffer: the kernel's `max(FUSE_MIN_READ_BUFFER, max_write, max_pages * PAGE_SIZE)`, which for
 /// qnbd's `max_write` of [`MAX_IO`] (and max_pages from it) is `MAX_IO`.
@@ -92,11 +92,22 @@ pub struct Running {
 /// number of queues.
 fn possible_cpus() -> io::Result<usize> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    parse_cpu_list(text.trim()).ok_or_else(|| io::Error::other(format!("cannot read the CPU list {text:?}")))
+    parse_cpu_list(text.trim())
+        .map(|ids| ids.len())
+        .ok_or_else(|| io::Error::other(format!("cannot read the CPU list {text:?}")))
 }
 
-fn parse_cpu_list(s: &str) -> Option<usize> {
-    let mut n = 0usize;
+/// The online CPUs (`/sys/devices/system/cpu/online`); empty if that cannot be read.
+fn online_cpus() -> Vec<usize> {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|t| parse_cpu_list(t.trim()))
+        .unwrap_or_default()
+}
+
+/// The CPU numbers of a kernel CPU list, in order; `None` if it is malformed or names more than 4096.
+fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut ids = Vec::new();
     for part in s.split(',') {
         let (a, b) = match part.split_once('-') {
             Some((a, b)) => (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?),
@@ -105,20 +116,44 @@ fn parse_cpu_list(s: &str) -> Option<usize> {
                 (a, a)
             }
         };
-        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+        let n = b.checked_sub(a)?.checked_add(1)?;
+        if ids.len().checked_add(n)? > 4096 {
+            return None;
+        }
+        ids.extend(a..=b);
     }
-    (n > 0 && n <= 4096).then_some(n)
+    (!ids.is_empty()).then_some(ids)
 }
 
-/// Threads, and entries a queue (each from a different thread), for `queues` queues wanting `per_queue` entries
-/// each from at most `most` threads: several threads a queue on small machines, one thread serving several
-/// queues on large ones, and at most [`MAX_ENTRIES`] entries in all (but one a queue at least). Every thread
-/// gets at least one queue.
-fn layout(queues: usize, per_queue: usize, most: usize) -> (usize, usize) {
-    let queues = queues.max(1);
-    let threads = queues.saturating_mul(per_queue).clamp(1, most.max(1));
-    let per_queue = per_queue.min(threads).min((MAX_ENTRIES / queues).max(1)).max(1);
-    (threads.min(queues.saturating_mul(per_queue)), per_queue)
+/// Which queues each thread registers an entry on, for `queues` queues (one per possible CPU) of which those
+/// of the `online` CPUs (all of them, if none is named) get `per_queue` entries from distinct threads and the
+/// rest one (the kernel uses the rings only once every queue has an entry), from at most `most` threads:
+/// several threads a queue on small machines, one thread serving several queues on large ones, and at most
+/// [`MAX_ENTRIES`] entries in all (but one a queue at least). Every thread gets at least one queue.
+fn plan(queues: usize, online: &[usize], per_queue: usize, most: usize) -> io::Result<Vec<Vec<u16>>> {
+    let mut active: Vec<usize> = online.iter().copied().filter(|&c| c < queues).collect();
+    active.sort_unstable();
+    active.dedup();
+    if active.is_empty() {
+        active = (0..queues).collect();
+    }
+    let rest = queues - active.len();
+    let threads = active.len().saturating_mul(per_queue).clamp(1, most.max(1));
+    let k = per_queue.min(threads).min((MAX_ENTRIES.saturating_sub(rest) / active.len().max(1)).max(1)).max(1);
+    // Every thread takes one of the active queues' slots at least.
+    let threads = threads.min(active.len().saturating_mul(k)).max(1);
+    let mut plan: Vec<Vec<u16>> = vec![Vec::new(); threads];
+    let mut slot = 0usize;
+    let is_active = |q: usize| active.binary_search(&q).is_ok();
+    // An active queue's k slots are consecutive (modulo the threads), so on distinct threads, as k <= threads.
+    for q in (0..queues).filter(|&q| is_active(q)).chain((0..queues).filter(|&q| !is_active(q))) {
+        let qid = u16::try_from(q).map_err(io::Error::other)?;
+        for _ in 0..if is_active(q) { k } else { 1 } {
+            plan[slot % threads].push(qid);
+            slot += 1;
+        }
+    }
+    Ok(plan)
 }
 
 impl Rings {
@@ -127,17 +162,9 @@ impl Rings {
     /// without allow_other.
     pub fn prepare(fs: Arc<ImageFs>, owner: Option<u32>) -> io::Result<Rings> {
         let queues = possible_cpus()?;
-        let slow = fs.device.slow_io();
-        let (per_queue, most) = if slow { (SLOW_PER_QUEUE, SLOW_MAX_THREADS) } else { (PER_QUEUE, MAX_THREADS) };
-        let (threads, per_queue) = layout(queues, per_queue, most);
-        let mut plan: Vec<Vec<u16>> = vec![Vec::new(); threads];
-        for q in 0..queues {
-            let qid = u16::try_from(q).map_err(io::Error::other)?;
-            // `per_queue` consecutive threads (modulo their number): distinct, as per_queue <= threads.
-            for j in 0..per_queue {
-                plan[(q * per_queue + j) % threads].push(qid);
-            }
-        }
+        let (per_queue, most) =
+            if fs.device.slow_io() { (SLOW_PER_QUEUE, SLOW_MAX_THREADS) } else { (PER_QUEUE, MAX_THREADS) };
+        let plan = plan(queues, &online_cpus(), per_queue, most)?;
         let stop = eventfd()?;
         let served = Arc::new(AtomicU64::new(0));
         let mut made = Rings { go: Vec::new(), running: Running { threads: Vec::new(), stop, served } };
@@ -256,9 +283,6 @@ struct Mapped {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
-
-// SAFETY: a plain owned buffer, like a `Box<[u8]>`.
-unsafe impl Send for Mapped {}
 
 impl Mapped {
     fn new(len: usize) -> io::Result<Mapped> {
@@ -612,50 +636,73 @@ fn attr(a: &fuser::FileAttr) -> wire::Attr {
 mod tests {
     use super::*;
 
-    /// The plan `Rings::prepare` makes from [`layout`]: each queue on `per_queue` consecutive threads.
-    fn plan(queues: usize, per_queue: usize, most: usize) -> (Vec<Vec<usize>>, usize) {
-        let (threads, k) = layout(queues, per_queue, most);
-        let mut plan = vec![Vec::new(); threads];
-        for q in 0..queues {
-            for j in 0..k {
-                plan[(q * k + j) % threads].push(q);
+    /// For each queue, the threads with an entry on it (in order; a thread twice if it registered twice).
+    fn owners(plan: &[Vec<u16>], queues: usize) -> Vec<Vec<usize>> {
+        let mut on = vec![Vec::new(); queues];
+        for (t, qs) in plan.iter().enumerate() {
+            for &q in qs {
+                on[usize::from(q)].push(t);
             }
         }
-        (plan, k)
+        on
     }
 
     #[test]
     fn every_queue_has_its_entries_on_distinct_threads_and_every_thread_serves() {
-        // The layouts measured: 2 CPUs, page cache (2 threads a queue) and O_DIRECT (16 threads, each on both).
-        assert_eq!(layout(2, PER_QUEUE, MAX_THREADS), (4, 2));
-        assert_eq!(layout(2, SLOW_PER_QUEUE, SLOW_MAX_THREADS), (16, 16));
-        for queues in [1, 2, 3, 4, 7, 8, 16, 64, 129, 256, 1000] {
-            for (want, most) in [(PER_QUEUE, MAX_THREADS), (SLOW_PER_QUEUE, SLOW_MAX_THREADS), (1, 1), (3, 2)] {
-                let (plan, k) = plan(queues, want, most);
-                let threads = plan.len();
-                assert!((1..=most).contains(&threads), "{queues} queues: {threads} threads");
-                assert!(plan.iter().all(|qs| !qs.is_empty()), "{queues} queues: a thread without a queue");
-                for q in 0..queues {
-                    let on: Vec<usize> = (0..threads).filter(|&t| plan[t].contains(&q)).collect();
-                    assert_eq!(on.len(), k, "{queues} queues: queue {q} on {on:?}");
-                    assert_eq!(plan.iter().map(|qs| qs.iter().filter(|&&x| x == q).count()).sum::<usize>(), k);
+        // The layouts measured on 2 CPUs: page cache (2 threads a queue) and O_DIRECT (16 threads, each on both).
+        let p = plan(2, &[0, 1], PER_QUEUE, MAX_THREADS).unwrap();
+        assert_eq!(owners(&p, 2), vec![vec![0, 1], vec![2, 3]]);
+        let p = plan(2, &[0, 1], SLOW_PER_QUEUE, SLOW_MAX_THREADS).unwrap();
+        assert_eq!(p.len(), 16);
+        assert!(owners(&p, 2).iter().all(|on| on.len() == 16));
+        // 64 possible CPUs of which 2 online (a VM with room to hot-plug): the two online queues keep the
+        // O_DIRECT layout's 16 entries; the others get one each.
+        let p = plan(64, &[0, 1], SLOW_PER_QUEUE, SLOW_MAX_THREADS).unwrap();
+        let on = owners(&p, 64);
+        assert_eq!((on[0].len(), on[1].len()), (16, 16));
+        assert!(on[2..].iter().all(|t| t.len() == 1));
+        for queues in [1, 2, 3, 4, 7, 8, 16, 64, 129, 256, 1000, 4096] {
+            let onlines: [Vec<usize>; 4] =
+                [vec![], (0..queues).collect(), vec![0, 1], (0..queues).step_by(3).chain([queues + 5]).collect()];
+            for online in &onlines {
+                for (want, most) in [(PER_QUEUE, MAX_THREADS), (SLOW_PER_QUEUE, SLOW_MAX_THREADS), (1, 1), (3, 2)] {
+                    let plan = plan(queues, online, want, most).unwrap();
+                    let what = format!("{queues} queues, {} online, {want} wanted from {most}", online.len());
+                    assert!((1..=most).contains(&plan.len()), "{what}: {} threads", plan.len());
+                    assert!(plan.iter().all(|qs| !qs.is_empty()), "{what}: a thread without a queue");
+                    let on = owners(&plan, queues);
+                    let mut active = vec![online.iter().all(|&c| c >= queues); queues];
+                    for &c in online.iter().filter(|&&c| c < queues) {
+                        active[c] = true;
+                    }
+                    let k = on[active.iter().position(|&a| a).unwrap()].len();
+                    assert!(k >= 1 && k <= want, "{what}: {k} entries a queue");
+                    for (q, threads) in on.iter().enumerate() {
+                        let mut distinct = threads.clone();
+                        distinct.dedup();
+                        assert_eq!(&distinct, threads, "{what}: queue {q} twice on a thread");
+                        assert_eq!(threads.len(), if active[q] { k } else { 1 }, "{what}: queue {q}");
+                    }
+                    let entries: usize = plan.iter().map(Vec::len).sum();
+                    assert!(entries <= MAX_ENTRIES.max(queues), "{what}: {entries} entries");
                 }
-                let entries: usize = plan.iter().map(Vec::len).sum();
-                assert!(entries <= MAX_ENTRIES.max(queues), "{queues} queues: {entries} entries");
-                assert!(k >= 1 && k <= want);
             }
         }
     }
 
     #[test]
     fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-1"), Some(2));
-        assert_eq!(parse_cpu_list("0"), Some(1));
-        assert_eq!(parse_cpu_list("0-3,8-11"), Some(8));
-        assert_eq!(parse_cpu_list("0,2"), Some(2));
-        assert_eq!(parse_cpu_list("3-1"), None);
-        assert_eq!(parse_cpu_list(""), None);
-        assert_eq!(parse_cpu_list("0-99999"), None, "bounded");
+        let n = |s: &str| parse_cpu_list(s).map(|ids| ids.len());
+        assert_eq!(n("0-1"), Some(2));
+        assert_eq!(n("0"), Some(1));
+        assert_eq!(n("0-3,8-11"), Some(8));
+        assert_eq!(parse_cpu_list("0,2"), Some(vec![0, 2]));
+        assert_eq!(parse_cpu_list("0-3,8-11").unwrap()[4], 8);
+        assert_eq!(n("3-1"), None);
+        assert_eq!(n(""), None);
+        assert_eq!(n("0-99999"), None, "bounded");
+        assert_eq!(n("0-4095"), Some(4096));
+        assert_eq!(n("0-4095,5000"), None, "bounded in all");
     }
 
     #[test]
