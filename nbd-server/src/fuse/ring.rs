@@ -458,19 +458,31 @@ impl Thread {
         let mut served = 0u64;
         let mut replies: Vec<squeue::Entry128> = Vec::with_capacity(entries.len());
         let mut ended_early = false;
-        'serve: while live > 0 {
+        let mut stopping = false;
+        while live > 0 && !stopping {
             if let Err(e) = ring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) {
-                    continue;
+                match e.raw_os_error() {
+                    // Interrupted, or completions to reap first: reaped below.
+                    Some(libc::EINTR | libc::EBUSY) => {}
+                    // The kernel could not take the submissions for now (no memory for them): they stay queued
+                    // and go with the next call. Ending here would leave this thread's queues without entries,
+                    // and requests routed to them waiting until the unmount.
+                    Some(libc::EAGAIN | libc::ENOMEM) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                    _ => {
+                        tracing::warn!("FUSE io_uring: {e}");
+                        ended_early = true;
+                        break;
+                    }
                 }
-                tracing::warn!("FUSE io_uring: {e}");
-                ended_early = true;
-                break 'serve;
             }
             let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (token, res) in done {
                 if token == STOP_TOKEN {
-                    break 'serve;
+                    // Asked to stop: the requests of this batch are still answered (below), since the kernel
+                    // has handed them over and their clients wait for the answers (a write may be done
+                    // already).
+                    stopping = true;
+                    continue;
                 }
                 let Some(e) = entries.get_mut(token as usize) else { continue };
                 if e.registering && (res == -libc::EAGAIN || res == -libc::EINTR) {
@@ -506,6 +518,11 @@ impl Thread {
                         break;
                     }
                 }
+            }
+            if stopping {
+                // The answers go to the kernel (a commit is handled as it is submitted); the fetches that come
+                // with them are cancelled with the ring.
+                let _ = ring.submit();
             }
         }
         self.served.fetch_add(served, Ordering::Relaxed);
